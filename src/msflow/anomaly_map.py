@@ -1,0 +1,96 @@
+"""From latents to anomaly maps and image scores (spec section 6).
+
+Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, spec B16). Two
+aggregations follow, both up-sampled bilinearly with align_corners=True to the model's input size:
+
+- "mul" (image score): L = sum_s up(logp_s), the log of the product of the scale likelihoods;
+  A_mul = 1 - exp(L - ref). The image score is the mean of the top ``top_k`` fraction of A_mul.
+- "add" (pixel map): P_s = exp(logp_s - ref_s); S = sum_s up(P_s); A_add = max - S.
+
+With ``normalization="per_image"`` (official) ref is the image's own maximum, so every image has a
+pixel scored 0 and the maps are relative. With ``"global"`` (ours, spec B15) ref comes from training
+images (the mean of their per-image maxima), values above it are clipped to it, and A_add = n_scales - S:
+an image that is off-distribution everywhere then scores high everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AnomalyOutput(NamedTuple):
+    scores: Tensor  # (B,) image anomaly scores (higher = more anomalous)
+    pixel_map: Tensor  # (B, H, W) the "add" map
+    image_map: Tensor  # (B, H, W) the "mul" map, also the map for PRO and for visualisation
+
+
+def log_likelihood_maps(zs: list[Tensor]) -> list[Tensor]:
+    """(B, C_s, H_s, W_s) latents -> (B, H_s, W_s) maps of -0.5 * mean over channels of z^2."""
+    return [-0.5 * z.pow(2).mean(dim=1) for z in zs]
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (align_corners=True, as the official code) resize of (B, h, w) maps to ``size``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+
+
+def _image_max(x: Tensor) -> Tensor:
+    return x.flatten(1).max(dim=1).values[:, None, None]
+
+
+def top_k_score(anomaly_map: Tensor, top_k: float) -> Tensor:
+    """Mean of the ``int(H * W * top_k)`` largest values of each (B, H, W) map (at least one)."""
+    k = max(1, int(anomaly_map.shape[-1] * anomaly_map.shape[-2] * top_k))
+    return torch.topk(anomaly_map.flatten(1), k, dim=1).values.mean(dim=1)
+
+
+class AnomalyMapper(nn.Module):
+    """Turns latents into :class:`AnomalyOutput`; holds the global-normalisation references as buffers.
+
+    Arguments:
+        num_scales: number of latent scales.
+        image_size: (H, W) of the output maps (the model's input size).
+        top_k: fraction of the "mul" map averaged into the image score.
+        normalization: ``"per_image"`` (official) or ``"global"``.
+    """
+
+    def __init__(
+        self, num_scales: int, image_size: tuple[int, int], top_k: float = 0.03, normalization: str = "per_image"
+    ) -> None:
+        super().__init__()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.top_k, self.normalization = top_k, normalization
+        self.register_buffer("ref_mul", torch.zeros(()))
+        self.register_buffer("ref_add", torch.zeros(num_scales))
+        self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def calibrate(self, logp_batches: list[list[Tensor]]) -> None:
+        """Set the global references from training images' log-likelihood maps (lists per batch)."""
+        mul_max, add_max = [], []
+        for logps in logp_batches:
+            mul_max.append(_image_max(sum(upsample(m, self.image_size) for m in logps)).flatten())
+            add_max.append(torch.stack([_image_max(m).flatten() for m in logps], dim=1))
+        self.ref_mul.copy_(torch.cat(mul_max).mean())
+        self.ref_add.copy_(torch.cat(add_max).mean(dim=0))
+        self.calibrated.fill_(True)
+
+    def forward(self, zs: list[Tensor]) -> AnomalyOutput:
+        logps = log_likelihood_maps(zs)
+        fused = sum(upsample(m, self.image_size) for m in logps)  # (B, H, W), log of the product
+        if self.normalization == "global":
+            image_map = 1 - torch.exp(torch.clamp(fused - self.ref_mul, max=0))
+            probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, self.ref_add, strict=True)]
+            pixel_map = len(logps) - sum(upsample(p, self.image_size) for p in probs)
+        else:
+            image_map = 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
+            probs = [torch.exp(m - _image_max(m)) for m in logps]
+            summed = sum(upsample(p, self.image_size) for p in probs)
+            pixel_map = _image_max(summed) - summed
+        return AnomalyOutput(top_k_score(image_map, self.top_k), pixel_map, image_map)

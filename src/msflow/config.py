@@ -1,0 +1,189 @@
+"""One typed configuration, validated once, saved in every run folder and checkpoint.
+
+Each default names its source: "spec" is ../shared/docs/msflow-spec.md (the official code), "ours" a
+choice of msflow with the reason next to it. Closed options are ``Literal`` and checked in
+``__post_init__``; unknown keys in a dict or YAML file are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+import yaml
+
+from .errors import MSFlowError
+
+SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
+
+
+class ConfigError(MSFlowError, ValueError):
+    """A configuration value or key that is not valid."""
+
+
+def _check_literals(obj: Any) -> None:
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        allowed = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else None
+        if allowed and getattr(obj, f.name) not in allowed:
+            raise ConfigError(f"{f.name}={getattr(obj, f.name)!r} is not one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the model is: everything needed to rebuild it from a checkpoint."""
+
+    # ours: EfficientNet-Lite0 ships its ImageNet weights with pip, so the default works offline.
+    # The paper's backbone is "wide_resnet50_2" (spec section 1).
+    backbone: Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"] = "efficientnet_lite0"
+    pretrained: bool = True  # ours: never fall back to random weights; False only when asked
+    weights: str | None = None  # ours: a local backbone weights file, for machines without internet
+    reflect_padding: bool = True  # spec section 1: the official ResNet's reflect padding
+    image_size: int = 512  # spec section 1: 512 x 512 for every class
+    pool: Literal["avg", "max", "none"] = "avg"  # spec section 1: AvgPool2d(3, 2, 1)
+    num_blocks: tuple[int, int, int] = (2, 5, 8)  # spec section 2: asymmetric parallel flows
+    cond_channels: int = 64  # spec section 2.4: positional-encoding channels
+    clamp_alpha: float = 1.9  # spec sections 2.1 and 3.1
+    clamp: Literal["freia02", "freia_new"] = "freia02"  # spec section 2.3: the formula MSFlow ran
+    # ours: "auto" standardises each feature channel with training-set statistics for backbones
+    # whose raw stage outputs are large (EfficientNet-Lite0), and keeps the official raw features
+    # ("none") for the ResNets, for parity. "channel" forces standardisation.
+    feature_norm: Literal["auto", "none", "channel"] = "auto"
+    top_k: float = 0.03  # spec section 6: image score = mean of the top 3 % of the "mul" map
+    # spec section 6 / B15: "per_image" is the official normalisation; "global" uses training statistics
+    normalization: Literal["per_image", "global"] = "per_image"
+    seed: int = 9826  # spec section 5; also draws the fixed permutations, so models are reproducible
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
+        if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
+            raise ConfigError(f"num_blocks must be three positive counts, got {self.num_blocks}")
+        if not 32 <= self.image_size <= 2048 or self.image_size % 32:
+            raise ConfigError(f"image_size must be a multiple of 32 in [32, 2048], got {self.image_size}")
+        if self.cond_channels % 4 or self.cond_channels < 4:
+            raise ConfigError(f"cond_channels must be a positive multiple of 4, got {self.cond_channels}")
+        if not 0 < self.top_k <= 1:
+            raise ConfigError(f"top_k must be in (0, 1], got {self.top_k}")
+        if self.clamp_alpha <= 0:
+            raise ConfigError(f"clamp_alpha must be positive, got {self.clamp_alpha}")
+
+    @property
+    def standardize_features(self) -> bool:
+        if self.feature_norm == "auto":
+            return self.backbone == "efficientnet_lite0"
+        return self.feature_norm == "channel"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from."""
+
+    dataset: str = "elpv:mono"  # ours: a folder in MVTec/VisA layout, or the built-in "elpv:mono|poly"
+    # ours: good training images held out (never trained on) to calibrate the decision threshold
+    holdout_fraction: float = 0.1
+    workers: int = 0  # ours: features are cached once, so loader workers rarely pay off on a CPU
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.holdout_fraction < 0.9:
+            raise ConfigError(f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the flows are trained (spec section 5)."""
+
+    epochs: int = 100  # spec: 25 meta epochs x 4 sub-epochs
+    batch_size: int = 8  # spec B4: the official CLI's effective batch
+    lr: float = 1e-4  # spec: Adam, no weight decay
+    warmup_epochs: float = 12  # spec: LinearLR 0.1 -> 1 over 3 x 4 sub-epochs
+    warmup_from: float = 0.1  # spec
+    # spec: MultiStepLR at sub-epochs 70 and 90. Given as fractions of ``epochs`` (ours) so that a
+    # shorter schedule decays at the same relative points; 0.7 and 0.9 of 100 are exactly 70 and 90.
+    decay_at: tuple[float, ...] = (0.7, 0.9)
+    decay_gamma: float = 0.33  # spec
+    grad_clip: float = 2.0  # spec: clip_grad_norm_ max_norm 2
+    seed: int = 9826  # spec
+    amp: bool = True  # spec offers AMP; ours: on by default on CUDA, always off on the CPU
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    eval_every: int = 0  # ours: evaluate every N epochs for the log only; 0 = only at the end (spec B14)
+    cache: Literal["auto", "memory", "disk"] = "auto"  # ours: where the cached features live
+    max_bad_steps: int = 5  # ours: non-finite losses tolerated (each rolls back and lowers the lr)
+    checkpoint_every: int = 1  # ours: epochs between crash-safe checkpoints
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        object.__setattr__(self, "decay_at", tuple(float(d) for d in self.decay_at))
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError(f"lr and grad_clip must be positive, got {self.lr}, {self.grad_clip}")
+        if any(not 0 < d <= 1 for d in self.decay_at):
+            raise ConfigError(f"decay_at must be fractions of the schedule in (0, 1], got {self.decay_at}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"]["num_blocks"] = list(self.model.num_blocks)
+        out["train"]["decay_at"] = list(self.train.decay_at)
+        out["schema_version"] = SCHEMA_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        data = dict(data)
+        version = data.pop("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"config schema version {version} is not supported (this msflow reads {SCHEMA_VERSION})")
+        unknown = set(data) - {"model", "data", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
+        parts = {}
+        for name, klass in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+            section = data.get(name) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"config section '{name}' must be a mapping")
+            known = {f.name for f in fields(klass)}
+            bad = set(section) - known
+            if bad:
+                raise ConfigError(f"unknown key(s) in '{name}': {sorted(bad)}; known: {sorted(known)}")
+            try:
+                parts[name] = klass(**section)
+            except TypeError as err:
+                raise ConfigError(f"bad value in '{name}': {err}") from err
+        return cls(**parts)
+
+    def updated(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields replaced, e.g. ``cfg.updated(train={"epochs": 5})``; validated again."""
+        merged = self.to_dict()
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update({k: v for k, v in values.items() if v is not None})
+        return Config.from_dict(merged)
+
+
+def load_yaml(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file '{path}': {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping")
+    return Config.from_dict(data)
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "load_yaml", "save_yaml", "replace"]

@@ -1,0 +1,113 @@
+"""The affine coupling block of MSFlow's parallel flows (FrEIA ``AllInOneBlock`` semantics, owned here).
+
+For x of shape (B, C, H, W), a condition c of shape (B, D, H, W), passive half x1 (the first ceil(C/2)
+channels) and active half x2 (the last floor(C/2)):
+
+    (s, t) = 0.1 * g([x1, c])                 g = conv3x3 -> channel LayerNorm -> ReLU -> conv3x3
+    l      = clamp(s)                          "freia02": 1.9 tanh(s);  "freia_new": 1.9 tanh(s / 1.9)
+    y      = [x1, x2 * exp(l) + t]
+    y      = y * gamma + beta                  gamma = 0.1 softplus_{beta=0.5}(g_hat), identity at init
+    y      = y[:, perm]                        a fixed random channel permutation (a buffer)
+    log|det J| = sum_{c,h,w} l + H W sum_c log(gamma_c)
+
+Spec sections 2.1-2.3. FrEIA 0.2 is what the official code ran; its ``rev=True`` flag becomes
+``forward``/``inverse`` here and the permutation is an index buffer, not a one-hot parameter.
+
+References:
+    Zhou et al., "MSFlow: Multi-Scale Flow-based Framework for Unsupervised Anomaly Detection",
+    https://arxiv.org/abs/2308.15300. Dinh et al., "Density estimation using Real NVP",
+    https://arxiv.org/abs/1605.08803. Kingma & Dhariwal, "Glow", https://arxiv.org/abs/1807.03039.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CLAMPS = ("freia02", "freia_new")
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvSubnet(nn.Sequential):
+    """MSFlow's ``subnet_conv_ln``: conv3x3 (C_in -> C_in) -> channel LN -> ReLU -> conv3x3 (C_in -> C_out)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1),
+            ChannelLayerNorm(in_channels),
+            nn.ReLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        )
+
+
+class AffineCouplingBlock(nn.Module):
+    """Conditional affine coupling + soft clamp + global affine + fixed permutation (see module doc).
+
+    Arguments:
+        channels: C, the number of feature channels.
+        cond_channels: D, channels of the positional-encoding condition.
+        clamp_alpha: alpha of the soft clamp (1.9 in MSFlow).
+        clamp: ``"freia02"`` (the formula MSFlow ran) or ``"freia_new"`` (FrEIA after Aug 2023).
+        generator: the random generator that draws the permutation, for reproducible models.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        cond_channels: int = 64,
+        clamp_alpha: float = 1.9,
+        clamp: str = "freia02",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if clamp not in CLAMPS:
+            raise ValueError(f"clamp must be one of {CLAMPS}, got '{clamp}'")
+        self.passive = channels - channels // 2
+        self.active = channels // 2
+        self.clamp_alpha, self.clamp = clamp_alpha, clamp
+        self.subnet = ConvSubnet(self.passive + cond_channels, 2 * self.active)
+        # softplus_{beta=0.5}(g) * 0.1 = 0.2 ln(1 + e^{g/2}) equals 1 at g = 2 ln(e^5 - 1).
+        self.global_scale_raw = nn.Parameter(torch.full((1, channels, 1, 1), 2 * math.log(math.exp(5) - 1)))
+        self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        perm = torch.randperm(channels, generator=generator)
+        self.register_buffer("perm", perm)
+        self.register_buffer("perm_inverse", torch.argsort(perm))
+
+    def _log_scale_and_shift(self, x1: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        a = 0.1 * self.subnet(torch.cat([x1, cond], dim=1))
+        s, t = a[:, : self.active], a[:, self.active :]
+        if self.clamp == "freia02":
+            return self.clamp_alpha * torch.tanh(s), t
+        return self.clamp_alpha * torch.tanh(s / self.clamp_alpha), t
+
+    def _global_scale(self) -> Tensor:
+        return 0.1 * F.softplus(self.global_scale_raw, beta=0.5)
+
+    def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W), cond (B, D, H, W) -> y (B, C, H, W), log_det (B,)."""
+        x1, x2 = x[:, : self.passive], x[:, self.passive :]
+        log_scale, shift = self._log_scale_and_shift(x1, cond)
+        y = torch.cat([x1, x2 * torch.exp(log_scale) + shift], dim=1)
+        gamma = self._global_scale()
+        y = (y * gamma + self.global_offset)[:, self.perm]
+        pixels = x.shape[2] * x.shape[3]
+        return y, log_scale.sum(dim=(1, 2, 3)) + pixels * torch.log(gamma).sum()
+
+    def inverse(self, y: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact inverse of ``forward``; returns x and the inverse log-det (= -forward log-det)."""
+        gamma = self._global_scale()
+        y = (y[:, self.perm_inverse] - self.global_offset) / gamma
+        y1, y2 = y[:, : self.passive], y[:, self.passive :]
+        log_scale, shift = self._log_scale_and_shift(y1, cond)
+        x = torch.cat([y1, (y2 - shift) * torch.exp(-log_scale)], dim=1)
+        pixels = y.shape[2] * y.shape[3]
+        return x, -log_scale.sum(dim=(1, 2, 3)) - pixels * torch.log(gamma).sum()

@@ -1,0 +1,22 @@
+"""One exception type for every problem a user can fix (bad file, bad value, bad checkpoint).
+
+The command line catches :class:`MSFlowError` and prints its message as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class MSFlowError(Exception):
+    """A user-facing error: the message names the file or value at fault and what is wrong."""
+
+
+class DataError(MSFlowError, ValueError):
+    """An image, mask or dataset folder that cannot be used."""
+
+
+class CheckpointError(MSFlowError, ValueError):
+    """A checkpoint or exported model that is missing, truncated, tampered with or incompatible."""
+
+
+class WeightsError(MSFlowError, RuntimeError):
+    """Backbone weights that cannot be had (no internet, missing file, wrong keys)."""

@@ -1,0 +1,137 @@
+"""MSFlow's fusion flow: a fixed channel permutation per scale, then one cross-scale coupling layer.
+
+With z_s split into halves u_s (first C_s/2 channels) and v_s (last C_s/2), spec section 3:
+
+    step A:  (sigma_s, tau_s)   = F2({v_s})      u'_s = exp(k(sigma_s)) * u_s + tau_s
+    step B:  (sigma'_s, tau'_s) = F1({u'_s})     v'_s = exp(k(sigma'_s)) * v_s + tau'_s
+    k(x) = alpha * 0.636 * atan(x / alpha)       (CS-Flow's soft clamp, alpha = 1.9)
+    log|det J| = sum_s [ sum k(sigma_s) + sum k(sigma'_s) ]
+
+Each F mixes the scales: pool every input to the coarsest grid, concatenate, conv3x3 -> channel LN ->
+ReLU -> conv3x3 -> ReLU, split, bilinear up-sample (align_corners=True), residual add, then per-scale
+conv3x3 heads give sigma and tau.
+
+Fixed here (spec B12): the inverse returns the negated log-det, and the outputs are not clipped to
++-1e6 (a clip would make the layer non-invertible at the extremes; the soft clamp already bounds scales).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .coupling import ChannelLayerNorm
+
+ATAN_FACTOR = 0.636  # the official constant, ~2/pi, so that k maps onto (-alpha, alpha)
+
+
+def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Average-pool x to ``size``; a plain strided pool when it divides evenly (ONNX-friendly)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    if h % size[0] == 0 and w % size[1] == 0:
+        return F.avg_pool2d(x, (h // size[0], w // size[1]))
+    return F.adaptive_avg_pool2d(x, size)
+
+
+class FusionSubnet(nn.Module):
+    """Cross-scale mixer plus per-scale heads; returns (sigma_s, tau_s) for each scale.
+
+    Arguments:
+        channels: the half-widths c_s of the scales (128, 256, 512 for WideResNet-50-2).
+    """
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        total = sum(channels)
+        self.mixer = nn.Sequential(
+            nn.Conv2d(total, total // 4, 3, padding=1),  # S -> S/4 (the ignored mid_channels, spec B13)
+            ChannelLayerNorm(total // 4),
+            nn.ReLU(),
+            nn.Conv2d(total // 4, total, 3, padding=1),
+            nn.ReLU(),  # the cross-scale message is non-negative, as in the official code
+        )
+        self.sigma_heads = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in channels)
+        self.tau_heads = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in channels)
+
+    def forward(self, xs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        coarsest = min((x.shape[-2:] for x in xs), key=lambda s: s[0] * s[1])
+        coarse = (int(coarsest[0]), int(coarsest[1]))
+        mixed = self.mixer(torch.cat([pool_to(x, coarse) for x in xs], dim=1))  # (B, S, h, w)
+        out = []
+        for x, message, sigma_head, tau_head in zip(
+            xs, mixed.split(self.channels, dim=1), self.sigma_heads, self.tau_heads, strict=True
+        ):
+            up = F.interpolate(message, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            r = x + up
+            out.append((sigma_head(r), tau_head(r)))
+        return out
+
+
+class FusionFlow(nn.Module):
+    """Fixed per-scale permutations followed by the two-step fusion coupling (see module doc).
+
+    Arguments:
+        channels: C_s of each scale (each must be even).
+        clamp_alpha: alpha of the atan soft clamp.
+        generator: draws the permutations.
+    """
+
+    def __init__(
+        self, channels: list[int], clamp_alpha: float = 1.9, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        for c in channels:
+            if c % 2:
+                raise ValueError(f"fusion flow needs an even channel count per scale, got {c}")
+        self.halves = [c // 2 for c in channels]
+        self.clamp_alpha = clamp_alpha
+        self.subnet_v_to_u = FusionSubnet(self.halves)  # "F2" of the spec: reads v, moves u
+        self.subnet_u_to_v = FusionSubnet(self.halves)  # "F1": reads u', moves v
+        for level, c in enumerate(channels):
+            perm = torch.randperm(c, generator=generator)
+            self.register_buffer(f"perm{level}", perm)
+            self.register_buffer(f"perm_inverse{level}", torch.argsort(perm))
+
+    def _clamp(self, x: Tensor) -> Tensor:
+        return self.clamp_alpha * ATAN_FACTOR * torch.atan(x / self.clamp_alpha)
+
+    def forward(self, xs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Three (B, C_s, H_s, W_s) tensors -> three tensors of the same shapes, log_det (B,)."""
+        xs = [x[:, getattr(self, f"perm{level}")] for level, x in enumerate(xs)]
+        us = [x[:, :h] for x, h in zip(xs, self.halves, strict=True)]
+        vs = [x[:, h:] for x, h in zip(xs, self.halves, strict=True)]
+        log_det = xs[0].new_zeros(xs[0].shape[0])
+        new_us = []
+        for u, (sigma, tau) in zip(us, self.subnet_v_to_u(vs), strict=True):
+            k = self._clamp(sigma)
+            new_us.append(torch.exp(k) * u + tau)
+            log_det = log_det + k.sum(dim=(1, 2, 3))
+        new_vs = []
+        for v, (sigma, tau) in zip(vs, self.subnet_u_to_v(new_us), strict=True):
+            k = self._clamp(sigma)
+            new_vs.append(torch.exp(k) * v + tau)
+            log_det = log_det + k.sum(dim=(1, 2, 3))
+        return [torch.cat([u, v], dim=1) for u, v in zip(new_us, new_vs, strict=True)], log_det
+
+    def inverse(self, zs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Exact inverse (solve v from u' first, then u); the log-det is the negated forward one."""
+        new_us = [z[:, :h] for z, h in zip(zs, self.halves, strict=True)]
+        new_vs = [z[:, h:] for z, h in zip(zs, self.halves, strict=True)]
+        log_det = zs[0].new_zeros(zs[0].shape[0])
+        vs = []
+        for v, (sigma, tau) in zip(new_vs, self.subnet_u_to_v(new_us), strict=True):
+            k = self._clamp(sigma)
+            vs.append((v - tau) * torch.exp(-k))
+            log_det = log_det - k.sum(dim=(1, 2, 3))
+        us = []
+        for u, (sigma, tau) in zip(new_us, self.subnet_v_to_u(vs), strict=True):
+            k = self._clamp(sigma)
+            us.append((u - tau) * torch.exp(-k))
+            log_det = log_det - k.sum(dim=(1, 2, 3))
+        xs = [torch.cat([u, v], dim=1) for u, v in zip(us, vs, strict=True)]
+        return [x[:, getattr(self, f"perm_inverse{level}")] for level, x in enumerate(xs)], log_det
+

@@ -1,0 +1,144 @@
+"""MSFlow wired together: frozen backbone -> feature standardisation -> parallel flows -> fusion flow.
+
+    images (B, 3, S, S) in [0, 1]
+      -> backbone + 3x3/2 pool     feats_l  (B, C_l, S/8, S/8), (B, C_l, S/16, S/16), (B, C_l, S/32, S/32)
+      -> (x - mean_c) / std_c       a fixed affine map per channel, identity unless standardising
+      -> ParallelFlow_l             z'_l, log_det_l
+      -> FusionFlow                 z_l, log_det_f
+    FlowOutput(zs, log_det = sum_l log_det_l + log_det_f)
+
+The standardisation is fixed (fitted once on training features, then frozen), so the density the
+flows learn is the official one up to a constant Jacobian. It keeps EfficientNet-Lite0's large,
+un-activated stage outputs from saturating the maps (see ``ModelConfig.feature_norm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .anomaly_map import AnomalyMapper, AnomalyOutput, log_likelihood_maps
+from .backbone import FeatureExtractor
+from .config import ModelConfig
+from .fusion_flow import FusionFlow
+from .parallel_flow import ParallelFlow
+
+
+class FlowOutput(NamedTuple):
+    zs: list[Tensor]  # one (B, C_l, H_l, W_l) latent per scale
+    log_det: Tensor  # (B,) total log|det J|
+
+
+class MSFlow(nn.Module):
+    """The MSFlow model. Build it with ``MSFlow(ModelConfig(...))``.
+
+    References:
+        Zhou et al., "MSFlow: Multi-Scale Flow-based Framework for Unsupervised Anomaly Detection",
+        IEEE TNNLS 2024, https://arxiv.org/abs/2308.15300.
+    """
+
+    def __init__(self, config: ModelConfig, backbone: FeatureExtractor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone or FeatureExtractor(
+            config.backbone, config.pretrained, config.weights, config.reflect_padding, config.pool
+        )
+        self.feature_shapes = self.backbone.feature_shapes(config.image_size)
+        channels = [c for c, _, _ in self.feature_shapes]
+        generator = torch.Generator().manual_seed(config.seed)  # reproducible permutations
+        self.parallel_flows = nn.ModuleList(
+            ParallelFlow(c, n, h, w, config.cond_channels, config.clamp_alpha, config.clamp, generator)
+            for (c, h, w), n in zip(self.feature_shapes, config.num_blocks, strict=True)
+        )
+        self.fusion_flow = FusionFlow(channels, config.clamp_alpha, generator)
+        for level, c in enumerate(channels):
+            self.register_buffer(f"feature_mean{level}", torch.zeros(1, c, 1, 1))
+            self.register_buffer(f"feature_std{level}", torch.ones(1, c, 1, 1))
+        self.anomaly = AnomalyMapper(
+            len(channels), (config.image_size, config.image_size), config.top_k, config.normalization
+        )
+
+    # -- features ------------------------------------------------------------------------------
+    def extract(self, images: Tensor) -> list[Tensor]:
+        """Raw pooled backbone features (no autograd): the part that is cached for training."""
+        return self.backbone(images)
+
+    def standardize(self, feats: list[Tensor]) -> list[Tensor]:
+        """Apply the fixed per-channel standardisation (identity when not fitted or not enabled)."""
+        return [
+            (f - getattr(self, f"feature_mean{level}")) / getattr(self, f"feature_std{level}")
+            for level, f in enumerate(feats)
+        ]
+
+    @torch.no_grad()
+    def fit_standardization(self, feature_batches: Iterable[list[Tensor]]) -> None:
+        """Fit per-channel mean/std on training features (float64 sums); no-op unless enabled."""
+        if not self.config.standardize_features:
+            return
+        sums: list[Tensor] | None = None
+        for feats in feature_batches:
+            stats = [
+                torch.stack([f.double().sum((0, 2, 3)), f.double().pow(2).sum((0, 2, 3)),
+                             torch.full((f.shape[1],), f.numel() / f.shape[1], dtype=torch.float64, device=f.device)])
+                for f in feats
+            ]
+            sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
+        if sums is None:
+            raise ValueError("fit_standardization needs at least one batch of features")
+        for level, (s, sq, n) in enumerate(sums):
+            mean = s / n
+            std = (sq / n - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
+            getattr(self, f"feature_mean{level}").copy_(mean.view(1, -1, 1, 1))
+            getattr(self, f"feature_std{level}").copy_(std.view(1, -1, 1, 1))
+
+    # -- flows -----------------------------------------------------------------------------------
+    def flow(self, feats: list[Tensor]) -> FlowOutput:
+        """Standardised features -> latents and total log-det (the trainable part)."""
+        zs, log_det = [], feats[0].new_zeros(feats[0].shape[0])
+        for flow, f in zip(self.parallel_flows, feats, strict=True):
+            z, ld = flow(f)
+            zs.append(z)
+            log_det = log_det + ld
+        zs, ld_fusion = self.fusion_flow(zs)
+        return FlowOutput(zs, log_det + ld_fusion)
+
+    def flow_inverse(self, zs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Exact inverse of :meth:`flow`: latents -> standardised features, inverse log-det."""
+        xs, log_det = self.fusion_flow.inverse(zs)
+        feats = []
+        for flow, x in zip(self.parallel_flows, xs, strict=True):
+            f, ld = flow.inverse(x)
+            feats.append(f)
+            log_det = log_det + ld
+        return feats, log_det
+
+    def forward(self, images: Tensor) -> FlowOutput:
+        """(B, 3, S, S) RGB in [0, 1] -> FlowOutput."""
+        return self.flow(self.standardize(self.extract(images)))
+
+    def predict(self, images: Tensor) -> AnomalyOutput:
+        """(B, 3, S, S) RGB in [0, 1] -> image scores and (B, S, S) pixel and image maps."""
+        return self.anomaly(self.forward(images).zs)
+
+    @torch.no_grad()
+    def calibrate_global_normalization(self, feature_batches: Iterable[list[Tensor]]) -> None:
+        """Set the "global" normalisation references from standardised training features."""
+        self.anomaly.calibrate([log_likelihood_maps(self.flow(f).zs) for f in feature_batches])
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters of each part (the backbone has none)."""
+        def count(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+        counts = {f"parallel_flow_{i + 1}": count(f) for i, f in enumerate(self.parallel_flows)}
+        counts["fusion_flow"] = count(self.fusion_flow)
+        counts["backbone"] = count(self.backbone)
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
