@@ -82,8 +82,23 @@ class AffineCouplingBlock(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("perm_inverse", torch.argsort(perm))
 
+    def _subnet(self, x1: Tensor, cond: Tensor) -> Tensor:
+        """g([x1, cond]) with the first conv split by input channels (exact: convolution is linear).
+
+        The condition is the same for every image, so its share of the first conv is computed once
+        for a (1, D, H, W) ``cond`` and broadcast over the batch; its weight gradient then costs one
+        image instead of B. Where the condition dominates the input (EfficientNet-Lite0: 64 of 76
+        channels at scale 1) this roughly halves the cost of a block.
+        """
+        conv = self.subnet[0]
+        h = F.conv2d(x1, conv.weight[:, : self.passive], conv.bias, padding=1)
+        h = h + F.conv2d(cond, conv.weight[:, self.passive :], None, padding=1)
+        for layer in list(self.subnet)[1:]:  # LayerNorm -> ReLU -> conv
+            h = layer(h)
+        return h
+
     def _log_scale_and_shift(self, x1: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
-        a = 0.1 * self.subnet(torch.cat([x1, cond], dim=1))
+        a = 0.1 * self._subnet(x1, cond)
         s, t = a[:, : self.active], a[:, self.active :]
         if self.clamp == "freia02":
             return self.clamp_alpha * torch.tanh(s), t
@@ -93,7 +108,7 @@ class AffineCouplingBlock(nn.Module):
         return 0.1 * F.softplus(self.global_scale_raw, beta=0.5)
 
     def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, C, H, W), cond (B, D, H, W) -> y (B, C, H, W), log_det (B,)."""
+        """x (B, C, H, W), cond (B or 1, D, H, W) -> y (B, C, H, W), log_det (B,)."""
         x1, x2 = x[:, : self.passive], x[:, self.passive :]
         log_scale, shift = self._log_scale_and_shift(x1, cond)
         y = torch.cat([x1, x2 * torch.exp(log_scale) + shift], dim=1)

@@ -69,7 +69,7 @@ class ParallelFlow(nn.Module):
     def _cond(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != self.cond.shape[-2:]:
             raise ValueError(f"feature map {tuple(x.shape[-2:])} does not match the flow's {tuple(self.cond.shape[-2:])}")
-        return self.cond.to(x.dtype).expand(x.shape[0], -1, -1, -1)
+        return self.cond.to(x.dtype)  # (1, D, H, W): blocks broadcast it over the batch
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> z (B, C, H, W), log_det (B,)."""

@@ -1,0 +1,126 @@
+"""Crash-safe, pickle-free checkpoints: tensors in safetensors, everything else in JSON.
+
+A saved model is two files: ``<name>.safetensors`` (weights and buffers) and ``<name>.json`` (the
+config, the msflow and schema versions, the SHA-256 of the tensor file, and whatever else the caller
+stores: threshold, metrics, training state). Both are written to a temporary file, fsynced, then
+renamed, so a crash leaves the previous checkpoint intact. Loading never unpickles anything and
+refuses a truncated, tampered or incompatible checkpoint with a message that says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import SCHEMA_VERSION, Config, ConfigError
+from .errors import CheckpointError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], stem: Path) -> None:
+    """Write ``stem.safetensors`` then ``stem.json`` (the JSON last: it vouches for the tensors)."""
+    tensors_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tensors_path.parent, prefix=f".{tensors_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        sha = _sha256(Path(tmp))
+        os.replace(tmp, tensors_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {**meta, "msflow_version": __version__, "schema_version": SCHEMA_VERSION, "sha256": sha}
+    atomic_write_bytes(json_path, json.dumps(meta, indent=2, allow_nan=False).encode("utf-8"))
+
+
+def load_tensors(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a pair written by :func:`save_tensors`."""
+    tensors_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    for p in (json_path, tensors_path):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint file '{p}' is missing")
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint '{json_path}' is truncated or not JSON ({err})") from err
+    if not isinstance(meta, dict) or "sha256" not in meta:
+        raise CheckpointError(f"checkpoint '{json_path}' is not an msflow checkpoint")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"checkpoint '{json_path}' is from an incompatible version (schema {meta.get('schema_version')}, "
+            f"msflow {meta.get('msflow_version')}); this msflow {__version__} reads schema {SCHEMA_VERSION}"
+        )
+    if _sha256(tensors_path) != meta["sha256"]:
+        raise CheckpointError(f"checkpoint '{tensors_path}' is truncated or tampered with (SHA-256 mismatch)")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint '{tensors_path}' cannot be read: {err}") from err
+    return tensors, meta
+
+
+def save_model(model: torch.nn.Module, config: Config, stem: Path, **extra: Any) -> None:
+    """Save a model's full state (backbone included, so it loads offline) with its config."""
+    save_tensors(model.state_dict(), {"config": config.to_dict(), **extra}, stem)
+
+
+def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
+    """Rebuild an :class:`~msflow.model.MSFlow` from ``stem.safetensors`` + ``stem.json``, strictly."""
+    from .model import MSFlow  # local import: model imports the backbone, which is heavy
+
+    stem = Path(stem)
+    if stem.is_dir():
+        stem = stem / "model"
+    tensors, meta = load_tensors(stem)
+    try:
+        config = Config.from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{stem}.json' has an invalid config: {err}") from err
+    # The backbone's weights are in the file: build it without fetching anything.
+    model = MSFlow(replace(config.model, pretrained=False, weights=None))
+    model.config = config.model
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint '{stem}.safetensors' does not fit its config: {str(err)[:300]}") from err
+    return model.to(device).eval(), config, meta

@@ -1,0 +1,252 @@
+"""The ``msflow`` command line: thin argparse front-ends over the library; no logic of its own.
+
+Every user-fixable problem ends as one line on stderr (``error: ...``) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import Config, load_yaml
+from .errors import MSFlowError
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file; flags override it")
+    p.add_argument("--backbone", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"])
+    p.add_argument("--weights", help="local backbone weights file (no download)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--feature-norm", choices=["auto", "none", "channel"])
+    p.add_argument("--normalization", choices=["per_image", "global"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--eval-every", type=int, help="log test metrics every N epochs (never used for selection)")
+    p.add_argument("--holdout-fraction", type=float, help="good training images held out for the threshold")
+    p.add_argument("--cache", choices=["auto", "memory", "disk"])
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+
+
+def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
+    return cfg.updated(
+        model={"backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
+               "feature_norm": args.feature_norm, "normalization": args.normalization,
+               "pretrained": False if args.no_pretrained else None},
+        data={"dataset": dataset, "holdout_fraction": args.holdout_fraction},
+        train={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+               "device": args.device, "eval_every": args.eval_every, "cache": args.cache,
+               "amp": False if args.no_amp else None},
+    )
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from .config import ModelConfig
+    from .model import MSFlow
+
+    model = MSFlow(ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False))
+    info = {"backbone": args.backbone, "image_size": args.image_size,
+            "feature_shapes": [list(s) for s in model.feature_shapes], "num_blocks": list(model.config.num_blocks),
+            "trainable_parameters": model.parameter_counts()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"MSFlow with {args.backbone} at {args.image_size}x{args.image_size}")
+    for level, ((c, h, w), n) in enumerate(zip(model.feature_shapes, model.config.num_blocks, strict=True)):
+        print(f"  scale {level + 1}: features {c} x {h} x {w}, {n} coupling blocks")
+    for part, count in info["trainable_parameters"].items():
+        print(f"  {part:<16} {count:>13,d} trainable parameters")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .report import format_metrics
+    from .training import fit
+
+    cfg = config_from_args(args, args.data)
+    metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation, progress=not args.quiet)
+    print(format_metrics(metrics))
+    print(f"run folder: {args.output} (overlays in {Path(args.output) / 'overlays'})")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .report import format_metrics
+    from .training import fit
+
+    cfg = Config().updated(model={"backbone": "efficientnet_lite0", "image_size": args.image_size},
+                           data={"dataset": "elpv:mono"}, train={"epochs": args.epochs, "device": "cpu"})
+    print(f"demo: efficientnet_lite0 on the built-in ELPV solar cells (mono), {args.image_size} px, "
+          f"{args.epochs} epochs, on the CPU")
+    metrics = fit(cfg, args.output, progress=not args.quiet)
+    print(format_metrics(metrics))
+    print(f"overlays: {Path(args.output) / 'overlays'}   model: {args.output}")
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .datasets import load_dataset, validate_samples
+    from .engine import predict_samples, resolve_device
+    from .report import format_metrics
+    from .threshold import Threshold
+    from .training import test_metrics, write_test_report
+
+    device = resolve_device(args.device)
+    model, cfg, meta = load_model(args.model, device)
+    name, _, test = load_dataset(args.data or cfg.data.dataset)
+    validate_samples(test, f"test set of '{name}'")
+    preds = predict_samples(model, test, device, args.batch_size, progress=not args.quiet, desc="test")
+    metrics = test_metrics(preds, test, pro_mode=args.pro_mode)
+    metrics["dataset"] = name
+    out = Path(args.output or Path(args.model) / f"test-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_test_report(out, test, preds, Threshold.from_dict(meta["threshold"]), metrics)
+    print(format_metrics(metrics))
+    print(f"report: {out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .detector import Detector
+    from .predict import run_predict
+
+    detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
+    if args.threshold is not None:
+        detector.set_threshold(args.threshold)
+    summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
+    print(f"{summary['predicted']} images judged: {summary['defective']} defective, "
+          f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed; "
+          f"{summary['images_per_second']} img/s. Results in {args.output}")
+    for failure in summary["failures"]:
+        print(f"failed: {failure['error']}", file=sys.stderr)
+    if summary["failed"]:
+        raise SystemExit(1)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .export import export_onnx
+
+    model, cfg, _ = load_model(args.model)
+    out = Path(args.output) if args.output else Path(args.model) / "model.onnx"
+    export_onnx(model, out)
+    print(f"exported {out}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, runtime=args.runtime,
+          max_upload_mb=args.max_upload_mb, device=args.device)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import run_benchmark
+
+    run_benchmark(args.data, args.output, config_from_args(args), args.categories, progress=not args.quiet)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve")
+    parser.add_argument("--version", action="version", version=f"msflow {__import__('msflow').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="feature shapes and parameter counts of a model")
+    p.add_argument("--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"])
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train on a category folder (MVTec/VisA layout) or elpv:mono|poly")
+    p.add_argument("--data", required=True, help="category folder, or elpv:mono / elpv:poly")
+    p.add_argument("--output", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--validation", help="labelled folder (MVTec layout) for F1-optimal thresholds")
+    p.add_argument("--quiet", action="store_true")
+    _train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train the offline default on built-in data (~minutes on a CPU)")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("test", help="evaluate a trained run on a test set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", help="category folder (default: the run's own dataset)")
+    p.add_argument("--output")
+    p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("predict", help="judge new images: scores, maps, masks, overlays")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, nargs="+", help="image files and/or folders (recursive)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a run to ONNX (backbone, flows and maps in one graph)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--output", help="default: <run>/model.onnx")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP service with a web page")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key (header X-API-Key); default: $MSFLOW_API_KEY if set")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("benchmark", help="train and test many categories; a table with a mean row")
+    p.add_argument("--data", required=True, help="root holding category folders, or one category")
+    p.add_argument("--output", required=True)
+    p.add_argument("--categories", nargs="+", help="subset of categories (default: all found)")
+    p.add_argument("--quiet", action="store_true")
+    _train_flags(p)
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("bench", help="speed and memory benchmark against the official-style reference path")
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MSFlowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The Python API: load a trained run and judge new images.
+
+    from msflow import Detector
+    detector = Detector.load("runs/demo")
+    result = detector.predict("part.png")        # a path, a PIL image or an (H, W[, C]) numpy array
+    result.score, result.normalized_score, result.is_defective, result.anomaly_map, result.mask
+
+``Detector.fit`` trains from Python with the same code path as ``msflow train``. ``runtime="onnx"``
+runs an exported model (``model.onnx`` in the run folder) with onnxruntime instead of torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import load_model
+from .config import Config
+from .engine import resolve_device
+from .errors import DataError, MSFlowError
+from .images import read_image, to_rgb, to_tensor
+from .threshold import Threshold
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+@dataclass
+class Prediction:
+    """One image's verdict; maps are at the image's original resolution."""
+
+    score: float  # raw image score (mean of the top 3 % of the "mul" map)
+    normalized_score: float  # in [0, 1]; the threshold is at 0.5
+    is_defective: bool
+    threshold: float  # the raw image threshold used
+    anomaly_map: np.ndarray  # (H, W) float32, the "add" map (localisation)
+    image_map: np.ndarray  # (H, W) float32, the "mul" map (for heatmap overlays)
+    mask: np.ndarray  # (H, W) bool, the predicted defect region (empty when judged good)
+
+    def summary(self) -> dict[str, Any]:
+        return {"score": self.score, "normalized_score": self.normalized_score,
+                "decision": "defective" if self.is_defective else "good", "threshold": self.threshold,
+                "defect_pixels": int(self.mask.sum())}
+
+
+def as_pil(image: ImageLike) -> Image.Image:
+    """A path, PIL image or numpy array (grey, RGB or RGBA; uint8, uint16 or float in [0, 1]) -> RGB."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            raise DataError(f"image array has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
+        if arr.dtype == np.uint16:
+            arr = (arr // 257).astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.floating):
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        elif arr.dtype != np.uint8:
+            raise DataError(f"image array has dtype {arr.dtype}; expected uint8, uint16 or float")
+        return to_rgb(Image.fromarray(arr))
+    raise DataError(f"cannot read an image from a {type(image).__name__}")
+
+
+class Detector:
+    """A trained MSFlow model with its threshold, ready to judge images (thread-safe)."""
+
+    def __init__(self, model: Any, config: Config, threshold: Threshold, meta: dict, device: torch.device,
+                 runtime: str = "torch") -> None:
+        self.model, self.config, self.threshold, self.meta = model, config, threshold, meta
+        self.device, self.runtime = device, runtime
+        self.image_size = config.model.image_size
+        self._lock = threading.Lock()  # one forward at a time; torch/onnxruntime use all cores anyway
+
+    @classmethod
+    def load(cls, run: str | Path, device: str = "auto", runtime: str = "torch") -> Detector:
+        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``)."""
+        run = Path(run)
+        if not run.exists() and not run.with_suffix(".json").exists():
+            raise MSFlowError(f"model '{run}' does not exist (expected a run folder from 'msflow train')")
+        torch_device = resolve_device(device)
+        model, config, meta = load_model(run, torch_device)
+        threshold = Threshold.from_dict(meta["threshold"])
+        if runtime == "onnx":
+            from .export import OnnxModel
+
+            onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
+            if not onnx_path.is_file():
+                raise MSFlowError(f"no '{onnx_path}': run 'msflow export --model {run}' first")
+            model = OnnxModel(onnx_path)
+        elif runtime != "torch":
+            raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
+        return cls(model, config, threshold, meta, torch_device, runtime)
+
+    @staticmethod
+    def fit(dataset: str, output: str | Path, config: Config | None = None, **overrides: dict) -> Detector:
+        """Train on ``dataset`` (a category folder or ``elpv:mono``) into the run folder ``output``.
+
+        ``overrides`` are config sections, e.g. ``train={"epochs": 5}, model={"image_size": 256}``.
+        """
+        from .training import fit
+
+        cfg = (config or Config()).updated(data={"dataset": str(dataset)}, **overrides)
+        fit(cfg, output, progress=False)
+        return Detector.load(output)
+
+    def _forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with self._lock:
+            if self.runtime == "onnx":
+                return self.model.predict(batch.numpy())
+            with torch.inference_mode():
+                out = self.model.predict(batch.to(self.device))
+            return out.scores.float().cpu().numpy(), out.pixel_map.float().cpu().numpy(), \
+                out.image_map.float().cpu().numpy()
+
+    def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
+        """Judge several images in one forward pass."""
+        pils = [as_pil(im) for im in images]
+        batch = torch.stack([to_tensor(im, self.image_size) for im in pils])
+        scores, pixel_maps, image_maps = self._forward(batch)
+        results = []
+        for im, score, pmap, imap in zip(pils, scores, pixel_maps, image_maps, strict=True):
+            w, h = im.size
+            pmap, imap = (F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[None, None].float(), size=(h, w),
+                                        mode="bilinear", align_corners=False)[0, 0].numpy() for m in (pmap, imap))
+            defective = bool(score >= self.threshold.image)
+            mask = (pmap >= self.threshold.pixel) if defective else np.zeros((h, w), bool)
+            results.append(Prediction(float(score), float(self.threshold.normalize(score)), defective,
+                                      self.threshold.image, pmap, imap, mask))
+        return results
+
+    def predict(self, image: ImageLike) -> Prediction:
+        """Judge one image: a path, a PIL image or a numpy array."""
+        return self.predict_batch([image])[0]
+
+    def set_threshold(self, value: float) -> None:
+        """Override the stored image threshold (raw score units)."""
+        self.threshold = self.threshold.with_image_threshold(value)

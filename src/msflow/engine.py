@@ -1,0 +1,217 @@
+"""Training and evaluation loops.
+
+The backbone is frozen and there is no augmentation, so each training image's features are extracted
+once into a :class:`~msflow.features.FeatureCache` and the flows train from it; the official code ran
+(and back-propagated through) the backbone at every step (spec B8). The schedule is the official one
+(spec section 5) as a pure function of the epoch, so ``--resume`` lands exactly where it left off
+(spec B7). Non-finite losses roll back to the last good state and lower the learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .datasets import ImageDataset, Sample
+from .errors import MSFlowError
+from .features import FeatureCache
+from .loss import nll
+from .model import MSFlow
+
+
+class TrainingError(MSFlowError, RuntimeError):
+    """Training cannot go on (e.g. the loss keeps turning non-finite)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; an unavailable device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MSFlowError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MSFlowError("device 'mps' was asked for but Apple MPS is not available (use --device cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier for 0-based ``epoch``: linear warm-up times multi-step decay.
+
+    The official code steps LinearLR(0.1 -> 1, 12 sub-epochs) and MultiStepLR([70, 90], 0.33) once per
+    sub-epoch; with ``decay_at`` = (0.7, 0.9) of 100 epochs this reproduces it exactly.
+    """
+    warm = 1.0
+    if cfg.warmup_epochs > 0:
+        warm = cfg.warmup_from + (1 - cfg.warmup_from) * min(epoch, cfg.warmup_epochs) / cfg.warmup_epochs
+    milestones = [round(f * cfg.epochs) for f in cfg.decay_at]
+    return warm * cfg.decay_gamma ** sum(epoch >= m for m in milestones)
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the weights: where it is and what happened so far."""
+
+    epoch: int = 0  # epochs completed
+    lr_scale: float = 1.0  # lowered after each non-finite event
+    bad_events: int = 0
+    history: list[dict] = field(default_factory=list)  # one entry per epoch: loss, lr, seconds
+
+
+StepHook = Callable[[int, int, list[torch.Tensor]], list[torch.Tensor]]
+
+
+def train_flows(
+    model: MSFlow,
+    cache: FeatureCache,
+    cfg: TrainConfig,
+    device: torch.device,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+    step_hook: StepHook | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Train the flows from cached features for epochs ``state.epoch .. cfg.epochs - 1``.
+
+    Arguments:
+        on_epoch_end: called after every epoch (checkpointing, optional evaluation).
+        step_hook: ``(epoch, step, feats) -> feats``, a seam for fault-injection tests.
+    """
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    params = model.trainable_parameters()
+    good = _snapshot(model, optimizer)
+    while state.epoch < cfg.epochs:
+        epoch = state.epoch
+        lr = cfg.lr * lr_factor(epoch, cfg) * state.lr_scale
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # A generator per epoch: the order depends only on (seed, epoch), so a resumed run is identical.
+        order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batches = order.split(cfg.batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        total, count, start, rolled_back = 0.0, 0, time.perf_counter(), False
+        for step, idx in enumerate(bar):
+            feats = [f.to(device, non_blocking=True) for f in cache.batch(idx)]
+            if step_hook is not None:
+                feats = step_hook(epoch, step, feats)
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model.flow(feats)
+            # The loss is summed over ~10^5-10^6 dims: compute it in float32 even under AMP.
+            loss = nll([z.float() for z in out.zs], out.log_det.float()).mean()
+            if not torch.isfinite(loss):
+                _bad_event(model, optimizer, good, state, cfg, f"non-finite loss at epoch {epoch + 1}, step {step}")
+                rolled_back = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not torch.isfinite(grad_norm) and not use_amp:  # under AMP the scaler skips the step itself
+                _bad_event(model, optimizer, good, state, cfg, f"non-finite gradient at epoch {epoch + 1}, step {step}")
+                rolled_back = True
+                break
+            scaler.step(optimizer)
+            scaler.update()
+            total += loss.item() * len(idx)
+            count += len(idx)
+            bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+        if rolled_back:
+            continue  # redo this epoch from the restored state with the lowered learning rate
+        state.history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr,
+                              "seconds": time.perf_counter() - start})
+        state.epoch += 1
+        good = _snapshot(model, optimizer)
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    return state
+
+
+def _snapshot(model: MSFlow, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    trainable = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    return trainable, copy.deepcopy(optimizer.state_dict())
+
+
+def _bad_event(model: MSFlow, optimizer: torch.optim.Optimizer, good: tuple[dict, dict], state: TrainState,
+               cfg: TrainConfig, what: str) -> None:
+    """Restore the last good state and halve the learning rate; give up after ``max_bad_steps``."""
+    state.bad_events += 1
+    if state.bad_events > cfg.max_bad_steps:
+        raise TrainingError(f"{what}: {state.bad_events} non-finite events, giving up (lower --lr?)")
+    model.load_state_dict(good[0], strict=False)
+    optimizer.load_state_dict(good[1])
+    state.lr_scale *= 0.5
+    tqdm.write(f"warning: {what}; restored the last good state, learning rate x{state.lr_scale:g}")
+
+
+@dataclass
+class Predictions:
+    """Scores and maps of an evaluated set, maps at each image's original resolution."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    defect_types: list[str]
+    pixel_maps: list[np.ndarray]  # "add" maps (empty unless asked)
+    image_maps: list[np.ndarray]  # "mul" maps (empty unless asked)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def predict_samples(
+    model: MSFlow,
+    samples: list[Sample],
+    device: torch.device,
+    batch_size: int = 8,
+    keep_maps: bool = True,
+    workers: int = 0,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> Predictions:
+    """Run the model on samples; maps are resized back to each image's original size."""
+    model.eval()
+    loader = DataLoader(ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers)
+    scores, pixel_maps, image_maps = [], [], []
+    start = time.perf_counter()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        out = model.predict(batch["image"].to(device))
+        scores.append(out.scores.float().cpu())
+        if keep_maps:
+            for i, (w, h) in enumerate(batch["original_size"].tolist()):
+                for maps, dest in ((out.pixel_map, pixel_maps), (out.image_map, image_maps)):
+                    resized = F.interpolate(maps[i : i + 1, None].float(), size=(h, w), mode="bilinear",
+                                            align_corners=False)
+                    dest.append(resized[0, 0].cpu().numpy())
+    return Predictions(
+        scores=torch.cat(scores).numpy() if scores else np.zeros(0),
+        labels=np.array([s.label for s in samples]),
+        defect_types=[s.defect_type for s in samples],
+        pixel_maps=pixel_maps,
+        image_maps=image_maps,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def is_finite_model(model: MSFlow) -> bool:
+    return all(math.isfinite(float(v.float().abs().sum())) for v in model.state_dict().values()
+               if v.is_floating_point())

@@ -1,0 +1,279 @@
+"""ONNX export of a whole MSFlow model, and an onnxruntime-backed predictor that reads it back.
+
+One graph holds everything :meth:`MSFlow.predict` does: backbone (with its input normalisation),
+feature standardisation, parallel and fusion flows, and the anomaly maps.
+
+    input   images     (B, 3, S, S) float32 RGB in [0, 1]
+    outputs scores     (B,)         image anomaly scores
+            pixel_map  (B, S, S)    the "add" map
+            image_map  (B, S, S)    the "mul" map
+
+The batch axis is dynamic; the image size S is fixed at export time (TF "SAME" padding, pooling to the
+coarsest grid and the top-k count are all computed from it and baked into the graph).
+
+The file carries ``metadata_props``: the msflow version, the image size, the model config as JSON and a
+SHA-256 over the graph and the other metadata, so that :class:`OnnxModel` can reject a truncated or
+altered file with one :class:`~msflow.errors.CheckpointError` line instead of wrong scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import CheckpointError, DataError
+from .model import MSFlow
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "pixel_map", "image_map")
+DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime >= 1.14 runs it
+FORMAT = "msflow-onnx"
+FORMAT_VERSION = "1"
+_HASH_KEY = "msflow_sha256"
+
+
+class _PredictGraph(nn.Module):
+    """``MSFlow.predict`` as a module whose forward returns a plain tuple (what the exporter wants)."""
+
+    def __init__(self, model: MSFlow) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model.predict(images)
+        return out.scores, out.pixel_map, out.image_map
+
+
+def _config_json(model: MSFlow) -> str | None:
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def _digest(model_proto: Any) -> str:
+    """SHA-256 of the graph (nodes and weights), the opsets and every metadata entry but the digest."""
+    h = hashlib.sha256()
+    h.update(model_proto.graph.SerializeToString(deterministic=True))
+    for opset in model_proto.opset_import:
+        h.update(f"\0opset\0{opset.domain}\0{opset.version}".encode())
+    for key, value in sorted((p.key, p.value) for p in model_proto.metadata_props if p.key != _HASH_KEY):
+        h.update(f"\0{key}\0{value}".encode())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file next to ``path``, flush it to disk, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def export_onnx(
+    model: MSFlow, path: str | Path, opset: int = DEFAULT_OPSET, batch_size_dynamic: bool = True
+) -> Path:
+    """Export ``model.predict`` to one ONNX file at ``path``; returns the path.
+
+    Arguments:
+        model: the MSFlow model (any device; it is traced where it is, in eval mode).
+        path: the ``.onnx`` file to write; written atomically (a temporary file and a rename).
+        opset: the ONNX opset (17 or later).
+        batch_size_dynamic: a dynamic batch axis; ``False`` fixes the batch size to 1.
+    """
+    import onnx
+
+    path = Path(path)
+    height, width = model.anomaly.image_size
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    # Trace with a batch of 2, not 1, so that no size-1 batch gets specialised into the graph.
+    example = torch.rand(2 if batch_size_dynamic else 1, 3, height, width, device=device)
+    dynamic_axes = None
+    if batch_size_dynamic:
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The image size is fixed per export, so the spatial sizes that the tracer bakes in as
+            # constants (TF "SAME" padding, pooling to the coarsest grid, top-k count) are meant to be.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # torch >= 2.9 flags the TorchScript exporter as legacy; it is kept here on purpose (no
+            # onnxscript dependency, predictable graphs).
+            for message in (".*legacy TorchScript-based ONNX export", "The feature will be removed"):
+                warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+            torch.onnx.export(
+                _PredictGraph(model),
+                (example,),
+                buffer,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        model.train(was_training)
+
+    proto = onnx.load_from_string(buffer.getvalue())
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "msflow_version": __version__,
+        "image_size": str(height),
+        "image_height": str(height),
+        "image_width": str(width),
+        "batch_dynamic": str(bool(batch_size_dynamic)).lower(),
+        "inputs": INPUT_NAME,
+        "outputs": ",".join(OUTPUT_NAMES),
+        "normalization": str(model.anomaly.normalization),
+    }
+    config = _config_json(model)
+    if config is not None:
+        metadata["config"] = config
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.metadata_props.add(key=_HASH_KEY, value=_digest(proto))  # last: a cut file loses it first
+    proto.producer_name, proto.producer_version = "msflow", __version__
+    onnx.checker.check_model(proto)
+    _write_atomic(path, proto.SerializeToString())
+    return path
+
+
+def _default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*providers, "CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """Runs a model written by :func:`export_onnx` with onnxruntime.
+
+    Arguments:
+        path: the ``.onnx`` file.
+        threads: intra-op threads for onnxruntime (``None``: its default, one per physical core).
+        providers: onnxruntime execution providers, best first (default: CUDA when available, then CPU).
+
+    Raises:
+        CheckpointError: the file is missing, not ONNX, truncated, altered, or not an msflow export.
+    """
+
+    def __init__(
+        self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None
+    ) -> None:
+        import onnx
+        import onnxruntime as ort
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"exported model '{self.path}' does not exist")
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            raise CheckpointError(f"cannot read exported model '{self.path}': {err}") from err
+        try:
+            proto = onnx.load_from_string(data)
+        except Exception as err:  # protobuf's DecodeError, or onnx's own errors
+            raise CheckpointError(
+                f"exported model '{self.path}' is not a readable ONNX file (truncated or corrupt): {err}"
+            ) from err
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+        if self.metadata.get("format") != FORMAT:
+            raise CheckpointError(
+                f"'{self.path}' is not an msflow ONNX export (truncated, or written by something else)"
+            )
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"exported model '{self.path}' has format version {self.metadata.get('format_version')!r}; "
+                f"this msflow reads {FORMAT_VERSION}"
+            )
+        expected = self.metadata.get(_HASH_KEY)
+        if expected is None:
+            raise CheckpointError(f"exported model '{self.path}' has no checksum (truncated?)")
+        if _digest(proto) != expected:
+            raise CheckpointError(f"exported model '{self.path}' fails its checksum (altered or corrupt)")
+        try:
+            self.image_size = int(self.metadata["image_size"])
+            self.image_shape = (int(self.metadata["image_height"]), int(self.metadata["image_width"]))
+            config = json.loads(self.metadata["config"]) if "config" in self.metadata else None
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(
+                f"exported model '{self.path}' has no valid image size or config in its metadata"
+            ) from err
+        self.config: dict[str, Any] | None = config  # the ModelConfig fields, when the export had them
+        self.msflow_version = self.metadata.get("msflow_version")
+        del proto
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                data, sess_options=options, providers=list(providers or _default_providers())
+            )
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            message = " ".join(str(err).split())[:300]
+            raise CheckpointError(f"onnxruntime cannot load exported model '{self.path}': {message}") from err
+        names = [o.name for o in self.session.get_outputs()]
+        if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
+            raise CheckpointError(f"exported model '{self.path}' does not have msflow's inputs and outputs")
+        self.providers = self.session.get_providers()
+        batch = self.session.get_inputs()[0].shape[0]
+        self.batch_size: int | None = batch if isinstance(batch, int) else None  # None: any batch size
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, 3, S, S) float32 RGB in [0, 1] -> scores (B,), pixel_map (B, S, S), image_map (B, S, S)."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        h, w = self.image_shape
+        batch = "B" if self.batch_size is None else str(self.batch_size)
+        if (
+            images.ndim != 4
+            or images.shape[1:] != (3, h, w)
+            or images.shape[0] < 1
+            or (self.batch_size is not None and images.shape[0] != self.batch_size)
+        ):
+            raise DataError(
+                f"'{self.path.name}' expects float images of shape ({batch}, 3, {h}, {w}), "
+                f"got {tuple(images.shape)}"
+            )
+        scores, pixel_map, image_map = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return scores, pixel_map, image_map
+
+    def __repr__(self) -> str:
+        return f"OnnxModel('{self.path}', image_size={self.image_size}, providers={self.providers})"
+
+
+__all__ = ["OnnxModel", "export_onnx"]

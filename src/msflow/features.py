@@ -1,0 +1,86 @@
+"""The feature cache: every training image goes through the frozen backbone exactly once.
+
+Features are stored per scale as (N, C_l, H_l, W_l) float32 arrays, in memory or, when they would
+not fit comfortably, in memory-mapped files on disk. The per-channel standardisation is fitted on
+them and applied in place, so training reads ready-to-use batches.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .datasets import ImageDataset, Sample
+from .model import MSFlow
+
+MEMORY_FRACTION = 0.4  # "auto" keeps the cache in RAM when it takes under 40 % of what is available
+
+
+class FeatureCache:
+    """Per-scale feature arrays for N images; ``batch(indices)`` returns float32 tensors."""
+
+    def __init__(self, arrays: list[np.ndarray], folder: tempfile.TemporaryDirectory | None = None) -> None:
+        self.arrays = arrays
+        self._folder = folder  # keeps the memory-mapped files alive as long as the cache
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+    def batch(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        idx = np.sort(indices.numpy())  # sorted reads are sequential on disk; order within a batch is irrelevant
+        return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in self.arrays]
+
+    def batches(self, batch_size: int) -> list[list[torch.Tensor]]:
+        return [self.batch(torch.arange(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: MSFlow,
+        samples: list[Sample],
+        device: torch.device,
+        batch_size: int = 8,
+        where: str = "auto",
+        workers: int = 0,
+        progress: bool = True,
+    ) -> FeatureCache:
+        """Extract, then standardise in place (fitting the statistics first when the model uses them)."""
+        shapes = model.feature_shapes
+        n = len(samples)
+        need = n * sum(c * h * w for c, h, w in shapes) * 4
+        if where == "auto":
+            where = "memory" if need < MEMORY_FRACTION * psutil.virtual_memory().available else "disk"
+        folder = None
+        if where == "disk":
+            folder = tempfile.TemporaryDirectory(prefix="msflow-features-")
+            arrays = [np.lib.format.open_memmap(Path(folder.name) / f"scale{i}.npy", mode="w+", dtype=np.float32,
+                                                shape=(n, *s)) for i, s in enumerate(shapes)]
+        else:
+            arrays = [np.empty((n, *s), dtype=np.float32) for s in shapes]
+        loader = DataLoader(ImageDataset(samples, model.config.image_size), batch_size=batch_size,
+                            num_workers=workers)
+        start = 0
+        for batch in tqdm(loader, desc="extract features", disable=not progress, leave=False):
+            feats = model.extract(batch["image"].to(device))
+            for a, f in zip(arrays, feats, strict=True):
+                a[start : start + len(f)] = f.float().cpu().numpy()
+            start += len(batch["image"])
+        cache = cls(arrays, folder)
+        model.fit_standardization(cache.batches(64))
+        for level, a in enumerate(arrays):
+            mean = getattr(model, f"feature_mean{level}").cpu().numpy()[0]
+            std = getattr(model, f"feature_std{level}").cpu().numpy()[0]
+            for i in range(0, n, 64):  # in chunks, so a disk cache never has to fit in memory
+                a[i : i + 64] = (a[i : i + 64] - mean) / std
+        return cache

@@ -1,0 +1,300 @@
+"""Evaluation metrics for anomaly detection (spec §7): plain NumPy in, floats out.
+
+Every score is returned in percent (0..100), as the official code multiplies by 100.
+Labels and masks use 0 = good, anything else = defect.  Pixel metrics pool the pixels of
+all test images, good images included (their masks are all zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+
+from .errors import DataError
+
+#: Masks/maps: one (N, H, W) array, or a list of 2-D arrays (per-image original sizes).
+MapsLike = np.ndarray | Sequence[np.ndarray]
+
+_OFFICIAL_STEPS = 800  # number of threshold steps of the official evaluations.py
+
+
+def _labels_scores(labels: Any, scores: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a (labels, scores) pair: 1-D, same length, non-empty, finite, labels in {0, 1}."""
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or s.ndim != 1 or y.shape != s.shape:
+        raise DataError(f"{what}: labels and scores need equal 1-D shapes, got {y.shape} and {s.shape}")
+    if y.size == 0:
+        raise DataError(f"{what}: empty input (0 labels)")
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        raise DataError(f"{what}: labels must be 0 (good) or 1 (defect), got {y[bad][0]!r}")
+    if not np.isfinite(s).all():
+        raise DataError(f"{what}: score {int(np.flatnonzero(~np.isfinite(s))[0])} is NaN or infinite")
+    return y.astype(bool), s
+
+
+def _auroc(y: np.ndarray, s: np.ndarray, what: str) -> float:
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        raise DataError(f"{what}: AUROC needs both classes, got {n_pos} defect and {y.size - n_pos} good")
+    return float(roc_auc_score(y, s) * 100.0)
+
+
+def _pairs(masks: MapsLike, maps: MapsLike) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split masks/maps into per-image 2-D (bool mask, score map) pairs, checking shapes."""
+    shapes = [x.shape if isinstance(x, np.ndarray) else f"list of {len(x)}" for x in (masks, maps)]
+    if any(isinstance(x, np.ndarray) and x.ndim != 3 for x in (masks, maps)):
+        raise DataError(f"masks/maps must be (N, H, W) or lists of 2-D arrays, got {shapes[0]}, {shapes[1]}")
+    if len(masks) != len(maps) or len(masks) == 0:
+        raise DataError(f"masks ({shapes[0]}) and maps ({shapes[1]}) need the same number (> 0) of images")
+    pairs = []
+    for i, (m, a) in enumerate(zip(masks, maps)):
+        m, a = np.asarray(m), np.asarray(a)
+        if m.ndim != 2 or m.shape != a.shape:
+            raise DataError(f"image {i}: mask shape {m.shape} and map shape {a.shape} differ (or not 2-D)")
+        if not np.issubdtype(a.dtype, np.floating):
+            a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise DataError(f"image {i}: map contains NaN or infinity")
+        pairs.append((m != 0, a))
+    return pairs
+
+
+def _flat_pixels(masks: MapsLike, maps: MapsLike) -> tuple[np.ndarray, np.ndarray]:
+    pairs = _pairs(masks, maps)  # pooled pixels of all images, in image order
+    return np.concatenate([m.ravel() for m, _ in pairs]), np.concatenate([a.ravel() for _, a in pairs])
+
+
+def image_auroc(labels: Any, scores: Any) -> float:
+    """Image-level AUROC in percent: ``roc_auc_score(labels, scores) * 100``.
+
+    Args:
+        labels: (N,) 0 = good, 1 = defect.
+        scores: (N,) image anomaly scores, higher = more anomalous.
+    """
+    y, s = _labels_scores(labels, scores, "image_auroc")
+    return _auroc(y, s, "image_auroc")
+
+
+def pixel_auroc(masks: MapsLike, maps: MapsLike) -> float:
+    """Pixel-level AUROC in percent over the pooled pixels of all images.
+
+    Args:
+        masks: (N, H, W) or list of 2-D ground truth; any non-zero pixel is a defect.
+        maps: anomaly maps of the same shape(s) as ``masks``.
+    """
+    y, s = _flat_pixels(masks, maps)
+    return _auroc(y, s, "pixel_auroc")
+
+
+def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
+    """Best F1 over all thresholds of the precision-recall curve.
+
+    F1 = 2PR / (P + R), with prediction = score >= threshold.  For pixel level pass the
+    flattened masks (any non-zero = 1) and maps.
+
+    Returns:
+        (best F1 in percent, the threshold achieving it).
+    """
+    y, s = _labels_scores(labels, scores, "f1_max")
+    if not y.any():
+        raise DataError("f1_max: no defect labels, F1 is undefined")
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    # The last PR point (P=1, R=0) has no threshold; drop it.  0/0 happens only when P=R=0.
+    p, r = precision[:-1], recall[:-1]
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best] * 100.0), float(thresholds[best])
+
+
+def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[np.ndarray, ...]:
+    """Sort the pixels by descending score and accumulate the PRO / FPR counts.
+
+    Each pixel of a GT region of area ``a`` carries the weight ``1 / (a * R)`` (R = number of
+    regions in all images), so the weight sum of the predicted-positive pixels is exactly the
+    mean per-region overlap, i.e. PRO.  The pixels predicted positive by any threshold are a
+    prefix of the descending sort, so prefix sums give PRO and FPR at every threshold at once.
+    Only the top pixels needed to pass FPR = ``fpr_limit`` are sorted (FPR beyond is unused).
+
+    Returns:
+        the kept scores sorted descending (P values), cumulative negatives and cumulative PRO
+        (length P + 1, entry ``c`` = value for the top ``c`` pixels), the number of negative
+        pixels and the global minimum score.
+    """
+    from skimage.measure import label  # imported lazily: skimage is slow to import
+
+    scores, neg, weights, n_regions = [], [], [], 0
+    for m, a in _pairs(masks, maps):
+        lab, n = label(m, connectivity=2, return_num=True)  # 8-connected components
+        inv_area = np.zeros(n + 1)
+        inv_area[1:] = 1.0 / np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        scores.append(a.ravel())
+        neg.append(~m.ravel())
+        weights.append(inv_area[lab.ravel()])  # label 0 (background) gets weight 0
+        n_regions += n
+    if n_regions == 0:
+        raise DataError("aupro: the masks contain no defect region (all masks are empty)")
+    s, is_neg, w = np.concatenate(scores), np.concatenate(neg), np.concatenate(weights)
+    n_neg, lo = int(is_neg.sum()), s.min()
+    if n_neg == 0:
+        raise DataError("aupro: every pixel is a defect, the false positive rate is undefined")
+    # Keep pixels scoring >= tau, the n_cut-th highest negative score: at tau the FPR is already
+    # >= n_cut / n_neg > fpr_limit (+2, not +1, is a margin against rounding of the product).
+    n_cut = int(np.floor(fpr_limit * n_neg)) + 2
+    if n_cut <= n_neg:
+        tau = np.partition(s[is_neg], n_neg - n_cut)[n_neg - n_cut]  # O(P), no full sort
+        top = s >= tau
+        s, is_neg, w = s[top], is_neg[top], w[top]
+    order = np.argsort(s)[::-1]  # the O(P log P) step; everything else is linear
+    cum_neg = np.concatenate(([0], np.cumsum(is_neg[order])))
+    cum_pro = np.concatenate(([0.0], np.cumsum(w[order]) / n_regions))
+    return s[order], cum_neg, cum_pro, n_neg, lo
+
+
+def aupro(
+    masks: MapsLike, maps: MapsLike, fpr_limit: float = 0.3, mode: str = "standard",
+    max_thresholds: int | None = None,
+) -> float:
+    """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, in percent.
+
+    For a threshold θ a pixel is predicted defective when its score passes θ.  Regions are the
+    8-connected components of each image's GT mask.  PRO(θ) is the mean, over all regions of
+    all images, of the fraction of region pixels predicted defective; FPR(θ) is the fraction of
+    all GT-negative pixels (all images) predicted defective.  Images without defects add only
+    negatives.
+
+    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ, θ runs over every
+    distinct score (exact curve), the point (0, 0) is prepended, PRO is integrated over FPR
+    with the trapezoid rule from 0 to exactly ``fpr_limit`` (the end point linearly
+    interpolated) and divided by ``fpr_limit``.
+
+    ``mode="official"`` (MSFlow evaluations.py, spec §7): prediction = score > θ for the 800
+    thresholds ``np.arange(min, max, (max - min) / 800)``; thresholds with FPR < ``fpr_limit``
+    are kept, their FPRs min-max rescaled to [0, 1], and the trapezoid area under PRO is taken
+    with ``sklearn.metrics.auc``.  Not comparable with the standard number (spec B17).
+
+    Args:
+        masks: (N, H, W) or list of 2-D GT masks; non-zero = defect.
+        maps: anomaly maps of the same shape(s).
+        fpr_limit: upper FPR bound of the integration, in (0, 1].
+        mode: "standard" or "official".
+        max_thresholds: standard mode only; if given, use about this many thresholds at score
+            quantiles instead of every distinct score (approximate, faster integration).
+
+    Raises:
+        DataError: mismatched shapes, empty input, no defect region, no negative pixel, or an
+            undefined official curve (constant maps, fewer than two usable thresholds).
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise DataError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
+    if mode not in ("standard", "official"):
+        raise DataError(f"aupro: mode must be 'standard' or 'official', got {mode!r}")
+    if max_thresholds is not None and (mode != "standard" or max_thresholds < 2):
+        raise DataError(f"aupro: max_thresholds={max_thresholds} needs mode='standard' and >= 2")
+    s, cum_neg, cum_pro, n_neg, lo = _sorted_pixels(masks, maps, fpr_limit)
+    if mode == "official":
+        return _official_pro(s, cum_neg, cum_pro, n_neg, lo, fpr_limit)
+
+    # Threshold θ = s[i] selects every pixel up to the LAST pixel with score s[i] (ties are
+    # predicted together), so keep only the last index of each run of equal scores.
+    ends = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)
+    if max_thresholds is not None and ends.size > max_thresholds:
+        # Score quantiles: evenly spaced ranks of the kept pixels, moved to their tie run's end.
+        ranks = np.linspace(0, s.size - 1, max_thresholds).round().astype(np.int64)
+        ends = np.unique(ends[np.searchsorted(ends, ranks)])
+    fpr = np.concatenate(([0.0], cum_neg[ends + 1] / n_neg))
+    pro = np.concatenate(([0.0], cum_pro[ends + 1]))
+    # Both curves are non-decreasing.  The last point has FPR > fpr_limit (or FPR = 1 when
+    # fpr_limit = 1), so the point after the cut (k) exists unless nothing needs interpolating.
+    k = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    x, y = fpr[:k], pro[:k]
+    if k < fpr.size:
+        t = (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
+        x = np.append(x, fpr_limit)
+        y = np.append(y, pro[k - 1] + t * (pro[k] - pro[k - 1]))
+    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0  # trapezoid rule
+    return float(area / fpr_limit * 100.0)
+
+
+def _official_pro(s: np.ndarray, cum_neg: np.ndarray, cum_pro: np.ndarray, n_neg: int, lo: Any,
+                  fpr_limit: float) -> float:
+    """Official MSFlow PRO (spec §7 steps 1–7) from the sorted pixel table of :func:`aupro`."""
+    hi = s[0]
+    if hi == lo:
+        raise DataError(f"aupro(official): all map values equal {lo}, no thresholds can be built")
+    # Same expression (and dtype) as the official code; float arange may give 801 values.
+    thresholds = np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
+    # Number of pixels with score > θ = length of that prefix of the descending sort.  For θ
+    # below the kept pixels it is capped at all kept pixels, whose FPR already exceeds
+    # fpr_limit, so such θ are still dropped, as they must be.
+    count = s.size - np.searchsorted(s[::-1], thresholds, side="right")
+    fpr = cum_neg[count] / n_neg
+    pro = cum_pro[count]
+    keep = fpr < fpr_limit
+    f = fpr[keep]
+    if np.unique(f).size < 2:  # the min-max rescaling below would divide by zero
+        raise DataError(f"aupro(official): need 2 distinct FPRs < {fpr_limit}, got {np.unique(f).tolist()}")
+    f = (f - f.min()) / (f.max() - f.min())
+    return float(auc(f, pro[keep]) * 100.0)
+
+
+def per_defect_type(labels: Any, scores: Any, defect_types: Sequence[str]) -> dict[str, float]:
+    """Image AUROC (percent) of each defect type against all good images.
+
+    Args:
+        labels: (N,) 0 = good, 1 = defect; must agree with ``defect_types``.
+        scores: (N,) image scores.
+        defect_types: (N,) type name per image, "good" for good images.
+
+    Returns:
+        ``{type: AUROC}`` for every type other than "good", sorted by name.
+    """
+    y, s = _labels_scores(labels, scores, "per_defect_type")
+    types = np.asarray(list(defect_types), dtype=object)
+    if types.shape != y.shape:
+        raise DataError(f"per_defect_type: {types.shape[0]} defect types for {y.shape[0]} labels")
+    is_good = types == "good"
+    mismatch = np.flatnonzero(is_good == y)
+    if mismatch.size:
+        i = int(mismatch[0])
+        raise DataError(f"per_defect_type: image {i} has type {types[i]!r} but label {int(y[i])}")
+    if not is_good.any():
+        raise DataError("per_defect_type: no 'good' images to compare against")
+    out = {}
+    for t in sorted(set(types[~is_good])):
+        sel = is_good | (types == t)
+        out[str(t)] = _auroc(y[sel], s[sel], f"per_defect_type[{t}]")
+    return out
+
+
+def evaluate(
+    labels: Any, scores: Any, defect_types: Sequence[str],
+    masks: MapsLike | None = None, maps: MapsLike | None = None, pro_mode: str = "standard",
+    pro_maps: MapsLike | None = None,
+) -> dict[str, Any]:
+    """All metrics of one test set.
+
+    Returns:
+        ``image_auroc``, ``image_f1_max`` (+ ``image_f1_threshold``), ``per_defect_type``
+        (dict), and when masks are given also ``pixel_auroc``, ``pixel_f1_max``
+        (+ ``pixel_f1_threshold``) and ``aupro`` (with ``pro_mode``, on ``pro_maps`` if given).  Masks and maps may be
+        (N, H, W) arrays or lists of per-image 2-D arrays (original resolution).
+    """
+    out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
+    out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
+    if masks is not None:
+        if maps is None:
+            raise DataError("evaluate: masks were given but maps are None")
+        if len(masks) != np.size(labels):
+            raise DataError(f"evaluate: {len(masks)} masks for {np.size(labels)} image labels")
+        y, s = _flat_pixels(masks, maps)
+        out["pixel_auroc"] = _auroc(y, s, "pixel_auroc")
+        out["pixel_f1_max"], out["pixel_f1_threshold"] = f1_max(y, s)
+        # The official code scores PRO on the "mul" map, pixel AUROC on the "add" map (spec 7).
+        out["aupro"] = aupro(masks, maps if pro_maps is None else pro_maps, mode=pro_mode)
+    out["per_defect_type"] = per_defect_type(labels, scores, defect_types)
+    return out
