@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from msflow.backbone import LITE_MEAN, LITE_STD, FeatureExtractor, packaged_lite0_weights
-from msflow.efficientnet_lite import EfficientNetLite0
+from msflow.efficientnet_lite import EfficientNetLite0, SamePadConv2d
 from msflow.errors import WeightsError
 
 CHANNELS = {"resnet18": [64, 128, 256], "wide_resnet50_2": [256, 512, 1024], "efficientnet_lite0": [24, 40, 112]}
@@ -50,6 +50,19 @@ def test_packaged_lite0_classifies_imagenet_photos() -> None:
         coffee = int(net(lite_preprocess(skimage.data.coffee())).argmax())
     assert 281 <= cat <= 285, cat  # tabby / tiger cat / Persian / Siamese / Egyptian cat
     assert coffee in (967, 968), coffee  # espresso / cup
+
+
+def test_same_padding_pads_bottom_right_like_tensorflow() -> None:
+    """TF "SAME" with stride 2: a 3x3 kernel on a 4x4 input needs one padded row/column in total, and
+    TF puts it at the bottom/right. The classification test above does not notice the side (both
+    sides still classify the two photos), so it is pinned here by hand."""
+    conv = SamePadConv2d(1, 1, 3, stride=2, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        out = conv(torch.ones(1, 1, 4, 4))
+    # window (0, 0) sees rows/cols 0-2 of the image: 9 ones; window (1, 1) sees rows/cols 2-3 + padding.
+    torch.testing.assert_close(out, torch.tensor([[[[9.0, 6.0], [6.0, 4.0]]]]))
+    assert all(m.eps == 1e-3 for m in EfficientNetLite0().modules() if isinstance(m, nn.BatchNorm2d))
 
 
 def test_pretrained_lite0_extractor_uses_the_packaged_file() -> None:

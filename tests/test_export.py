@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from msflow import MSFlow, ModelConfig, __version__
+from msflow import ModelConfig, MSFlow, __version__
 from msflow.errors import CheckpointError, DataError
 from msflow.export import OUTPUT_NAMES, OnnxModel, export_onnx
 
@@ -71,7 +71,11 @@ def test_resnet18_matches_torch_with_dynamic_batch(resnet18: tuple[MSFlow, Path]
 
 def test_lite0_matches_torch_with_standardization(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = MSFlow(ModelConfig(backbone="efficientnet_lite0", pretrained=True, image_size=SIZE))
+    # pretrained=True: the ImageNet weights ship with pip, no download
+    config = ModelConfig(
+        backbone="efficientnet_lite0", pretrained=True, image_size=SIZE, num_blocks=(2, 2, 3)
+    )
+    model = MSFlow(config)
     _perturb(model, seed=2)
     model.fit_standardization([model.extract(torch.rand(4, 3, SIZE, SIZE))])
     assert not torch.allclose(model.feature_std2, torch.ones_like(model.feature_std2))
@@ -127,6 +131,8 @@ def test_wrong_input_shape_is_a_data_error(resnet18: tuple[MSFlow, Path]) -> Non
     for bad in (np.zeros((1, 3, 32, 32)), np.zeros((3, SIZE, SIZE)), np.zeros((1, 1, SIZE, SIZE))):
         with pytest.raises(DataError, match="expects float images of shape"):
             runner.predict(bad)
+    with pytest.raises(DataError, match="uint8"):
+        runner.predict(np.zeros((1, 3, SIZE, SIZE), dtype=np.uint8))
     # float64 and torch inputs are accepted and converted
     scores, _, _ = runner.predict(_images(2, seed=50).double().numpy())
     assert scores.shape == (2,) and scores.dtype == np.float32
@@ -203,9 +209,12 @@ def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         export_onnx(model, target)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.onnx"]
     monkeypatch.undo()
-    assert export_onnx(model, target) == target
+    assert export_onnx(model, target, metadata={"checkpoint_sha256": "abc123"}) == target
     assert os.listdir(tmp_path) == ["model.onnx"]  # the temporary file was renamed, not left behind
-    assert OnnxModel(target).image_size == SIZE
+    runner = OnnxModel(target)
+    assert runner.image_size == SIZE and runner.metadata["checkpoint_sha256"] == "abc123"
+    with pytest.raises(ValueError, match="reserved"):
+        export_onnx(model, tmp_path / "other.onnx", metadata={"image_size": "128"})
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,11 @@ DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime 
 FORMAT = "msflow-onnx"
 FORMAT_VERSION = "1"
 _HASH_KEY = "msflow_sha256"
+# metadata_props keys that export_onnx writes itself
+_RESERVED_KEYS = frozenset(
+    "format format_version msflow_version image_size image_height image_width batch_dynamic inputs outputs "
+    f"normalization config {_HASH_KEY}".split()
+)
 
 
 class _PredictGraph(nn.Module):
@@ -93,19 +98,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def export_onnx(
-    model: MSFlow, path: str | Path, opset: int = DEFAULT_OPSET, batch_size_dynamic: bool = True
+    model: MSFlow,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    batch_size_dynamic: bool = True,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export ``model.predict`` to one ONNX file at ``path``; returns the path.
 
     Arguments:
         model: the MSFlow model (any device; it is traced where it is, in eval mode).
         path: the ``.onnx`` file to write; written atomically (a temporary file and a rename).
-        opset: the ONNX opset (17 or later).
+        opset: the ONNX opset; 17 (the default) to 21 were checked, 13-16 work too (LayerNorm is then
+            spelled out in primitive ops).
         batch_size_dynamic: a dynamic batch axis; ``False`` fixes the batch size to 1.
+        metadata: extra string entries for ``metadata_props`` (e.g. the digest of the checkpoint the
+            export came from), covered by the file's checksum and readable as ``OnnxModel.metadata``.
     """
     import onnx
 
+    extra = {str(k): str(v) for k, v in (metadata or {}).items()}
+    clash = sorted(set(extra) & _RESERVED_KEYS)
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved by msflow")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     height, width = model.anomaly.image_size
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
@@ -127,6 +144,8 @@ def export_onnx(
             # onnxscript dependency, predictable graphs).
             for message in (".*legacy TorchScript-based ONNX export", "The feature will be removed"):
                 warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+            # Harmless: a strided Slice is left for onnxruntime to run instead of being folded.
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(
                 _PredictGraph(model),
                 (example,),
@@ -142,7 +161,7 @@ def export_onnx(
         model.train(was_training)
 
     proto = onnx.load_from_string(buffer.getvalue())
-    metadata = {
+    props = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "msflow_version": __version__,
@@ -156,15 +175,20 @@ def export_onnx(
     }
     config = _config_json(model)
     if config is not None:
-        metadata["config"] = config
+        props["config"] = config
+    assert _RESERVED_KEYS >= set(props), "keep _RESERVED_KEYS in step with the entries written here"
     del proto.metadata_props[:]
-    for key, value in metadata.items():
+    for key, value in {**props, **extra}.items():
         proto.metadata_props.add(key=key, value=value)
     proto.metadata_props.add(key=_HASH_KEY, value=_digest(proto))  # last: a cut file loses it first
     proto.producer_name, proto.producer_version = "msflow", __version__
     onnx.checker.check_model(proto)
     _write_atomic(path, proto.SerializeToString())
     return path
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
 def _default_providers() -> list[str]:
@@ -192,6 +216,7 @@ class OnnxModel:
     ) -> None:
         import onnx
         import onnxruntime as ort
+
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"exported model '{self.path}' does not exist")
@@ -203,7 +228,8 @@ class OnnxModel:
             proto = onnx.load_from_string(data)
         except Exception as err:  # protobuf's DecodeError, or onnx's own errors
             raise CheckpointError(
-                f"exported model '{self.path}' is not a readable ONNX file (truncated or corrupt): {err}"
+                f"exported model '{self.path}' is not a readable ONNX file (truncated or corrupt): "
+                f"{_one_line(err)}"
             ) from err
         self.metadata = {p.key: p.value for p in proto.metadata_props}
         if self.metadata.get("format") != FORMAT:
@@ -243,8 +269,9 @@ class OnnxModel:
                 data, sess_options=options, providers=list(providers or _default_providers())
             )
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            message = " ".join(str(err).split())[:300]
-            raise CheckpointError(f"onnxruntime cannot load exported model '{self.path}': {message}") from err
+            raise CheckpointError(
+                f"onnxruntime cannot load exported model '{self.path}': {_one_line(err)}"
+            ) from err
         names = [o.name for o in self.session.get_outputs()]
         if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
             raise CheckpointError(f"exported model '{self.path}' does not have msflow's inputs and outputs")
@@ -256,6 +283,12 @@ class OnnxModel:
         """(B, 3, S, S) float32 RGB in [0, 1] -> scores (B,), pixel_map (B, S, S), image_map (B, S, S)."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
+        images = np.asarray(images)
+        if not np.issubdtype(images.dtype, np.floating):
+            raise DataError(
+                f"'{self.path.name}' expects float images in [0, 1], got dtype {images.dtype} "
+                "(divide by 255?)"
+            )
         images = np.ascontiguousarray(images, dtype=np.float32)
         h, w = self.image_shape
         batch = "B" if self.batch_size is None else str(self.batch_size)

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import warnings
 from importlib import resources
@@ -51,6 +52,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -110,7 +112,9 @@ class GuardMiddleware:
     async def _reply(self, send: Send, status: int, detail: str,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
         start, body = _json_error(status, detail, headers)
-        start["headers"] += [*SECURITY_HEADERS, (b"connection", b"close")] if status == 413 else SECURITY_HEADERS
+        start["headers"] += SECURITY_HEADERS
+        if status == 413:  # the rest of the body is not read: the connection cannot be reused
+            start["headers"].append((b"connection", b"close"))
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
@@ -129,7 +133,8 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         if not self._authorised(scope):
-            await self._reply(send, 401, f"missing or invalid API key (send it in the {API_KEY_HEADER} header)",
+            await self._reply(send, 401,
+                              f"missing or invalid API key (send it in the {API_KEY_HEADER} header)",
                               [(b"www-authenticate", API_KEY_HEADER.encode())])
             return
         for key, value in scope.get("headers", []):
@@ -169,7 +174,8 @@ class GuardMiddleware:
                 await self._reply(send, 413, self._too_large_message())
 
     def _too_large_message(self) -> str:
-        return f"request body too large: the limit is {self.max_body:,} bytes ({self.max_body / 2**20:.3g} MiB)"
+        mib = self.max_body / 2**20
+        return f"request body too large: the limit is {self.max_body:,} bytes ({mib:.3g} MiB)"
 
 
 def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -187,8 +193,9 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         except Image.DecompressionBombError:
             raise HTTPException(413, "image has too many pixels") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-            raise HTTPException(
-                415, f"not an image, or an unsupported format (accepted: {', '.join(ALLOWED_FORMATS)})") from None
+            accepted = ", ".join(ALLOWED_FORMATS)
+            raise HTTPException(415, f"not an image, or an unsupported format (accepted: {accepted})"
+                                ) from None
         with img:
             width, height = img.size
             if width <= 0 or height <= 0:
@@ -234,13 +241,18 @@ def _finite(value: Any) -> Any:
 
 def _static_assets() -> dict[str, tuple[bytes, str]]:
     root = resources.files("msflow") / "static"
-    assets = {name: (root.joinpath(fname).read_bytes(), media) for name, (fname, media) in STATIC_FILES.items()}
+    assets = {name: (root.joinpath(fname).read_bytes(), media)
+              for name, (fname, media) in STATIC_FILES.items()}
     assets["index.html"] = (root.joinpath("index.html").read_bytes(), "text/html; charset=utf-8")
     return assets
 
 
-def create_app(detector: Detector, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
+def create_app(
+    detector: Detector,
+    api_key: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> FastAPI:
     """The FastAPI application serving ``detector`` (see the module docstring for the API)."""
     if max_upload_bytes <= 0:
         raise MSFlowError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
@@ -248,12 +260,16 @@ def create_app(detector: Detector, api_key: str | None = None, max_upload_bytes:
                   docs_url=None, redoc_url=None)  # the interactive docs load assets from a CDN
     app.state.detector = detector
     assets = _static_assets()
+    # Decoding, the forward pass (serialised by the detector's lock anyway) and the overlay of at most
+    # this many requests at once: it bounds the memory that big images can take, not the throughput.
+    heavy = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        detail = detail or "invalid request"
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
     @app.exception_handler(Exception)
@@ -262,24 +278,26 @@ def create_app(detector: Detector, api_key: str | None = None, max_upload_bytes:
         log.exception("internal error while handling %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
+    # The small endpoints are coroutines: they never wait for a worker thread, so /health answers at
+    # once even when every worker thread is busy with predictions.
     @app.get("/", include_in_schema=False)
-    def index() -> Response:
+    async def index() -> Response:
         body, media = assets["index.html"]
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
     @app.get("/static/{name}", include_in_schema=False)
-    def static(name: str) -> Response:
+    async def static(name: str) -> Response:
         if name not in STATIC_FILES:  # an allow-list lookup in memory: no path ever reaches the filesystem
             raise HTTPException(404, "Not Found")
         body, media = assets[name]
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
     @app.get("/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/model")
-    def model_info() -> JSONResponse:
+    async def model_info() -> JSONResponse:
         meta = detector.meta or {}
         return JSONResponse(_finite({
             "config": detector.config.to_dict(), "metrics": meta.get("metrics"),
@@ -292,16 +310,18 @@ def create_app(detector: Detector, api_key: str | None = None, max_upload_bytes:
         "properties": {"file": {"type": "string", "format": "binary", "description": "the image"}}}}}}}
 
     @app.post("/predict", openapi_extra=upload_schema)
-    async def predict(request: Request, overlay: bool = Query(False, description="add overlay_png (base64)"),
-                      format: Literal["json", "png"] = Query("json", description="png: answer the overlay PNG")
-                      ) -> Response:
+    async def predict(
+        request: Request,
+        overlay: bool = Query(False, description="add overlay_png (base64)"),
+        format: Literal["json", "png"] = Query("json", description="png: answer the overlay PNG itself"),
+    ) -> Response:
         t0 = time.perf_counter()
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media != "multipart/form-data":
             raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
         try:
             form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
-        except (HTTPException, BodyTooLarge):
+        except (StarletteHTTPException, BodyTooLarge):  # starlette's 400s carry a useful message
             raise
         except ClientDisconnect:
             raise HTTPException(400, "client disconnected while sending the body") from None
@@ -310,7 +330,7 @@ def create_app(detector: Detector, api_key: str | None = None, max_upload_bytes:
         try:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
-                raise HTTPException(422, "missing form field 'file' (an image upload)")
+                raise HTTPException(422, "no complete form field 'file' (an image upload) in the request")
             data = await upload.read()
         finally:
             await form.close()
@@ -318,6 +338,10 @@ def create_app(detector: Detector, api_key: str | None = None, max_upload_bytes:
         want_overlay = overlay or format == "png"
 
         def work() -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
+            with heavy:
+                return judge()
+
+        def judge() -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
             t1 = time.perf_counter()
             image = decode_upload(data, max_pixels)
             t2 = time.perf_counter()
@@ -367,9 +391,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     detector = Detector.load(model, device=device, runtime=runtime)
     app = create_app(detector, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-    print(f"msflow serve: model '{model}' ({detector.config.model.backbone}, {detector.config.model.image_size} px, "
+    mc = detector.config.model
+    print(f"msflow serve: model '{model}' ({mc.backbone}, {mc.image_size} px, "
           f"runtime {detector.runtime}, device {detector.device})")
-    print(f"open http://{_url_host(host)}:{port}/ in a browser  (API: POST /predict, GET /model, GET /health)")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    print(f"open http://{_url_host(shown)}:{port}/ in a browser "
+          "(API: POST /predict, GET /model, GET /health)")
     if api_key:
         print(f"an API key is required: header {API_KEY_HEADER} (the web page has a field for it)")
     elif not loopback:

@@ -1,0 +1,146 @@
+"""Tests for ``msflow bench``: the reference (official-schedule) forward is exact, and the command runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from msflow import ModelConfig, MSFlow
+from msflow.bench import (
+    ReferencePath,
+    official_pro_loop,
+    one_hot_permutation,
+    reference_block_forward,
+    synthetic_maps,
+)
+from msflow.cli import main
+from msflow.coupling import AffineCouplingBlock
+from msflow.metrics import aupro
+from msflow.parallel_flow import positional_encoding_2d
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead (and stalls on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move every parameter off its init so that scales, shifts and the global affine all matter."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+@pytest.mark.parametrize("clamp", ["freia02", "freia_new"])
+@pytest.mark.parametrize("channels", [6, 7])
+def test_reference_block_equals_fast_block(float64, clamp: str, channels: int) -> None:
+    block = AffineCouplingBlock(
+        channels, cond_channels=8, clamp=clamp, generator=torch.Generator().manual_seed(1)
+    )
+    _perturb(block)
+    x = torch.randn(3, channels, 5, 4)
+    cond = positional_encoding_2d(8, 5, 4)[None]
+    fast_y, fast_ld = block(x, cond)  # split first conv, (1, D, H, W) condition, index permutation
+    # Official way: the condition repeated over the batch, full first conv, one-hot 1x1 permutation.
+    ref_y, ref_ld = reference_block_forward(block, x, cond.repeat(3, 1, 1, 1))
+    assert ref_y.dtype == torch.float64
+    torch.testing.assert_close(ref_y, fast_y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ref_ld, fast_ld, rtol=1e-10, atol=1e-10)
+
+
+def test_one_hot_permutation_matches_indexing(float64) -> None:
+    perm = torch.randperm(9)
+    x = torch.randn(2, 9, 3, 3)
+    y = torch.nn.functional.conv2d(x, one_hot_permutation(perm))
+    assert torch.equal(y, x[:, perm])
+
+
+def test_reference_path_equals_model_flow(float64, one_thread) -> None:
+    model = MSFlow(ModelConfig(backbone="resnet18", image_size=64, pretrained=False)).eval()
+    _perturb(model, scale=0.01)
+    images = torch.rand(2, 3, 64, 64)
+    ref = ReferencePath(model)
+    with torch.no_grad():
+        feats = model.standardize(model.extract(images))
+        fast = model.flow(feats)
+        slow = ref.flow(ref.features(images))
+        fast_maps, slow_maps = model.predict(images), ref.predict(images)
+    for a, b in zip(slow.zs, fast.zs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(slow.log_det, fast.log_det, rtol=1e-10, atol=1e-10)
+    for a, b in zip(slow_maps, fast_maps, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+def test_official_loop_equals_official_mode() -> None:
+    masks, maps = synthetic_maps(3, 48, seed=5)
+    loop, seconds, done, total = official_pro_loop(masks, maps)
+    assert done == total >= 800 and seconds > 0
+    assert loop == pytest.approx(aupro(masks, maps, mode="official"), rel=1e-9, abs=1e-9)
+    value, _, done, _ = official_pro_loop(masks, maps, thresholds=40)
+    assert value is None and done == 40  # a timed subset gives no curve
+
+
+def _positive_numbers(d: dict, keys: list[str]) -> None:
+    for key in keys:
+        assert isinstance(d[key], (int, float)) and np.isfinite(d[key]) and d[key] > 0, (key, d[key])
+
+
+def test_bench_quick_writes_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--skip-onnx", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Training" in printed and "Targets from the issue" in printed
+    res = json.loads(out.read_text())
+    assert res["config"]["backbone"] == "resnet18" and res["config"]["image_size"] == 64
+    tr = res["training"]
+    _positive_numbers(
+        tr["ours"],
+        ["extract_img_per_s", "flow_train_img_per_s", "epoch_seconds", "e2e_seconds", "measured_seconds"],
+    )
+    _positive_numbers(
+        tr["reference"], ["train_img_per_s", "epoch_seconds", "e2e_seconds", "measured_seconds"]
+    )
+    _positive_numbers(tr, ["e2e_speedup", "per_epoch_speedup"])
+    assert tr["loss_check"]["relative_difference"] <= 1e-4
+    inf = res["inference"]
+    for name in ("torch", "reference"):
+        _positive_numbers(inf[name], ["img_per_s", "latency_ms"])
+    _positive_numbers(inf, ["torch_speedup"])
+    assert inf["onnx"] is None and "skipped" in inf["onnx_note"]
+    _positive_numbers(
+        res["memory"], ["train_ours_peak_bytes", "train_reference_peak_bytes", "inference_peak_bytes"]
+    )
+    ce = res["ceiling"]
+    _positive_numbers(
+        ce,
+        [
+            "matmul_gflops",
+            "gflop_per_image",
+            "backbone_gflop_per_image",
+            "reference_gflop_per_image",
+            "torch_fraction_of_ceiling",
+        ],
+    )
+    assert ce["counter_counts_multiply_add_as_2"] is True
+    assert ce["gflop_per_image"] > ce["backbone_gflop_per_image"]
+    ap = res["aupro"]
+    _positive_numbers(
+        ap,
+        ["standard", "official", "standard_seconds", "official_seconds", "loop_seconds", "speedup_standard"],
+    )
+    eq = ap["equality_check"]
+    assert eq["abs_difference"] <= 1e-9
+    names = {row["name"] for row in res["targets"]}
+    assert any("training speed-up" in n for n in names) and any("AUPRO" in n for n in names)
+    assert all(isinstance(row["pass"], bool) for row in res["targets"])

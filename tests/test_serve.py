@@ -1,0 +1,284 @@
+"""The HTTP service (msflow.serve) through FastAPI's TestClient: API, limits, errors, API key, page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from msflow.serve import create_app, decode_upload
+
+try:
+    from serve_fixtures import IMAGE_THRESHOLD, detector, png_bytes, run_dir  # noqa: F401
+except ImportError:  # tests/ became a package
+    from .serve_fixtures import IMAGE_THRESHOLD, detector, png_bytes, run_dir  # noqa: F401
+
+KEYS = {"score", "normalized_score", "decision", "threshold", "defect_pixels", "width", "height", "timing_ms"}
+
+
+@pytest.fixture(scope="module")
+def client(detector) -> TestClient:  # noqa: F811
+    # raise_server_exceptions (the default) turns any unexpected server error into a test failure.
+    with TestClient(create_app(detector)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return png_bytes(48, seed=1)
+
+
+def post(client: TestClient, data: bytes, name: str = "part.png", ctype: str = "image/png", **params):
+    return client.post("/predict", files={"file": (name, data, ctype)}, params=params)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a tiny (invalid) image stream."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + \
+        chunk(b"IEND", b"")
+
+
+def test_health(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_model(client, detector):  # noqa: F811
+    r = client.get("/model")
+    assert r.status_code == 200
+    body = r.json()
+    assert {"config", "metrics", "threshold", "dataset", "msflow_version"} <= set(body)
+    assert body["config"]["model"]["backbone"] == "resnet18"
+    assert body["config"]["model"]["image_size"] == 64
+    assert body["metrics"] == {"image_auroc": 50.0}
+    assert body["dataset"] == "fake"
+    assert body["threshold"]["image"] == IMAGE_THRESHOLD
+    assert body["msflow_version"]
+
+
+def test_predict_json(client, image, detector):  # noqa: F811
+    r = post(client, image)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert KEYS <= set(body) and "overlay_png" not in body
+    assert (body["width"], body["height"]) == (48, 48)
+    assert body["threshold"] == detector.threshold.image
+    assert body["decision"] == ("defective" if body["score"] >= body["threshold"] else "good")
+    assert (body["normalized_score"] >= 0.5) == (body["decision"] == "defective")
+    assert 0.0 <= body["normalized_score"] <= 1.0
+    assert isinstance(body["defect_pixels"], int) and 0 <= body["defect_pixels"] <= 48 * 48
+    assert body["timing_ms"] > 0
+    # The same numbers as the Python API.
+    expected = detector.predict(Image.open(io.BytesIO(image))).summary()
+    assert body["score"] == pytest.approx(expected["score"], rel=1e-6, abs=1e-9)
+    assert body["decision"] == expected["decision"]
+
+
+def test_predict_overlay_is_png_of_image_size(client):
+    data = png_bytes(40, seed=2)
+    body = post(client, data, overlay="true").json()
+    png = base64.b64decode(body["overlay_png"], validate=True)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    overlay = Image.open(io.BytesIO(png))
+    assert overlay.format == "PNG" and overlay.size == (40, 40) and overlay.mode == "RGB"
+
+
+def test_predict_non_square_grey_and_rgba(client):
+    grey = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (30, 50), dtype=np.uint8)).save(grey, "PNG")
+    body = post(client, grey.getvalue(), overlay="1").json()
+    assert (body["width"], body["height"]) == (50, 30)
+    assert Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).size == (50, 30)
+    assert post(client, png_bytes(20, seed=4, mode="RGBA")).status_code == 200
+
+
+def test_predict_jpeg_and_format_png(client):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (24, 36, 3), dtype=np.uint8)).save(buf, "JPEG")
+    r = post(client, buf.getvalue(), name="x.jpg", ctype="image/jpeg", format="png")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (36, 24)
+    assert r.headers["x-msflow-decision"] in ("good", "defective")
+    assert float(r.headers["x-msflow-score"]) == pytest.approx(post(client, buf.getvalue()).json()["score"])
+
+
+def test_content_type_of_the_part_does_not_matter(client, image):
+    # Browsers send odd part types (application/octet-stream); the bytes decide.
+    assert post(client, image, name="blob", ctype="application/octet-stream").status_code == 200
+
+
+def test_oversized_upload_is_413(detector):  # noqa: F811
+    small = TestClient(create_app(detector, max_upload_bytes=2000))
+    big = png_bytes(64, seed=6)  # ~12 KB of random pixels
+    assert len(big) > 2000
+    r = post(small, big)
+    assert r.status_code == 413
+    assert "limit" in r.json()["detail"]
+    # No Content-Length (chunked): the bytes are counted while they arrive.
+    boundary = "xyz"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks():
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    r = small.post("/predict", content=chunks(),
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text
+    # Under the cap still works.
+    assert post(small, png_bytes(8, seed=7)).status_code == 200
+
+
+def test_too_many_pixels_is_413(detector):  # noqa: F811
+    c = TestClient(create_app(detector, max_pixels=10_000))
+    r = post(c, png_header_only(20_000, 20_000))
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    assert post(c, png_bytes(32)).status_code == 200
+
+
+@pytest.mark.parametrize("data,name,ctype", [
+    (b"hello, this is not an image\n" * 10, "notes.txt", "text/plain"),
+    (np.random.default_rng(0).bytes(5000), "noise.png", "image/png"),
+    (b"", "empty.png", "image/png"),
+    (png_bytes(32)[:200], "truncated.png", "image/png"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "x.eps", "application/postscript"),
+    (b"GIF89a" + b"\0" * 20, "bad.gif", "image/gif"),
+])
+def test_not_an_image_is_415(client, data, name, ctype):
+    r = post(client, data, name=name, ctype=ctype)
+    assert r.status_code == 415, r.text
+    assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+
+
+def test_missing_field_is_422(client, image):
+    r = client.post("/predict", files={"image": ("a.png", image, "image/png")})
+    assert r.status_code == 422 and "file" in r.json()["detail"]
+    r = client.post("/predict", data={"file": "not a file"}, files={"other": ("a.png", image, "image/png")})
+    assert r.status_code == 422
+
+
+def test_wrong_request_content_type_is_415(client, image):
+    for ctype in ("image/png", "application/json", "text/plain", "application/x-www-form-urlencoded"):
+        r = client.post("/predict", content=image, headers={"content-type": ctype})
+        assert r.status_code == 415, (ctype, r.text)
+        assert "multipart" in r.json()["detail"]
+    assert client.post("/predict").status_code == 415  # no body at all
+
+
+ABC = "multipart/form-data; boundary=abc"
+PART = b"--abc\r\nContent-Disposition: form-data; "
+
+
+@pytest.mark.parametrize("body,ctype", [
+    (b"garbage", ABC),
+    (PART + b"name=\"file\"; filename=\"a.png\"\r\n\r\n\x89PNG", ABC),  # cut short
+    (b"--abc\r\nnot-a-header\r\n\r\ndata\r\n--abc--\r\n", ABC),
+    (PART + b"filename=\"a.png\"\r\n\r\ndata\r\n--abc--\r\n", ABC),  # no name
+    (b"anything", "multipart/form-data"),  # no boundary
+    (b"--abc\r\n\r\n--abc--\r\n", "multipart/form-data; boundary=zzz"),  # wrong boundary
+    (b"--" + b"a" * 100 + b"\r\n", "multipart/form-data; boundary=" + "a" * 100),
+])
+def test_malformed_multipart_is_4xx(client, body, ctype):
+    r = client.post("/predict", content=body, headers={"content-type": ctype})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert isinstance(r.json()["detail"], str)
+
+
+def test_too_many_files_is_4xx(client, image):
+    files = [("file", ("a.png", image, "image/png")), ("file", ("b.png", image, "image/png"))]
+    r = client.post("/predict", files=files)
+    assert r.status_code == 400
+
+
+def test_bad_query_is_422(client, image):
+    assert post(client, image, overlay="banana").status_code == 422
+    r = post(client, image, format="gif")
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
+
+
+def test_api_key(detector, image, monkeypatch):  # noqa: F811
+    c = TestClient(create_app(detector, api_key="s3cret-key"))
+    assert c.get("/health").status_code == 200  # stays open
+    assert c.get("/").status_code == 200  # the page, where the key is typed
+    assert c.get("/static/app.js").status_code == 200
+    for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": "s3cret-key "},
+                    {"Authorization": "Bearer s3cret-key"}):
+        r = c.post("/predict", files={"file": ("a.png", image, "image/png")}, headers=headers)
+        assert r.status_code == 401, headers
+        assert "API key" in r.json()["detail"]
+        assert c.get("/model", headers=headers).status_code == 401
+    good = {"X-API-Key": "s3cret-key"}
+    assert c.post("/predict", files={"file": ("a.png", image, "image/png")}, headers=good).status_code == 200
+    assert c.get("/model", headers=good).status_code == 200
+    assert c.get("/model", headers={"x-api-key": "s3cret-key"}).status_code == 200  # any header-name case
+
+
+def test_api_key_checked_before_the_body_is_read(detector):  # noqa: F811
+    c = TestClient(create_app(detector, api_key="k", max_upload_bytes=100))
+    r = c.post("/predict", content=b"x" * 1000, headers={"content-type": "multipart/form-data; boundary=a"})
+    assert r.status_code == 401  # not 413: nothing is read for an unauthenticated client
+
+
+def test_serve_reads_key_from_env(monkeypatch, run_dir):  # noqa: F811
+    import uvicorn
+
+    import msflow.serve as serve_mod
+
+    seen = {}
+
+    def fake_run(app, host, port, log_level):
+        seen.update(app=app, host=host, port=port, log_level=log_level)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setenv("MSFLOW_API_KEY", "from-env")
+    serve_mod.serve(str(run_dir), host="127.0.0.1", port=8123, max_upload_mb=1.0, device="cpu")
+    assert (seen["host"], seen["port"], seen["log_level"]) == ("127.0.0.1", 8123, "info")
+    c = TestClient(seen["app"])
+    assert c.get("/model").status_code == 401
+    assert c.get("/model", headers={"X-API-Key": "from-env"}).status_code == 200
+
+
+def test_index_page(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    for element_id in ("file", "drop", "api-key", "status", "result-score", "result-normalized",
+                       "result-decision", "overlay"):
+        assert f'id="{element_id}"' in html, element_id
+    assert "http://" not in html and "https://" not in html  # no external assets
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    js = client.get("/static/app.js")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert "X-API-Key" in js.text and "/predict" in js.text
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+
+
+@pytest.mark.parametrize("path", ["/static/index.html/../../serve.py", "/static/..%2f..%2fserve.py",
+                                  "/static/serve.py", "/static/__init__.py", "/static/", "/static/.",
+                                  "/static/%2e%2e", "/../etc/passwd", "/etc/passwd", "/docs", "/redoc"])
+def test_no_other_files(client, path):
+    r = client.get(path)
+    assert r.status_code == 404
+    assert "import" not in r.text and "root:" not in r.text
+
+
+def test_decode_upload_rules():
+    # 16-bit greyscale is scaled by 1/257 like msflow.images.read_image.
+    arr = np.full((4, 4), 257 * 100, dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    img = decode_upload(buf.getvalue())
+    assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [100, 100, 100]
