@@ -24,7 +24,7 @@ def _pro_and_fpr(masks: list[np.ndarray], maps: list[np.ndarray], regions, predi
     """PRO and FPR for one binarisation rule ``predict(map) -> bool array``."""
     preds = [predict(amap) for amap in maps]
     overlaps = [preds[i][rows, cols].sum() / rows.size for i, rows, cols in regions]
-    false_pos = sum(np.logical_and(pred, mask == 0).sum() for pred, mask in zip(preds, masks))
+    false_pos = sum(np.logical_and(pred, mask == 0).sum() for pred, mask in zip(preds, masks, strict=False))
     negatives = sum((mask == 0).sum() for mask in masks)
     return float(np.mean(overlaps)), float(false_pos / negatives)
 
@@ -41,7 +41,7 @@ def aupro_standard_reference(masks, maps, fpr_limit: float = 0.3) -> float:
         points.append((fpr, pro))
     # Integrate the piecewise linear curve segment by segment, clipping at fpr_limit.
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:], strict=False):
         if x0 >= fpr_limit:
             break
         if x1 > fpr_limit:  # partial last segment: interpolate PRO at fpr_limit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,3 +20,20 @@ def float64() -> Iterator[None]:
             yield
         finally:
             torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_single_thread() -> Iterator[None]:
+    """One intra-op thread for the whole suite (and its subprocesses), restored after.
+
+    The flow tests run many small ops; on a busy 2-core machine torch's thread pool spends most of its
+    time waiting for the other core (measured: the same tests took 150 s with 2 threads under load and
+    17 s with 1).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the CLI subprocesses of the crash tests
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -17,8 +17,15 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.array(Image.fromarray(base).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def make_fake_category(root: Path, n_train: int = 8, n_good: int = 3, n_bad: int = 3, size: int = 48,
-                       seed: int = 0, masks: bool = True) -> Path:
+def make_fake_category(
+    root: Path,
+    n_train: int = 8,
+    n_good: int = 3,
+    n_bad: int = 3,
+    size: int = 48,
+    seed: int = 0,
+    masks: bool = True,
+) -> Path:
     """Write ``root/train/good``, ``root/test/{good,scratch}`` and (optionally) ``root/ground_truth``."""
     rng = np.random.default_rng(seed)
     for i in range(n_train):

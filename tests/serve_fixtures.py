@@ -45,10 +45,17 @@ def build_run(root: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = MSFlow(cfg.model)
-    threshold = Threshold(image=IMAGE_THRESHOLD, pixel=1.0, score_min=0.0, score_max=1.0, method="test",
-                          num_images=1)
-    save_model(model, cfg, run_dir / "model", threshold=threshold.to_dict(), metrics={"image_auroc": 50.0},
-               dataset="fake")
+    threshold = Threshold(
+        image=IMAGE_THRESHOLD, pixel=1.0, score_min=0.0, score_max=1.0, method="test", num_images=1
+    )
+    save_model(
+        model,
+        cfg,
+        run_dir / "model",
+        threshold=threshold.to_dict(),
+        metrics={"image_auroc": 50.0},
+        dataset="fake",
+    )
     return run_dir
 
 
@@ -100,8 +107,15 @@ def running_server(app, log_level: str = "warning", startup_timeout: float = 30.
     import uvicorn
 
     port = free_port()
-    config = uvicorn.Config(app, host=LOOPBACK, port=port, log_level=log_level, lifespan="off",
-                            access_log=False, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        host=LOOPBACK,
+        port=port,
+        log_level=log_level,
+        lifespan="off",
+        access_log=False,
+        timeout_keep_alive=5,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -17,7 +17,11 @@ from msflow.backbone import LITE_MEAN, LITE_STD, FeatureExtractor, packaged_lite
 from msflow.efficientnet_lite import EfficientNetLite0, SamePadConv2d
 from msflow.errors import WeightsError
 
-CHANNELS = {"resnet18": [64, 128, 256], "wide_resnet50_2": [256, 512, 1024], "efficientnet_lite0": [24, 40, 112]}
+CHANNELS = {
+    "resnet18": [64, 128, 256],
+    "wide_resnet50_2": [256, 512, 1024],
+    "efficientnet_lite0": [24, 40, 112],
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,9 @@ def lite_preprocess(image: np.ndarray) -> torch.Tensor:
 def test_packaged_lite0_classifies_imagenet_photos() -> None:
     """Proves the key mapping (strict load) and the TF "SAME" padding/BN-eps port end to end."""
     net = EfficientNetLite0()
-    net.load_state_dict(torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True), strict=True)
+    net.load_state_dict(
+        torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True), strict=True
+    )
     net.eval()
     with torch.no_grad():
         cat = int(net(lite_preprocess(skimage.data.chelsea())).argmax())
@@ -147,7 +153,9 @@ def test_reflect_padding_can_be_turned_off_and_changes_the_features() -> None:
 # ------------------------------------------------------------------ local weights files
 
 
-def test_weights_path_loads_a_local_state_dict(tmp_path: Path, resnet18_state: dict[str, torch.Tensor]) -> None:
+def test_weights_path_loads_a_local_state_dict(
+    tmp_path: Path, resnet18_state: dict[str, torch.Tensor]
+) -> None:
     state = dict(resnet18_state)
     state["bn1.running_mean"] = torch.randn(64)  # not the default zeros, so loading is visible
     fe = FeatureExtractor("resnet18", pretrained=False, weights=save(state, tmp_path / "r18.pth"))
@@ -205,7 +213,9 @@ def test_lite0_state_dict_that_does_not_fit_raises_weights_error(
     tmp_path: Path, resnet18_state: dict[str, torch.Tensor]
 ) -> None:
     with pytest.raises(WeightsError):
-        FeatureExtractor("efficientnet_lite0", pretrained=False, weights=save(resnet18_state, tmp_path / "r18.pth"))
+        FeatureExtractor(
+            "efficientnet_lite0", pretrained=False, weights=save(resnet18_state, tmp_path / "r18.pth")
+        )
 
 
 def test_unknown_backbone_is_rejected() -> None:

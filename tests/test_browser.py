@@ -22,9 +22,17 @@ except ImportError:  # tests/ became a package
     from .serve_fixtures import detector, png_bytes, running_server  # noqa: F401
 
 CHROMIUM = Path(os.environ.get("MSFLOW_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 API_KEY = "browser-test-key"
 TIMEOUT_MS = 60_000
 
@@ -39,8 +47,9 @@ def browser():
     except Exception as exc:  # noqa: BLE001 - the bundled node driver may be unusable here
         pytest.skip(f"playwright driver cannot start: {exc}")
     try:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-                                     timeout=TIMEOUT_MS)
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=TIMEOUT_MS
+        )
     except Exception as exc:  # noqa: BLE001
         pw.stop()
         pytest.skip(f"{CHROMIUM} cannot be started by playwright: {str(exc).splitlines()[0]}")
@@ -68,8 +77,9 @@ def open_page(browser, url: str):
     page.set_default_timeout(TIMEOUT_MS)
     problems: list[str] = []
     origin = urlsplit(url).netloc
-    page.on("console",
-            lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on(
+        "console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
+    )
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
 
     def only_this_server(route):
@@ -100,8 +110,12 @@ def wait_state(page, state: str) -> None:
 
 
 def api_predict(url: str, data: bytes) -> dict:
-    r = httpx.post(f"{url}/predict", files={"file": ("part.png", data, "image/png")},
-                   headers={"X-API-Key": API_KEY}, timeout=60)
+    r = httpx.post(
+        f"{url}/predict",
+        files={"file": ("part.png", data, "image/png")},
+        headers={"X-API-Key": API_KEY},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -115,13 +129,13 @@ def test_upload_shows_the_api_score(browser, server, screenshot_dir, tmp_path):
         # Without the key the server refuses and the page says so.
         page.wait_for_selector("#model-info:has-text('API key')")
         page.set_input_files("#file", str(image_path))
-        wait_state(page, 'error')
+        wait_state(page, "error")
         assert "401" in page.inner_text("#status")
 
         # Typing the key retries the same image.
         page.fill("#api-key", API_KEY)
         page.press("#api-key", "Tab")  # 'change' fires on blur
-        wait_state(page, 'done')
+        wait_state(page, "done")
         wait_until(page, "document.getElementById('overlay').naturalWidth > 0")
 
         expected = api_predict(server, data)
@@ -166,7 +180,7 @@ def test_drop_an_image(browser, server):
             }""",
             list(data),
         )
-        wait_state(page, 'done')
+        wait_state(page, "done")
         expected = api_predict(server, data)
         assert page.inner_text("#result-score").strip() == f"{expected['score']:.4f}"
         assert page.inner_text("#result-size").strip() == "40 × 40 px"
@@ -183,7 +197,7 @@ def test_bad_file_shows_the_error(browser, server, tmp_path):
     try:
         page.fill("#api-key", API_KEY)
         page.set_input_files("#file", str(bad))
-        wait_state(page, 'error')
+        wait_state(page, "error")
         text = page.inner_text("#status")
         assert "415" in text and "not an image" in text
         assert page.is_hidden("#result")

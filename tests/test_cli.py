@@ -27,8 +27,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_train_writes_a_readable_run_folder(trained: tuple[Path, Path]) -> None:
     _, run = trained
-    for name in ("config.yaml", "model.safetensors", "model.json", "metrics.json", "predictions.csv",
-                 "score_histogram.png", "loss_curve.png", "checkpoint/last.json"):
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "predictions.csv",
+        "score_histogram.png",
+        "loss_curve.png",
+        "checkpoint/last.json",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "per_defect_type", "train_seconds"):
@@ -40,8 +48,9 @@ def test_train_writes_a_readable_run_folder(trained: tuple[Path, Path]) -> None:
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pth"))  # no pickle anywhere
 
 
-def test_test_command_reproduces_training_metrics(trained: tuple[Path, Path], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_test_command_reproduces_training_metrics(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, run = trained
     assert main(["test", "--model", str(run), "--data", str(data), "--output", str(tmp_path), "--quiet"]) == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
@@ -53,16 +62,33 @@ def test_test_command_reproduces_training_metrics(trained: tuple[Path, Path], tm
 
 def test_test_command_official_pro_mode(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
-    assert main(["test", "--model", str(run), "--data", str(data), "--output", str(tmp_path),
-                 "--pro-mode", "official", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "test",
+                "--model",
+                str(run),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path),
+                "--pro-mode",
+                "official",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert 0 <= json.loads((tmp_path / "metrics.json").read_text())["aupro"] <= 100
 
 
 def test_predict_writes_maps_masks_and_summary(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
     out = tmp_path / "pred"
-    assert main(["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(out), "--quiet"])
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == summary["predicted"] == 6 and summary["failed"] == 0
     first = summary["predictions"][0]
@@ -78,14 +104,29 @@ def test_predict_writes_maps_masks_and_summary(trained: tuple[Path, Path], tmp_p
 
 def test_predict_threshold_override_flips_decisions(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
-    assert main(["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(tmp_path),
-                 "--threshold", "-1e9", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run),
+                "--input",
+                str(data / "test"),
+                "--output",
+                str(tmp_path),
+                "--threshold=-1e9",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["defective"] == 6
 
 
-def test_predict_carries_on_past_bad_files_and_exits_nonzero(trained: tuple[Path, Path], tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_carries_on_past_bad_files_and_exits_nonzero(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, run = trained
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -93,7 +134,9 @@ def test_predict_carries_on_past_bad_files_and_exits_nonzero(trained: tuple[Path
     (inputs / "broken.png").write_bytes(b"not an image at all")
     (inputs / "empty.jpg").write_bytes(b"")
     out = tmp_path / "out"
-    assert main(["predict", "--model", str(run), "--input", str(inputs), "--output", str(out), "--quiet"]) == 1
+    assert (
+        main(["predict", "--model", str(run), "--input", str(inputs), "--output", str(out), "--quiet"]) == 1
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predicted"] == 1 and summary["failed"] == 2
     err = capsys.readouterr().err
@@ -107,8 +150,23 @@ def test_export_and_onnx_runtime_agree_with_torch(trained: tuple[Path, Path], tm
     outs = {}
     for runtime in ("torch", "onnx"):
         out = tmp_path / runtime
-        assert main(["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(out),
-                     "--runtime", runtime, "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    str(run),
+                    "--input",
+                    str(data / "test"),
+                    "--output",
+                    str(out),
+                    "--runtime",
+                    runtime,
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outs[runtime] = json.loads((out / "summary.json").read_text())["predictions"]
     torch_scores = np.array([p["score"] for p in outs["torch"]])
     onnx_scores = np.array([p["score"] for p in outs["onnx"]])
@@ -122,7 +180,9 @@ def test_summary_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["trainable_parameters"]["backbone"] == 0
 
 
-def test_bad_training_set_is_refused_in_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_training_set_is_refused_in_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = make_fake_category(tmp_path / "fake", n_train=4)
     (data / "train" / "good" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     run = tmp_path / "run"
@@ -132,7 +192,9 @@ def test_bad_training_set_is_refused_in_one_message(tmp_path: Path, capsys: pyte
     assert not (run / "model.json").exists()
 
 
-def test_existing_run_is_never_overwritten(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_run_is_never_overwritten(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     data, run = trained
     before = (run / "model.safetensors").read_bytes()
     assert main(["train", "--data", str(data), "--output", str(run), *TRAIN_FLAGS]) == 2
@@ -140,14 +202,21 @@ def test_existing_run_is_never_overwritten(trained: tuple[Path, Path], capsys: p
     assert (run / "model.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["train", "--data", "/nonexistent/folder", "--output", "x"], "/nonexistent/folder"),
-    (["predict", "--model", "/nonexistent/run", "--input", ".", "--output", "x"], "/nonexistent/run"),
-    (["train", "--data", "elpv:nope", "--output", "x"], "elpv:nope"),
-])
-def test_errors_are_one_line_and_name_the_culprit(argv: list[str], needle: str, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--data", "/nonexistent/folder", "--output", "x"], "/nonexistent/folder"),
+        (["predict", "--model", "/nonexistent/run", "--input", ".", "--output", "x"], "/nonexistent/run"),
+        (["train", "--data", "elpv:nope", "--output", "x"], "elpv:nope"),
+    ],
+)
+def test_errors_are_one_line_and_name_the_culprit(
+    argv: list[str],
+    needle: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err

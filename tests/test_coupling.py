@@ -15,6 +15,7 @@ try:
 except ImportError:  # tests/ became a package
     from .flow_helpers import assert_log_det_matches, brute_force_log_det, perturb_coupling_
 
+
 COND = 4  # condition channels at toy size
 CLAMPS = ["freia02", "freia_new"]
 CHANNELS = [4, 5]  # even and odd: the passive half is ceil(C/2)

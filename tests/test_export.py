@@ -149,6 +149,7 @@ def _one_line_checkpoint_error(path: Path) -> str:
 
 def test_missing_file(tmp_path: Path) -> None:
     assert "does not exist" in _one_line_checkpoint_error(tmp_path / "nope.onnx")
+    assert "not a file" in _one_line_checkpoint_error(tmp_path)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 100])

@@ -12,6 +12,7 @@ try:
 except ImportError:  # tests/ became a package
     from .flow_helpers import assert_log_det_matches, brute_force_log_det_multi, perturb_all_
 
+
 # The design-guide appendix toy, and a wider one: with half-widths summing to 12 the mixer's middle
 # layer has 3 channels, so its channel LayerNorm carries information (over 1 or 2 channels a LayerNorm
 # output is constant or +-1, which would hide the cross-scale path from the Jacobian).

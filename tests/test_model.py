@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,8 +62,12 @@ def test_wide_resnet_at_512_px_has_the_papers_size(wide_resnet: FeatureExtractor
     counts = model.parameter_counts()
     assert counts["backbone"] == 0
     assert abs(counts["total"] - 99.6e6) <= 0.005 * 99.6e6
-    for part, approx in [("parallel_flow_1", 1.55e6), ("parallel_flow_2", 12.0e6),
-                         ("parallel_flow_3", 66.4e6), ("fusion_flow", 19.6e6)]:
+    for part, approx in [
+        ("parallel_flow_1", 1.55e6),
+        ("parallel_flow_2", 12.0e6),
+        ("parallel_flow_3", 66.4e6),
+        ("fusion_flow", 19.6e6),
+    ]:
         assert abs(counts[part] - approx) <= 0.005 * approx, part
     assert [len(f.blocks) for f in model.parallel_flows] == [2, 5, 8]
 
@@ -119,7 +125,7 @@ def test_same_output_in_train_and_eval_mode() -> None:
     assert torch.equal(out_train.log_det, out_eval.log_det)
 
 
-def test_state_dict_round_trip_reproduces_outputs_exactly(tmp_path) -> None:  # noqa: ANN001
+def test_state_dict_round_trip_reproduces_outputs_exactly(tmp_path: Path) -> None:
     model = build(seed=1, torch_seed=0)
     with torch.no_grad():  # make the saved non-parameter state non-trivial too
         model.feature_mean0.normal_()

@@ -17,7 +17,9 @@ except ImportError:  # tests/ became a package
 
 
 def make_flow(channels: int = 4, num_blocks: int = 2, height: int = 3, width: int = 3) -> ParallelFlow:
-    flow = ParallelFlow(channels, num_blocks, height, width, cond_channels=4, generator=torch.Generator().manual_seed(1))
+    flow = ParallelFlow(
+        channels, num_blocks, height, width, cond_channels=4, generator=torch.Generator().manual_seed(1)
+    )
     for block in flow.blocks:
         perturb_coupling_(block)
     return flow

@@ -40,12 +40,17 @@ def post(client: TestClient, data: bytes, name: str = "part.png", ctype: str = "
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with a tiny (invalid) image stream."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_health(client):
@@ -128,15 +133,22 @@ def test_oversized_upload_is_413(detector):  # noqa: F811
     assert "limit" in r.json()["detail"]
     # No Content-Length (chunked): the bytes are counted while they arrive.
     boundary = "xyz"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + big
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
 
     def chunks():
         for i in range(0, len(body), 1000):
-            yield body[i:i + 1000]
+            yield body[i : i + 1000]
 
-    r = small.post("/predict", content=chunks(),
-                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    r = small.post(
+        "/predict", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert r.status_code == 413, r.text
     # Under the cap still works.
     assert post(small, png_bytes(8, seed=7)).status_code == 200
@@ -149,14 +161,17 @@ def test_too_many_pixels_is_413(detector):  # noqa: F811
     assert post(c, png_bytes(32)).status_code == 200
 
 
-@pytest.mark.parametrize("data,name,ctype", [
-    (b"hello, this is not an image\n" * 10, "notes.txt", "text/plain"),
-    (np.random.default_rng(0).bytes(5000), "noise.png", "image/png"),
-    (b"", "empty.png", "image/png"),
-    (png_bytes(32)[:200], "truncated.png", "image/png"),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "x.eps", "application/postscript"),
-    (b"GIF89a" + b"\0" * 20, "bad.gif", "image/gif"),
-])
+@pytest.mark.parametrize(
+    "data,name,ctype",
+    [
+        (b"hello, this is not an image\n" * 10, "notes.txt", "text/plain"),
+        (np.random.default_rng(0).bytes(5000), "noise.png", "image/png"),
+        (b"", "empty.png", "image/png"),
+        (png_bytes(32)[:200], "truncated.png", "image/png"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "x.eps", "application/postscript"),
+        (b"GIF89a" + b"\0" * 20, "bad.gif", "image/gif"),
+    ],
+)
 def test_not_an_image_is_415(client, data, name, ctype):
     r = post(client, data, name=name, ctype=ctype)
     assert r.status_code == 415, r.text
@@ -182,15 +197,18 @@ ABC = "multipart/form-data; boundary=abc"
 PART = b"--abc\r\nContent-Disposition: form-data; "
 
 
-@pytest.mark.parametrize("body,ctype", [
-    (b"garbage", ABC),
-    (PART + b"name=\"file\"; filename=\"a.png\"\r\n\r\n\x89PNG", ABC),  # cut short
-    (b"--abc\r\nnot-a-header\r\n\r\ndata\r\n--abc--\r\n", ABC),
-    (PART + b"filename=\"a.png\"\r\n\r\ndata\r\n--abc--\r\n", ABC),  # no name
-    (b"anything", "multipart/form-data"),  # no boundary
-    (b"--abc\r\n\r\n--abc--\r\n", "multipart/form-data; boundary=zzz"),  # wrong boundary
-    (b"--" + b"a" * 100 + b"\r\n", "multipart/form-data; boundary=" + "a" * 100),
-])
+@pytest.mark.parametrize(
+    "body,ctype",
+    [
+        (b"garbage", ABC),
+        (PART + b'name="file"; filename="a.png"\r\n\r\n\x89PNG', ABC),  # cut short
+        (b"--abc\r\nnot-a-header\r\n\r\ndata\r\n--abc--\r\n", ABC),
+        (PART + b'filename="a.png"\r\n\r\ndata\r\n--abc--\r\n', ABC),  # no name
+        (b"anything", "multipart/form-data"),  # no boundary
+        (b"--abc\r\n\r\n--abc--\r\n", "multipart/form-data; boundary=zzz"),  # wrong boundary
+        (b"--" + b"a" * 100 + b"\r\n", "multipart/form-data; boundary=" + "a" * 100),
+    ],
+)
 def test_malformed_multipart_is_4xx(client, body, ctype):
     r = client.post("/predict", content=body, headers={"content-type": ctype})
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
@@ -214,8 +232,13 @@ def test_api_key(detector, image, monkeypatch):  # noqa: F811
     assert c.get("/health").status_code == 200  # stays open
     assert c.get("/").status_code == 200  # the page, where the key is typed
     assert c.get("/static/app.js").status_code == 200
-    for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-API-Key": "s3cret-key "},
-                    {"Authorization": "Bearer s3cret-key"}):
+    for headers in (
+        {},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": ""},
+        {"X-API-Key": "s3cret-key "},
+        {"Authorization": "Bearer s3cret-key"},
+    ):
         r = c.post("/predict", files={"file": ("a.png", image, "image/png")}, headers=headers)
         assert r.status_code == 401, headers
         assert "API key" in r.json()["detail"]
@@ -255,8 +278,16 @@ def test_index_page(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    for element_id in ("file", "drop", "api-key", "status", "result-score", "result-normalized",
-                       "result-decision", "overlay"):
+    for element_id in (
+        "file",
+        "drop",
+        "api-key",
+        "status",
+        "result-score",
+        "result-normalized",
+        "result-decision",
+        "overlay",
+    ):
         assert f'id="{element_id}"' in html, element_id
     assert "http://" not in html and "https://" not in html  # no external assets
     assert "default-src 'none'" in r.headers["content-security-policy"]
@@ -266,9 +297,22 @@ def test_index_page(client):
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
 
 
-@pytest.mark.parametrize("path", ["/static/index.html/../../serve.py", "/static/..%2f..%2fserve.py",
-                                  "/static/serve.py", "/static/__init__.py", "/static/", "/static/.",
-                                  "/static/%2e%2e", "/../etc/passwd", "/etc/passwd", "/docs", "/redoc"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/index.html/../../serve.py",
+        "/static/..%2f..%2fserve.py",
+        "/static/serve.py",
+        "/static/__init__.py",
+        "/static/",
+        "/static/.",
+        "/static/%2e%2e",
+        "/../etc/passwd",
+        "/etc/passwd",
+        "/docs",
+        "/redoc",
+    ],
+)
 def test_no_other_files(client, path):
     r = client.get(path)
     assert r.status_code == 404

@@ -52,10 +52,18 @@ def port(server) -> int:
     return urlsplit(server).port
 
 
-def multipart(payload: bytes, boundary: str = "b0undary", name: str = "file", filename: str = "x.png",
-              ctype: str = "image/png", close: bool = True) -> bytes:
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: {ctype}\r\n\r\n").encode()
+def multipart(
+    payload: bytes,
+    boundary: str = "b0undary",
+    name: str = "file",
+    filename: str = "x.png",
+    ctype: str = "image/png",
+    close: bool = True,
+) -> bytes:
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        f"Content-Type: {ctype}\r\n\r\n"
+    ).encode()
     return head + payload + (f"\r\n--{boundary}--\r\n".encode() if close else b"")
 
 
@@ -70,25 +78,45 @@ def test_hostile_requests_never_500(server):
     mp = "multipart/form-data; boundary=b0undary"
     cases: list[tuple[str, dict, bytes]] = []  # (label, headers, body)
     for i in range(10):
-        cases.append((f"random-bytes-{i}", {"content-type": "application/octet-stream"},
-                      rng.bytes(int(rng.integers(1, 20_000)))))
+        cases.append(
+            (
+                f"random-bytes-{i}",
+                {"content-type": "application/octet-stream"},
+                rng.bytes(int(rng.integers(1, 20_000))),
+            )
+        )
         cases.append((f"random-multipart-{i}", {"content-type": mp}, rng.bytes(int(rng.integers(1, 20_000)))))
         cut = int(rng.integers(1, len(multipart(good))))
         cases.append((f"truncated-multipart-{i}", {"content-type": mp}, multipart(good)[:cut]))
         cases.append((f"noise-as-image-{i}", {"content-type": mp}, multipart(rng.bytes(3000))))
-        cases.append((f"truncated-png-{i}", {"content-type": mp},
-                      multipart(good[: int(rng.integers(1, len(good)))])))
-    for ctype in ("image/png", "application/json", "text/plain", "application/x-www-form-urlencoded",
-                  "multipart/form-data", "multipart/form-data; boundary=",
-                  "multipart/mixed; boundary=b0undary",
-                  "multipart/form-data; boundary=wrong", "text/html; charset=utf-8", "", "*/*"):
+        cases.append(
+            (f"truncated-png-{i}", {"content-type": mp}, multipart(good[: int(rng.integers(1, len(good)))]))
+        )
+    for ctype in (
+        "image/png",
+        "application/json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "multipart/form-data; boundary=",
+        "multipart/mixed; boundary=b0undary",
+        "multipart/form-data; boundary=wrong",
+        "text/html; charset=utf-8",
+        "",
+        "*/*",
+    ):
         cases.append((f"ctype-{ctype!r}", {"content-type": ctype}, multipart(good)))
     cases.append(("text-file", {"content-type": mp}, multipart(b"just text\n" * 50, ctype="text/plain")))
-    field = b"--b0undary\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\nv\r\n"
+    field = b'--b0undary\r\nContent-Disposition: form-data; name="%s"\r\n\r\nv\r\n'
     cases.append(("field-not-file", {"content-type": mp}, field % b"file" + b"--b0undary--\r\n"))
     cases.append(("no-disposition", {"content-type": mp}, b"--b0undary\r\n\r\nabc\r\n--b0undary--\r\n"))
-    cases.append(("many-fields", {"content-type": mp},
-                  b"".join(field % f"f{i}".encode() for i in range(50)) + b"--b0undary--\r\n"))
+    cases.append(
+        (
+            "many-fields",
+            {"content-type": mp},
+            b"".join(field % f"f{i}".encode() for i in range(50)) + b"--b0undary--\r\n",
+        )
+    )
     cases.append(("empty-body", {"content-type": mp}, b""))
 
     statuses: dict[str, int] = {}
@@ -119,7 +147,7 @@ def test_oversized_bodies(server, port):
         # No Content-Length (chunked transfer): counted while it arrives.
         def chunks():
             for i in range(0, len(big), 16_384):
-                yield big[i:i + 16_384]
+                yield big[i : i + 16_384]
 
         try:
             r = client.post("/predict", content=chunks(), headers={"content-type": mp})
@@ -129,14 +157,27 @@ def test_oversized_bodies(server, port):
 
     # A huge declared length with no body at all: answered at once, not after waiting for 10 GB.
     t0 = time.monotonic()
-    raw = raw_http(port, (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {mp}\r\n"
-                          f"Content-Length: {10 * 2**30}\r\nConnection: close\r\n\r\n").encode(), timeout=10)
+    raw = raw_http(
+        port,
+        (
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {mp}\r\n"
+            f"Content-Length: {10 * 2**30}\r\nConnection: close\r\n\r\n"
+        ).encode(),
+        timeout=10,
+    )
     assert status_of(raw) == 413 and time.monotonic() - t0 < 5
 
     # A lying Content-Length (small) in front of a large body: only the declared bytes are read as the
     # body; the rest is a garbage "next request" the HTTP parser refuses. Never a 500.
-    raw = raw_http(port, (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {mp}\r\n"
-                          f"Content-Length: 100\r\nConnection: close\r\n\r\n").encode() + big, timeout=10)
+    raw = raw_http(
+        port,
+        (
+            f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {mp}\r\n"
+            f"Content-Length: 100\r\nConnection: close\r\n\r\n"
+        ).encode()
+        + big,
+        timeout=10,
+    )
     assert 400 <= status_of(raw) < 500
 
     # Chunked body with a lying chunk size / not a number / negative Content-Length.
@@ -146,8 +187,15 @@ def test_oversized_bodies(server, port):
         ("Content-Length: abc", b""),
         ("Content-Length: 10\r\nContent-Length: 20", b"x" * 20),
     ]:
-        raw = raw_http(port, (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {mp}\r\n{head}\r\n"
-                              f"Connection: close\r\n\r\n").encode() + body, timeout=10)
+        raw = raw_http(
+            port,
+            (
+                f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {mp}\r\n{head}\r\n"
+                f"Connection: close\r\n\r\n"
+            ).encode()
+            + body,
+            timeout=10,
+        )
         assert 400 <= status_of(raw) < 500, (head, raw[:200])
     # Garbage that is not HTTP at all: a "request" ending in a blank line, and 20 KB without one (past
     # the HTTP parser's size limit for an incomplete head). Both are refused at once.
@@ -158,13 +206,27 @@ def test_oversized_bodies(server, port):
     assert_alive(server)
 
 
-@pytest.mark.parametrize("path", [
-    "/static/../../etc/passwd", "/static/../../../../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd",
-    "/%2e%2e/", "/static/%2e%2e/%2e%2e/etc/passwd", "/static/..%2f..%2f..%2fetc%2fpasswd",
-    "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/static/..\\..\\etc\\passwd", "/static/%2e%2e%5cserve.py",
-    "/static/app.js/../../serve.py", "/static//etc/passwd", "//etc/passwd", "/static/%00app.js",
-    "/static/app.js%00.png", "/etc/passwd", "/static/../serve.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../../etc/passwd",
+        "/static/../../../../../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/%2e%2e/",
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/static/..%2f..%2f..%2fetc%2fpasswd",
+        "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/static/..\\..\\etc\\passwd",
+        "/static/%2e%2e%5cserve.py",
+        "/static/app.js/../../serve.py",
+        "/static//etc/passwd",
+        "//etc/passwd",
+        "/static/%00app.js",
+        "/static/app.js%00.png",
+        "/etc/passwd",
+        "/static/../serve.py",
+    ],
+)
 def test_path_traversal_is_404(server, port, path):
     raw = raw_http(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     assert status_of(raw) in (400, 404), (path, raw[:200])
@@ -177,10 +239,14 @@ def test_concurrent_predictions_and_memory(server):
     proc = psutil.Process()
     limits = httpx.Limits(max_connections=N_WORKERS, max_keepalive_connections=N_WORKERS)
     with httpx.Client(base_url=server, timeout=120, limits=limits) as client:
+
         def one(i: int) -> tuple[int, float, float | None]:
             t = time.perf_counter()
-            r = client.post("/predict", files={"file": (f"img{i}.png", image, "image/png")},
-                            params={"overlay": "true"} if i % 2 else None)
+            r = client.post(
+                "/predict",
+                files={"file": (f"img{i}.png", image, "image/png")},
+                params={"overlay": "true"} if i % 2 else None,
+            )
             score = r.json().get("score") if r.status_code == 200 else None
             return r.status_code, time.perf_counter() - t, score
 
@@ -218,12 +284,14 @@ def test_concurrent_predictions_and_memory(server):
     latencies = np.array([t for _, t, _ in results])
     scores = {s for _, _, s in results}
     growth_mb = (rss_after - rss_before) / 2**20
-    print(f"\nstress: {N_REQUESTS} requests, {N_WORKERS} workers, {errors} errors, {elapsed:.1f} s "
-          f"({N_REQUESTS / elapsed:.1f} req/s), latency p50 {np.median(latencies) * 1000:.0f} ms, "
-          f"p95 {np.percentile(latencies, 95) * 1000:.0f} ms, max {latencies.max() * 1000:.0f} ms; "
-          f"/health during load: {len(health_latency)} probes, "
-          f"max {max(health_latency, default=0) * 1000:.0f} ms; "
-          f"RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB (growth {growth_mb:+.1f} MB)")
+    print(
+        f"\nstress: {N_REQUESTS} requests, {N_WORKERS} workers, {errors} errors, {elapsed:.1f} s "
+        f"({N_REQUESTS / elapsed:.1f} req/s), latency p50 {np.median(latencies) * 1000:.0f} ms, "
+        f"p95 {np.percentile(latencies, 95) * 1000:.0f} ms, max {latencies.max() * 1000:.0f} ms; "
+        f"/health during load: {len(health_latency)} probes, "
+        f"max {max(health_latency, default=0) * 1000:.0f} ms; "
+        f"RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB (growth {growth_mb:+.1f} MB)"
+    )
     assert errors == 0, sorted(set(codes))
     assert len(scores) == 1  # the same image gives the same score whatever the concurrency
     assert growth_mb < MAX_RSS_GROWTH_MB

@@ -25,8 +25,11 @@ TIMING_KEYS = {"train_seconds", "feature_extraction_seconds", "test_images_per_s
 
 
 def tiny_config(data: Path, epochs: int = 3, **train: object) -> Config:
-    return Config().updated(model={"backbone": "resnet18", "pretrained": False, "image_size": 64},
-                            data={"dataset": str(data)}, train={"epochs": epochs, "batch_size": 4, **train})
+    return Config().updated(
+        model={"backbone": "resnet18", "pretrained": False, "image_size": 64},
+        data={"dataset": str(data)},
+        train={"epochs": epochs, "batch_size": 4, **train},
+    )
 
 
 def comparable(metrics: dict) -> dict:
@@ -52,7 +55,9 @@ def test_same_seed_gives_identical_metrics(data: Path, tmp_path: Path) -> None:
     a = fit(tiny_config(data), tmp_path / "a", progress=False, log=lambda _: None)
     b = fit(tiny_config(data), tmp_path / "b", progress=False, log=lambda _: None)
     assert comparable(a) == comparable(b)
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_a_non_finite_batch_is_survived(data: Path, tmp_path: Path) -> None:
@@ -64,7 +69,9 @@ def test_a_non_finite_batch_is_survived(data: Path, tmp_path: Path) -> None:
             return [f.clone().fill_(float("nan")) for f in feats]
         return feats
 
-    metrics = fit(tiny_config(data), tmp_path / "run", progress=False, step_hook=poison_once, log=lambda _: None)
+    metrics = fit(
+        tiny_config(data), tmp_path / "run", progress=False, step_hook=poison_once, log=lambda _: None
+    )
     assert injected and metrics["epochs"] == 3 and math.isfinite(metrics["image_auroc"])
     _, meta = load_tensors(tmp_path / "run" / "checkpoint" / "last")
     assert meta["bad_events"] == 1 and meta["lr_scale"] == 0.5
@@ -77,8 +84,13 @@ def test_persistent_non_finite_loss_stops_with_a_clear_error(data: Path, tmp_pat
         return [f * float("inf") for f in feats]
 
     with pytest.raises(TrainingError, match="non-finite"):
-        fit(tiny_config(data, max_bad_steps=3), tmp_path / "run", progress=False, step_hook=poison,
-            log=lambda _: None)
+        fit(
+            tiny_config(data, max_bad_steps=3),
+            tmp_path / "run",
+            progress=False,
+            step_hook=poison,
+            log=lambda _: None,
+        )
     assert not (tmp_path / "run" / "checkpoint" / "last.json").exists()  # no checkpoint ever holds NaN
 
 
@@ -86,9 +98,26 @@ def test_sigkill_then_resume_gives_the_same_result(data: Path, tmp_path: Path) -
     epochs = 8
     reference = fit(tiny_config(data, epochs), tmp_path / "reference", progress=False, log=lambda _: None)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "msflow", "train", "--data", str(data), "--output", str(run), "--backbone",
-           "resnet18", "--no-pretrained", "--image-size", "64", "--epochs", str(epochs), "--batch-size", "4",
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "msflow",
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(run),
+        "--backbone",
+        "resnet18",
+        "--no-pretrained",
+        "--image-size",
+        "64",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = run / "checkpoint" / "last.json"
     deadline = time.monotonic() + 120

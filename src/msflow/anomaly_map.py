@@ -61,7 +61,11 @@ class AnomalyMapper(nn.Module):
     """
 
     def __init__(
-        self, num_scales: int, image_size: tuple[int, int], top_k: float = 0.03, normalization: str = "per_image"
+        self,
+        num_scales: int,
+        image_size: tuple[int, int],
+        top_k: float = 0.03,
+        normalization: str = "per_image",
     ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))

@@ -74,7 +74,10 @@ def _build_resnet(name: str, pretrained: bool, weights: str | Path | None) -> nn
         net = builder(weights=None)
         state = load_state_dict_file(weights)
         # layer4 and fc are never used, so a trimmed file is accepted; anything else must match.
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # size mismatches raise even with strict=False
+            raise WeightsError(f"weights '{weights}' do not fit {name}: {str(err)[:300]}") from err
         missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
         if missing or unexpected:
             raise WeightsError(
@@ -150,7 +153,10 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             probe = self.raw_features(torch.zeros(1, 3, 64, 64))
         self.channels = [int(f.shape[1]) for f in probe]
-        self.strides = [64 // int(f.shape[-1]) for f in probe]
+        pool_stride = 1 if pool == "none" else 2
+        self.strides = [
+            64 // (int(f.shape[-1]) * pool_stride) for f in probe
+        ]  # of the stages, before pooling
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode whatever is asked: the backbone is frozen for good."""

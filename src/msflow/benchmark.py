@@ -22,8 +22,13 @@ from .training import fit
 COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "train_seconds", "error"]
 
 
-def run_benchmark(root: str | Path, output: str | Path, cfg: Config, categories: list[str] | None = None,
-                  progress: bool = True) -> list[dict]:
+def run_benchmark(
+    root: str | Path,
+    output: str | Path,
+    cfg: Config,
+    categories: list[str] | None = None,
+    progress: bool = True,
+) -> list[dict]:
     output = Path(output)
     found = find_categories(root)
     if categories:

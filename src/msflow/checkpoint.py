@@ -122,5 +122,7 @@ def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[to
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint '{stem}.safetensors' does not fit its config: {str(err)[:300]}") from err
+        raise CheckpointError(
+            f"checkpoint '{stem}.safetensors' does not fit its config: {str(err)[:300]}"
+        ) from err
     return model.to(device).eval(), config, meta

@@ -27,7 +27,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--eval-every", type=int, help="log test metrics every N epochs (never used for selection)")
+    p.add_argument(
+        "--eval-every", type=int, help="log test metrics every N epochs (never used for selection)"
+    )
     p.add_argument("--holdout-fraction", type=float, help="good training images held out for the threshold")
     p.add_argument("--cache", choices=["auto", "memory", "disk"])
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -36,13 +38,25 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
     return cfg.updated(
-        model={"backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
-               "feature_norm": args.feature_norm, "normalization": args.normalization,
-               "pretrained": False if args.no_pretrained else None},
+        model={
+            "backbone": args.backbone,
+            "weights": args.weights,
+            "image_size": args.image_size,
+            "feature_norm": args.feature_norm,
+            "normalization": args.normalization,
+            "pretrained": False if args.no_pretrained else None,
+        },
         data={"dataset": dataset, "holdout_fraction": args.holdout_fraction},
-        train={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-               "device": args.device, "eval_every": args.eval_every, "cache": args.cache,
-               "amp": False if args.no_amp else None},
+        train={
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "device": args.device,
+            "eval_every": args.eval_every,
+            "cache": args.cache,
+            "amp": False if args.no_amp else None,
+        },
     )
 
 
@@ -51,9 +65,13 @@ def cmd_summary(args: argparse.Namespace) -> None:
     from .model import MSFlow
 
     model = MSFlow(ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False))
-    info = {"backbone": args.backbone, "image_size": args.image_size,
-            "feature_shapes": [list(s) for s in model.feature_shapes], "num_blocks": list(model.config.num_blocks),
-            "trainable_parameters": model.parameter_counts()}
+    info = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "feature_shapes": [list(s) for s in model.feature_shapes],
+        "num_blocks": list(model.config.num_blocks),
+        "trainable_parameters": model.parameter_counts(),
+    }
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -78,10 +96,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .report import format_metrics
     from .training import fit
 
-    cfg = Config().updated(model={"backbone": "efficientnet_lite0", "image_size": args.image_size},
-                           data={"dataset": "elpv:mono"}, train={"epochs": args.epochs, "device": "cpu"})
-    print(f"demo: efficientnet_lite0 on the built-in ELPV solar cells (mono), {args.image_size} px, "
-          f"{args.epochs} epochs, on the CPU")
+    cfg = Config().updated(
+        model={"backbone": "efficientnet_lite0", "image_size": args.image_size},
+        data={"dataset": "elpv:mono"},
+        train={"epochs": args.epochs, "device": "cpu"},
+    )
+    print(
+        f"demo: efficientnet_lite0 on the built-in ELPV solar cells (mono), {args.image_size} px, "
+        f"{args.epochs} epochs, on the CPU"
+    )
     metrics = fit(cfg, args.output, progress=not args.quiet)
     print(format_metrics(metrics))
     print(f"overlays: {Path(args.output) / 'overlays'}   model: {args.output}")
@@ -109,7 +132,7 @@ def cmd_test(args: argparse.Namespace) -> None:
     print(f"report: {out}")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
+def cmd_predict(args: argparse.Namespace) -> int:
     from .detector import Detector
     from .predict import run_predict
 
@@ -117,13 +140,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.threshold is not None:
         detector.set_threshold(args.threshold)
     summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
-    print(f"{summary['predicted']} images judged: {summary['defective']} defective, "
-          f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed; "
-          f"{summary['images_per_second']} img/s. Results in {args.output}")
+    print(
+        f"{summary['predicted']} images judged: {summary['defective']} defective, "
+        f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed; "
+        f"{summary['images_per_second']} img/s. Results in {args.output}"
+    )
     for failure in summary["failures"]:
         print(f"failed: {failure['error']}", file=sys.stderr)
-    if summary["failed"]:
-        raise SystemExit(1)
+    return 1 if summary["failed"] else 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -139,8 +163,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, runtime=args.runtime,
-          max_upload_mb=args.max_upload_mb, device=args.device)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        runtime=args.runtime,
+        max_upload_mb=args.max_upload_mb,
+        device=args.device,
+    )
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -156,12 +187,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve")
+    parser = argparse.ArgumentParser(
+        prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve"
+    )
     parser.add_argument("--version", action="version", version=f"msflow {__import__('msflow').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="feature shapes and parameter counts of a model")
-    p.add_argument("--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"])
+    p.add_argument(
+        "--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
+    )
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
@@ -169,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on a category folder (MVTec/VisA layout) or elpv:mono|poly")
     p.add_argument("--data", required=True, help="category folder, or elpv:mono / elpv:poly")
     p.add_argument("--output", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
     p.add_argument("--validation", help="labelled folder (MVTec layout) for F1-optimal thresholds")
     p.add_argument("--quiet", action="store_true")
     _train_flags(p)
@@ -238,14 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except MSFlowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ class Config:
         data = dict(data)
         version = data.pop("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
-            raise ConfigError(f"config schema version {version} is not supported (this msflow reads {SCHEMA_VERSION})")
+            raise ConfigError(
+                f"config schema version {version} is not supported (this msflow reads {SCHEMA_VERSION})"
+            )
         unknown = set(data) - {"model", "data", "train"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
@@ -186,4 +188,13 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "load_yaml", "save_yaml", "replace"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "load_yaml",
+    "save_yaml",
+    "replace",
+]

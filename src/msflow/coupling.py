@@ -38,7 +38,7 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class ConvSubnet(nn.Sequential):
-    """MSFlow's ``subnet_conv_ln``: conv3x3 (C_in -> C_in) -> channel LN -> ReLU -> conv3x3 (C_in -> C_out)."""
+    """MSFlow's ``subnet_conv_ln``: conv3x3 (C_in -> C_in) -> channel LN -> ReLU -> conv3x3 (-> C_out)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(

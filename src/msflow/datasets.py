@@ -140,7 +140,7 @@ def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], li
                 f"no masks in '{gt_dir}': '{gt_root}' exists, so every defect type needs masks "
                 "(remove ground_truth for image-level evaluation only)"
             )
-        test += [Sample(p, 1, kind, m) for p, m in zip(images, _match_masks(images, gt_dir))]
+        test += [Sample(p, 1, kind, m) for p, m in zip(images, _match_masks(images, gt_dir), strict=False)]
     return train, test
 
 
@@ -192,6 +192,7 @@ def validate_samples(samples: list[Sample], what: str = "training set", max_list
 
 
 # ----------------------------------------------------------------------------- ELPV
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("MSFLOW_CACHE") or Path.home() / ".cache" / "msflow")

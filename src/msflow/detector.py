@@ -44,9 +44,13 @@ class Prediction:
     mask: np.ndarray  # (H, W) bool, the predicted defect region (empty when judged good)
 
     def summary(self) -> dict[str, Any]:
-        return {"score": self.score, "normalized_score": self.normalized_score,
-                "decision": "defective" if self.is_defective else "good", "threshold": self.threshold,
-                "defect_pixels": int(self.mask.sum())}
+        return {
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "decision": "defective" if self.is_defective else "good",
+            "threshold": self.threshold,
+            "defect_pixels": int(self.mask.sum()),
+        }
 
 
 def as_pil(image: ImageLike) -> Image.Image:
@@ -74,8 +78,15 @@ def as_pil(image: ImageLike) -> Image.Image:
 class Detector:
     """A trained MSFlow model with its threshold, ready to judge images (thread-safe)."""
 
-    def __init__(self, model: Any, config: Config, threshold: Threshold, meta: dict, device: torch.device,
-                 runtime: str = "torch") -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: Config,
+        threshold: Threshold,
+        meta: dict,
+        device: torch.device,
+        runtime: str = "torch",
+    ) -> None:
         self.model, self.config, self.threshold, self.meta = model, config, threshold, meta
         self.device, self.runtime = device, runtime
         self.image_size = config.model.image_size
@@ -119,8 +130,11 @@ class Detector:
                 return self.model.predict(batch.numpy())
             with torch.inference_mode():
                 out = self.model.predict(batch.to(self.device))
-            return out.scores.float().cpu().numpy(), out.pixel_map.float().cpu().numpy(), \
-                out.image_map.float().cpu().numpy()
+            return (
+                out.scores.float().cpu().numpy(),
+                out.pixel_map.float().cpu().numpy(),
+                out.image_map.float().cpu().numpy(),
+            )
 
     def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
         """Judge several images in one forward pass."""
@@ -130,12 +144,28 @@ class Detector:
         results = []
         for im, score, pmap, imap in zip(pils, scores, pixel_maps, image_maps, strict=True):
             w, h = im.size
-            pmap, imap = (F.interpolate(torch.from_numpy(np.ascontiguousarray(m))[None, None].float(), size=(h, w),
-                                        mode="bilinear", align_corners=False)[0, 0].numpy() for m in (pmap, imap))
+            pmap, imap = (
+                F.interpolate(
+                    torch.from_numpy(np.ascontiguousarray(m))[None, None].float(),
+                    size=(h, w),
+                    mode="bilinear",
+                    align_corners=False,
+                )[0, 0].numpy()
+                for m in (pmap, imap)
+            )
             defective = bool(score >= self.threshold.image)
             mask = (pmap >= self.threshold.pixel) if defective else np.zeros((h, w), bool)
-            results.append(Prediction(float(score), float(self.threshold.normalize(score)), defective,
-                                      self.threshold.image, pmap, imap, mask))
+            results.append(
+                Prediction(
+                    float(score),
+                    float(self.threshold.normalize(score)),
+                    defective,
+                    self.threshold.image,
+                    pmap,
+                    imap,
+                    mask,
+                )
+            )
         return results
 
     def predict(self, image: ImageLike) -> Prediction:

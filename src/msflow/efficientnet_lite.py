@@ -7,8 +7,8 @@ ReLU6 and keep the stem (32) and head (1280) widths fixed (Tan & Le, "EfficientN
 TF "EfficientNet-Lite" release notes).
 
 The weights were ported from TensorFlow, whose "SAME" padding pads stride-2 convolutions asymmetrically
-(more on the bottom/right). :class:`SamePadConv2d` reproduces that, which the ImageNet classification
-test in ``tests/test_backbone.py`` checks.
+(more on the bottom/right). :class:`SamePadConv2d` reproduces that; ``tests/test_backbone.py`` checks it
+by hand and checks the whole classifier on two ImageNet photos.
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def train_flows(
             # The loss is summed over ~10^5-10^6 dims: compute it in float32 even under AMP.
             loss = nll([z.float() for z in out.zs], out.log_det.float()).mean()
             if not torch.isfinite(loss):
-                _bad_event(model, optimizer, good, state, cfg, f"non-finite loss at epoch {epoch + 1}, step {step}")
+                _bad_event(
+                    model, optimizer, good, state, cfg, f"non-finite loss at epoch {epoch + 1}, step {step}"
+                )
                 rolled_back = True
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -129,7 +131,14 @@ def train_flows(
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not torch.isfinite(grad_norm) and not use_amp:  # under AMP the scaler skips the step itself
-                _bad_event(model, optimizer, good, state, cfg, f"non-finite gradient at epoch {epoch + 1}, step {step}")
+                _bad_event(
+                    model,
+                    optimizer,
+                    good,
+                    state,
+                    cfg,
+                    f"non-finite gradient at epoch {epoch + 1}, step {step}",
+                )
                 rolled_back = True
                 break
             scaler.step(optimizer)
@@ -139,8 +148,14 @@ def train_flows(
             bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         if rolled_back:
             continue  # redo this epoch from the restored state with the lowered learning rate
-        state.history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr,
-                              "seconds": time.perf_counter() - start})
+        state.history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": total / max(count, 1),
+                "lr": lr,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         state.epoch += 1
         good = _snapshot(model, optimizer)
         if on_epoch_end is not None:
@@ -149,12 +164,20 @@ def train_flows(
 
 
 def _snapshot(model: MSFlow, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    trainable = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    trainable = {
+        k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")
+    }
     return trainable, copy.deepcopy(optimizer.state_dict())
 
 
-def _bad_event(model: MSFlow, optimizer: torch.optim.Optimizer, good: tuple[dict, dict], state: TrainState,
-               cfg: TrainConfig, what: str) -> None:
+def _bad_event(
+    model: MSFlow,
+    optimizer: torch.optim.Optimizer,
+    good: tuple[dict, dict],
+    state: TrainState,
+    cfg: TrainConfig,
+    what: str,
+) -> None:
     """Restore the last good state and halve the learning rate; give up after ``max_bad_steps``."""
     state.bad_events += 1
     if state.bad_events > cfg.max_bad_steps:
@@ -190,7 +213,9 @@ def predict_samples(
 ) -> Predictions:
     """Run the model on samples; maps are resized back to each image's original size."""
     model.eval()
-    loader = DataLoader(ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers
+    )
     scores, pixel_maps, image_maps = [], [], []
     start = time.perf_counter()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -199,8 +224,9 @@ def predict_samples(
         if keep_maps:
             for i, (w, h) in enumerate(batch["original_size"].tolist()):
                 for maps, dest in ((out.pixel_map, pixel_maps), (out.image_map, image_maps)):
-                    resized = F.interpolate(maps[i : i + 1, None].float(), size=(h, w), mode="bilinear",
-                                            align_corners=False)
+                    resized = F.interpolate(
+                        maps[i : i + 1, None].float(), size=(h, w), mode="bilinear", align_corners=False
+                    )
                     dest.append(resized[0, 0].cpu().numpy())
     return Predictions(
         scores=torch.cat(scores).numpy() if scores else np.zeros(0),
@@ -213,5 +239,8 @@ def predict_samples(
 
 
 def is_finite_model(model: MSFlow) -> bool:
-    return all(math.isfinite(float(v.float().abs().sum())) for v in model.state_dict().values()
-               if v.is_floating_point())
+    return all(
+        math.isfinite(float(v.float().abs().sum()))
+        for v in model.state_dict().values()
+        if v.is_floating_point()
+    )

@@ -218,8 +218,10 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise CheckpointError(f"exported model '{self.path}' does not exist")
+        if not self.path.is_file():
+            raise CheckpointError(f"exported model '{self.path}' is not a file")
         try:
             data = self.path.read_bytes()
         except OSError as err:

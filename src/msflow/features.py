@@ -33,11 +33,16 @@ class FeatureCache:
         return len(self.arrays[0])
 
     def batch(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        idx = np.sort(indices.numpy())  # sorted reads are sequential on disk; order within a batch is irrelevant
+        idx = np.sort(
+            indices.numpy()
+        )  # sorted reads are sequential on disk; order within a batch is irrelevant
         return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in self.arrays]
 
     def batches(self, batch_size: int) -> list[list[torch.Tensor]]:
-        return [self.batch(torch.arange(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+        return [
+            self.batch(torch.arange(i, min(i + batch_size, len(self))))
+            for i in range(0, len(self), batch_size)
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -64,12 +69,17 @@ class FeatureCache:
         folder = None
         if where == "disk":
             folder = tempfile.TemporaryDirectory(prefix="msflow-features-")
-            arrays = [np.lib.format.open_memmap(Path(folder.name) / f"scale{i}.npy", mode="w+", dtype=np.float32,
-                                                shape=(n, *s)) for i, s in enumerate(shapes)]
+            arrays = [
+                np.lib.format.open_memmap(
+                    Path(folder.name) / f"scale{i}.npy", mode="w+", dtype=np.float32, shape=(n, *s)
+                )
+                for i, s in enumerate(shapes)
+            ]
         else:
             arrays = [np.empty((n, *s), dtype=np.float32) for s in shapes]
-        loader = DataLoader(ImageDataset(samples, model.config.image_size), batch_size=batch_size,
-                            num_workers=workers)
+        loader = DataLoader(
+            ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers
+        )
         start = 0
         for batch in tqdm(loader, desc="extract features", disable=not progress, leave=False):
             feats = model.extract(batch["image"].to(device))

@@ -28,7 +28,7 @@ ATAN_FACTOR = 0.636  # the official constant, ~2/pi, so that k maps onto (-alpha
 
 def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Average-pool x to ``size``; a plain strided pool when it divides evenly (ONNX-friendly)."""
-    h, w = x.shape[-2:]
+    h, w = int(x.shape[-2]), int(x.shape[-1])  # Python ints: a constant kernel when traced for ONNX
     if (h, w) == tuple(size):
         return x
     if h % size[0] == 0 and w % size[1] == 0:
@@ -134,4 +134,3 @@ class FusionFlow(nn.Module):
             log_det = log_det - k.sum(dim=(1, 2, 3))
         xs = [torch.cat([u, v], dim=1) for u, v in zip(us, vs, strict=True)]
         return [x[:, getattr(self, f"perm_inverse{level}")] for level, x in enumerate(xs)], log_det
-

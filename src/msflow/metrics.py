@@ -52,7 +52,7 @@ def _pairs(masks: MapsLike, maps: MapsLike) -> list[tuple[np.ndarray, np.ndarray
     if len(masks) != len(maps) or len(masks) == 0:
         raise DataError(f"masks ({shapes[0]}) and maps ({shapes[1]}) need the same number (> 0) of images")
     pairs = []
-    for i, (m, a) in enumerate(zip(masks, maps)):
+    for i, (m, a) in enumerate(zip(masks, maps, strict=False)):
         m, a = np.asarray(m), np.asarray(a)
         if m.ndim != 2 or m.shape != a.shape:
             raise DataError(f"image {i}: mask shape {m.shape} and map shape {a.shape} differ (or not 2-D)")
@@ -156,7 +156,10 @@ def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[n
 
 
 def aupro(
-    masks: MapsLike, maps: MapsLike, fpr_limit: float = 0.3, mode: str = "standard",
+    masks: MapsLike,
+    maps: MapsLike,
+    fpr_limit: float = 0.3,
+    mode: str = "standard",
     max_thresholds: int | None = None,
 ) -> float:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, in percent.
@@ -220,8 +223,9 @@ def aupro(
     return float(area / fpr_limit * 100.0)
 
 
-def _official_pro(s: np.ndarray, cum_neg: np.ndarray, cum_pro: np.ndarray, n_neg: int, lo: Any,
-                  fpr_limit: float) -> float:
+def _official_pro(
+    s: np.ndarray, cum_neg: np.ndarray, cum_pro: np.ndarray, n_neg: int, lo: Any, fpr_limit: float
+) -> float:
     """Official MSFlow PRO (spec §7 steps 1–7) from the sorted pixel table of :func:`aupro`."""
     hi = s[0]
     if hi == lo:
@@ -272,8 +276,12 @@ def per_defect_type(labels: Any, scores: Any, defect_types: Sequence[str]) -> di
 
 
 def evaluate(
-    labels: Any, scores: Any, defect_types: Sequence[str],
-    masks: MapsLike | None = None, maps: MapsLike | None = None, pro_mode: str = "standard",
+    labels: Any,
+    scores: Any,
+    defect_types: Sequence[str],
+    masks: MapsLike | None = None,
+    maps: MapsLike | None = None,
+    pro_mode: str = "standard",
     pro_maps: MapsLike | None = None,
 ) -> dict[str, Any]:
     """All metrics of one test set.
@@ -281,7 +289,7 @@ def evaluate(
     Returns:
         ``image_auroc``, ``image_f1_max`` (+ ``image_f1_threshold``), ``per_defect_type``
         (dict), and when masks are given also ``pixel_auroc``, ``pixel_f1_max``
-        (+ ``pixel_f1_threshold``) and ``aupro`` (with ``pro_mode``, on ``pro_maps`` if given).  Masks and maps may be
+        (+ ``pixel_f1_threshold``) and ``aupro`` (``pro_mode``, on ``pro_maps`` if given). Masks and maps may be
         (N, H, W) arrays or lists of per-image 2-D arrays (original resolution).
     """
     out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}

@@ -81,8 +81,15 @@ class MSFlow(nn.Module):
         sums: list[Tensor] | None = None
         for feats in feature_batches:
             stats = [
-                torch.stack([f.double().sum((0, 2, 3)), f.double().pow(2).sum((0, 2, 3)),
-                             torch.full((f.shape[1],), f.numel() / f.shape[1], dtype=torch.float64, device=f.device)])
+                torch.stack(
+                    [
+                        f.double().sum((0, 2, 3)),
+                        f.double().pow(2).sum((0, 2, 3)),
+                        torch.full(
+                            (f.shape[1],), f.numel() / f.shape[1], dtype=torch.float64, device=f.device
+                        ),
+                    ]
+                )
                 for f in feats
             ]
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
@@ -131,6 +138,7 @@ class MSFlow(nn.Module):
     # -- bookkeeping -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters of each part (the backbone has none)."""
+
         def count(module: nn.Module) -> int:
             return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

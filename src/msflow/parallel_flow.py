@@ -60,7 +60,8 @@ class ParallelFlow(nn.Module):
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            AffineCouplingBlock(channels, cond_channels, clamp_alpha, clamp, generator) for _ in range(num_blocks)
+            AffineCouplingBlock(channels, cond_channels, clamp_alpha, clamp, generator)
+            for _ in range(num_blocks)
         )
         self.register_buffer(
             "cond", positional_encoding_2d(cond_channels, height, width)[None], persistent=False
@@ -68,7 +69,9 @@ class ParallelFlow(nn.Module):
 
     def _cond(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != self.cond.shape[-2:]:
-            raise ValueError(f"feature map {tuple(x.shape[-2:])} does not match the flow's {tuple(self.cond.shape[-2:])}")
+            raise ValueError(
+                f"feature map {tuple(x.shape[-2:])} does not match the flow's {tuple(self.cond.shape[-2:])}"
+            )
         return self.cond.to(x.dtype)  # (1, D, H, W): blocks broadcast it over the batch
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

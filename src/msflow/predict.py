@@ -50,8 +50,14 @@ def _out_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def run_predict(detector: Detector, inputs: list[str], output: str | Path, batch_size: int = 8,
-                progress: bool = True, save_images: bool = True) -> dict:
+def run_predict(
+    detector: Detector,
+    inputs: list[str],
+    output: str | Path,
+    batch_size: int = 8,
+    progress: bool = True,
+    save_images: bool = True,
+) -> dict:
     """Predict every input; returns the summary (also written to ``output/summary.json``)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -75,8 +81,12 @@ def run_predict(detector: Detector, inputs: list[str], output: str | Path, batch
                 name = _out_name(f, used)
                 row = {"image": str(f), **res.summary()}
                 if save_images:
-                    report.save_overlay(output / f"{name}_overlay.png", arr, res.image_map,
-                                        pred_mask=res.mask if res.is_defective else None)
+                    report.save_overlay(
+                        output / f"{name}_overlay.png",
+                        arr,
+                        res.image_map,
+                        pred_mask=res.mask if res.is_defective else None,
+                    )
                     grey = (np.clip(res.anomaly_map / 3.0, 0, 1) * 65535).astype(np.uint16)
                     Image.fromarray(grey).save(output / f"{name}_map.png")
                     Image.fromarray((res.mask * 255).astype(np.uint8)).save(output / f"{name}_mask.png")
@@ -88,11 +98,17 @@ def run_predict(detector: Detector, inputs: list[str], output: str | Path, batch
         report.write_predictions_csv(output / "predictions.csv", rows)
     seconds = time.perf_counter() - start
     summary = {
-        "model": str(detector.meta.get("dataset", "")), "runtime": detector.runtime,
-        "threshold": detector.threshold.to_dict(), "images": len(files), "predicted": len(rows),
-        "defective": sum(r["decision"] == "defective" for r in rows), "failed": len(failures),
-        "failures": failures, "seconds": round(seconds, 3),
-        "images_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None, "predictions": rows,
+        "model": str(detector.meta.get("dataset", "")),
+        "runtime": detector.runtime,
+        "threshold": detector.threshold.to_dict(),
+        "images": len(files),
+        "predicted": len(rows),
+        "defective": sum(r["decision"] == "defective" for r in rows),
+        "failed": len(failures),
+        "failures": failures,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        "predictions": rows,
     }
     atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -26,8 +26,11 @@ PRED_COLOUR = (255, 0, 0)
 MISSING = "–"  # en dash, shown for None / NaN / absent values
 
 _METRIC_LABELS = (
-    ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
-    ("image_f1_max", "image F1-max"), ("pixel_f1_max", "pixel F1-max"),
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO"),
+    ("image_f1_max", "image F1-max"),
+    ("pixel_f1_max", "pixel F1-max"),
 )
 
 
@@ -189,7 +192,7 @@ def plot_loss_curve(path: str | Path, history: Sequence[Mapping[str, Any]]) -> P
     )
     if not points:
         return None
-    epochs, losses = zip(*points)
+    epochs, losses = zip(*points, strict=False)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     ax.plot(epochs, losses, marker="o", markersize=3)
@@ -286,6 +289,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     One line per known metric present (e.g. ``image AUROC     97.12``), then, if
     ``metrics["per_defect_type"]`` is set, one indented image-AUROC line per defect type.
     """
+
     def num(value: Any) -> str:
         return _cell(float(value) if _is_number(value) else value)
 

@@ -79,9 +79,11 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
-    (b"content-security-policy",
-     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-     b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
 ]
 
 
@@ -89,11 +91,15 @@ class BodyTooLarge(Exception):
     """Raised from ``receive`` when a request body goes past the cap (turned into a 413)."""
 
 
-def _json_error(status: int, detail: str, extra_headers: list[tuple[bytes, bytes]] | None = None
-                ) -> tuple[dict, bytes]:
+def _json_error(
+    status: int, detail: str, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[dict, bytes]:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *(extra_headers or [])]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra_headers or []),
+    ]
     return {"type": "http.response.start", "status": status, "headers": headers}, body
 
 
@@ -109,8 +115,9 @@ class GuardMiddleware:
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.max_body = int(max_body)
 
-    async def _reply(self, send: Send, status: int, detail: str,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _reply(
+        self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         start, body = _json_error(status, detail, headers)
         start["headers"] += SECURITY_HEADERS
         if status == 413:  # the rest of the body is not read: the connection cannot be reused
@@ -133,9 +140,12 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         if not self._authorised(scope):
-            await self._reply(send, 401,
-                              f"missing or invalid API key (send it in the {API_KEY_HEADER} header)",
-                              [(b"www-authenticate", API_KEY_HEADER.encode())])
+            await self._reply(
+                send,
+                401,
+                f"missing or invalid API key (send it in the {API_KEY_HEADER} header)",
+                [(b"www-authenticate", API_KEY_HEADER.encode())],
+            )
             return
         for key, value in scope.get("headers", []):
             if key.lower() == b"content-length":
@@ -194,15 +204,17 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             raise HTTPException(413, "image has too many pixels") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
             accepted = ", ".join(ALLOWED_FORMATS)
-            raise HTTPException(415, f"not an image, or an unsupported format (accepted: {accepted})"
-                                ) from None
+            raise HTTPException(
+                415, f"not an image, or an unsupported format (accepted: {accepted})"
+            ) from None
         with img:
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise HTTPException(415, f"image has no pixels ({width}x{height})")
             if width * height > max_pixels:
-                raise HTTPException(413, f"image is {width}x{height} = {width * height:,} pixels; "
-                                         f"the limit is {max_pixels:,}")
+                raise HTTPException(
+                    413, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
+                )
             try:
                 img.load()
             except Image.DecompressionBombError:
@@ -241,8 +253,9 @@ def _finite(value: Any) -> Any:
 
 def _static_assets() -> dict[str, tuple[bytes, str]]:
     root = resources.files("msflow") / "static"
-    assets = {name: (root.joinpath(fname).read_bytes(), media)
-              for name, (fname, media) in STATIC_FILES.items()}
+    assets = {
+        name: (root.joinpath(fname).read_bytes(), media) for name, (fname, media) in STATIC_FILES.items()
+    }
     assets["index.html"] = (root.joinpath("index.html").read_bytes(), "text/html; charset=utf-8")
     return assets
 
@@ -256,8 +269,9 @@ def create_app(
     """The FastAPI application serving ``detector`` (see the module docstring for the API)."""
     if max_upload_bytes <= 0:
         raise MSFlowError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
-    app = FastAPI(title="MSFlow anomaly detection", version=__version__,
-                  docs_url=None, redoc_url=None)  # the interactive docs load assets from a CDN
+    app = FastAPI(
+        title="MSFlow anomaly detection", version=__version__, docs_url=None, redoc_url=None
+    )  # the interactive docs load assets from a CDN
     app.state.detector = detector
     assets = _static_assets()
     # Decoding, the forward pass (serialised by the detector's lock anyway) and the overlay of at most
@@ -266,8 +280,10 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in exc.errors()]
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
         detail = detail or "invalid request"
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
@@ -299,15 +315,35 @@ def create_app(
     @app.get("/model")
     async def model_info() -> JSONResponse:
         meta = detector.meta or {}
-        return JSONResponse(_finite({
-            "config": detector.config.to_dict(), "metrics": meta.get("metrics"),
-            "threshold": detector.threshold.to_dict(), "dataset": meta.get("dataset"),
-            "msflow_version": meta.get("msflow_version", __version__), "runtime": detector.runtime,
-        }))
+        return JSONResponse(
+            _finite(
+                {
+                    "config": detector.config.to_dict(),
+                    "metrics": meta.get("metrics"),
+                    "threshold": detector.threshold.to_dict(),
+                    "dataset": meta.get("dataset"),
+                    "msflow_version": meta.get("msflow_version", __version__),
+                    "runtime": detector.runtime,
+                }
+            )
+        )
 
-    upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "string", "format": "binary", "description": "the image"}}}}}}}
+    upload_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": "the image"}
+                        },
+                    }
+                }
+            },
+        }
+    }
 
     @app.post("/predict", openapi_extra=upload_schema)
     async def predict(
@@ -359,12 +395,17 @@ def create_app(
         summary, png, parts = await run_in_threadpool(work)
         total_ms = round((time.perf_counter() - t0) * 1000.0, 2)
         result = _finite({**summary, "timing_ms": total_ms})
-        result["timing_detail_ms"] = {"read": round((t_read - t0) * 1000.0, 2),
-                                      **{k: round(v * 1000.0, 2) for k, v in parts.items()}}
+        result["timing_detail_ms"] = {
+            "read": round((t_read - t0) * 1000.0, 2),
+            **{k: round(v * 1000.0, 2) for k, v in parts.items()},
+        }
         if format == "png":
-            headers = {"X-MSFlow-Score": repr(summary["score"]), "X-MSFlow-Decision": summary["decision"],
-                       "X-MSFlow-Normalized-Score": repr(summary["normalized_score"]),
-                       "X-MSFlow-Timing-Ms": str(total_ms)}
+            headers = {
+                "X-MSFlow-Score": repr(summary["score"]),
+                "X-MSFlow-Decision": summary["decision"],
+                "X-MSFlow-Normalized-Score": repr(summary["normalized_score"]),
+                "X-MSFlow-Timing-Ms": str(total_ms),
+            }
             return Response(png, media_type="image/png", headers=headers)
         if png is not None:
             result["overlay_png"] = base64.b64encode(png).decode("ascii")
@@ -378,8 +419,15 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          runtime: str = "torch", max_upload_mb: float = 20.0, device: str = "auto") -> None:
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    runtime: str = "torch",
+    max_upload_mb: float = 20.0,
+    device: str = "auto",
+) -> None:
     """Load the run ``model`` and serve it with uvicorn until interrupted (``msflow serve``)."""
     import uvicorn
 
@@ -392,14 +440,19 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     app = create_app(detector, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     mc = detector.config.model
-    print(f"msflow serve: model '{model}' ({mc.backbone}, {mc.image_size} px, "
-          f"runtime {detector.runtime}, device {detector.device})")
+    print(
+        f"msflow serve: model '{model}' ({mc.backbone}, {mc.image_size} px, "
+        f"runtime {detector.runtime}, device {detector.device})"
+    )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    print(f"open http://{_url_host(shown)}:{port}/ in a browser "
-          "(API: POST /predict, GET /model, GET /health)")
+    print(
+        f"open http://{_url_host(shown)}:{port}/ in a browser (API: POST /predict, GET /model, GET /health)"
+    )
     if api_key:
         print(f"an API key is required: header {API_KEY_HEADER} (the web page has a field for it)")
     elif not loopback:
-        print(f"warning: listening on {host} without an API key; anyone who can reach it can use it "
-              f"(set --api-key or ${API_KEY_ENV})")
+        print(
+            f"warning: listening on {host} without an API key; anyone who can reach it can use it "
+            f"(set --api-key or ${API_KEY_ENV})"
+        )
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -76,7 +76,10 @@ def from_good_images(scores: np.ndarray, pixel_maps: list[np.ndarray], method: s
 
 
 def from_labelled(
-    scores: np.ndarray, labels: np.ndarray, pixel_maps: list[np.ndarray], masks: list[np.ndarray] | None,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    pixel_maps: list[np.ndarray],
+    masks: list[np.ndarray] | None,
     fallback_pixel: float,
 ) -> Threshold:
     """F1-optimal thresholds from a labelled validation set (pixel threshold only with masks)."""
@@ -87,5 +90,11 @@ def from_labelled(
     pixel_t = fallback_pixel
     if masks is not None:
         _, pixel_t = f1_max(_pixels(masks), _pixels(pixel_maps))
-    return Threshold(float(image_t), float(pixel_t), float(scores.min()), float(scores.max()), "validation-f1",
-                     int(scores.size))
+    return Threshold(
+        float(image_t),
+        float(pixel_t),
+        float(scores.min()),
+        float(scores.max()),
+        "validation-f1",
+        int(scores.size),
+    )

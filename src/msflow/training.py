@@ -25,7 +25,15 @@ from . import report
 from .checkpoint import atomic_write_bytes, load_tensors, save_model, save_tensors
 from .config import Config, save_yaml
 from .datasets import Sample, load_dataset, validate_samples
-from .engine import Predictions, StepHook, TrainState, predict_samples, resolve_device, seed_everything, train_flows
+from .engine import (
+    Predictions,
+    StepHook,
+    TrainState,
+    predict_samples,
+    resolve_device,
+    seed_everything,
+    train_flows,
+)
 from .errors import MSFlowError
 from .features import FeatureCache
 from .images import read_image, read_mask
@@ -47,15 +55,22 @@ def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list
     return [train[i] for i in keep], [train[i] for i in hold]
 
 
-def _save_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer, cfg: Config,
-                         state: TrainState) -> None:
+def _save_training_state(
+    run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer, cfg: Config, state: TrainState
+) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     opt = optimizer.state_dict()
     for i, s in opt["state"].items():
         for key, value in s.items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-    meta = {"config": cfg.to_dict(), "param_groups": opt["param_groups"], "epoch": state.epoch,
-            "lr_scale": state.lr_scale, "bad_events": state.bad_events, "history": state.history}
+    meta = {
+        "config": cfg.to_dict(),
+        "param_groups": opt["param_groups"],
+        "epoch": state.epoch,
+        "lr_scale": state.lr_scale,
+        "bad_events": state.bad_events,
+        "history": state.history,
+    }
     if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
         raise MSFlowError("refusing to write a checkpoint that holds NaN or inf")
     save_tensors(tensors, meta, run_dir / "checkpoint" / "last")
@@ -74,25 +89,43 @@ def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Op
 
 
 def _masks_for(samples: list[Sample], maps: list[np.ndarray]) -> list[np.ndarray]:
-    return [read_mask(s.mask) if s.mask is not None else np.zeros(m.shape, bool) for s, m in zip(samples, maps)]
+    return [
+        read_mask(s.mask) if s.mask is not None else np.zeros(m.shape, bool)
+        for s, m in zip(samples, maps, strict=True)
+    ]
 
 
 def test_metrics(preds: Predictions, samples: list[Sample], pro_mode: str = "standard") -> dict:
     """Image metrics always; pixel metrics and AUPRO when the set has masks (at original resolution)."""
     has_masks = any(s.mask is not None for s in samples) and bool(preds.pixel_maps)
     masks = _masks_for(samples, preds.pixel_maps) if has_masks else None
-    return evaluate(preds.labels, preds.scores, preds.defect_types, masks=masks,
-                    maps=preds.pixel_maps if has_masks else None,
-                    pro_maps=preds.image_maps if has_masks else None, pro_mode=pro_mode)
+    return evaluate(
+        preds.labels,
+        preds.scores,
+        preds.defect_types,
+        masks=masks,
+        maps=preds.pixel_maps if has_masks else None,
+        pro_maps=preds.image_maps if has_masks else None,
+        pro_mode=pro_mode,
+    )
 
 
-def write_test_report(run_dir: Path, samples: list[Sample], preds: Predictions, threshold: Threshold,
-                      metrics: dict | None) -> None:
+def write_test_report(
+    run_dir: Path, samples: list[Sample], preds: Predictions, threshold: Threshold, metrics: dict | None
+) -> None:
     """Per-image CSV, overlays for a sample of images, score histogram and metrics.json."""
     normalized = threshold.normalize(preds.scores)
-    rows = [{"image": str(s.image), "label": s.label, "defect_type": s.defect_type, "score": float(sc),
-             "normalized_score": float(ns), "decision": "defective" if sc >= threshold.image else "good"}
-            for s, sc, ns in zip(samples, preds.scores, normalized, strict=True)]
+    rows = [
+        {
+            "image": str(s.image),
+            "label": s.label,
+            "defect_type": s.defect_type,
+            "score": float(sc),
+            "normalized_score": float(ns),
+            "decision": "defective" if sc >= threshold.image else "good",
+        }
+        for s, sc, ns in zip(samples, preds.scores, normalized, strict=True)
+    ]
     report.write_predictions_csv(run_dir / "predictions.csv", rows)
     report.plot_score_histogram(run_dir / "score_histogram.png", preds.scores, preds.labels, threshold.image)
     if metrics is not None:
@@ -100,14 +133,21 @@ def write_test_report(run_dir: Path, samples: list[Sample], preds: Predictions, 
     if not preds.image_maps:
         return
     # A fixed, spread-out sample: defective images first (that is where the maps matter), then good ones.
-    order = [i for i, s in enumerate(samples) if s.label == 1] + [i for i, s in enumerate(samples) if s.label == 0]
+    order = [i for i, s in enumerate(samples) if s.label == 1] + [
+        i for i, s in enumerate(samples) if s.label == 0
+    ]
     step = max(1, len(order) // NUM_OVERLAYS)
     for i in order[::step][:NUM_OVERLAYS]:
         s = samples[i]
         pred_mask = preds.pixel_maps[i] >= threshold.pixel if preds.scores[i] >= threshold.image else None
         gt = read_mask(s.mask) if s.mask is not None else None
-        report.save_overlay(run_dir / "overlays" / f"{i:04d}_{s.defect_type}_{s.image.stem}.png",
-                            np.asarray(read_image(s.image)), preds.image_maps[i], gt_mask=gt, pred_mask=pred_mask)
+        report.save_overlay(
+            run_dir / "overlays" / f"{i:04d}_{s.defect_type}_{s.image.stem}.png",
+            np.asarray(read_image(s.image)),
+            preds.image_maps[i],
+            gt_mask=gt,
+            pred_mask=pred_mask,
+        )
 
 
 def fit(
@@ -145,18 +185,24 @@ def fit(
 
     model = MSFlow(cfg.model).to(device)
     start = time.perf_counter()
-    cache = FeatureCache.build(model, fit_samples, device, cfg.train.batch_size, cfg.train.cache,
-                               cfg.data.workers, progress)
+    cache = FeatureCache.build(
+        model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress
+    )
     extract_seconds = time.perf_counter() - start
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
 
     def on_epoch_end(state: TrainState) -> None:
         entry = state.history[-1]
-        if cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0 and state.epoch < cfg.train.epochs:
+        if (
+            cfg.train.eval_every
+            and state.epoch % cfg.train.eval_every == 0
+            and state.epoch < cfg.train.epochs
+        ):
             # Logged only, never used to pick a checkpoint (spec B14).
-            entry["test"] = test_metrics(predict_samples(model, test, device, cfg.train.batch_size,
-                                                         progress=False), test)
+            entry["test"] = test_metrics(
+                predict_samples(model, test, device, cfg.train.batch_size, progress=False), test
+            )
             model.train()
         with (run_dir / "train_log.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -168,27 +214,39 @@ def fit(
     train_seconds = time.perf_counter() - start
     model.eval()
     model.calibrate_global_normalization(
-        [[f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size)])
+        [[f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size)]
+    )
 
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    calib = predict_samples(model, calib_samples, device, cfg.train.batch_size, progress=progress,
-                            desc="calibrate")
+    calib = predict_samples(
+        model, calib_samples, device, cfg.train.batch_size, progress=progress, desc="calibrate"
+    )
     threshold = from_good_images(calib.scores, calib.pixel_maps, "holdout" if holdout else "train")
     if validation:
         threshold = calibrate_on_folder(model, validation, device, cfg.train.batch_size, threshold, progress)
     preds = predict_samples(model, test, device, cfg.train.batch_size, progress=progress, desc="test")
     metrics = test_metrics(preds, test)
-    metrics.update(dataset=name, epochs=state.epoch, train_seconds=round(train_seconds, 2),
-                   feature_extraction_seconds=round(extract_seconds, 2), test_images_per_second=round(
-                       len(test) / max(preds.seconds, 1e-9), 2))
+    metrics.update(
+        dataset=name,
+        epochs=state.epoch,
+        train_seconds=round(train_seconds, 2),
+        feature_extraction_seconds=round(extract_seconds, 2),
+        test_images_per_second=round(len(test) / max(preds.seconds, 1e-9), 2),
+    )
     save_model(model, cfg, run_dir / "model", threshold=threshold.to_dict(), metrics=metrics, dataset=name)
     write_test_report(run_dir, test, preds, threshold, metrics)
     report.plot_loss_curve(run_dir / "loss_curve.png", state.history)
     return metrics
 
 
-def calibrate_on_folder(model: MSFlow, folder: str, device: torch.device, batch_size: int, fallback: Threshold,
-                        progress: bool = True) -> Threshold:
+def calibrate_on_folder(
+    model: MSFlow,
+    folder: str,
+    device: torch.device,
+    batch_size: int,
+    fallback: Threshold,
+    progress: bool = True,
+) -> Threshold:
     """F1-optimal thresholds on a labelled folder in MVTec layout (its test/ part)."""
     _, _, samples = load_dataset(folder)
     validate_samples(samples, f"validation set '{folder}'")
