@@ -176,3 +176,11 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path, data: Path) -> No
 
     with pytest.raises(MSFlowError, match="nothing to resume"):
         fit(tiny_config(data), tmp_path / "none", resume=True, progress=False)
+
+
+def test_short_schedules_warm_up_and_decay_at_the_same_relative_points() -> None:
+    cfg = TrainConfig(epochs=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(2, cfg) == pytest.approx(1.0)  # warm-up ends at 1.2 epochs
+    assert lr_factor(7, cfg) == pytest.approx(0.33)
+    assert lr_factor(9, cfg) == pytest.approx(0.33**2)

@@ -832,6 +832,8 @@ def format_report(res: dict) -> str:
         f"MSFlow bench: {p['backbone']} ({'ImageNet' if p['pretrained'] else 'random'} weights), "
         f"{p['image_size']} px, batch {p['batch_size']}, {p['images']} images, {p['epochs']} epochs, "
         f"{p['device_resolved']}, {p['torch_threads']} torch threads, fp32",
+        f"other processes kept {p['busy_cores_before']:.1f} of {p['cpu_count']} cores busy before the start, "
+        f"{p['busy_cores_during']:.1f} on average during the run",
         "",
         "Training" + row("", "ours", "reference", "ratio")[8:],
         row("feature extraction, once (img/s)", f"{o['extract_img_per_s']:.2f}", "-"),
@@ -1047,6 +1049,31 @@ def resolve_params(args: argparse.Namespace) -> dict:
     return params
 
 
+def _cpu_counters() -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))  # guest is in user
+    mine = os.times()
+    return time.monotonic(), busy, mine.user + mine.system + mine.children_user + mine.children_system
+
+
+def _other_cpu_load(since: tuple[float, float, float] | None = None) -> dict:
+    """Cores kept busy by other processes: over a 1 s sample now, or on average since ``since``."""
+    import psutil
+
+    cores = psutil.cpu_count() or os.cpu_count() or 1
+    if since is None:
+        since = _cpu_counters()
+        time.sleep(1.0)
+    now = _cpu_counters()
+    wall = max(now[0] - since[0], 1e-9)
+    others = max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / wall
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cores": cores, "busy_cores": round(min(others, cores), 2), "load_average": load}
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Run every phase, print the table and write the JSON (``args.output``); returns the results."""
     import torch
@@ -1058,11 +1085,18 @@ def run_bench(args: argparse.Namespace) -> dict:
     if device.type not in ("cpu", "cuda"):
         raise MSFlowError(f"bench: device '{device.type}' is not supported (use --device cpu or cuda)")
     p["device"] = device.type
+    busy = _other_cpu_load()
+    counters = _cpu_counters()
     start = time.perf_counter()
     _log(
         f"msflow bench: {p['backbone']}, {p['image_size']} px, batch {p['batch_size']}, {p['images']} images "
         f"on {device.type} (phases run in fresh processes; timings on a busy machine are noisy)"
     )
+    if busy["busy_cores"] >= 0.5:
+        _log(
+            f"warning: other processes keep {busy['busy_cores']:.1f} of {busy['cores']} cores busy. Timings "
+            f"will be noisy, and torch's OpenMP threads stall when they share cores (try --threads 1)."
+        )
     _log("[1/4] training, ours: feature extraction once + flows from the cache")
     ours = run_phase("train_ours", p)
     _log("[2/4] training, reference: backbone fwd+bwd every step, per-batch positional encodings")
@@ -1081,6 +1115,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             "torch_threads": inf["torch_threads"],
             "torch_version": torch.__version__,
             "cpu_count": os.cpu_count(),
+            "busy_cores_before": busy["busy_cores"],
+            "load_average_before": busy["load_average"],
+            "busy_cores_during": _other_cpu_load(since=counters)["busy_cores"],
         },
         "training": _training_summary(ours, ref, p),
         "inference": inference,

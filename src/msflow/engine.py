@@ -59,11 +59,12 @@ def lr_factor(epoch: int, cfg: TrainConfig) -> float:
     """Learning-rate multiplier for 0-based ``epoch``: linear warm-up times multi-step decay.
 
     The official code steps LinearLR(0.1 -> 1, 12 sub-epochs) and MultiStepLR([70, 90], 0.33) once per
-    sub-epoch; with ``decay_at`` = (0.7, 0.9) of 100 epochs this reproduces it exactly.
+    sub-epoch; with ``warmup`` = 0.12 and ``decay_at`` = (0.7, 0.9) of 100 epochs this reproduces it exactly.
     """
     warm = 1.0
-    if cfg.warmup_epochs > 0:
-        warm = cfg.warmup_from + (1 - cfg.warmup_from) * min(epoch, cfg.warmup_epochs) / cfg.warmup_epochs
+    warmup_epochs = cfg.warmup * cfg.epochs
+    if warmup_epochs > 0:
+        warm = cfg.warmup_from + (1 - cfg.warmup_from) * min(epoch, warmup_epochs) / warmup_epochs
     milestones = [round(f * cfg.epochs) for f in cfg.decay_at]
     return warm * cfg.decay_gamma ** sum(epoch >= m for m in milestones)
 
