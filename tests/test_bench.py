@@ -118,6 +118,7 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
         _positive_numbers(inf[name], ["img_per_s", "latency_ms"])
     _positive_numbers(inf, ["torch_speedup"])
     assert inf["onnx"] is None and "skipped" in inf["onnx_note"]
+    assert inf["reference_max_score_difference"] < 1e-3  # the reference path scores like the model
     _positive_numbers(
         res["memory"], ["train_ours_peak_bytes", "train_reference_peak_bytes", "inference_peak_bytes"]
     )

@@ -448,7 +448,7 @@ def phase_inference(p: dict) -> dict:
             return model.predict(x)
 
     # Ours alone first, so that this phase's peak RSS up to here is our inference's own.
-    torch_predict(batch)
+    torch_scores = torch_predict(batch).scores.float().cpu()
     torch_predict(single)
     out: dict[str, Any] = {"setup_rss_bytes": setup_rss, "peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
@@ -489,9 +489,12 @@ def phase_inference(p: dict) -> dict:
         except Exception as err:  # noqa: BLE001 - the ONNX part is optional
             onnx_note = f"skipped: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
             _log(f"  ONNX {onnx_note}")
-    runners["reference"](batch)  # batch warm-up of the reference (ours and onnx are warm)
+    # Batch warm-ups, which also check that every runtime gives our scores.
+    ref_scores = runners["reference"](batch).scores.float().cpu()
+    out["reference_max_score_difference"] = float((ref_scores - torch_scores).abs().max())
     if "onnx" in runners:
-        runners["onnx"](batch)
+        onnx_scores = torch.from_numpy(runners["onnx"](batch)[0]).float()
+        out["onnx_max_score_difference"] = float((onnx_scores - torch_scores).abs().max())
 
     # Interleaved rounds, so that load from other processes hits every runtime alike; medians.
     times: dict[str, dict[str, list[float]]] = {k: {"batch": [], "single": []} for k in runners}
@@ -730,6 +733,8 @@ def _inference_summary(inf: dict, p: dict) -> dict:
             out[name] = {"img_per_s": inf[name]["img_per_s"], "latency_ms": inf[name]["latency_ms"]}
     out["onnx"] = out.get("onnx")
     out["onnx_note"] = inf.get("onnx_note")
+    out["reference_max_score_difference"] = inf["reference_max_score_difference"]
+    out["onnx_max_score_difference"] = inf.get("onnx_max_score_difference")
     out["torch_speedup"] = out["torch"]["img_per_s"] / out["reference"]["img_per_s"]
     out["torch_latency_speedup"] = out["reference"]["latency_ms"] / out["torch"]["latency_ms"]
     if out["onnx"]:
@@ -895,6 +900,10 @@ def format_report(res: dict) -> str:
             f"{inf['onnx_latency_speedup']:.2f}x" if inf.get("onnx") else "-",
         ),
     ]
+    lines.append(
+        f"  same scores: reference vs torch max |difference| {inf['reference_max_score_difference']:.1e}"
+        + (f", onnx vs torch {inf['onnx_max_score_difference']:.1e}" if inf.get("onnx") else "")
+    )
     if inf.get("onnx_note"):
         lines.append(f"  onnx: {inf['onnx_note']}")
     elif inf.get("onnx"):
