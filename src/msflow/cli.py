@@ -120,6 +120,8 @@ def cmd_test(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, cfg, meta = load_model(args.model, device)
+    if args.normalization:  # both references are calibrated at training time, so either mode works
+        model.anomaly.normalization = args.normalization
     name, _, test = load_dataset(args.data or cfg.data.dataset)
     validate_samples(test, f"test set of '{name}'")
     preds = predict_samples(model, test, device, args.batch_size, progress=not args.quiet, desc="test")
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="category folder (default: the run's own dataset)")
     p.add_argument("--output")
     p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
+    p.add_argument("--normalization", choices=["per_image", "global"], help="override the run normalisation")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")

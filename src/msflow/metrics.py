@@ -289,7 +289,7 @@ def evaluate(
     Returns:
         ``image_auroc``, ``image_f1_max`` (+ ``image_f1_threshold``), ``per_defect_type``
         (dict), and when masks are given also ``pixel_auroc``, ``pixel_f1_max``
-        (+ ``pixel_f1_threshold``) and ``aupro`` (``pro_mode``, on ``pro_maps`` if given). Masks and maps may be
+        (+ ``pixel_f1_threshold``) and ``aupro`` (``pro_mode``, on ``pro_maps`` if given). Masks, maps may be
         (N, H, W) arrays or lists of per-image 2-D arrays (original resolution).
     """
     out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
