@@ -116,7 +116,7 @@ def cmd_test(args: argparse.Namespace) -> None:
     from .engine import predict_samples, resolve_device
     from .report import format_metrics
     from .threshold import Threshold
-    from .training import test_metrics, write_test_report
+    from .training import evaluate_predictions, write_test_report
 
     device = resolve_device(args.device)
     model, cfg, meta = load_model(args.model, device)
@@ -125,7 +125,7 @@ def cmd_test(args: argparse.Namespace) -> None:
     name, _, test = load_dataset(args.data or cfg.data.dataset)
     validate_samples(test, f"test set of '{name}'")
     preds = predict_samples(model, test, device, args.batch_size, progress=not args.quiet, desc="test")
-    metrics = test_metrics(preds, test, pro_mode=args.pro_mode)
+    metrics = evaluate_predictions(preds, test, pro_mode=args.pro_mode)
     metrics["dataset"] = name
     out = Path(args.output or Path(args.model) / f"test-{name}")
     out.mkdir(parents=True, exist_ok=True)

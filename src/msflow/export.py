@@ -22,8 +22,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .checkpoint import atomic_write_bytes
 from .errors import CheckpointError, DataError
 from .model import MSFlow
 
@@ -78,23 +77,6 @@ def _digest(model_proto: Any) -> str:
     for key, value in sorted((p.key, p.value) for p in model_proto.metadata_props if p.key != _HASH_KEY):
         h.update(f"\0{key}\0{value}".encode())
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file next to ``path``, flush it to disk, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def export_onnx(
@@ -183,7 +165,7 @@ def export_onnx(
     proto.metadata_props.add(key=_HASH_KEY, value=_digest(proto))  # last: a cut file loses it first
     proto.producer_name, proto.producer_version = "msflow", __version__
     onnx.checker.check_model(proto)
-    _write_atomic(path, proto.SerializeToString())
+    atomic_write_bytes(path, proto.SerializeToString())
     return path
 
 

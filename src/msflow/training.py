@@ -95,7 +95,7 @@ def _masks_for(samples: list[Sample], maps: list[np.ndarray]) -> list[np.ndarray
     ]
 
 
-def test_metrics(preds: Predictions, samples: list[Sample], pro_mode: str = "standard") -> dict:
+def evaluate_predictions(preds: Predictions, samples: list[Sample], pro_mode: str = "standard") -> dict:
     """Image metrics always; pixel metrics and AUPRO when the set has masks (at original resolution)."""
     has_masks = any(s.mask is not None for s in samples) and bool(preds.pixel_maps)
     masks = _masks_for(samples, preds.pixel_maps) if has_masks else None
@@ -200,7 +200,7 @@ def fit(
             and state.epoch < cfg.train.epochs
         ):
             # Logged only, never used to pick a checkpoint (spec B14).
-            entry["test"] = test_metrics(
+            entry["test"] = evaluate_predictions(
                 predict_samples(model, test, device, cfg.train.batch_size, progress=False), test
             )
             model.train()
@@ -225,7 +225,7 @@ def fit(
     if validation:
         threshold = calibrate_on_folder(model, validation, device, cfg.train.batch_size, threshold, progress)
     preds = predict_samples(model, test, device, cfg.train.batch_size, progress=progress, desc="test")
-    metrics = test_metrics(preds, test)
+    metrics = evaluate_predictions(preds, test)
     metrics.update(
         dataset=name,
         epochs=state.epoch,
