@@ -11,7 +11,7 @@ from msflow.metrics import aupro, evaluate, f1_max, image_auroc, per_defect_type
 
 try:
     from aupro_reference import aupro_official_reference, aupro_standard_reference
-except ImportError:  # tests/ became a package: pytest then imports it as tests.evaluate_predictions
+except ImportError:  # tests/ became a package: pytest then imports it as tests.test_metrics
     from .aupro_reference import aupro_official_reference, aupro_standard_reference
 
 
