@@ -184,3 +184,28 @@ def test_short_schedules_warm_up_and_decay_at_the_same_relative_points() -> None
     assert lr_factor(2, cfg) == pytest.approx(1.0)  # warm-up ends at 1.2 epochs
     assert lr_factor(7, cfg) == pytest.approx(0.33)
     assert lr_factor(9, cfg) == pytest.approx(0.33**2)
+
+
+def test_cpu_bf16_loss_stays_close_to_float32() -> None:
+    """The design guide's AMP rule: the reduced-precision loss matches float32 within a stated tolerance."""
+    from msflow.config import ModelConfig
+    from msflow.loss import nll
+    from msflow.model import MSFlow
+
+    torch.manual_seed(0)
+    model = MSFlow(ModelConfig(backbone="resnet18", pretrained=False, image_size=64))
+    feats = [torch.randn(4, *s) for s in model.feature_shapes]
+    out = model.flow(feats)
+    reference = nll(out.zs, out.log_det).mean().item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.flow(feats)
+    low = nll([z.float() for z in out.zs], out.log_det.float()).mean().item()
+    assert abs(low - reference) <= 1e-3 * abs(reference)
+
+
+def test_cpu_bf16_training_runs_and_learns(data: Path, tmp_path: Path) -> None:
+    metrics = fit(
+        tiny_config(data, epochs=2, cpu_bf16=True), tmp_path / "bf16", progress=False, log=lambda _: None
+    )
+    _, meta = load_tensors(tmp_path / "bf16" / "checkpoint" / "last")
+    assert meta["history"][1]["loss"] < meta["history"][0]["loss"] and math.isfinite(metrics["image_auroc"])

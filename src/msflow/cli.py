@@ -33,6 +33,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-fraction", type=float, help="good training images held out for the threshold")
     p.add_argument("--cache", choices=["auto", "memory", "disk"])
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 flows on the CPU (fast with AMX)")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
@@ -56,6 +57,7 @@ def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Co
             "eval_every": args.eval_every,
             "cache": args.cache,
             "amp": False if args.no_amp else None,
+            "cpu_bf16": True if args.cpu_bf16 else None,
         },
     )
 

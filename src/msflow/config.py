@@ -108,7 +108,11 @@ class TrainConfig:
     decay_gamma: float = 0.33  # spec
     grad_clip: float = 2.0  # spec: clip_grad_norm_ max_norm 2
     seed: int = 9826  # spec
-    amp: bool = True  # spec offers AMP; ours: on by default on CUDA, always off on the CPU
+    amp: bool = True  # spec offers AMP (float16 + GradScaler); ours: on by default on CUDA
+    # ours: bfloat16 autocast of the flows on the CPU, off by default (float32 is the reference). On
+    # CPUs with bf16 matrix units (Intel AMX, avx512_bf16) a training step is ~2.5x faster; the loss
+    # stays within 1e-3 relative of float32 (tests/test_training.py).
+    cpu_bf16: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     eval_every: int = 0  # ours: evaluate every N epochs for the log only; 0 = only at the end (spec B14)
     cache: Literal["auto", "memory", "disk"] = "auto"  # ours: where the cached features live

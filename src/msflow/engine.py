@@ -99,7 +99,8 @@ def train_flows(
         on_epoch_end: called after every epoch (checkpointing, optional evaluation).
         step_hook: ``(epoch, step, feats) -> feats``, a seam for fault-injection tests.
     """
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
+    use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     params = model.trainable_parameters()
     good = _snapshot(model, optimizer)
@@ -117,7 +118,9 @@ def train_flows(
             feats = [f.to(device, non_blocking=True) for f in cache.batch(idx)]
             if step_hook is not None:
                 feats = step_hook(epoch, step, feats)
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16 if use_bf16 else None, enabled=use_amp or use_bf16
+            ):
                 out = model.flow(feats)
             # The loss is summed over ~10^5-10^6 dims: compute it in float32 even under AMP.
             loss = nll([z.float() for z in out.zs], out.log_det.float()).mean()
