@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from msflow import ModelConfig, MSFlow
-from msflow.bench import (
+from msflow.bench import synthetic_maps
+from msflow.bench_reference import (
     ReferencePath,
     official_pro_loop,
     one_hot_permutation,
     reference_block_forward,
-    synthetic_maps,
 )
 from msflow.cli import main
 from msflow.coupling import AffineCouplingBlock

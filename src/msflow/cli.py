@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the offline default on built-in data (~minutes on a CPU)")
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
