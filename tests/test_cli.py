@@ -221,3 +221,18 @@ def test_errors_are_one_line_and_name_the_culprit(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_onnx_runtime_refuses_an_export_of_another_model(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from msflow.checkpoint import load_model
+    from msflow.detector import Detector
+    from msflow.errors import MSFlowError
+    from msflow.export import export_onnx
+
+    _, run = trained
+    model, _, _ = load_model(run)
+    export_onnx(model, run / "model.onnx")  # no checkpoint digest: as if exported from another run
+    with pytest.raises(MSFlowError, match="not exported from this model"):
+        Detector.load(run, device="cpu", runtime="onnx")
+    assert main(["export", "--model", str(run)]) == 0
+    assert Detector.load(run, device="cpu", runtime="onnx").runtime == "onnx"

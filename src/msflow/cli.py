@@ -158,9 +158,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .export import export_onnx
 
-    model, cfg, _ = load_model(args.model)
+    model, cfg, meta = load_model(args.model)
     out = Path(args.output) if args.output else Path(args.model) / "model.onnx"
-    export_onnx(model, out)
+    # The checkpoint's digest lets `--runtime onnx` refuse an export of another (older) model.
+    export_onnx(model, out, metadata={"checkpoint_sha256": meta["sha256"]})
     print(f"exported {out}")
 
 

@@ -108,6 +108,10 @@ class Detector:
             if not onnx_path.is_file():
                 raise MSFlowError(f"no '{onnx_path}': run 'msflow export --model {run}' first")
             model = OnnxModel(onnx_path)
+            if model.metadata.get("checkpoint_sha256") != meta["sha256"]:
+                raise MSFlowError(
+                    f"'{onnx_path}' was not exported from this model; run 'msflow export' again"
+                )
         elif runtime != "torch":
             raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
         return cls(model, config, threshold, meta, torch_device, runtime)

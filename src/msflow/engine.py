@@ -10,7 +10,6 @@ once into a :class:`~msflow.features.FeatureCache` and the flows train from it; 
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from collections.abc import Callable
@@ -239,12 +238,4 @@ def predict_samples(
         pixel_maps=pixel_maps,
         image_maps=image_maps,
         seconds=time.perf_counter() - start,
-    )
-
-
-def is_finite_model(model: MSFlow) -> bool:
-    return all(
-        math.isfinite(float(v.float().abs().sum()))
-        for v in model.state_dict().values()
-        if v.is_floating_point()
     )
