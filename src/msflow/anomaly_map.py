@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,6 +39,14 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+
+
+def to_original_size(anomaly_map: Tensor, height: int, width: int) -> np.ndarray:
+    """One (S, S) map back to its image's (height, width), bilinear, as a float32 numpy array."""
+    resized = F.interpolate(
+        anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+    )
+    return resized[0, 0].cpu().numpy()
 
 
 def _image_max(x: Tensor) -> Tensor:

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from .anomaly_map import to_original_size
 from .checkpoint import load_model
 from .config import Config
 from .engine import resolve_device
@@ -149,13 +149,7 @@ class Detector:
         for im, score, pmap, imap in zip(pils, scores, pixel_maps, image_maps, strict=True):
             w, h = im.size
             pmap, imap = (
-                F.interpolate(
-                    torch.from_numpy(np.ascontiguousarray(m))[None, None].float(),
-                    size=(h, w),
-                    mode="bilinear",
-                    align_corners=False,
-                )[0, 0].numpy()
-                for m in (pmap, imap)
+                to_original_size(torch.from_numpy(np.ascontiguousarray(m)), h, w) for m in (pmap, imap)
             )
             defective = bool(score >= self.threshold.image)
             mask = (pmap >= self.threshold.pixel) if defective else np.zeros((h, w), bool)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .anomaly_map import to_original_size
 from .config import TrainConfig
 from .datasets import ImageDataset, Sample
 from .errors import MSFlowError
@@ -226,11 +226,8 @@ def predict_samples(
         scores.append(out.scores.float().cpu())
         if keep_maps:
             for i, (w, h) in enumerate(batch["original_size"].tolist()):
-                for maps, dest in ((out.pixel_map, pixel_maps), (out.image_map, image_maps)):
-                    resized = F.interpolate(
-                        maps[i : i + 1, None].float(), size=(h, w), mode="bilinear", align_corners=False
-                    )
-                    dest.append(resized[0, 0].cpu().numpy())
+                pixel_maps.append(to_original_size(out.pixel_map[i], h, w))
+                image_maps.append(to_original_size(out.image_map[i], h, w))
     return Predictions(
         scores=torch.cat(scores).numpy() if scores else np.zeros(0),
         labels=np.array([s.label for s in samples]),
