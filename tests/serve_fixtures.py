@@ -34,10 +34,10 @@ def build_run(root: Path) -> Path:
     """Save an untrained 64-px resnet18 MSFlow as a run folder under ``root`` (a few seconds on a CPU)."""
     import torch
 
-    from msflow.checkpoint import save_model
     from msflow.config import Config
-    from msflow.model import MSFlow
-    from msflow.threshold import Threshold
+    from msflow.evaluate.threshold import Threshold
+    from msflow.model.checkpoint import save_model
+    from msflow.model.msflow import MSFlow
 
     run_dir = root / "run"
     run_dir.mkdir(parents=True, exist_ok=True)

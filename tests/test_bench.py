@@ -17,9 +17,9 @@ from msflow.bench_reference import (
     reference_block_forward,
 )
 from msflow.cli import main
-from msflow.coupling import AffineCouplingBlock
-from msflow.metrics import aupro
-from msflow.parallel_flow import positional_encoding_2d
+from msflow.evaluate.metrics import aupro
+from msflow.model.coupling import AffineCouplingBlock
+from msflow.model.parallel_flow import positional_encoding_2d
 
 
 @pytest.fixture

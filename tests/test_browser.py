@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from msflow.serve import create_app
+from msflow.infer.serve import create_app
 
 try:
     from serve_fixtures import detector, png_bytes, running_server  # noqa: F401

@@ -224,10 +224,10 @@ def test_errors_are_one_line_and_name_the_culprit(
 
 
 def test_onnx_runtime_refuses_an_export_of_another_model(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    from msflow.checkpoint import load_model
     from msflow.detector import Detector
     from msflow.errors import MSFlowError
-    from msflow.export import export_onnx
+    from msflow.infer.export import export_onnx
+    from msflow.model.checkpoint import load_model
 
     _, run = trained
     model, _, _ = load_model(run)

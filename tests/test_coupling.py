@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from msflow.coupling import AffineCouplingBlock
+from msflow.model.coupling import AffineCouplingBlock
 
 try:
     from flow_helpers import assert_log_det_matches, brute_force_log_det, perturb_coupling_

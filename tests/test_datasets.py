@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from msflow import datasets
-from msflow.datasets import (
+from msflow.data import datasets
+from msflow.data.datasets import (
     MVTEC_CATEGORIES,
     VISA_CATEGORIES,
     ImageDataset,

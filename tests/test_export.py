@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from msflow import ModelConfig, MSFlow, __version__
 from msflow.errors import CheckpointError, DataError
-from msflow.export import OUTPUT_NAMES, OnnxModel, export_onnx
+from msflow.infer.export import OUTPUT_NAMES, OnnxModel, export_onnx
 
 SIZE = 64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msflow.fusion_flow import FusionFlow
+from msflow.model.fusion_flow import FusionFlow
 
 try:
     from flow_helpers import assert_log_det_matches, brute_force_log_det_multi, perturb_all_

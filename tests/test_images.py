@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from msflow.errors import DataError
-from msflow.images import (
+from msflow.data.images import (
     IMAGE_EXTENSIONS,
     list_images,
     mask_to_tensor,
@@ -22,6 +21,7 @@ from msflow.images import (
     to_rgb,
     to_tensor,
 )
+from msflow.errors import DataError
 
 
 def _noise(h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from msflow.fusion_flow import FusionFlow
-from msflow.loss import nll
-from msflow.parallel_flow import ParallelFlow
+from msflow.model.fusion_flow import FusionFlow
+from msflow.model.loss import nll
+from msflow.model.parallel_flow import ParallelFlow
 
 try:
     from flow_helpers import perturb_coupling_

@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from msflow.errors import DataError
-from msflow.metrics import aupro, evaluate, f1_max, image_auroc, per_defect_type, pixel_auroc
+from msflow.evaluate.metrics import aupro, evaluate, f1_max, image_auroc, per_defect_type, pixel_auroc
 
 try:
     from aupro_reference import aupro_official_reference, aupro_standard_reference

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from msflow import ModelConfig, MSFlow
-from msflow.backbone import FeatureExtractor
-from msflow.loss import nll
+from msflow.model.backbone import FeatureExtractor
+from msflow.model.loss import nll
 
 try:
     from flow_helpers import perturb_coupling_

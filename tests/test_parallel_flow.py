@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import msflow.parallel_flow as parallel_flow
-from msflow.parallel_flow import ParallelFlow, positional_encoding_2d
+import msflow.model.parallel_flow as parallel_flow
+from msflow.model.parallel_flow import ParallelFlow, positional_encoding_2d
 
 try:
     from flow_helpers import assert_log_det_matches, brute_force_log_det, perturb_coupling_

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msflow.report import (
+from msflow.evaluate.report import (
     format_metrics,
     jet_overlay,
     metrics_table,

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from msflow.serve import create_app, decode_upload
+from msflow.infer.serve import create_app, decode_upload
 
 try:
     from serve_fixtures import IMAGE_THRESHOLD, detector, png_bytes, run_dir  # noqa: F401
@@ -258,7 +258,7 @@ def test_api_key_checked_before_the_body_is_read(detector):  # noqa: F811
 def test_serve_reads_key_from_env(monkeypatch, run_dir):  # noqa: F811
     import uvicorn
 
-    import msflow.serve as serve_mod
+    import msflow.infer.serve as serve_mod
 
     seen = {}
 

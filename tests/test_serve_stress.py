@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from msflow.serve import create_app
+from msflow.infer.serve import create_app
 
 try:
     from serve_fixtures import detector, png_bytes, raw_http, running_server, status_of  # noqa: F401

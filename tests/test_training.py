@@ -15,11 +15,11 @@ import pytest
 import torch
 from fake_data import make_fake_category
 
-from msflow.checkpoint import load_model, load_tensors
 from msflow.config import Config, TrainConfig
-from msflow.engine import TrainingError, lr_factor
-from msflow.errors import CheckpointError
-from msflow.training import fit
+from msflow.errors import CheckpointError, TrainingError
+from msflow.model.checkpoint import load_model, load_tensors
+from msflow.train.fit import fit
+from msflow.train.loop import lr_factor
 
 TIMING_KEYS = {"train_seconds", "feature_extraction_seconds", "test_images_per_second"}
 
@@ -189,8 +189,8 @@ def test_short_schedules_warm_up_and_decay_at_the_same_relative_points() -> None
 def test_cpu_bf16_loss_stays_close_to_float32() -> None:
     """The design guide's AMP rule: the reduced-precision loss matches float32 within a stated tolerance."""
     from msflow.config import ModelConfig
-    from msflow.loss import nll
-    from msflow.model import MSFlow
+    from msflow.model.loss import nll
+    from msflow.model.msflow import MSFlow
 
     torch.manual_seed(0)
     model = MSFlow(ModelConfig(backbone="resnet18", pretrained=False, image_size=64))

@@ -14,10 +14,11 @@ from fake_data import make_fake_category
 from PIL import Image
 
 from msflow.cli import main
-from msflow.config import Config, ConfigError, ModelConfig, load_yaml
-from msflow.loss import nll
-from msflow.model import MSFlow
-from msflow.training import fit
+from msflow.config import Config, ModelConfig, load_yaml
+from msflow.errors import ConfigError
+from msflow.model.loss import nll
+from msflow.model.msflow import MSFlow
+from msflow.train.fit import fit
 
 FLAGS = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "64", "--epochs", "1", "--quiet"]
 

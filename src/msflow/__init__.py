@@ -1,12 +1,23 @@
-"""msflow: MSFlow multi-scale normalizing flows for unsupervised anomaly detection."""
+"""msflow: MSFlow multi-scale normalizing flows for unsupervised anomaly detection.
+
+Layers, lowest first (a module imports only from its own layer or lower ones):
+
+    errors, config, files, device, _version   shared basics
+    model/      the network: backbone, coupling blocks, flows, anomaly maps, loss, checkpoints
+    data/       images and datasets
+    evaluate/   metrics, thresholds, reports
+    infer/      the predictor (model or ONNX + threshold + decision), predict, export, serve
+    train/      feature cache, training loop, fit, multi-category benchmark
+    detector    the Python API (load / predict / fit)
+    cli         the command line
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from .detector import Detector, Prediction  # noqa: E402
-from .model import FlowOutput, MSFlow  # noqa: E402
+from msflow._version import __version__
+from msflow.config import Config, DataConfig, ModelConfig, TrainConfig
+from msflow.detector import Detector, Prediction
+from msflow.model.msflow import FlowOutput, MSFlow
 
 __all__ = [
     "Config",

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import MSFlowError
+from msflow.errors import MSFlowError
 
 GB = 1e9
 FULL_DEFAULTS: dict[str, Any] = {
@@ -91,9 +91,9 @@ def _setup(p: dict, n: int):
     """(device, model, n images): the same random backbone and images in every phase."""
     import torch
 
-    from .config import ModelConfig
-    from .engine import resolve_device
-    from .model import MSFlow
+    from msflow.config import ModelConfig
+    from msflow.device import resolve_device
+    from msflow.model.msflow import MSFlow
 
     device = resolve_device(p["device"])
     torch.manual_seed(p["seed"])
@@ -115,9 +115,9 @@ def phase_train_ours(p: dict) -> dict:
     import numpy as np
     import torch
 
-    from . import engine
-    from .config import TrainConfig
-    from .features import FeatureCache
+    from msflow.config import TrainConfig
+    from msflow.train import loop as engine
+    from msflow.train.features import FeatureCache
 
     bs, n = p["batch_size"], p["images"]
     device, model, images = _setup(p, n)
@@ -177,7 +177,7 @@ def phase_train_reference(p: dict) -> dict:
     """The official schedule (:mod:`msflow.bench_reference`), timed over the same number of steps."""
     import torch
 
-    from .bench_reference import ReferencePath, check_loss, reference_step, unfrozen_backbone
+    from msflow.bench_reference import ReferencePath, check_loss, reference_step, unfrozen_backbone
 
     bs, n = p["batch_size"], p["images"]
     device, model, images = _setup(p, n)
@@ -218,7 +218,7 @@ def _onnx_runner(model, out: dict):
     import torch
 
     try:
-        from .export import OnnxModel, export_onnx
+        from msflow.infer.export import OnnxModel, export_onnx
 
         with tempfile.TemporaryDirectory(prefix="msflow-bench-") as folder:
             path = Path(folder) / "model.onnx"
@@ -238,7 +238,7 @@ def phase_inference(p: dict) -> dict:
     """torch (fp32, bf16) / reference / onnxruntime scoring speed, FLOPs per image, the matmul ceiling."""
     import torch
 
-    from .bench_reference import ReferencePath
+    from msflow.bench_reference import ReferencePath
 
     bs = p["batch_size"]
     device, model, batch = _setup(p, bs)
@@ -363,8 +363,8 @@ def synthetic_maps(n: int, size: int, seed: int = 0):
 
 
 def bench_aupro(p: dict) -> dict:
-    from .bench_reference import official_pro_loop
-    from .metrics import aupro
+    from msflow.bench_reference import official_pro_loop
+    from msflow.evaluate.metrics import aupro
 
     out: dict[str, Any] = {"maps": p["aupro_maps"], "size": p["aupro_size"]}
     masks, maps = synthetic_maps(p["aupro_maps"], p["aupro_size"], seed=p["seed"])
@@ -645,7 +645,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     """Run every phase, print the table and write the JSON (``args.output``); returns the results."""
     import torch
 
-    from .engine import resolve_device
+    from msflow.device import resolve_device
 
     p = resolve_params(args)
     p["device"] = resolve_device(p["device"]).type

@@ -24,10 +24,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .errors import MSFlowError
-from .loss import nll
-from .model import FlowOutput, MSFlow
-from .parallel_flow import positional_encoding_2d
+from msflow.errors import MSFlowError
+from msflow.model.loss import nll
+from msflow.model.msflow import FlowOutput, MSFlow
+from msflow.model.parallel_flow import positional_encoding_2d
 
 
 def one_hot_permutation(perm: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import Config, load_yaml
-from .errors import MSFlowError
+from msflow.config import Config, load_yaml
+from msflow.errors import MSFlowError
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -63,8 +63,8 @@ def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Co
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from .config import ModelConfig
-    from .model import MSFlow
+    from msflow.config import ModelConfig
+    from msflow.model.msflow import MSFlow
 
     model = MSFlow(ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False))
     info = {
@@ -85,8 +85,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .report import format_metrics
-    from .training import fit
+    from msflow.evaluate.report import format_metrics
+    from msflow.train.fit import fit
 
     cfg = config_from_args(args, args.data)
     metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation, progress=not args.quiet)
@@ -95,8 +95,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .report import format_metrics
-    from .training import fit
+    from msflow.evaluate.report import format_metrics
+    from msflow.train.fit import fit
 
     cfg = Config().updated(
         model={"backbone": "efficientnet_lite0", "image_size": args.image_size},
@@ -113,12 +113,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
-    from .datasets import load_dataset, validate_samples
-    from .engine import predict_samples, resolve_device
-    from .report import format_metrics
-    from .threshold import Threshold
-    from .training import evaluate_predictions, write_test_report
+    from msflow.data.datasets import load_dataset, validate_samples
+    from msflow.device import resolve_device
+    from msflow.evaluate.evaluation import evaluate_predictions, write_test_report
+    from msflow.evaluate.report import format_metrics
+    from msflow.evaluate.threshold import Threshold
+    from msflow.infer.predictor import predict_samples
+    from msflow.model.checkpoint import load_model
 
     device = resolve_device(args.device)
     model, cfg, meta = load_model(args.model, device)
@@ -137,8 +138,8 @@ def cmd_test(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .detector import Detector
-    from .predict import run_predict
+    from msflow.detector import Detector
+    from msflow.infer.predict import run_predict
 
     detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
     if args.threshold is not None:
@@ -155,8 +156,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
-    from .export import export_onnx
+    from msflow.infer.export import export_onnx
+    from msflow.model.checkpoint import load_model
 
     model, cfg, meta = load_model(args.model)
     out = Path(args.output) if args.output else Path(args.model) / "model.onnx"
@@ -166,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve import serve
+    from msflow.infer.serve import serve
 
     serve(
         args.model,
@@ -180,13 +181,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    from .benchmark import run_benchmark
+    from msflow.train.benchmark import run_benchmark
 
     run_benchmark(args.data, args.output, config_from_args(args), args.categories, progress=not args.quiet)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from msflow.bench import run_bench
 
     run_bench(args)
 
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("bench", help="speed and memory benchmark against the official-style reference path")
-    from .bench import add_bench_arguments
+    from msflow.bench import add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)

@@ -13,13 +13,9 @@ from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 
-from .errors import MSFlowError
+from msflow.errors import ConfigError
 
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
-
-
-class ConfigError(MSFlowError, ValueError):
-    """A configuration value or key that is not valid."""
 
 
 def _check_literals(obj: Any) -> None:

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anomaly_map import to_original_size
-from .checkpoint import load_model
-from .config import Config
-from .engine import resolve_device
-from .errors import DataError, MSFlowError
-from .images import read_image, to_rgb, to_tensor
-from .threshold import Threshold
+from msflow.config import Config
+from msflow.data.images import read_image, to_rgb, to_tensor
+from msflow.device import resolve_device
+from msflow.errors import DataError, MSFlowError
+from msflow.evaluate.threshold import Threshold
+from msflow.model.anomaly_map import to_original_size
+from msflow.model.checkpoint import load_model
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -102,7 +102,7 @@ class Detector:
         model, config, meta = load_model(run, torch_device)
         threshold = Threshold.from_dict(meta["threshold"])
         if runtime == "onnx":
-            from .export import OnnxModel
+            from msflow.infer.export import OnnxModel
 
             onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
             if not onnx_path.is_file():
@@ -122,7 +122,7 @@ class Detector:
 
         ``overrides`` are config sections, e.g. ``train={"epochs": 5}, model={"image_size": 256}``.
         """
-        from .training import fit
+        from msflow.train.fit import fit
 
         cfg = (config or Config()).updated(data={"dataset": str(dataset)}, **overrides)
         fit(cfg, output, progress=False)

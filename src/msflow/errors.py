@@ -20,3 +20,11 @@ class CheckpointError(MSFlowError, ValueError):
 
 class WeightsError(MSFlowError, RuntimeError):
     """Backbone weights that cannot be had (no internet, missing file, wrong keys)."""
+
+
+class ConfigError(MSFlowError, ValueError):
+    """A configuration value or key that is not valid."""
+
+
+class TrainingError(MSFlowError, RuntimeError):
+    """Training cannot go on (e.g. the loss keeps turning non-finite)."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
-from .errors import DataError
+from msflow.errors import DataError
 
 #: Masks/maps: one (N, H, W) array, or a list of 2-D arrays (per-image original sizes).
 MapsLike = np.ndarray | Sequence[np.ndarray]

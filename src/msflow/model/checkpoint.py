@@ -21,29 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import SCHEMA_VERSION, Config, ConfigError
-from .errors import CheckpointError
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+from msflow._version import __version__
+from msflow.config import SCHEMA_VERSION, Config
+from msflow.errors import CheckpointError, ConfigError
+from msflow.files import atomic_write_bytes
 
 
 def _sha256(path: Path) -> str:
@@ -106,7 +87,7 @@ def save_model(model: torch.nn.Module, config: Config, stem: Path, **extra: Any)
 
 def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild an :class:`~msflow.model.MSFlow` from ``stem.safetensors`` + ``stem.json``, strictly."""
-    from .model import MSFlow  # local import: model imports the backbone, which is heavy
+    from msflow.model.msflow import MSFlow  # local import: model imports the backbone, which is heavy
 
     stem = Path(stem)
     if stem.is_dir():

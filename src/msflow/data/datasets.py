@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from msflow.data.images import list_images, mask_to_tensor, read_image, read_mask, to_tensor
 from msflow.errors import DataError
-from msflow.images import list_images, mask_to_tensor, read_image, read_mask, to_tensor
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",

@@ -56,10 +56,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
-from .detector import Detector
-from .errors import DataError, MSFlowError
-from .images import to_rgb
+from msflow._version import __version__
+from msflow.data.images import to_rgb
+from msflow.detector import Detector
+from msflow.errors import DataError, MSFlowError
 
 log = logging.getLogger("msflow.serve")
 
@@ -230,7 +230,7 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 
 def overlay_png(image: Image.Image, image_map: np.ndarray, mask: np.ndarray) -> bytes:
     """PNG bytes of the jet heat map of ``image_map`` over ``image`` with the mask's contour in red."""
-    from .report import jet_overlay  # matplotlib: imported when first needed
+    from msflow.evaluate.report import jet_overlay  # matplotlib: imported when first needed
 
     out = jet_overlay(np.asarray(image, dtype=np.uint8), image_map, alpha=0.45, pred_mask=mask)
     buf = io.BytesIO()

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import MSFlowError
-from .metrics import f1_max
+from msflow.errors import MSFlowError
+from msflow.evaluate.metrics import f1_max
 
 IMAGE_QUANTILE = 0.99
 PIXEL_QUANTILE = 0.999

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .efficientnet_lite import EfficientNetLite0
-from .errors import WeightsError
+from msflow.errors import WeightsError
+from msflow.model.efficientnet_lite import EfficientNetLite0
 
 BACKBONES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

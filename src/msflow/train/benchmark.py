@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import report
-from .config import Config
-from .datasets import find_categories
-from .errors import MSFlowError
-from .training import fit
+from msflow.config import Config
+from msflow.data.datasets import find_categories
+from msflow.errors import MSFlowError
+from msflow.evaluate import report
+from msflow.train.fit import fit
 
 COLUMNS = ["category", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "train_seconds", "error"]
 

@@ -20,11 +20,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .anomaly_map import AnomalyMapper, AnomalyOutput, log_likelihood_maps
-from .backbone import FeatureExtractor
-from .config import ModelConfig
-from .fusion_flow import FusionFlow
-from .parallel_flow import ParallelFlow
+from msflow.config import ModelConfig
+from msflow.model.anomaly_map import AnomalyMapper, AnomalyOutput, log_likelihood_maps
+from msflow.model.backbone import FeatureExtractor
+from msflow.model.fusion_flow import FusionFlow
+from msflow.model.parallel_flow import ParallelFlow
 
 
 class FlowOutput(NamedTuple):

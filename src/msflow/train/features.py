@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .datasets import ImageDataset, Sample
-from .model import MSFlow
+from msflow.data.datasets import ImageDataset, Sample
+from msflow.model.msflow import MSFlow
 
 MEMORY_FRACTION = 0.4  # "auto" keeps the cache in RAM when it takes under 40 % of what is available
 

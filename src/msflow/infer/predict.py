@@ -16,11 +16,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import report
-from .checkpoint import atomic_write_bytes
-from .detector import Detector
-from .errors import DataError, MSFlowError
-from .images import IMAGE_EXTENSIONS, list_images, read_image
+from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from msflow.detector import Detector
+from msflow.errors import DataError, MSFlowError
+from msflow.evaluate import report
+from msflow.files import atomic_write_bytes
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .checkpoint import atomic_write_bytes
-from .errors import CheckpointError, DataError
-from .model import MSFlow
+from msflow._version import __version__
+from msflow.errors import CheckpointError, DataError
+from msflow.files import atomic_write_bytes
+from msflow.model.msflow import MSFlow
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "pixel_map", "image_map")

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .coupling import AffineCouplingBlock
+from msflow.model.coupling import AffineCouplingBlock
 
 
 def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:

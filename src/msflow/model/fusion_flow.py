@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .coupling import ChannelLayerNorm
+from msflow.model.coupling import ChannelLayerNorm
 
 ATAN_FACTOR = 0.636  # the official constant, ~2/pi, so that k maps onto (-alpha, alpha)
 

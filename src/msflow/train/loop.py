@@ -1,4 +1,4 @@
-"""Training and evaluation loops.
+"""The training loop of the flows, from cached features.
 
 The backbone is frozen and there is no augmentation, so each training image's features are extracted
 once into a :class:`~msflow.features.FeatureCache` and the flows train from it; the official code ran
@@ -10,48 +10,18 @@ once into a :class:`~msflow.features.FeatureCache` and the flows train from it; 
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .anomaly_map import to_original_size
-from .config import TrainConfig
-from .datasets import ImageDataset, Sample
-from .errors import MSFlowError
-from .features import FeatureCache
-from .loss import nll
-from .model import MSFlow
-
-
-class TrainingError(MSFlowError, RuntimeError):
-    """Training cannot go on (e.g. the loss keeps turning non-finite)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; an unavailable device is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MSFlowError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MSFlowError("device 'mps' was asked for but Apple MPS is not available (use --device cpu)")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from msflow.config import TrainConfig
+from msflow.errors import TrainingError
+from msflow.model.loss import nll
+from msflow.model.msflow import MSFlow
+from msflow.train.features import FeatureCache
 
 
 def lr_factor(epoch: int, cfg: TrainConfig) -> float:
@@ -189,50 +159,3 @@ def _bad_event(
     optimizer.load_state_dict(good[1])
     state.lr_scale *= 0.5
     tqdm.write(f"warning: {what}; restored the last good state, learning rate x{state.lr_scale:g}")
-
-
-@dataclass
-class Predictions:
-    """Scores and maps of an evaluated set, maps at each image's original resolution."""
-
-    scores: np.ndarray
-    labels: np.ndarray
-    defect_types: list[str]
-    pixel_maps: list[np.ndarray]  # "add" maps (empty unless asked)
-    image_maps: list[np.ndarray]  # "mul" maps (empty unless asked)
-    seconds: float = 0.0
-
-
-@torch.no_grad()
-def predict_samples(
-    model: MSFlow,
-    samples: list[Sample],
-    device: torch.device,
-    batch_size: int = 8,
-    keep_maps: bool = True,
-    workers: int = 0,
-    progress: bool = True,
-    desc: str = "evaluate",
-) -> Predictions:
-    """Run the model on samples; maps are resized back to each image's original size."""
-    model.eval()
-    loader = DataLoader(
-        ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers
-    )
-    scores, pixel_maps, image_maps = [], [], []
-    start = time.perf_counter()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        out = model.predict(batch["image"].to(device))
-        scores.append(out.scores.float().cpu())
-        if keep_maps:
-            for i, (w, h) in enumerate(batch["original_size"].tolist()):
-                pixel_maps.append(to_original_size(out.pixel_map[i], h, w))
-                image_maps.append(to_original_size(out.image_map[i], h, w))
-    return Predictions(
-        scores=torch.cat(scores).numpy() if scores else np.zeros(0),
-        labels=np.array([s.label for s in samples]),
-        defect_types=[s.defect_type for s in samples],
-        pixel_maps=pixel_maps,
-        image_maps=image_maps,
-        seconds=time.perf_counter() - start,
-    )

@@ -21,27 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import report
-from .checkpoint import atomic_write_bytes, load_tensors, save_model, save_tensors
-from .config import Config, save_yaml
-from .datasets import Sample, load_dataset, validate_samples
-from .engine import (
-    Predictions,
-    StepHook,
-    TrainState,
-    predict_samples,
-    resolve_device,
-    seed_everything,
-    train_flows,
-)
-from .errors import MSFlowError
-from .features import FeatureCache
-from .images import read_image, read_mask
-from .metrics import evaluate
-from .model import MSFlow
-from .threshold import Threshold, from_good_images, from_labelled
-
-NUM_OVERLAYS = 16
+from msflow.config import Config, save_yaml
+from msflow.data.datasets import Sample, load_dataset, validate_samples
+from msflow.device import resolve_device, seed_everything
+from msflow.errors import MSFlowError
+from msflow.evaluate import report
+from msflow.evaluate.evaluation import evaluate_predictions, masks_for, write_test_report
+from msflow.evaluate.threshold import Threshold, from_good_images, from_labelled
+from msflow.infer.predictor import predict_samples
+from msflow.model.checkpoint import load_tensors, save_model, save_tensors
+from msflow.model.msflow import MSFlow
+from msflow.train.features import FeatureCache
+from msflow.train.loop import StepHook, TrainState, train_flows
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -86,68 +77,6 @@ def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Op
             state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return TrainState(meta["epoch"], meta["lr_scale"], meta["bad_events"], meta["history"])
-
-
-def _masks_for(samples: list[Sample], maps: list[np.ndarray]) -> list[np.ndarray]:
-    return [
-        read_mask(s.mask) if s.mask is not None else np.zeros(m.shape, bool)
-        for s, m in zip(samples, maps, strict=True)
-    ]
-
-
-def evaluate_predictions(preds: Predictions, samples: list[Sample], pro_mode: str = "standard") -> dict:
-    """Image metrics always; pixel metrics and AUPRO when the set has masks (at original resolution)."""
-    has_masks = any(s.mask is not None for s in samples) and bool(preds.pixel_maps)
-    masks = _masks_for(samples, preds.pixel_maps) if has_masks else None
-    return evaluate(
-        preds.labels,
-        preds.scores,
-        preds.defect_types,
-        masks=masks,
-        maps=preds.pixel_maps if has_masks else None,
-        pro_maps=preds.image_maps if has_masks else None,
-        pro_mode=pro_mode,
-    )
-
-
-def write_test_report(
-    run_dir: Path, samples: list[Sample], preds: Predictions, threshold: Threshold, metrics: dict | None
-) -> None:
-    """Per-image CSV, overlays for a sample of images, score histogram and metrics.json."""
-    normalized = threshold.normalize(preds.scores)
-    rows = [
-        {
-            "image": str(s.image),
-            "label": s.label,
-            "defect_type": s.defect_type,
-            "score": float(sc),
-            "normalized_score": float(ns),
-            "decision": "defective" if sc >= threshold.image else "good",
-        }
-        for s, sc, ns in zip(samples, preds.scores, normalized, strict=True)
-    ]
-    report.write_predictions_csv(run_dir / "predictions.csv", rows)
-    report.plot_score_histogram(run_dir / "score_histogram.png", preds.scores, preds.labels, threshold.image)
-    if metrics is not None:
-        atomic_write_bytes(run_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-    if not preds.image_maps:
-        return
-    # A fixed, spread-out sample: defective images first (that is where the maps matter), then good ones.
-    order = [i for i, s in enumerate(samples) if s.label == 1] + [
-        i for i, s in enumerate(samples) if s.label == 0
-    ]
-    step = max(1, len(order) // NUM_OVERLAYS)
-    for i in order[::step][:NUM_OVERLAYS]:
-        s = samples[i]
-        pred_mask = preds.pixel_maps[i] >= threshold.pixel if preds.scores[i] >= threshold.image else None
-        gt = read_mask(s.mask) if s.mask is not None else None
-        report.save_overlay(
-            run_dir / "overlays" / f"{i:04d}_{s.defect_type}_{s.image.stem}.png",
-            np.asarray(read_image(s.image)),
-            preds.image_maps[i],
-            gt_mask=gt,
-            pred_mask=pred_mask,
-        )
 
 
 def fit(
@@ -251,5 +180,5 @@ def calibrate_on_folder(
     _, _, samples = load_dataset(folder)
     validate_samples(samples, f"validation set '{folder}'")
     preds = predict_samples(model, samples, device, batch_size, progress=progress, desc="validation")
-    masks = _masks_for(samples, preds.pixel_maps) if any(s.mask is not None for s in samples) else None
+    masks = masks_for(samples, preds.pixel_maps) if any(s.mask is not None for s in samples) else None
     return from_labelled(preds.scores, preds.labels, preds.pixel_maps, masks, fallback.pixel)

@@ -1,0 +1,1 @@
+"""Metrics, decision thresholds and the reports written into a run folder."""

@@ -1,0 +1,1 @@
+"""The MSFlow network: frozen backbone, coupling blocks, flows, anomaly maps, loss, checkpoints."""
