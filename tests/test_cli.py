@@ -12,6 +12,12 @@ from fake_data import make_fake_category
 from PIL import Image
 
 from msflow.cli import main
+from msflow.evaluate import report
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    return list(report.read_rows(path))
+
 
 TRAIN_FLAGS = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "64", "--epochs", "2", "--quiet"]
 
@@ -91,10 +97,10 @@ def test_predict_writes_maps_masks_and_summary(trained: tuple[Path, Path], tmp_p
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == summary["predicted"] == 6 and summary["failed"] == 0
-    first = summary["predictions"][0]
+    first = read_rows(out / summary["predictions"])[0]
     assert {"score", "normalized_score", "decision", "threshold"} <= set(first)
-    assert 0.0 <= first["normalized_score"] <= 1.0
-    assert (first["decision"] == "defective") == (first["score"] >= first["threshold"])
+    assert 0.0 <= float(first["normalized_score"]) <= 1.0
+    assert (first["decision"] == "defective") == (float(first["score"]) >= float(first["threshold"]))
     stem = Path(first["image"]).stem
     size = Image.open(first["image"]).size
     for suffix in ("overlay", "map", "mask"):
@@ -167,9 +173,9 @@ def test_export_and_onnx_runtime_agree_with_torch(trained: tuple[Path, Path], tm
             )
             == 0
         )
-        outs[runtime] = json.loads((out / "summary.json").read_text())["predictions"]
-    torch_scores = np.array([p["score"] for p in outs["torch"]])
-    onnx_scores = np.array([p["score"] for p in outs["onnx"]])
+        outs[runtime] = read_rows(out / "predictions.csv")
+    torch_scores = np.array([float(p["score"]) for p in outs["torch"]])
+    onnx_scores = np.array([float(p["score"]) for p in outs["onnx"]])
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4, atol=1e-6)
 
 

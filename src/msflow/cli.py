@@ -32,6 +32,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--holdout-fraction", type=float, help="good training images held out for the threshold")
     p.add_argument("--cache", choices=["auto", "memory", "disk"])
+    p.add_argument(
+        "--eval-resolution", choices=["original", "model"], help="compare maps and masks at this size"
+    )
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 flows on the CPU (fast with AMX)")
 
@@ -56,6 +59,7 @@ def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Co
             "device": args.device,
             "eval_every": args.eval_every,
             "cache": args.cache,
+            "eval_resolution": args.eval_resolution,
             "amp": False if args.no_amp else None,
             "cpu_bf16": True if args.cpu_bf16 else None,
         },
@@ -114,40 +118,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_test(args: argparse.Namespace) -> None:
     from msflow.data.datasets import load_dataset, validate_samples
-    from msflow.device import resolve_device
-    from msflow.evaluate.evaluation import evaluate_predictions, write_test_report
     from msflow.evaluate.report import format_metrics
-    from msflow.evaluate.threshold import Threshold
-    from msflow.infer.predictor import predict_samples
-    from msflow.model.checkpoint import load_model
+    from msflow.infer.evaluate_run import evaluate_run
+    from msflow.infer.predictor import Predictor
 
-    device = resolve_device(args.device)
-    model, cfg, meta = load_model(args.model, device)
+    predictor = Predictor.load(args.model, args.device)
+    cfg, run = predictor.config, Path(args.model)
     if args.normalization:  # both references are calibrated at training time, so either mode works
-        model.anomaly.normalization = args.normalization
+        predictor.model.anomaly.normalization = args.normalization
     name, _, test = load_dataset(args.data or cfg.data.dataset)
-    validate_samples(test, f"test set of '{name}'")
-    preds = predict_samples(model, test, device, args.batch_size, progress=not args.quiet, desc="test")
-    metrics = evaluate_predictions(preds, test, pro_mode=args.pro_mode)
-    metrics["dataset"] = name
-    out = Path(args.output or Path(args.model) / f"test-{name}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_test_report(out, test, preds, Threshold.from_dict(meta["threshold"]), metrics)
+    if test:
+        validate_samples(test, f"test set of '{name}'")
+    # A run whose evaluation never finished (no metrics.json) is finished in place; otherwise the
+    # report goes next to it, so the training-time report is never overwritten.
+    unfinished = run.is_dir() and not (run / "metrics.json").is_file() and not args.data
+    out = Path(args.output) if args.output else run if unfinished else run / f"test-{name}"
+    metrics = evaluate_run(
+        predictor,
+        test,
+        out,
+        name,
+        pro_mode=args.pro_mode,
+        resolution=args.eval_resolution or cfg.train.eval_resolution,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        run_dir=run if run.is_dir() else None,
+    )
     print(format_metrics(metrics))
     print(f"report: {out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from msflow.detector import Detector
     from msflow.infer.predict import run_predict
+    from msflow.infer.predictor import Predictor
 
-    detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
+    predictor = Predictor.load(args.model, device=args.device, runtime=args.runtime)
     if args.threshold is not None:
-        detector.set_threshold(args.threshold)
-    summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
+        predictor.threshold = predictor.threshold.with_image_threshold(args.threshold)
+    summary = run_predict(
+        predictor, args.input, args.output, args.batch_size, progress=not args.quiet, resume=args.resume
+    )
+    skipped = f", {summary['skipped']} already done" if summary.get("skipped") else ""
     print(
         f"{summary['predicted']} images judged: {summary['defective']} defective, "
-        f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed; "
+        f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed{skipped}; "
         f"{summary['images_per_second']} img/s. Results in {args.output}"
     )
     for failure in summary["failures"]:
@@ -231,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output")
     p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
     p.add_argument("--normalization", choices=["per_image", "global"], help="override the run normalisation")
+    p.add_argument(
+        "--eval-resolution", choices=["original", "model"], help="default: the run's (original size)"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -244,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="skip images already in --output/predictions.csv")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 

@@ -112,6 +112,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     eval_every: int = 0  # ours: evaluate every N epochs for the log only; 0 = only at the end (spec B14)
     cache: Literal["auto", "memory", "disk"] = "auto"  # ours: where the cached features live
+    # ours: maps are compared with the masks at each image's original size (the honest number) or at the
+    # model's input size ("model": faster, and what many papers report); metrics.json records which.
+    eval_resolution: Literal["original", "model"] = "original"
     max_bad_steps: int = 5  # ours: non-finite losses tolerated (each rolls back and lowers the lr)
     checkpoint_every: int = 1  # ours: epochs between crash-safe checkpoints
 

@@ -3,7 +3,7 @@
 Folder layout (one *category*)::
 
     <category>/train/good/*.png                     defect-free training images
-    <category>/test/good/*.png                      defect-free test images (label 0)
+    <category>/test/good/*.png                      defect-free test images (label 0; test/ is optional)
     <category>/test/<defect type>/*.png             defective test images (label 1)
     <category>/ground_truth/<defect type>/<stem>_mask.png   (MVTec) or <stem>.png (VisA)
 
@@ -97,7 +97,8 @@ def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], li
 
     Returns:
         (train, test) sample lists. Train samples are all good; test samples are sorted by
-        defect type ("good" first), then by file name.
+        defect type ("good" first), then by file name. Without a ``test/`` folder the test list is
+        empty (a folder of good images only still trains a model).
 
     Raises:
         DataError: Missing or empty folders, masks without images, images without masks.
@@ -113,8 +114,8 @@ def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], li
         raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{train_dir}'")
 
     test_root = root / "test"
-    if not test_root.is_dir():
-        raise DataError(f"'{test_root}' is missing: a category needs test/good/ and test/<defect type>/")
+    if not test_root.is_dir():  # good images only (a new inspection project): a model, no test metrics
+        return train, []
     # "good" first so that the order reads naturally; the rest alphabetically.
     folders = sorted(_subfolders(test_root), key=lambda p: (p.name != "good", p.name))
     by_type = {f.name: imgs for f in folders if (imgs := list_images(f))}

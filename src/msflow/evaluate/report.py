@@ -7,10 +7,11 @@ importing ``pyplot`` or switching the process-wide backend (no global figure reg
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ _METRIC_LABELS = (
     ("aupro", "AUPRO"),
     ("image_f1_max", "image F1-max"),
     ("pixel_f1_max", "pixel F1-max"),
+    ("false_positive_rate", "test FPR %"),  # good test images judged defective
+    ("holdout_false_positive_rate", "held-out FPR %"),  # the calibration images
 )
 
 
@@ -130,6 +133,63 @@ def write_predictions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -
             writer.writeheader()
             writer.writerows(rows)
     return path
+
+
+class RowWriter:
+    """CSV rows written as they come and flushed, so a crash keeps every finished row.
+
+    ``append=True`` continues an existing file (its header is kept; a last line cut short by a crash
+    is dropped first). Columns are fixed up front; values a row lacks are left empty.
+    """
+
+    def __init__(self, path: str | Path, fields: Sequence[str], append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fields = list(fields)
+        resume = append and self.path.is_file() and self.path.stat().st_size > 0
+        if resume:
+            _drop_partial_line(self.path)
+        self._fh = self.path.open("a" if resume else "w", encoding="utf-8", newline="")
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, restval="", extrasaction="ignore")
+        if not resume or self.path.stat().st_size == 0:
+            self._writer.writeheader()
+        self._fh.flush()
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        self._writer.writerow(row)
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line that a crash left without its newline (it is redone); reads only the tail."""
+    with path.open("r+b") as fh:
+        end = fh.seek(0, io.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - 65536)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(start + cut + 1)
+                return
+            pos = start
+        fh.truncate(0)
+
+
+def read_rows(path: str | Path) -> Iterator[dict[str, str]]:
+    """The rows of a CSV written by :class:`RowWriter`, one at a time (call after opening the writer
+    with ``append=True``, which drops a cut-short last line)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        yield from csv.DictReader(fh)
 
 
 def _save_figure(fig: Figure, path: str | Path) -> Path:  # creates parent dirs
@@ -286,14 +346,21 @@ def write_table(
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """Short terminal summary of evaluation metrics (values already in percent).
 
-    One line per known metric present (e.g. ``image AUROC     97.12``), then, if
+    One line per known metric present (e.g. ``image AUROC     97.12``; ``n/a`` with the reason for
+    those listed in ``metrics["not_available"]``), then, if
     ``metrics["per_defect_type"]`` is set, one indented image-AUROC line per defect type.
     """
 
     def num(value: Any) -> str:
         return _cell(float(value) if _is_number(value) else value)
 
-    lines = [f"{label:<14} {num(metrics[key]):>6}" for key, label in _METRIC_LABELS if key in metrics]
+    missing = metrics.get("not_available") or {}
+    lines = []
+    for key, label in _METRIC_LABELS:
+        if key in metrics:
+            lines.append(f"{label:<14} {num(metrics[key]):>6}")
+        elif key in missing:
+            lines.append(f"{label:<14} {'n/a':>6}  ({missing[key]})")
     per_type = metrics.get("per_defect_type")
     if per_type:
         lines.append("per defect type (image AUROC):")

@@ -16,12 +16,14 @@ images judged good, so a good part never shows spurious defect regions).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from msflow.errors import MSFlowError
 from msflow.evaluate.metrics import f1_max
+from msflow.evaluate.streaming import DEFAULT_BINS, Binning, f1_max_from_histograms
 
 IMAGE_QUANTILE = 0.99
 PIXEL_QUANTILE = 0.999
@@ -47,54 +49,95 @@ class Threshold:
         """The ``--threshold`` override: a raw image-score threshold chosen by the user."""
         return Threshold(float(value), self.pixel, self.score_min, self.score_max, "user", self.num_images)
 
+    def is_defective(self, score: float) -> bool:
+        """The decision rule, written only here: a score at or above the image threshold is a defect."""
+        return bool(score >= self.image)
+
+    def defect_mask(self, pixel_map: np.ndarray, defective: bool) -> np.ndarray:
+        """Predicted defect pixels: ``pixel_map >= pixel`` in images judged defective, else none."""
+        if not defective:
+            return np.zeros(pixel_map.shape, bool)
+        return pixel_map >= self.pixel
+
     def normalize(self, scores: np.ndarray | float) -> np.ndarray:
         spread = self.score_max - self.score_min
         spread = spread if spread > 0 else 1.0
         return np.clip(0.5 + (np.asarray(scores, dtype=np.float64) - self.image) / spread, 0.0, 1.0)
 
 
-def _pixels(maps: list[np.ndarray], limit: int = 5_000_000) -> np.ndarray:
-    values = np.concatenate([m.ravel() for m in maps]) if maps else np.zeros(0)
-    if values.size > limit:  # an even subsample keeps the quantile honest and the memory bounded
-        values = values[:: values.size // limit + 1]
-    return values
+def _quantile(binning: Binning, counts: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of histogrammed values: the upper edge of the bin holding the value of rank
+    ceil(q * (n - 1)) (0-based). Never below ``np.quantile``'s linear interpolation, and at most one bin
+    width ((hi - lo) / bins) above that value of rank ceil(q * (n - 1)).
+    """
+    rank = math.ceil(q * (float(counts.sum()) - 1))
+    b = int(np.searchsorted(np.cumsum(counts, dtype=np.float64), rank, side="right"))
+    return float(binning.edge(min(b, binning.bins - 1) + 1))
 
 
-def from_good_images(scores: np.ndarray, pixel_maps: list[np.ndarray], method: str = "holdout") -> Threshold:
-    """Quantile thresholds from defect-free images (see the module docstring)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.size == 0:
-        raise MSFlowError("threshold calibration needs at least one good image")
-    return Threshold(
-        image=float(np.quantile(scores, IMAGE_QUANTILE)),
-        pixel=float(np.quantile(_pixels(pixel_maps), PIXEL_QUANTILE)) if pixel_maps else float("inf"),
-        score_min=float(scores.min()),
-        score_max=float(scores.max()),
-        method=f"{method}-good-q{IMAGE_QUANTILE}",
-        num_images=int(scores.size),
-    )
+class GoodImageCalibration:
+    """Quantile thresholds from defect-free images (see the module docstring), fed image by image.
+
+    Image scores are kept (one float each); pixel values go into a fixed histogram over the "add" map's
+    range, so memory does not grow with the number or size of the images.
+    """
+
+    def __init__(self, pixel_range: tuple[float, float], bins: int = DEFAULT_BINS) -> None:
+        self.binning = Binning(*pixel_range, bins)
+        self.scores: list[float] = []
+        self.pixels = np.zeros(bins, np.int64)
+
+    def add(self, score: float, pixel_map: np.ndarray | None) -> None:
+        self.scores.append(float(score))
+        if pixel_map is not None:
+            self.pixels += self.binning.counts(pixel_map)
+
+    def threshold(self, method: str = "holdout") -> Threshold:
+        scores = np.asarray(self.scores, dtype=np.float64)
+        if scores.size == 0:
+            raise MSFlowError("threshold calibration needs at least one good image")
+        has_pixels = bool(self.pixels.any())
+        return Threshold(
+            image=float(np.quantile(scores, IMAGE_QUANTILE)),
+            pixel=_quantile(self.binning, self.pixels, PIXEL_QUANTILE) if has_pixels else float("inf"),
+            score_min=float(scores.min()),
+            score_max=float(scores.max()),
+            method=f"{method}-good-q{IMAGE_QUANTILE}",
+            num_images=int(scores.size),
+        )
 
 
-def from_labelled(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    pixel_maps: list[np.ndarray],
-    masks: list[np.ndarray] | None,
-    fallback_pixel: float,
-) -> Threshold:
+class LabelledCalibration:
     """F1-optimal thresholds from a labelled validation set (pixel threshold only with masks)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    if labels.min() == labels.max():
-        raise MSFlowError("the validation folder needs both good and defective images for F1 calibration")
-    _, image_t = f1_max(labels, scores)
-    pixel_t = fallback_pixel
-    if masks is not None:
-        _, pixel_t = f1_max(_pixels(masks), _pixels(pixel_maps))
-    return Threshold(
-        float(image_t),
-        float(pixel_t),
-        float(scores.min()),
-        float(scores.max()),
-        "validation-f1",
-        int(scores.size),
-    )
+
+    def __init__(self, pixel_range: tuple[float, float], bins: int = DEFAULT_BINS) -> None:
+        self.binning = Binning(*pixel_range, bins)
+        self.scores: list[float] = []
+        self.labels: list[int] = []
+        self.pos = np.zeros(bins, np.int64)
+        self.neg = np.zeros(bins, np.int64)
+
+    def add(self, score: float, label: int, mask: np.ndarray | None, pixel_map: np.ndarray) -> None:
+        self.scores.append(float(score))
+        self.labels.append(int(label))
+        if mask is not None:
+            idx = self.binning.index(pixel_map)
+            self.pos += np.bincount(idx[mask], minlength=self.binning.bins)
+            self.neg += np.bincount(idx[~mask], minlength=self.binning.bins)
+
+    def threshold(self, fallback_pixel: float) -> Threshold:
+        scores, labels = np.asarray(self.scores, dtype=np.float64), np.asarray(self.labels)
+        if labels.size == 0 or labels.min() == labels.max():
+            raise MSFlowError("the validation folder needs both good and defective images for F1 calibration")
+        _, image_t = f1_max(labels, scores)
+        pixel_t = fallback_pixel
+        if self.pos.any() and self.neg.any():
+            _, pixel_t, _ = f1_max_from_histograms(self.pos, self.neg, self.binning)
+        return Threshold(
+            float(image_t),
+            float(pixel_t),
+            float(scores.min()),
+            float(scores.max()),
+            "validation-f1",
+            int(scores.size),
+        )

@@ -1,50 +1,189 @@
-"""Running a model over samples: scores and maps at each image's original resolution."""
+"""The one inference path: a model (torch, or an ONNX session) + its threshold -> verdicts with maps.
+
+``msflow test``, ``msflow predict``, the HTTP service, the :class:`~msflow.detector.Detector` API, the
+threshold calibration and the evaluation at the end of training all run images through a
+:class:`Predictor`. It does the forward pass, resizes the maps back to each image's original size (or
+keeps the model's input resolution, for evaluation at model resolution) and asks the
+:class:`~msflow.evaluate.threshold.Threshold` for the decision. Over a dataset it yields results batch
+by batch, so nothing accumulates: memory is one batch of maps, whatever the number of images.
+"""
 
 from __future__ import annotations
 
-import time
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from msflow.config import Config
 from msflow.data.datasets import ImageDataset, Sample
-from msflow.evaluate.evaluation import Predictions
+from msflow.data.images import to_tensor
+from msflow.device import resolve_device
+from msflow.errors import MSFlowError
+from msflow.evaluate.threshold import Threshold
 from msflow.model.anomaly_map import to_original_size
-from msflow.model.msflow import MSFlow
+from msflow.model.checkpoint import load_model
+
+Resolution = Literal["original", "model"]
 
 
-@torch.no_grad()
-def predict_samples(
-    model: MSFlow,
-    samples: list[Sample],
-    device: torch.device,
-    batch_size: int = 8,
-    keep_maps: bool = True,
-    workers: int = 0,
-    progress: bool = True,
-    desc: str = "evaluate",
-) -> Predictions:
-    """Run the model on samples; maps are resized back to each image's original size."""
-    model.eval()
-    loader = DataLoader(
-        ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers
-    )
-    scores, pixel_maps, image_maps = [], [], []
-    start = time.perf_counter()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        out = model.predict(batch["image"].to(device))
-        scores.append(out.scores.float().cpu())
-        if keep_maps:
-            for i, (w, h) in enumerate(batch["original_size"].tolist()):
-                pixel_maps.append(to_original_size(out.pixel_map[i], h, w))
-                image_maps.append(to_original_size(out.image_map[i], h, w))
-    return Predictions(
-        scores=torch.cat(scores).numpy() if scores else np.zeros(0),
-        labels=np.array([s.label for s in samples]),
-        defect_types=[s.defect_type for s in samples],
-        pixel_maps=pixel_maps,
-        image_maps=image_maps,
-        seconds=time.perf_counter() - start,
-    )
+@dataclass
+class Maps:
+    """One image's raw model output, maps already at the requested resolution."""
+
+    score: float  # image score (mean of the top 3 % of the "mul" map)
+    anomaly_map: np.ndarray  # (H, W) float32, the "add" map (localisation)
+    image_map: np.ndarray  # (H, W) float32, the "mul" map (heatmaps, PRO)
+
+
+@dataclass
+class Prediction:
+    """One image's verdict; maps are at the image's original resolution (unless asked otherwise)."""
+
+    score: float  # raw image score (mean of the top 3 % of the "mul" map)
+    normalized_score: float  # in [0, 1]; the threshold is at 0.5
+    is_defective: bool
+    threshold: float  # the raw image threshold used
+    anomaly_map: np.ndarray  # (H, W) float32, the "add" map (localisation)
+    image_map: np.ndarray  # (H, W) float32, the "mul" map (for heatmap overlays)
+    mask: np.ndarray  # (H, W) bool, the predicted defect region (empty when judged good)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "decision": "defective" if self.is_defective else "good",
+            "threshold": self.threshold,
+            "defect_pixels": int(self.mask.sum()),
+        }
+
+
+class Predictor:
+    """A trained model with its threshold (thread-safe: one forward pass at a time).
+
+    Arguments:
+        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"``) or an
+            :class:`~msflow.infer.export.OnnxModel` (``runtime="onnx"``).
+        threshold: the decision thresholds; ``None`` only for calibration (raw maps, no verdicts).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: Config,
+        threshold: Threshold | None,
+        device: torch.device,
+        runtime: str = "torch",
+        meta: dict | None = None,
+    ) -> None:
+        self.model, self.config, self.threshold = model, config, threshold
+        self.device, self.runtime, self.meta = device, runtime, meta or {}
+        self.image_size = config.model.image_size
+        # The "add" map lies in [0, number of scales], the "mul" map in [0, 1] (model/anomaly_map.py).
+        self.pixel_range = (0.0, float(len(config.model.num_blocks)))
+        self.image_range = (0.0, 1.0)
+        self._lock = threading.Lock()  # torch/onnxruntime use all cores anyway
+
+    @classmethod
+    def load(cls, run: str | Path, device: str = "auto", runtime: str = "torch") -> Predictor:
+        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``)."""
+        run = Path(run)
+        if not run.exists() and not run.with_suffix(".json").exists():
+            raise MSFlowError(f"model '{run}' does not exist (expected a run folder from 'msflow train')")
+        torch_device = resolve_device(device)
+        model, config, meta = load_model(run, torch_device)
+        threshold = Threshold.from_dict(meta["threshold"])
+        if runtime == "onnx":
+            from msflow.infer.export import OnnxModel
+
+            onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
+            if not onnx_path.is_file():
+                raise MSFlowError(f"no '{onnx_path}': run 'msflow export --model {run}' first")
+            model = OnnxModel(onnx_path)
+            if model.metadata.get("checkpoint_sha256") != meta["sha256"]:
+                raise MSFlowError(
+                    f"'{onnx_path}' was not exported from this model; run 'msflow export' again"
+                )
+        elif runtime != "torch":
+            raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
+        return cls(model, config, threshold, torch_device, runtime, meta)
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, 3, S, S) images in [0, 1] -> scores (B,), "add" maps and "mul" maps (B, S, S), numpy."""
+        with self._lock:
+            if self.runtime == "onnx":
+                return self.model.predict(batch.cpu().numpy())
+            with torch.inference_mode():
+                out = self.model.predict(batch.to(self.device))
+            return (
+                out.scores.float().cpu().numpy(),
+                out.pixel_map.float().cpu().numpy(),
+                out.image_map.float().cpu().numpy(),
+            )
+
+    @staticmethod
+    def _resize(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+        if anomaly_map.shape == (height, width):
+            return np.ascontiguousarray(anomaly_map, dtype=np.float32)
+        return to_original_size(torch.from_numpy(np.ascontiguousarray(anomaly_map)), height, width)
+
+    def _maps(
+        self, batch: torch.Tensor, sizes: list[tuple[int, int]], resolution: Resolution
+    ) -> Iterator[Maps]:
+        scores, pixel_maps, image_maps = self.forward(batch)
+        for (w, h), score, pmap, imap in zip(sizes, scores, pixel_maps, image_maps, strict=True):
+            if resolution == "original":
+                pmap, imap = self._resize(pmap, h, w), self._resize(imap, h, w)
+            yield Maps(float(score), pmap, imap)
+
+    def judge(self, maps: Maps) -> Prediction:
+        """The verdict on one image's maps (needs a threshold)."""
+        if self.threshold is None:
+            raise MSFlowError("this predictor has no threshold yet (calibration only)")
+        defective = self.threshold.is_defective(maps.score)
+        return Prediction(
+            maps.score,
+            float(self.threshold.normalize(maps.score)),
+            defective,
+            self.threshold.image,
+            maps.anomaly_map,
+            maps.image_map,
+            self.threshold.defect_mask(maps.anomaly_map, defective),
+        )
+
+    # -- entry points ------------------------------------------------------------------------------
+    def predict_images(self, images: list[Image.Image]) -> list[Prediction]:
+        """Judge decoded RGB images in one forward pass; maps at each image's original size."""
+        batch = torch.stack([to_tensor(im, self.image_size) for im in images])
+        return [self.judge(m) for m in self._maps(batch, [im.size for im in images], "original")]
+
+    def iter_maps(
+        self,
+        samples: list[Sample],
+        batch_size: int = 8,
+        resolution: Resolution = "original",
+        workers: int = 0,
+        progress: bool = True,
+        desc: str = "predict",
+    ) -> Iterator[Maps]:
+        """Raw maps of ``samples``, in order, batch by batch (nothing is kept)."""
+        if resolution not in ("original", "model"):
+            raise MSFlowError(f"resolution must be 'original' or 'model', got {resolution!r}")
+        loader = DataLoader(
+            ImageDataset(samples, self.image_size), batch_size=batch_size, num_workers=workers
+        )
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            sizes = [(int(w), int(h)) for w, h in batch["original_size"].tolist()]
+            yield from self._maps(batch["image"], sizes, resolution)
+
+    def iter_samples(self, samples: list[Sample], **kwargs: Any) -> Iterator[Prediction]:
+        """Verdicts on ``samples``, in order, batch by batch (arguments as :meth:`iter_maps`)."""
+        return (self.judge(m) for m in self.iter_maps(samples, **kwargs))

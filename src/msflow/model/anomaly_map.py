@@ -15,6 +15,7 @@ an image that is off-distribution everywhere then scores high everywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -84,7 +85,7 @@ class AnomalyMapper(nn.Module):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def calibrate(self, logp_batches: list[list[Tensor]]) -> None:
+    def calibrate(self, logp_batches: Iterable[list[Tensor]]) -> None:
         """Set the global references from training images' log-likelihood maps (lists per batch)."""
         mul_max, add_max = [], []
         for logps in logp_batches:

@@ -85,6 +85,17 @@ def save_model(model: torch.nn.Module, config: Config, stem: Path, **extra: Any)
     save_tensors(model.state_dict(), {"config": config.to_dict(), **extra}, stem)
 
 
+def update_meta(stem: Path, **extra: Any) -> None:
+    """Add or replace entries of ``stem.json`` (atomically); the tensors and their digest are untouched."""
+    json_path = stem.with_suffix(".json")
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint '{json_path}' cannot be read ({err})") from err
+    meta.update(extra)
+    atomic_write_bytes(json_path, json.dumps(meta, indent=2, allow_nan=False).encode("utf-8"))
+
+
 def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild an :class:`~msflow.model.MSFlow` from ``stem.safetensors`` + ``stem.json``, strictly."""
     from msflow.model.msflow import MSFlow  # local import: model imports the backbone, which is heavy

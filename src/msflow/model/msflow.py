@@ -133,7 +133,7 @@ class MSFlow(nn.Module):
     @torch.no_grad()
     def calibrate_global_normalization(self, feature_batches: Iterable[list[Tensor]]) -> None:
         """Set the "global" normalisation references from standardised training features."""
-        self.anomaly.calibrate([log_likelihood_maps(self.flow(f).zs) for f in feature_batches])
+        self.anomaly.calibrate(log_likelihood_maps(self.flow(f).zs) for f in feature_batches)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

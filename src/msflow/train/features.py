@@ -8,6 +8,7 @@ them and applied in place, so training reads ready-to-use batches.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,19 @@ from msflow.data.datasets import ImageDataset, Sample
 from msflow.model.msflow import MSFlow
 
 MEMORY_FRACTION = 0.4  # "auto" keeps the cache in RAM when it takes under 40 % of what is available
+
+
+def cache_location(need_bytes: int, available_bytes: int) -> str:
+    """Where ``cache="auto"`` puts the features: "memory" when they take under :data:`MEMORY_FRACTION`
+    of the memory available now, else "disk" (memory-mapped files, read one batch at a time).
+
+    ``need_bytes`` is exact: images x the float32 size of every scale's feature map, the shapes measured
+    by a forward pass of the backbone at the model's input size (``MSFlow.feature_shapes``).
+    ``available_bytes`` is the kernel's estimate of memory that can be used without swapping
+    (``psutil.virtual_memory().available``). The other 60 % is left for the model, the training step,
+    the evaluation and everything else on the machine.
+    """
+    return "memory" if need_bytes < MEMORY_FRACTION * available_bytes else "disk"
 
 
 class FeatureCache:
@@ -38,11 +52,10 @@ class FeatureCache:
         )  # sorted reads are sequential on disk; order within a batch is irrelevant
         return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in self.arrays]
 
-    def batches(self, batch_size: int) -> list[list[torch.Tensor]]:
-        return [
-            self.batch(torch.arange(i, min(i + batch_size, len(self))))
-            for i in range(0, len(self), batch_size)
-        ]
+    def batches(self, batch_size: int) -> Iterator[list[torch.Tensor]]:
+        """All features in order, one batch at a time (a disk cache is never read whole)."""
+        for i in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(i, min(i + batch_size, len(self))))
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +78,7 @@ class FeatureCache:
         n = len(samples)
         need = n * sum(c * h * w for c, h, w in shapes) * 4
         if where == "auto":
-            where = "memory" if need < MEMORY_FRACTION * psutil.virtual_memory().available else "disk"
+            where = cache_location(need, psutil.virtual_memory().available)
         folder = None
         if where == "disk":
             folder = tempfile.TemporaryDirectory(prefix="msflow-features-")

@@ -3,9 +3,11 @@
 Run folder::
 
     config.yaml              the resolved configuration
-    model.safetensors/.json  the final model, its config, threshold, metrics (no pickle)
+    model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
+                             before the test evaluation, which then adds its metrics to model.json
     checkpoint/last.*        training state after the last completed epoch (for --resume)
-    metrics.json             test-set metrics of the LAST epoch (never a test-selected epoch, spec B14)
+    metrics.json             test-set metrics of the LAST epoch (never a test-selected epoch, spec B14);
+                             missing if the evaluation died: ``msflow test --model RUN`` writes it
     predictions.csv          per-image score, normalised score, decision, label, defect type
     overlays/*.png           heatmaps over a sample of test images, with GT and predicted contours
     score_histogram.png, loss_curve.png, train_log.jsonl
@@ -17,18 +19,21 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from msflow.config import Config, save_yaml
 from msflow.data.datasets import Sample, load_dataset, validate_samples
+from msflow.data.images import read_mask
 from msflow.device import resolve_device, seed_everything
 from msflow.errors import MSFlowError
 from msflow.evaluate import report
-from msflow.evaluate.evaluation import evaluate_predictions, masks_for, write_test_report
-from msflow.evaluate.threshold import Threshold, from_good_images, from_labelled
-from msflow.infer.predictor import predict_samples
+from msflow.evaluate.evaluation import evaluate_stream
+from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration, Threshold
+from msflow.infer.evaluate_run import evaluate_run
+from msflow.infer.predictor import Predictor
 from msflow.model.checkpoint import load_tensors, save_model, save_tensors
 from msflow.model.msflow import MSFlow
 from msflow.train.features import FeatureCache
@@ -79,6 +84,34 @@ def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Op
     return TrainState(meta["epoch"], meta["lr_scale"], meta["bad_events"], meta["history"])
 
 
+def _calibrate(
+    predictor: Predictor,
+    holdout: list[Sample],
+    fit_samples: list[Sample],
+    validation: str | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[Threshold, dict[str, Any]]:
+    """Thresholds from the held-out good images (or a labelled folder), and how they do on the hold-out."""
+    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+    calib = GoodImageCalibration(predictor.pixel_range)
+    for maps in predictor.iter_maps(
+        calib_samples, batch_size=batch_size, progress=progress, desc="calibrate"
+    ):
+        calib.add(maps.score, maps.anomaly_map)
+    threshold = calib.threshold("holdout" if holdout else "train")
+    if validation:
+        threshold = calibrate_on_folder(predictor, validation, batch_size, threshold, progress)
+    flagged = sum(threshold.is_defective(s) for s in calib.scores)
+    info = {
+        "holdout_images" if holdout else "calibration_training_images": len(calib.scores),
+        "holdout_false_positive_rate" if holdout else "train_false_positive_rate": round(
+            100.0 * flagged / len(calib.scores), 4
+        ),
+    }
+    return threshold, info
+
+
 def fit(
     cfg: Config,
     run_dir: str | Path,
@@ -88,12 +121,17 @@ def fit(
     step_hook: StepHook | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train a model as ``cfg`` says, evaluate the last epoch on the test set, write the run folder.
+    """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
 
-    Returns the test metrics (image AUROC etc.; see :func:`msflow.metrics.evaluate`).
+    The finished model (with its threshold) is written before the test evaluation starts, so nothing
+    trained is lost if the evaluation fails: ``resume=True`` on such a run only evaluates. Returns the
+    test metrics (see :func:`msflow.evaluate.evaluation.evaluate_stream`).
     """
     run_dir = Path(run_dir)
     last = run_dir / "checkpoint" / "last.json"
+    if resume and (run_dir / "model.json").is_file():
+        log(f"'{run_dir}' holds a finished model: evaluating it (no training)")
+        return _evaluate(Predictor.load(run_dir, cfg.train.device), run_dir, progress)
     if resume:
         if not last.is_file():
             raise MSFlowError(f"nothing to resume: '{last}' does not exist")
@@ -109,10 +147,12 @@ def fit(
     name, train, test = load_dataset(cfg.data.dataset)
     log(f"dataset {name}: {len(train)} training images, {len(test)} test images")
     validate_samples(train, f"training set of '{name}'")  # refuse bad data before any work
-    validate_samples(test, f"test set of '{name}'")
+    if test:  # a folder of good images only may have no test set: the model is still made
+        validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
 
     model = MSFlow(cfg.model).to(device)
+    predictor = Predictor(model, cfg, None, device)
     start = time.perf_counter()
     cache = FeatureCache.build(
         model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress
@@ -129,9 +169,8 @@ def fit(
             and state.epoch < cfg.train.epochs
         ):
             # Logged only, never used to pick a checkpoint (spec B14).
-            entry["test"] = evaluate_predictions(
-                predict_samples(model, test, device, cfg.train.batch_size, progress=False), test
-            )
+            results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
+            entry["test"] = evaluate_stream(test, results, pixel_range=predictor.pixel_range)
             model.train()
         with (run_dir / "train_log.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -143,35 +182,54 @@ def fit(
     train_seconds = time.perf_counter() - start
     model.eval()
     model.calibrate_global_normalization(
-        [[f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size)]
+        [f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size)
     )
+    del cache  # the features are no longer needed (a disk cache deletes its files)
 
-    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    calib = predict_samples(
-        model, calib_samples, device, cfg.train.batch_size, progress=progress, desc="calibrate"
+    threshold, calib_info = _calibrate(
+        predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress
     )
-    threshold = from_good_images(calib.scores, calib.pixel_maps, "holdout" if holdout else "train")
-    if validation:
-        threshold = calibrate_on_folder(model, validation, device, cfg.train.batch_size, threshold, progress)
-    preds = predict_samples(model, test, device, cfg.train.batch_size, progress=progress, desc="test")
-    metrics = evaluate_predictions(preds, test)
-    metrics.update(
-        dataset=name,
-        epochs=state.epoch,
-        train_seconds=round(train_seconds, 2),
-        feature_extraction_seconds=round(extract_seconds, 2),
-        test_images_per_second=round(len(test) / max(preds.seconds, 1e-9), 2),
-    )
-    save_model(model, cfg, run_dir / "model", threshold=threshold.to_dict(), metrics=metrics, dataset=name)
-    write_test_report(run_dir, test, preds, threshold, metrics)
+    training = {
+        "epochs": state.epoch,
+        "train_seconds": round(train_seconds, 2),
+        "feature_extraction_seconds": round(extract_seconds, 2),
+        **calib_info,
+    }
+    # Saved before the test evaluation: from here on, nothing trained can be lost.
+    save_model(model, cfg, run_dir / "model", threshold=threshold.to_dict(), dataset=name, training=training)
     report.plot_loss_curve(run_dir / "loss_curve.png", state.history)
-    return metrics
+    predictor.threshold, predictor.meta = threshold, {"training": training}
+    return _evaluate(predictor, run_dir, progress, name, test)
+
+
+def _evaluate(
+    predictor: Predictor,
+    run_dir: Path,
+    progress: bool,
+    name: str | None = None,
+    test: list[Sample] | None = None,
+) -> dict:
+    """The last step of training: the test-set report in the run folder (also finishes a saved run)."""
+    cfg = predictor.config
+    if test is None:
+        name, _, test = load_dataset(cfg.data.dataset)
+        if test:
+            validate_samples(test, f"test set of '{name}'")
+    return evaluate_run(
+        predictor,
+        test,
+        run_dir,
+        str(name),
+        resolution=cfg.train.eval_resolution,
+        batch_size=cfg.train.batch_size,
+        progress=progress,
+        run_dir=run_dir,
+    )
 
 
 def calibrate_on_folder(
-    model: MSFlow,
+    predictor: Predictor,
     folder: str,
-    device: torch.device,
     batch_size: int,
     fallback: Threshold,
     progress: bool = True,
@@ -179,6 +237,11 @@ def calibrate_on_folder(
     """F1-optimal thresholds on a labelled folder in MVTec layout (its test/ part)."""
     _, _, samples = load_dataset(folder)
     validate_samples(samples, f"validation set '{folder}'")
-    preds = predict_samples(model, samples, device, batch_size, progress=progress, desc="validation")
-    masks = masks_for(samples, preds.pixel_maps) if any(s.mask is not None for s in samples) else None
-    return from_labelled(preds.scores, preds.labels, preds.pixel_maps, masks, fallback.pixel)
+    calib = LabelledCalibration(predictor.pixel_range)
+    results = predictor.iter_maps(samples, batch_size=batch_size, progress=progress, desc="validation")
+    for sample, maps in zip(samples, results, strict=True):
+        mask = read_mask(sample.mask) if sample.mask is not None else None
+        if mask is None and any(s.mask is not None for s in samples):
+            mask = np.zeros(maps.anomaly_map.shape, bool)
+        calib.add(maps.score, sample.label, mask, maps.anomaly_map)
+    return calib.threshold(fallback.pixel)

@@ -1,0 +1,62 @@
+"""Evaluate a trained model on a test set and write the report: the job of ``msflow test`` and of the
+last step of ``msflow train``.
+
+The model is already saved when this runs (``fit`` writes it first), so a run whose evaluation was
+killed loses nothing: ``msflow test --model RUN`` (or ``msflow train --resume``) finishes it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from msflow.data.datasets import Sample
+from msflow.evaluate.evaluation import evaluate_stream, write_metrics
+from msflow.infer.predictor import Predictor, Resolution
+from msflow.model.checkpoint import update_meta
+
+
+def evaluate_run(
+    predictor: Predictor,
+    samples: list[Sample],
+    out_dir: str | Path,
+    dataset: str,
+    pro_mode: str = "standard",
+    resolution: Resolution = "original",
+    batch_size: int = 8,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``predictor`` on ``samples``; ``metrics.json``, ``predictions.csv``, overlays and the
+    score histogram go to ``out_dir``.
+
+    With ``run_dir`` (the run the model was loaded from) the run's training figures (epochs, times,
+    held-out false-positive rate) are added to the metrics, and when ``out_dir`` is the run folder
+    itself the metrics are also recorded in its ``model.json`` (the run is then finished).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = predictor.iter_samples(
+        samples, batch_size=batch_size, resolution=resolution, progress=progress, desc="test"
+    )
+    metrics = evaluate_stream(
+        samples,
+        results,
+        predictor.threshold,
+        out_dir,
+        pro_mode=pro_mode,
+        pixel_range=predictor.pixel_range,
+        resolution=resolution,
+    )
+    seconds = time.perf_counter() - start
+    metrics["dataset"] = dataset
+    if samples:
+        metrics["test_images_per_second"] = round(len(samples) / max(seconds, 1e-9), 2)
+    if run_dir is not None:
+        metrics.update(predictor.meta.get("training") or {})
+    write_metrics(out_dir / "metrics.json", metrics)
+    if run_dir is not None and Path(run_dir).resolve() == out_dir.resolve():
+        update_meta(Path(run_dir) / "model", metrics=metrics)
+    return metrics
