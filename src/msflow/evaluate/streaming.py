@@ -89,7 +89,9 @@ def f1_max_from_histograms(pos: np.ndarray, neg: np.ndarray, binning: Binning) -
     p = float(pos.sum())
     tp, fp = _suffix(pos)[:-1], _suffix(neg)[:-1]  # predicted positive: every bin >= b
     f1 = 2 * tp / (tp + fp + p)
-    best = int(np.argmax(f1))
+    # Edges with equal F1 next to each other select the same pixels (empty bins between): take the
+    # highest, the one closest to the lowest selected score (what the exact threshold is).
+    best = f1.size - 1 - int(np.argmax(f1[::-1]))
     bound = float(np.max(2 * pos + neg / 2)) / p
     return float(f1[best]) * 100.0, float(binning.edge(best)), min(bound, 1.0) * 100.0
 
