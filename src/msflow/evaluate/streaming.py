@@ -58,8 +58,16 @@ class Binning:
         self.width = (self.hi - self.lo) / self.bins
 
     def index(self, values: np.ndarray) -> np.ndarray:
-        idx = ((np.asarray(values, dtype=np.float64) - self.lo) / self.width).astype(np.int64)
-        return np.clip(idx, 0, self.bins - 1, out=idx)
+        x = np.array(values, dtype=np.float64)  # a copy, worked on in place (1024^2 maps: 8 MiB)
+        x -= self.lo
+        x /= self.width
+        np.clip(x, 0, self.bins - 1, out=x)  # before the cast, so huge values cannot overflow
+        return x.astype(np.int64)
+
+    def joint_counts(self, values: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(counts where ``positive``, counts elsewhere) in one pass (faster than two masked ones)."""
+        joint = np.bincount((self.index(values) + self.bins * positive).ravel(), minlength=2 * self.bins)
+        return joint[self.bins :], joint[: self.bins]
 
     def counts(self, values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         return np.bincount(self.index(values).ravel(), weights=weights, minlength=self.bins)
@@ -194,18 +202,16 @@ class StreamingMetrics:
             )
         if not (np.isfinite(pixel_map).all() and np.isfinite(pro_map).all()):
             raise DataError(f"image {self.map_images}: map contains NaN or infinity")
-        idx = self.pixel_bins.index(pixel_map)
-        self.pix_pos += np.bincount(idx[mask], minlength=self.pixel_bins.bins)
-        self.pix_neg += np.bincount(idx[~mask], minlength=self.pixel_bins.bins)
-        idx = self.pro_bins.index(pro_map)
-        self.pro_neg += np.bincount(idx[~mask], minlength=self.pro_bins.bins)
+        pos, neg = self.pixel_bins.joint_counts(pixel_map, mask)
+        self.pix_pos += pos
+        self.pix_neg += neg
+        self.pro_neg += self.pro_bins.joint_counts(pro_map, mask)[1]
         if mask.any():
             regions, n = label(mask, connectivity=2, return_num=True)  # 8-connected components
             inside = regions[mask]
             area = np.bincount(inside, minlength=n + 1)
-            self.pro_weight += np.bincount(
-                idx[mask], weights=1.0 / area[inside], minlength=self.pro_bins.bins
-            )
+            idx = self.pro_bins.index(pro_map[mask])
+            self.pro_weight += np.bincount(idx, weights=1.0 / area[inside], minlength=self.pro_bins.bins)
             self.regions += n
         self.pro_min = min(self.pro_min, float(pro_map.min()))
         self.pro_max = max(self.pro_max, float(pro_map.max()))
