@@ -13,7 +13,8 @@ Measured:
 * ``msflow test`` of one small trained model (efficientnet_lite0, 256 px, 1 epoch on 16 images) on
   1024 x 1024 test sets of ``--test-sizes`` images (half defective, with masks), at original resolution;
 * ``msflow predict`` on folders of ``--predict-sizes`` images of ``--predict-px`` pixels a side (maps,
-  masks and overlays written for every image);
+  masks and overlays written for every image), with that model or one trained the same way at
+  ``--predict-model-size`` px;
 * the 568-train / 536-test shape at 1130 x 460 px through ``msflow train --epochs 1``
   (training, calibration and the test evaluation at original resolution).
 """
@@ -116,6 +117,10 @@ def main() -> None:
     parser.add_argument("--test-sizes", type=int, nargs="*", default=[100, 1000])
     parser.add_argument("--predict-sizes", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--predict-px", type=int, default=256, help="side of the predict images")
+    parser.add_argument(
+        "--predict-model-size", type=int, default=256, help="input size of the model used for predict"
+    )
+    parser.add_argument("--no-test", action="store_true", help="skip the msflow test measurements")
     parser.add_argument("--no-train-shape", action="store_true", help="skip the 568/536 1130x460 run")
     args = parser.parse_args()
     work = args.workdir
@@ -134,21 +139,48 @@ def main() -> None:
 
     model_flags = ["--backbone", "efficientnet_lite0", "--image-size", "256", "--epochs", "1", "--quiet"]
     model = work / "model"
-    if not (model / "model.json").is_file():
+    need_model = (args.test_sizes and not args.no_test) or (
+        args.predict_sizes and args.predict_model_size == 256
+    )
+    if need_model and not (model / "model.json").is_file():
         small = make_category(work / "small", 16, 4, 1024, 1024, seed=1)
         run("train-small", ["train", "--data", str(small), "--output", str(model), *model_flags])
-    for n in args.test_sizes:
+    for n in [] if args.no_test else args.test_sizes:
         data = make_category(work / f"test{n}", 2, n, 1024, 1024, seed=100 + n)
         out = work / f"test{n}-report"
         run(
             f"test-{n}x1024",
             ["test", "--model", str(model), "--data", str(data), "--output", str(out), "--quiet"],
         )
+    predict_model = model
+    if args.predict_sizes and args.predict_model_size != 256:
+        predict_model = work / f"model{args.predict_model_size}"
+        if not (predict_model / "model.json").is_file():
+            small = make_category(work / "small", 16, 4, 1024, 1024, seed=1)
+            flags = [*model_flags[:2], "--image-size", str(args.predict_model_size), *model_flags[4:]]
+            run(
+                "train-small-predict", ["train", "--data", str(small), "--output", str(predict_model), *flags]
+            )
     for n in args.predict_sizes:
         folder = make_folder(work / f"predict{n}", n, args.predict_px, seed=200 + n)
         out = work / f"predict{n}-out"
-        argv = ["predict", "--model", str(model), "--input", str(folder / "images"), "--output", str(out)]
-        run(f"predict-{n}x{args.predict_px}", [*argv, "--batch-size", "8", "--quiet"])
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        argv = [
+            "predict",
+            "--model",
+            str(predict_model),
+            "--input",
+            str(folder / "images"),
+            "--output",
+            str(out),
+        ]
+        run(
+            f"predict-{n}x{args.predict_px}-model{args.predict_model_size}",
+            [*argv, "--batch-size", "8", "--quiet"],
+        )
     if not args.no_train_shape:
         data = make_category(work / "shape568", 568, 536, 1130, 460, seed=3)
         out = work / "shape568-run"
@@ -157,7 +189,9 @@ def main() -> None:
 
             shutil.rmtree(out)
         run("train-568-536x1130x460", ["train", "--data", str(data), "--output", str(out), *model_flags])
-    (work / "memory.json").write_text(json.dumps(rows, indent=2))
+    results = work / "memory.json"
+    previous = json.loads(results.read_text()) if results.is_file() else []
+    results.write_text(json.dumps(previous + rows, indent=2))
     print(f"results: {work / 'memory.json'}")
 
 
