@@ -71,6 +71,22 @@ class FusionSubnet(nn.Module):
         return out
 
 
+class ChannelPermutation(nn.Module):
+    """A fixed random channel order; ``perm`` and its inverse are buffers, so they are saved."""
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        perm = torch.randperm(channels, generator=generator)
+        self.register_buffer("perm", perm)
+        self.register_buffer("perm_inverse", torch.argsort(perm))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, self.perm]
+
+    def inverse(self, x: Tensor) -> Tensor:
+        return x[:, self.perm_inverse]
+
+
 class FusionFlow(nn.Module):
     """Fixed per-scale permutations followed by the two-step fusion coupling (see module doc).
 
@@ -91,17 +107,14 @@ class FusionFlow(nn.Module):
         self.clamp_alpha = clamp_alpha
         self.subnet_v_to_u = FusionSubnet(self.halves)  # "F2" of the spec: reads v, moves u
         self.subnet_u_to_v = FusionSubnet(self.halves)  # "F1": reads u', moves v
-        for level, c in enumerate(channels):
-            perm = torch.randperm(c, generator=generator)
-            self.register_buffer(f"perm{level}", perm)
-            self.register_buffer(f"perm_inverse{level}", torch.argsort(perm))
+        self.permutations = nn.ModuleList(ChannelPermutation(c, generator) for c in channels)
 
     def _clamp(self, x: Tensor) -> Tensor:
         return self.clamp_alpha * ATAN_FACTOR * torch.atan(x / self.clamp_alpha)
 
     def forward(self, xs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Three (B, C_s, H_s, W_s) tensors -> three tensors of the same shapes, log_det (B,)."""
-        xs = [x[:, getattr(self, f"perm{level}")] for level, x in enumerate(xs)]
+        xs = [permute(x) for permute, x in zip(self.permutations, xs, strict=True)]
         us = [x[:, :h] for x, h in zip(xs, self.halves, strict=True)]
         vs = [x[:, h:] for x, h in zip(xs, self.halves, strict=True)]
         log_det = xs[0].new_zeros(xs[0].shape[0])
@@ -133,4 +146,4 @@ class FusionFlow(nn.Module):
             us.append((u - tau) * torch.exp(-k))
             log_det = log_det - k.sum(dim=(1, 2, 3))
         xs = [torch.cat([u, v], dim=1) for u, v in zip(us, vs, strict=True)]
-        return [x[:, getattr(self, f"perm_inverse{level}")] for level, x in enumerate(xs)], log_det
+        return [permute.inverse(x) for permute, x in zip(self.permutations, xs, strict=True)], log_det

@@ -29,7 +29,7 @@ from msflow.evaluate import report
 from msflow.evaluate.evaluation import evaluate_predictions, masks_for, write_test_report
 from msflow.evaluate.threshold import Threshold, from_good_images, from_labelled
 from msflow.infer.predictor import predict_samples
-from msflow.model.checkpoint import load_tensors, save_model, save_tensors
+from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
 from msflow.model.msflow import MSFlow
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
@@ -69,7 +69,8 @@ def _save_training_state(
 
 def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer) -> TrainState:
     tensors, meta = load_tensors(run_dir / "checkpoint" / "last")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    model_state = migrate_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(model_state, strict=False)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
