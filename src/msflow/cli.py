@@ -8,58 +8,65 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from msflow.config import Config, load_yaml
+from msflow.config import SECTIONS, BackboneName, Config, default_of, help_of, load_yaml
 from msflow.errors import MSFlowError
+
+
+def _config_flags() -> Iterator[tuple[str, Field, Any]]:
+    """(section, field, type) of every config option offered as a flag (declared in ``msflow.config``)."""
+    for section, klass in SECTIONS.items():
+        hints = get_type_hints(klass)
+        for f in fields(klass):
+            if f.metadata.get("cli", False):
+                yield section, f, hints[f.name]
+
+
+def _add_option(p: argparse.ArgumentParser, section: str, f: Field, hint: Any) -> None:
+    """One flag from one config field: its name, type, choices, default and help come from the field.
+
+    A flag left out stays None, so a YAML file's value (or the field's default) holds. Booleans become
+    ``--name`` when they default to False and ``--no-name`` when they default to True.
+    """
+    name, default, text = f.name.replace("_", "-"), default_of(f), help_of(f)
+    dest = f"{section}.{f.name}"
+    if hint is bool:
+        flag, const = (f"--no-{name}", False) if default else (f"--{name}", True)
+        p.add_argument(
+            flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
+        )
+        return
+    args = get_args(hint)
+    kwargs: dict[str, Any] = {"dest": dest, "help": f"{text} (default: {default})", "metavar": f.name.upper()}
+    if get_origin(hint) is Literal:
+        kwargs.update(choices=list(args), metavar=None)
+    elif get_origin(hint) is tuple:
+        kwargs.update(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="N")
+    elif type(None) in args:  # "str | None": an optional value of the other type
+        kwargs["type"] = next(a for a in args if a is not type(None))
+    else:
+        kwargs["type"] = hint
+    p.add_argument(f"--{name}", **kwargs)
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file; flags override it")
-    p.add_argument("--backbone", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"])
-    p.add_argument("--weights", help="local backbone weights file (no download)")
-    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--feature-norm", choices=["auto", "none", "channel"])
-    p.add_argument("--normalization", choices=["per_image", "global"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument(
-        "--eval-every", type=int, help="log test metrics every N epochs (never used for selection)"
-    )
-    p.add_argument("--holdout-fraction", type=float, help="good training images held out for the threshold")
-    p.add_argument("--cache", choices=["auto", "memory", "disk"])
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 flows on the CPU (fast with AMX)")
+    for section, f, hint in _config_flags():
+        _add_option(p, section, f, hint)
 
 
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
+    """The YAML file (if any), then every flag that was given, then ``dataset``; validated once."""
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
-    return cfg.updated(
-        model={
-            "backbone": args.backbone,
-            "weights": args.weights,
-            "image_size": args.image_size,
-            "feature_norm": args.feature_norm,
-            "normalization": args.normalization,
-            "pretrained": False if args.no_pretrained else None,
-        },
-        data={"dataset": dataset, "holdout_fraction": args.holdout_fraction},
-        train={
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-            "device": args.device,
-            "eval_every": args.eval_every,
-            "cache": args.cache,
-            "amp": False if args.no_amp else None,
-            "cpu_bf16": True if args.cpu_bf16 else None,
-        },
-    )
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, f, _ in _config_flags():
+        sections[section][f.name] = getattr(args, f"{section}.{f.name}", None)
+    sections["data"]["dataset"] = dataset
+    return cfg.updated(**sections)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -200,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="feature shapes and parameter counts of a model")
-    p.add_argument(
-        "--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
-    )
+    p.add_argument("--backbone", default="wide_resnet50_2", choices=get_args(BackboneName))
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)

@@ -12,16 +12,18 @@ Images come in as RGB in [0, 1]; each backbone applies the normalisation its wei
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from msflow.config import BackboneName
 from msflow.errors import WeightsError
 from msflow.model.efficientnet_lite import EfficientNetLite0
 
-BACKBONES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0")
+BACKBONES = get_args(BackboneName)  # declared once, as the config's Literal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-Lite models were trained on inputs scaled to [-1, 1] (mean 127, std 128 on 8-bit pixels).
