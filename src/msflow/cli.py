@@ -9,54 +9,25 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import Field, fields
+from dataclasses import Field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, get_args
 
-from msflow.config import SECTIONS, BackboneName, Config, default_of, help_of, load_yaml
+from msflow.config import SECTIONS, BackboneName, Config, add_option_argument, load_yaml, option_fields
 from msflow.errors import MSFlowError
 
 
 def _config_flags() -> Iterator[tuple[str, Field, Any]]:
     """(section, field, type) of every config option offered as a flag (declared in ``msflow.config``)."""
     for section, klass in SECTIONS.items():
-        hints = get_type_hints(klass)
-        for f in fields(klass):
-            if f.metadata.get("cli", False):
-                yield section, f, hints[f.name]
-
-
-def _add_option(p: argparse.ArgumentParser, section: str, f: Field, hint: Any) -> None:
-    """One flag from one config field: its name, type, choices, default and help come from the field.
-
-    A flag left out stays None, so a YAML file's value (or the field's default) holds. Booleans become
-    ``--name`` when they default to False and ``--no-name`` when they default to True.
-    """
-    name, default, text = f.name.replace("_", "-"), default_of(f), help_of(f)
-    dest = f"{section}.{f.name}"
-    if hint is bool:
-        flag, const = (f"--no-{name}", False) if default else (f"--{name}", True)
-        p.add_argument(
-            flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
-        )
-        return
-    args = get_args(hint)
-    kwargs: dict[str, Any] = {"dest": dest, "help": f"{text} (default: {default})", "metavar": f.name.upper()}
-    if get_origin(hint) is Literal:
-        kwargs.update(choices=list(args), metavar=None)
-    elif get_origin(hint) is tuple:
-        kwargs.update(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="N")
-    elif type(None) in args:  # "str | None": an optional value of the other type
-        kwargs["type"] = next(a for a in args if a is not type(None))
-    else:
-        kwargs["type"] = hint
-    p.add_argument(f"--{name}", **kwargs)
+        for f, hint in option_fields(klass):
+            yield section, f, hint
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file; flags override it")
     for section, f, hint in _config_flags():
-        _add_option(p, section, f, hint)
+        add_option_argument(p, f, hint, dest=f"{section}.{f.name}")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
@@ -193,10 +164,21 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     run_benchmark(args.data, args.output, config_from_args(args), args.categories, progress=not args.quiet)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from msflow.bench import run_bench
+# The speed harness lives in the source checkout's benchmarks/ folder, not in the installed package.
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-    run_bench(args)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not (BENCHMARKS / "speed.py").is_file():
+        raise MSFlowError(
+            f"'msflow bench' runs benchmarks/speed.py of a source checkout, and there is none at "
+            f"'{BENCHMARKS}' (the harness is not installed with the package): run it in a git clone of msflow"
+        )
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.speed import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,16 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p)
     p.set_defaults(func=cmd_benchmark)
 
-    p = sub.add_parser("bench", help="speed and memory benchmark against the official-style reference path")
-    from msflow.bench import add_bench_arguments
-
-    add_bench_arguments(p)
+    # Its flags belong to benchmarks/speed.py (see 'msflow bench --help'); they are passed through.
+    p = sub.add_parser(
+        "bench", help="speed against the official-style reference path (source checkout)", add_help=False
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except MSFlowError as err:

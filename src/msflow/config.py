@@ -10,9 +10,11 @@ errors, never silently ignored.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterator
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -29,13 +31,39 @@ def option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - ar
     return field(default=default, metadata={"help": help, "cli": cli})
 
 
-def help_of(f: Field) -> str:
-    """The help text declared with a field."""
-    return f.metadata.get("help", "")
+def option_fields(klass: type) -> Iterator[tuple[Field, Any]]:
+    """(field, resolved type) of each field of a settings dataclass that is offered as a flag."""
+    hints = get_type_hints(klass)
+    for f in fields(klass):
+        if f.metadata.get("cli", False):
+            yield f, hints[f.name]
 
 
-def default_of(f: Field) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+def add_option_argument(parser: argparse.ArgumentParser, f: Field, hint: Any, dest: str) -> None:
+    """One command-line flag from one settings field: name, type, choices, default and help come from it.
+
+    A flag left out stays None, so a YAML file's value (or the field's default) holds. Booleans become
+    ``--name`` when they default to False and ``--no-name`` when they default to True.
+    """
+    name, text = f.name.replace("_", "-"), f.metadata.get("help", "")
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    if hint is bool:
+        flag, const = (f"--no-{name}", False) if default else (f"--{name}", True)
+        parser.add_argument(
+            flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
+        )
+        return
+    args = get_args(hint)
+    kwargs: dict[str, Any] = {"dest": dest, "help": f"{text} (default: {default})", "metavar": f.name.upper()}
+    if get_origin(hint) is Literal:
+        kwargs.update(choices=list(args), metavar=None)
+    elif get_origin(hint) is tuple:
+        kwargs.update(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="N")
+    elif type(None) in args:  # "int | None": an optional value of the other type
+        kwargs["type"] = next(a for a in args if a is not type(None))
+    else:
+        kwargs["type"] = hint
+    parser.add_argument(f"--{name}", **kwargs)
 
 
 def _check_literals(obj: Any) -> None:
