@@ -256,3 +256,12 @@ def test_onnx_runtime_refuses_an_export_of_another_model(trained: tuple[Path, Pa
         Detector.load(run, device="cpu", runtime="onnx")
     assert main(["export", "--model", str(run)]) == 0
     assert Detector.load(run, device="cpu", runtime="onnx").runtime == "onnx"
+
+
+def test_export_format_decides_the_file_name(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, run = trained
+    assert main(["export", "--model", str(run), "--format", "onnx", "--output", str(tmp_path / "m.pt")]) == 2
+    assert "must end in '.onnx'" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

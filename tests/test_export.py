@@ -114,7 +114,7 @@ def test_file_is_valid_onnx_with_metadata(resnet18: tuple[MSFlow, Path]) -> None
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
     assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
     assert all(o.type.tensor_type.shape.dim[0].dim_param == dims[0].dim_param for o in proto.graph.output)
-    assert OnnxModel(path).config == json.loads(meta["config"])
+    assert OnnxModel(path).metadata["config"] == meta["config"]
 
 
 def test_fixed_batch_export(tmp_path: Path) -> None:

@@ -137,10 +137,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     from msflow.infer.export import export_onnx
     from msflow.model.checkpoint import load_model
 
+    exporters = {"onnx": export_onnx}  # --format picks one; ONNX is the only format so far
     model, cfg, meta = load_model(args.model)
-    out = Path(args.output) if args.output else Path(args.model) / "model.onnx"
+    out = Path(args.output) if args.output else Path(args.model) / f"model.{args.format}"
+    if out.suffix != f".{args.format}":
+        raise MSFlowError(f"--output '{out}' must end in '.{args.format}' for --format {args.format}")
     # The checkpoint's digest lets `--runtime onnx` refuse an export of another (older) model.
-    export_onnx(model, out, metadata={"checkpoint_sha256": meta["sha256"]})
+    exporters[args.format](model, out, metadata={"checkpoint_sha256": meta["sha256"]})
     print(f"exported {out}")
 
 
@@ -236,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run to ONNX (backbone, flows and maps in one graph)")
     p.add_argument("--model", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--output", help="default: <run>/model.onnx")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (ONNX is the only one)")
+    p.add_argument("--output", help="default: <run>/model.<format>")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP service with a web page")
