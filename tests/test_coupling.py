@@ -1,4 +1,4 @@
-"""AffineCouplingBlock: exact inverse, log-det against the autograd Jacobian, structure (spec 2.1-2.3)."""
+"""AffineCouplingBlock: exact inverse, log-det against the autograd Jacobian, structure."""
 
 from __future__ import annotations
 

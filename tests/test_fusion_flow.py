@@ -1,4 +1,4 @@
-"""FusionFlow: per-scale permutations + the two-step cross-scale coupling (spec 3, B12)."""
+"""FusionFlow: per-scale permutations + the two-step cross-scale coupling (B12)."""
 
 from __future__ import annotations
 

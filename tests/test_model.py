@@ -1,4 +1,4 @@
-"""MSFlow wiring: shapes from the backbone, gradients, a frozen backbone, save/load, size (spec 1-5)."""
+"""MSFlow wiring: shapes from the backbone, gradients, a frozen backbone, save/load, size."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_per_scale_latent_shapes_follow_the_backbone(backbone: str, channels: li
     model = build(backbone=backbone)
     assert model.backbone.channels == channels
     out = model(images())
-    # stage strides 4, 8, 16 (spec 1), then the 3x3/2 pool: H_l = 64 / (2 s)
+    # stage strides 4, 8, 16, then the 3x3/2 pool: H_l = 64 / (2 s)
     expected = [(2, c, 64 // (2 * s), 64 // (2 * s)) for c, s in zip(channels, [4, 8, 16], strict=True)]
     assert [tuple(z.shape) for z in out.zs] == expected
     assert [(c, h, w) for _, c, h, w in expected] == model.feature_shapes

@@ -10,7 +10,7 @@ channels) and active half x2 (the last floor(C/2)):
     y      = y[:, perm]                        a fixed random channel permutation (a buffer)
     log|det J| = sum_{c,h,w} l + H W sum_c log(gamma_c)
 
-Spec sections 2.1-2.3. FrEIA 0.2 is what the official code ran; its ``rev=True`` flag becomes
+FrEIA 0.2 is what the official code ran; its ``rev=True`` flag becomes
 ``forward``/``inverse`` here and the permutation is an index buffer, not a one-hot parameter.
 
 References:

@@ -1,6 +1,6 @@
 """MSFlow's fusion flow: a fixed channel permutation per scale, then one cross-scale coupling layer.
 
-With z_s split into halves u_s (first C_s/2 channels) and v_s (last C_s/2), spec section 3:
+With z_s split into halves u_s (first C_s/2 channels) and v_s (last C_s/2), as the official code computes it:
 
     step A:  (sigma_s, tau_s)   = F2({v_s})      u'_s = exp(k(sigma_s)) * u_s + tau_s
     step B:  (sigma'_s, tau'_s) = F1({u'_s})     v'_s = exp(k(sigma'_s)) * v_s + tau'_s
@@ -11,8 +11,9 @@ Each F mixes the scales: pool every input to the coarsest grid, concatenate, con
 ReLU -> conv3x3 -> ReLU, split, bilinear up-sample (align_corners=True), residual add, then per-scale
 conv3x3 heads give sigma and tau.
 
-Fixed here (spec B12): the inverse returns the negated log-det, and the outputs are not clipped to
-+-1e6 (a clip would make the layer non-invertible at the extremes; the soft clamp already bounds scales).
+Fixed here (docs/official-code-differences.md, B12): the inverse returns the negated log-det, and the
+outputs are not clipped to +-1e6 (a clip would make the layer non-invertible at the extremes; the soft
+clamp already bounds scales).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class FusionSubnet(nn.Module):
         self.channels = list(channels)
         total = sum(channels)
         self.mixer = nn.Sequential(
-            nn.Conv2d(total, total // 4, 3, padding=1),  # S -> S/4 (the ignored mid_channels, spec B13)
+            nn.Conv2d(total, total // 4, 3, padding=1),  # S -> S/4 (official: mid_channels ignored, B13)
             ChannelLayerNorm(total // 4),
             nn.ReLU(),
             nn.Conv2d(total // 4, total, 3, padding=1),
@@ -105,8 +106,8 @@ class FusionFlow(nn.Module):
                 raise ValueError(f"fusion flow needs an even channel count per scale, got {c}")
         self.halves = [c // 2 for c in channels]
         self.clamp_alpha = clamp_alpha
-        self.subnet_v_to_u = FusionSubnet(self.halves)  # "F2" of the spec: reads v, moves u
-        self.subnet_u_to_v = FusionSubnet(self.halves)  # "F1": reads u', moves v
+        self.subnet_v_to_u = FusionSubnet(self.halves)  # reads v, moves u (step A)
+        self.subnet_u_to_v = FusionSubnet(self.halves)  # reads u', moves v (step B)
         self.permutations = nn.ModuleList(ChannelPermutation(c, generator) for c in channels)
 
     def _clamp(self, x: Tensor) -> Tensor:

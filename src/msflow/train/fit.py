@@ -5,7 +5,7 @@ Run folder::
     config.yaml              the resolved configuration
     model.safetensors/.json  the final model, its config, threshold, metrics (no pickle)
     checkpoint/last.*        training state after the last completed epoch (for --resume)
-    metrics.json             test-set metrics of the LAST epoch (never a test-selected epoch, spec B14)
+    metrics.json             test-set metrics of the LAST epoch (never test-selected, B14)
     predictions.csv          per-image score, normalised score, decision, label, defect type
     overlays/*.png           heatmaps over a sample of test images, with GT and predicted contours
     score_histogram.png, loss_curve.png, train_log.jsonl
@@ -129,7 +129,7 @@ def fit(
             and state.epoch % cfg.train.eval_every == 0
             and state.epoch < cfg.train.epochs
         ):
-            # Logged only, never used to pick a checkpoint (spec B14).
+            # Logged only, never used to pick a checkpoint (B14).
             entry["test"] = evaluate_predictions(
                 predict_samples(model, test, device, cfg.train.batch_size, progress=False), test
             )
