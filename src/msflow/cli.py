@@ -184,6 +184,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that run a trained model over many images."""
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve"
@@ -221,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output")
     p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
     p.add_argument("--normalization", choices=["per_image", "global"], help="override the run normalisation")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    _inference_flags(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="judge new images: scores, maps, masks, overlays")
@@ -232,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    _inference_flags(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX (backbone, flows and maps in one graph)")
