@@ -117,10 +117,10 @@ def _unit_range(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "i" and arr.dtype.itemsize == 4:
         return np.clip(arr, 0, 65535).astype(np.float32) / np.float32(65535)
     if arr.dtype.kind == "f":
-        values = arr.astype(np.float32)
+        values = arr.astype(np.float32, copy=False)  # an already decoded image is not copied
         if not np.isfinite(values).all():
             raise DataError("image holds NaN or infinite values")
-        return np.clip(values, 0.0, 1.0)
+        return np.clip(values, 0.0, 1.0) if values.min() < 0 or values.max() > 1 else values
     raise DataError(f"image data type {arr.dtype} is not supported (uint8, uint16, int32 or floating point)")
 
 
@@ -173,7 +173,8 @@ def decode(
         what: How messages name the input (default: the file name, or "upload" for bytes).
 
     Returns:
-        A new C-contiguous float32 array (H, W, 3) with values in [0, 1].
+        A C-contiguous float32 array (H, W, 3) with values in [0, 1]: new, except for an image that is
+        already decoded, which comes back as it is (do not modify it in place).
 
     Raises:
         DataError: One line naming the input, e.g. ``bad image 'x.png': truncated or corrupt file, ...``;
