@@ -11,9 +11,18 @@ import sys
 from collections.abc import Iterator
 from dataclasses import Field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_type_hints
 
-from msflow.config import SECTIONS, BackboneName, Config, add_option_argument, load_yaml, option_fields
+from msflow.config import (
+    PRO_MODES,
+    SECTIONS,
+    BackboneName,
+    Config,
+    ModelConfig,
+    add_option_argument,
+    load_yaml,
+    option_fields,
+)
 from msflow.errors import MSFlowError
 
 
@@ -226,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", help="category folder (default: the run's own dataset)")
     p.add_argument("--output")
-    p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
-    p.add_argument("--normalization", choices=["per_image", "global"], help="override the run normalisation")
+    p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
+    normalizations = get_args(get_type_hints(ModelConfig)["normalization"])
+    p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
     _inference_flags(p)
     p.set_defaults(func=cmd_test)
 

@@ -24,6 +24,8 @@ SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be re
 
 # The backbones msflow can build; ``msflow.model.backbone`` reads its registry from this one list.
 BackboneName = Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
+# AUPRO definitions ``msflow test --pro-mode`` offers: the usual one, and the official code's (B17).
+PRO_MODES = ("standard", "official")
 
 
 def option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - argparse's word

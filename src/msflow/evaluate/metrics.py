@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
+from msflow.config import PRO_MODES
 from msflow.errors import DataError
 
 #: Masks/maps: one (N, H, W) array, or a list of 2-D arrays (per-image original sizes).
@@ -195,8 +196,8 @@ def aupro(
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise DataError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
-    if mode not in ("standard", "official"):
-        raise DataError(f"aupro: mode must be 'standard' or 'official', got {mode!r}")
+    if mode not in PRO_MODES:
+        raise DataError(f"aupro: mode must be one of {list(PRO_MODES)}, got {mode!r}")
     if max_thresholds is not None and (mode != "standard" or max_thresholds < 2):
         raise DataError(f"aupro: max_thresholds={max_thresholds} needs mode='standard' and >= 2")
     s, cum_neg, cum_pro, n_neg, lo = _sorted_pixels(masks, maps, fpr_limit)
