@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from msflow.data.datasets import Sample
-from msflow.data.images import read_image, read_mask, resize_mask
+from msflow.data.images import read_image, read_mask, to_uint8
 from msflow.errors import DataError
 from msflow.evaluate import report
 from msflow.evaluate.streaming import DEFAULT_BINS, StreamingMetrics
@@ -50,7 +50,10 @@ def _mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     if sample.mask is None:
         return np.zeros(shape, bool)
     mask = read_mask(sample.mask)
-    return mask if mask.shape == shape else resize_mask(mask, (shape[1], shape[0]))
+    if mask.shape == shape:
+        return mask
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.NEAREST)
+    return np.asarray(resized) > 0
 
 
 def evaluate_stream(
@@ -98,13 +101,13 @@ def evaluate_stream(
                     }
                 )
             if i in draw and out_dir is not None and threshold is not None:
-                image = read_image(sample.image)
+                image = to_uint8(read_image(sample.image))
                 h, w = res.anomaly_map.shape
-                if image.size != (w, h):  # model resolution: draw on the resized image
-                    image = image.resize((w, h), Image.Resampling.BILINEAR)
+                if image.shape[:2] != (h, w):  # model resolution: draw on the resized image
+                    image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
                 report.save_overlay(
                     out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png",
-                    np.asarray(image),
+                    image,
                     res.image_map,
                     gt_mask=gt if sample.mask is not None else None,
                     pred_mask=threshold.defect_mask(res.anomaly_map, bool(defective)) if defective else None,

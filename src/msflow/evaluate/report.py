@@ -112,7 +112,9 @@ def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, *
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(jet_overlay(image, anomaly_map, **kw), mode="RGB").save(path, format="PNG", compress_level=3)
+    Image.fromarray(jet_overlay(image, anomaly_map, **kw), mode="RGB").save(
+        path, format="PNG", compress_level=3
+    )
     return path
 
 

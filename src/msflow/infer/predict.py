@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uint8
 from msflow.errors import DataError, MSFlowError
 from msflow.evaluate import report
 from msflow.files import atomic_write_bytes
@@ -102,7 +102,7 @@ def run_predict(
                 for (f, im), res in zip(images, results, strict=True):
                     row = {"image": str(f), **res.summary()}
                     if save_images:
-                        row["overlay"] = _save_maps(output, _out_name(f, used), np.asarray(im), res)
+                        row["overlay"] = _save_maps(output, _out_name(f, used), to_uint8(im), res)
                     writer.write(row)
                     predicted += 1
                     defective += res.is_defective

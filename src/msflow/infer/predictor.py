@@ -18,13 +18,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from msflow.config import Config
 from msflow.data.datasets import ImageDataset, Sample
-from msflow.data.images import to_tensor
+from msflow.data.images import image_size, to_tensor
 from msflow.device import resolve_device
 from msflow.errors import MSFlowError
 from msflow.evaluate.threshold import Threshold
@@ -160,10 +159,11 @@ class Predictor:
         )
 
     # -- entry points ------------------------------------------------------------------------------
-    def predict_images(self, images: list[Image.Image]) -> list[Prediction]:
-        """Judge decoded RGB images in one forward pass; maps at each image's original size."""
+    def predict_images(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Judge decoded images (:func:`msflow.data.images.decode`) in one forward pass; maps at each
+        image's original size."""
         batch = torch.stack([to_tensor(im, self.image_size) for im in images])
-        return [self.judge(m) for m in self._maps(batch, [im.size for im in images], "original")]
+        return [self.judge(m) for m in self._maps(batch, [image_size(im) for im in images], "original")]
 
     def iter_maps(
         self,
