@@ -60,7 +60,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(detector):  # noqa: F811
-    with running_server(create_app(detector, api_key=API_KEY)) as url:
+    with running_server(create_app(detector.predictor, api_key=API_KEY)) as url:
         yield url
 
 

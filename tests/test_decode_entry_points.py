@@ -79,7 +79,7 @@ def test_every_entry_point_gives_the_identical_score(detector, tmp_path: Path, s
     if len(shape) == 2:
         uploads["16-bit PNG"] = routes["16-bit PNG file"].read_bytes()
         uploads["float TIFF"] = routes["float TIFF file"].read_bytes()
-    with TestClient(create_app(detector)) as client:
+    with TestClient(create_app(detector.predictor)) as client:
         for name, data in uploads.items():
             r = client.post("/predict", files={"file": ("x", data, "application/octet-stream")})
             assert r.status_code == 200, (name, r.text)

@@ -27,12 +27,9 @@ RANK = {
 }
 BASICS = {"errors", "config", "files", "device", "_version"}
 # Known violations, each to be removed by the change that fixes it (an entry that no longer occurs
-# fails the test, so the list cannot go stale): the service and batch prediction still drive the
-# Detector API; the one-predictor work (infer/predictor.py) moves them onto the infer layer.
-KNOWN_VIOLATIONS = {
-    ("msflow.infer.predict", "msflow.detector"),
-    ("msflow.infer.serve", "msflow.detector"),
-}
+# fails the test, so the list cannot go stale). None left: the service and batch prediction run the
+# infer layer's Predictor.
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 
 
 def layer_of(module: str) -> str | None:

@@ -25,7 +25,7 @@ KEYS = {"score", "normalized_score", "decision", "threshold", "defect_pixels", "
 @pytest.fixture(scope="module")
 def client(detector) -> TestClient:  # noqa: F811
     # raise_server_exceptions (the default) turns any unexpected server error into a test failure.
-    with TestClient(create_app(detector)) as c:
+    with TestClient(create_app(detector.predictor)) as c:
         yield c
 
 
@@ -125,7 +125,7 @@ def test_content_type_of_the_part_does_not_matter(client, image):
 
 
 def test_oversized_upload_is_413(detector):  # noqa: F811
-    small = TestClient(create_app(detector, max_upload_bytes=2000))
+    small = TestClient(create_app(detector.predictor, max_upload_bytes=2000))
     big = png_bytes(64, seed=6)  # ~12 KB of random pixels
     assert len(big) > 2000
     r = post(small, big)
@@ -155,7 +155,7 @@ def test_oversized_upload_is_413(detector):  # noqa: F811
 
 
 def test_too_many_pixels_is_413(detector):  # noqa: F811
-    c = TestClient(create_app(detector, max_pixels=10_000))
+    c = TestClient(create_app(detector.predictor, max_pixels=10_000))
     r = post(c, png_header_only(20_000, 20_000))
     assert r.status_code == 413 and "pixels" in r.json()["detail"]
     assert post(c, png_bytes(32)).status_code == 200
@@ -228,7 +228,7 @@ def test_bad_query_is_422(client, image):
 
 
 def test_api_key(detector, image, monkeypatch):  # noqa: F811
-    c = TestClient(create_app(detector, api_key="s3cret-key"))
+    c = TestClient(create_app(detector.predictor, api_key="s3cret-key"))
     assert c.get("/health").status_code == 200  # stays open
     assert c.get("/").status_code == 200  # the page, where the key is typed
     assert c.get("/static/app.js").status_code == 200
@@ -250,7 +250,7 @@ def test_api_key(detector, image, monkeypatch):  # noqa: F811
 
 
 def test_api_key_checked_before_the_body_is_read(detector):  # noqa: F811
-    c = TestClient(create_app(detector, api_key="k", max_upload_bytes=100))
+    c = TestClient(create_app(detector.predictor, api_key="k", max_upload_bytes=100))
     r = c.post("/predict", content=b"x" * 1000, headers={"content-type": "multipart/form-data; boundary=a"})
     assert r.status_code == 401  # not 413: nothing is read for an unauthenticated client
 

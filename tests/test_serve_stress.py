@@ -43,7 +43,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def server(detector):  # noqa: F811
-    with running_server(create_app(detector, max_upload_bytes=MAX_UPLOAD)) as url:
+    with running_server(create_app(detector.predictor, max_upload_bytes=MAX_UPLOAD)) as url:
         yield url
 
 

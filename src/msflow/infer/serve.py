@@ -26,7 +26,7 @@ Limits and errors (every error is JSON ``{"detail": "..."}``; bad input never gi
   missing or wrong (compared in constant time). ``/health``, the page and its static files stay open
   (the page is where a person types the key).
 
-Predictions run in a worker thread (the event loop stays responsive); the :class:`Detector` serialises
+Predictions run in a worker thread (the event loop stays responsive); the :class:`Predictor` serialises
 forward passes with its own lock, so concurrent requests are safe.
 """
 
@@ -57,8 +57,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from msflow._version import __version__
 from msflow.data.images import decode, image_size, to_uint8
-from msflow.detector import Detector
 from msflow.errors import DataError, ImageTooLargeError, MSFlowError
+from msflow.infer.predictor import Predictor
 
 log = logging.getLogger("msflow.serve")
 
@@ -231,20 +231,20 @@ def _static_assets() -> dict[str, tuple[bytes, str]]:
 
 
 def create_app(
-    detector: Detector,
+    predictor: Predictor,
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> FastAPI:
-    """The FastAPI application serving ``detector`` (see the module docstring for the API)."""
+    """The FastAPI application serving ``predictor`` (see the module docstring for the API)."""
     if max_upload_bytes <= 0:
         raise MSFlowError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     app = FastAPI(
         title="MSFlow anomaly detection", version=__version__, docs_url=None, redoc_url=None
     )  # the interactive docs load assets from a CDN
-    app.state.detector = detector
+    app.state.predictor = predictor
     assets = _static_assets()
-    # Decoding, the forward pass (serialised by the detector's lock anyway) and the overlay of at most
+    # Decoding, the forward pass (serialised by the predictor's lock anyway) and the overlay of at most
     # this many requests at once: it bounds the memory that big images can take, not the throughput.
     heavy = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
 
@@ -284,16 +284,16 @@ def create_app(
 
     @app.get("/model")
     async def model_info() -> JSONResponse:
-        meta = detector.meta or {}
+        meta = predictor.meta or {}
         return JSONResponse(
             _finite(
                 {
-                    "config": detector.config.to_dict(),
+                    "config": predictor.config.to_dict(),
                     "metrics": meta.get("metrics"),
-                    "threshold": detector.threshold.to_dict(),
+                    "threshold": predictor.threshold.to_dict(),
                     "dataset": meta.get("dataset"),
                     "msflow_version": meta.get("msflow_version", __version__),
-                    "runtime": detector.runtime,
+                    "runtime": predictor.runtime,
                 }
             )
         )
@@ -352,7 +352,7 @@ def create_app(
             image = decode_upload(data, max_pixels)
             t2 = time.perf_counter()
             try:
-                pred = detector.predict(image)
+                pred = predictor.predict_images([image])[0]
             except DataError as exc:
                 raise HTTPException(415, str(exc)) from None
             t3 = time.perf_counter()
@@ -406,13 +406,13 @@ def serve(
     api_key = api_key or None  # an empty key means no key
     if not (max_upload_mb > 0 and math.isfinite(max_upload_mb)):
         raise MSFlowError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
-    detector = Detector.load(model, device=device, runtime=runtime)
-    app = create_app(detector, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
+    predictor = Predictor.load(model, device=device, runtime=runtime)
+    app = create_app(predictor, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-    mc = detector.config.model
+    mc = predictor.config.model
     print(
         f"msflow serve: model '{model}' ({mc.backbone}, {mc.image_size} px, "
-        f"runtime {detector.runtime}, device {detector.device})"
+        f"runtime {predictor.runtime}, device {predictor.device})"
     )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     print(
