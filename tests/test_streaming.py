@@ -162,7 +162,7 @@ def test_magnetic_tile_masks_streamed_match_exact() -> None:
     rng = np.random.default_rng(7)
     masks, adds, muls = [], [], []
     for s in test[::6]:
-        mask = read_mask(s.mask) if s.mask else np.zeros(read_image(s.image).size[::-1], bool)
+        mask = read_mask(s.mask) if s.mask else np.zeros(read_image(s.image).shape[:2], bool)
         add, mul = _smooth_maps(rng, mask)
         masks.append(mask), adds.append(add), muls.append(mul)
     assert sum(m.any() for m in masks) > 50 and sum(not m.any() for m in masks) > 20
