@@ -90,6 +90,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = config_from_args(args, args.data)
     metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation, progress=not args.quiet)
+    if not metrics:  # a torchrun rank other than 0: rank 0 reports
+        return
     print(format_metrics(metrics))
     print(f"run folder: {args.output} (overlays in {Path(args.output) / 'overlays'})")
 

@@ -28,3 +28,7 @@ class ConfigError(MSFlowError, ValueError):
 
 class TrainingError(MSFlowError, RuntimeError):
     """Training cannot go on (e.g. the loss keeps turning non-finite)."""
+
+
+class DistributedError(MSFlowError, RuntimeError):
+    """A data-parallel job cannot go on: another rank died or a collective timed out."""
