@@ -185,7 +185,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from msflow.train.benchmark import run_benchmark
 
-    run_benchmark(args.data, args.output, config_from_args(args), args.categories, progress=not args.quiet)
+    if args.executor == "local" and (args.address or args.cpus_per_task or args.gpus_per_task):
+        raise MSFlowError("--address, --cpus-per-task and --gpus-per-task need --executor ray")
+    run_benchmark(
+        args.data,
+        args.output,
+        config_from_args(args),
+        args.categories,
+        progress=not args.quiet,
+        executor=args.executor,
+        address=args.address,
+        cpus_per_task=args.cpus_per_task or 1,
+        gpus_per_task=args.gpus_per_task or 0.0,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -269,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="root holding category folders, or one category")
     p.add_argument("--output", required=True)
     p.add_argument("--categories", nargs="+", help="subset of categories (default: all found)")
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local: one category after another here; ray: each category as a Ray task",
+    )
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs each Ray task reserves (default 1)")
+    p.add_argument("--gpus-per-task", type=float, help="GPUs each Ray task reserves (default 0)")
     p.add_argument("--quiet", action="store_true")
     _train_flags(p)
     p.set_defaults(func=cmd_benchmark)
