@@ -11,6 +11,7 @@ filesystem that every node mounts at the same path (NFS, a cloud file share); th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def run_on_ray(
     started_here = not ray.is_initialized()
     if started_here:
         try:
-            if address:
+            if address or os.environ.get("RAY_ADDRESS"):  # RAY_ADDRESS: set inside `ray job submit`
                 ray.init(address=address)
             else:
                 ray.init(include_dashboard=False)  # a local instance with this machine's CPUs and GPUs
