@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from msflow.errors import MSFlowError
 from msflow.model.checkpoint import load_tensors
 from msflow.train.distributed import KILL_SEAM_ENV, Distributed
 from msflow.train.fit import fit
+from msflow.train.loop import StepHook
 
 EPOCHS = 2
 FLAGS = {
@@ -108,6 +110,49 @@ def test_a_killed_rank_ends_the_job_cleanly_and_resume_completes_it(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(run) == pytest.approx(losses(reference), rel=1e-6)
     assert_same_model(run, reference)
+
+
+_poisoned: list[int] = []
+
+
+def poison_once_on_rank(rank: int) -> StepHook:
+    """NaN features once, at epoch 1 (0-based) step 1, on ``rank`` only (-1: the single process)."""
+
+    def hook(epoch: int, step: int, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        me = int(os.environ.get("RANK", "-1"))
+        if epoch == 1 and step == 1 and me == rank and not _poisoned:
+            _poisoned.append(1)
+            return [f.clone().fill_(float("nan")) for f in feats]
+        return feats
+
+    return hook
+
+
+def _spawned_rank(rank: int, port: int, data: str, run: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    cfg = Config().updated(model=FLAGS, data={"dataset": data}, train={"epochs": 3, "batch_size": 4})
+    fit(cfg, run, progress=False, step_hook=poison_once_on_rank(1), log=lambda _: None)
+
+
+def test_a_non_finite_loss_on_one_rank_rolls_back_every_rank(data: Path, tmp_path: Path) -> None:
+    """Only rank 1's half of a batch turns NaN; both ranks must roll back together, like one process
+    whose whole batch turned NaN (a rank that went on alone would deadlock or diverge)."""
+    cfg = Config().updated(model=FLAGS, data={"dataset": str(data)}, train={"epochs": 3, "batch_size": 4})
+    _poisoned.clear()
+    fit(cfg, tmp_path / "one", progress=False, step_hook=poison_once_on_rank(-1), log=lambda _: None)
+    assert _poisoned
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_spawned_rank, args=(port, str(data), str(tmp_path / "two")), nprocs=2)
+    for run in ("one", "two"):
+        _, meta = load_tensors(tmp_path / run / "checkpoint" / "last")
+        assert meta["bad_events"] == 1 and meta["lr_scale"] == 0.5 and meta["epoch"] == 3
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
+    assert_same_model(tmp_path / "two", tmp_path / "one")
 
 
 def test_shards_tile_the_data_and_batches_split_evenly() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -308,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MSFlowError as err:
         print(f"error: {err}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun rank: its summary shows this line too
+            from msflow.train.distributed import report_to_launcher
+
+            report_to_launcher(f"error: {err}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -34,10 +34,12 @@ filesystem).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType, TracebackType
@@ -262,6 +264,18 @@ class Distributed:
         if seam and self.enabled and seam == f"{self.rank}:{epoch}":
             print(f"{self.tag}: test seam {KILL_SEAM_ENV}={seam}: SIGKILL", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_to_launcher(message: str) -> None:
+    """Under torchrun, hand a rank's one-line error to the launcher, whose failure summary shows it
+    (instead of "To enable traceback see ..."). torchrun names the file in TORCHELASTIC_ERROR_FILE."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump({"message": message, "timestamp": int(time.time())}, fh)
+        except OSError:
+            pass  # the message is on stderr anyway
 
 
 def _is_communication_error(err: RuntimeError) -> bool:
