@@ -82,6 +82,7 @@ class Distributed:
         self.comm_device = torch.device("cpu")  # where collective tensors live (CUDA for nccl)
         self._owns_group = False
         self._failing = False
+        self._previous_sigterm: object = signal.SIG_DFL
 
     @classmethod
     def from_environment(cls) -> Distributed:
@@ -141,7 +142,7 @@ class Distributed:
 
     def __enter__(self) -> Distributed:
         if self.enabled:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(
@@ -151,7 +152,7 @@ class Distributed:
             return
         self._failing = err is not None
         # After a failure torchrun SIGTERMs the survivors: let this one finish printing its own message.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if self._failing else signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if self._failing else self._previous_sigterm)
         if self._owns_group and tdist.is_initialized():
             if err is None:
                 tdist.destroy_process_group()
@@ -254,8 +255,11 @@ class Distributed:
         return losses.sum() * (self.world_size / global_batch)
 
     def batch_sum(self, losses: Tensor) -> Tensor:
-        """Sum of the per-image losses of the whole global batch, in float64, the same on every rank."""
-        return self.all_sum([losses.detach().double().sum()])[0]
+        """Sum of the per-image losses of the whole global batch, the same on every rank."""
+        total = losses.detach().sum()
+        if not self.enabled:
+            return total
+        return self.all_sum([total.to(self.comm_device, torch.float64)])[0]  # no float64 on MPS: not here
 
     def end_of_epoch(self, epoch: int) -> None:
         """Called by every rank after rank 0 wrote the epoch's checkpoint."""
