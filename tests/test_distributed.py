@@ -134,7 +134,8 @@ def _spawned_rank(rank: int, port: int, data: str, run: str) -> None:
     )
     torch.set_num_threads(1)
     cfg = Config().updated(model=FLAGS, data={"dataset": data}, train={"epochs": 3, "batch_size": 4})
-    fit(cfg, run, progress=False, step_hook=poison_once_on_rank(1), log=lambda _: None)
+    metrics = fit(cfg, run, progress=False, step_hook=poison_once_on_rank(1), log=lambda _: None)
+    Path(f"{run}.rank{rank}.json").write_text(json.dumps(metrics))
 
 
 def test_a_non_finite_loss_on_one_rank_rolls_back_every_rank(data: Path, tmp_path: Path) -> None:
@@ -153,6 +154,9 @@ def test_a_non_finite_loss_on_one_rank_rolls_back_every_rank(data: Path, tmp_pat
         assert meta["bad_events"] == 1 and meta["lr_scale"] == 0.5 and meta["epoch"] == 3
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
     assert_same_model(tmp_path / "two", tmp_path / "one")
+    # every rank returns rank 0's metrics, once rank 0 has written the run folder
+    returned = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in range(2)]
+    assert returned[0] == returned[1] == json.loads((tmp_path / "two" / "metrics.json").read_text())
 
 
 def test_shards_tile_the_data_and_batches_split_evenly() -> None:

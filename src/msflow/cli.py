@@ -87,11 +87,12 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from msflow.evaluate.report import format_metrics
+    from msflow.train.distributed import Distributed
     from msflow.train.fit import fit
 
     cfg = config_from_args(args, args.data)
     metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation, progress=not args.quiet)
-    if not metrics:  # a torchrun rank other than 0: rank 0 reports
+    if not Distributed.from_environment().is_main:  # torchrun: rank 0 reports
         return
     print(format_metrics(metrics))
     print(f"run folder: {args.output} (overlays in {Path(args.output) / 'overlays'})")

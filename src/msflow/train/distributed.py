@@ -21,9 +21,8 @@ How the work is shared, and why the result equals a single-process run with the 
 - **Global normalisation.** Each rank computes per-image maxima of its shard; they are gathered in
   rank (= image) order and every rank takes the same mean.
 - **Run folder.** Rank 0 alone writes it (config, log, checkpoints, model, report). Threshold
-  calibration and test evaluation run on rank 0 only: the other ranks return once training and the
-  collective calibration are done (torchrun waits for rank 0), so no rank idles in a collective with
-  a timeout during a long evaluation.
+  calibration and test evaluation run on rank 0 only; the other ranks free their features and wait
+  for it (in a group of their own with a long timeout), then all ranks return rank 0's metrics.
 
 Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
 end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
@@ -54,6 +53,9 @@ from msflow.model.msflow import FlowOutput, MSFlow
 
 TIMEOUT_ENV = "MSFLOW_DIST_TIMEOUT"  # seconds a collective waits for a missing rank (default below)
 DEFAULT_TIMEOUT_S = 1800
+# The other ranks wait for rank 0's evaluation (as long as the test set takes) in a separate group;
+# a rank 0 that dies still ends the wait at once (its connections close).
+FINAL_WAIT = timedelta(hours=24)
 # ---- test seam (tests/test_distributed.py): "RANK:EPOCH" makes that rank SIGKILL itself after that
 # epoch's checkpoint, to show that the job ends cleanly and --resume continues it. Read only here. ----
 KILL_SEAM_ENV = "MSFLOW_TEST_KILL_RANK"
@@ -83,6 +85,7 @@ class Distributed:
         self._owns_group = False
         self._failing = False
         self._previous_sigterm: object = signal.SIG_DFL
+        self._wait_group: object = None
 
     @classmethod
     def from_environment(cls) -> Distributed:
@@ -136,6 +139,7 @@ class Distributed:
             backend = "nccl" if device.type == "cuda" else "gloo"
             tdist.init_process_group(backend, timeout=timedelta(seconds=timeout))
             self._owns_group = True
+        self._wait_group = tdist.new_group(backend="gloo", timeout=FINAL_WAIT)
         if tdist.get_world_size() != self.world_size or tdist.get_rank() != self.rank:
             raise MSFlowError(f"{self.tag}: the process group does not match RANK/WORLD_SIZE")
         return device
@@ -180,6 +184,14 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             tdist.barrier()
+
+    def result_from_main(self, result: dict) -> dict:
+        """Every rank gets rank 0's ``result``; the others wait until rank 0 has finished the run folder."""
+        if not self.enabled or self._wait_group is None:
+            return result
+        box = [result if self.is_main else None]
+        tdist.broadcast_object_list(box, src=0, group=self._wait_group)
+        return box[0]
 
     def all_sum(self, tensors: list[Tensor]) -> list[Tensor]:
         """Element-wise sums over ranks (identical on every rank); the inputs are left untouched."""

@@ -93,11 +93,11 @@ def fit(
 
     Returns the test metrics (image AUROC etc.; see :func:`msflow.metrics.evaluate`). Under torchrun
     every rank calls this (data-parallel training, see :mod:`msflow.train.distributed`); rank 0 writes
-    the run folder and returns the metrics, the other ranks return ``{}`` once training is done.
+    the run folder, the others wait for it, and all return its metrics.
     """
     with Distributed.from_environment() as dist:
         quiet = not dist.is_main
-        return _fit(
+        metrics = _fit(
             cfg,
             Path(run_dir),
             resume,
@@ -107,6 +107,7 @@ def fit(
             (lambda _: None) if quiet else log,
             dist,
         )
+        return dist.result_from_main(metrics)  # after _fit returned: the waiting ranks hold no features
 
 
 def _fit(
@@ -179,7 +180,7 @@ def _fit(
         gather=dist.gather_rows,
     )
     if not dist.is_main:  # data-parallel: rank 0 calibrates the threshold, evaluates and writes the model
-        return {}
+        return {}  # the others wait for it in fit()
 
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     calib = predict_samples(
