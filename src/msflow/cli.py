@@ -143,12 +143,27 @@ def cmd_test(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from msflow.detector import Detector
-    from msflow.infer.predict import run_predict
+    from msflow.infer.predict import run_predict, run_predict_on_ray
 
-    detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
-    if args.threshold is not None:
-        detector.set_threshold(args.threshold)
-    summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
+    if _ray_executor(args):
+        summary = run_predict_on_ray(
+            args.model,
+            args.input,
+            args.output,
+            args.batch_size,
+            progress=not args.quiet,
+            device=args.device,
+            runtime=args.runtime,
+            threshold=args.threshold,
+            address=args.address,
+            cpus_per_task=args.cpus_per_task or 1,
+            gpus_per_task=args.gpus_per_task or 0.0,
+        )
+    else:
+        detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
+        if args.threshold is not None:
+            detector.set_threshold(args.threshold)
+        summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
     print(
         f"{summary['predicted']} images judged: {summary['defective']} defective, "
         f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed; "
@@ -187,8 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from msflow.train.benchmark import run_benchmark
 
-    if args.executor == "local" and (args.address or args.cpus_per_task or args.gpus_per_task):
-        raise MSFlowError("--address, --cpus-per-task and --gpus-per-task need --executor ray")
+    _ray_executor(args)
     run_benchmark(
         args.data,
         args.output,
@@ -200,6 +214,25 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         cpus_per_task=args.cpus_per_task or 1,
         gpus_per_task=args.gpus_per_task or 0.0,
     )
+
+
+def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help=f"local: in this process; ray: {what} as Ray tasks (pip install 'msflow[cluster]')",
+    )
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs each Ray task reserves (default 1)")
+    p.add_argument("--gpus-per-task", type=float, help="GPUs each Ray task reserves (default 0)")
+
+
+def _ray_executor(args: argparse.Namespace) -> bool:
+    """True for ``--executor ray``; the Ray-only flags without it are an error, not silently ignored."""
+    if args.executor == "local" and (args.address or args.cpus_per_task or args.gpus_per_task):
+        raise MSFlowError("--address, --cpus-per-task and --gpus-per-task need --executor ray")
+    return args.executor == "ray"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -260,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
+    _ray_flags(p, "chunks of files")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -283,15 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="root holding category folders, or one category")
     p.add_argument("--output", required=True)
     p.add_argument("--categories", nargs="+", help="subset of categories (default: all found)")
-    p.add_argument(
-        "--executor",
-        default="local",
-        choices=["local", "ray"],
-        help="local: one category after another here; ray: each category as a Ray task",
-    )
-    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs each Ray task reserves (default 1)")
-    p.add_argument("--gpus-per-task", type=float, help="GPUs each Ray task reserves (default 0)")
+    _ray_flags(p, "each category")
     p.add_argument("--quiet", action="store_true")
     _train_flags(p)
     p.set_defaults(func=cmd_benchmark)

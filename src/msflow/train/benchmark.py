@@ -6,7 +6,7 @@ Each category gets its own run folder under ``output``; the table (``results.md`
 (the official loop kept them all alive, spec B19).
 
 Categories run one after the other in this process (``executor="local"``), or each as a Ray task
-(``executor="ray"``, :mod:`msflow.train.ray_executor`). Either way each row is printed as its category
+(``executor="ray"``, :mod:`msflow.cluster`). Either way each row is printed as its category
 finishes, and the final table lists the categories in the same order. Re-running the same command
 skips the categories whose run folder is finished (model and metrics written) and resumes the ones
 that were interrupted after a checkpoint.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from msflow.cluster import require_ray, run_tasks
 from msflow.config import Config
 from msflow.data.datasets import find_categories
 from msflow.errors import MSFlowError
@@ -48,8 +49,6 @@ def run_benchmark(
     if executor not in ("local", "ray"):
         raise MSFlowError(f"executor must be 'local' or 'ray', got {executor!r}")
     if executor == "ray":
-        from msflow.train.ray_executor import require_ray
-
         require_ray()  # before any work: a one-line error when the extra is not installed
     output = Path(output)
     found = find_categories(root)
@@ -70,9 +69,11 @@ def run_benchmark(
             rows[folder.name] = done
             _print_row(done, "already finished, skipped")
     if executor == "ray":
-        from msflow.train.ray_executor import run_on_ray
-
-        results = run_on_ray(todo, address, cpus_per_task, gpus_per_task)
+        jobs = [(name, c, run_dir, False) for name, c, run_dir in todo]  # no progress bars in tasks
+        results = (
+            row if error is None else {"category": todo[i][0], "error": error}
+            for i, row, error in run_tasks(run_category, jobs, address, cpus_per_task, gpus_per_task)
+        )
     else:
         results = (run_category(name, c, run_dir, progress) for name, c, run_dir in todo)
     for row in results:

@@ -1,4 +1,4 @@
-"""``msflow benchmark --executor ray``: categories as Ray tasks on a local instance (num_cpus=2).
+"""``--executor ray``: benchmark categories and predict chunks as Ray tasks on a local instance (num_cpus=2).
 
 The Ray tests skip, with the reason, where Ray is not installed (``pip install "msflow[cluster]"``).
 """
@@ -16,7 +16,10 @@ from fake_data import make_fake_category
 
 from msflow.cli import main
 from msflow.config import Config
+from msflow.detector import Detector
+from msflow.infer.predict import run_predict, run_predict_on_ray
 from msflow.train.benchmark import COLUMNS, run_benchmark
+from msflow.train.fit import fit
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason='Ray is not installed (pip install "msflow[cluster]")')
@@ -72,6 +75,27 @@ def test_ray_tasks_reproduce_the_sequential_table_and_rerun_skips_finished_categ
     assert [r["category"] for r in saved] == ["alpha", "beta", "broken", "mean"]
 
 
+@needs_ray
+def test_predict_on_ray_writes_what_one_process_writes(root: Path, local_ray: None, tmp_path: Path) -> None:
+    run = tmp_path / "model"
+    fit(CFG.updated(data={"dataset": str(root / "alpha")}), run, progress=False, log=lambda _: None)
+    bad = tmp_path / "in" / "000.png"  # unreadable, and its name collides with the test images'
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image")
+    inputs = [str(root / "alpha" / "test"), str(bad.parent)]
+    one = run_predict(Detector.load(run, device="cpu"), inputs, tmp_path / "one", progress=False)
+    many = run_predict_on_ray(run, inputs, tmp_path / "ray", progress=False, device="cpu", chunk_size=2)
+    for timing in ("seconds", "images_per_second"):
+        many.pop(timing), one.pop(timing)
+    assert many == one
+    assert one["predicted"] == 6 and one["failed"] == 1
+    written = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "ray").iterdir()) and len(written) == 6 * 3 + 2
+    for name in written:
+        if name != "summary.json":  # holds the timings
+            assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
 def test_executor_ray_without_ray_is_a_one_line_error(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -81,6 +105,9 @@ def test_executor_ray_without_ray_is_a_one_line_error(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and 'pip install "msflow[cluster]"' in err
     assert not (tmp_path / "out").exists()
+    argv = ["predict", "--model", str(tmp_path), "--input", str(root), "--output", str(tmp_path / "p")]
+    assert main([*argv, "--executor", "ray"]) == 2
+    assert 'pip install "msflow[cluster]"' in capsys.readouterr().err
 
 
 def test_ray_flags_need_the_ray_executor(
