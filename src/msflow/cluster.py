@@ -67,7 +67,7 @@ def run_tasks(
                 f"each task asks for {cpus_per_task} CPU(s) and {gpus_per_task:g} GPU(s) but the Ray cluster "
                 f"has {total.get('CPU', 0):g} CPU(s) and {total.get('GPU', 0):g} GPU(s)"
             )
-        task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=1)(_threaded)
+        task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=1)(msflow_task)
         pending = {task.remote(fn, cpus_per_task, *job): i for i, job in enumerate(jobs)}
         try:
             while pending:
@@ -90,7 +90,7 @@ def run_tasks(
             ray.shutdown()
 
 
-def _threaded(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
+def msflow_task(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
     """Inside a Ray worker: as many torch threads as CPUs reserved, then the job."""
     import torch
 
