@@ -30,5 +30,9 @@ class TrainingError(MSFlowError, RuntimeError):
     """Training cannot go on (e.g. the loss keeps turning non-finite)."""
 
 
+class ImageTooLargeError(DataError):
+    """An image with more pixels than the configured limit (the service answers 413, not 415)."""
+
+
 class DistributedError(MSFlowError, RuntimeError):
     """A data-parallel job cannot go on: another rank died or a collective timed out."""

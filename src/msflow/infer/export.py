@@ -233,12 +233,10 @@ class OnnxModel:
         try:
             self.image_size = int(self.metadata["image_size"])
             self.image_shape = (int(self.metadata["image_height"]), int(self.metadata["image_width"]))
-            config = json.loads(self.metadata["config"]) if "config" in self.metadata else None
         except (KeyError, ValueError) as err:
             raise CheckpointError(
-                f"exported model '{self.path}' has no valid image size or config in its metadata"
+                f"exported model '{self.path}' has no valid image size in its metadata"
             ) from err
-        self.config: dict[str, Any] | None = config  # the ModelConfig fields, when the export had them
         self.msflow_version = self.metadata.get("msflow_version")
         del proto
 

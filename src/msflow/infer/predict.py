@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from msflow.cluster import require_ray, run_tasks
-from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uint8
 from msflow.detector import Detector
 from msflow.errors import DataError, MSFlowError
 from msflow.evaluate import report
@@ -102,7 +102,7 @@ def predict_files(
         images = []
         for f, name in chunk:  # read first, so one bad file does not sink its batch
             try:
-                images.append((f, name, np.asarray(read_image(f))))
+                images.append((f, name, read_image(f)))
             except DataError as err:
                 failures.append({"image": str(f), "error": str(err)})
         if images:
@@ -112,7 +112,7 @@ def predict_files(
                 if save_images:
                     report.save_overlay(
                         output / f"{name}_overlay.png",
-                        arr,
+                        to_uint8(arr),
                         res.image_map,
                         pred_mask=res.mask if res.is_defective else None,
                     )

@@ -47,10 +47,6 @@ class FeatureCache:
             for i in range(rows.start, rows.stop, batch_size)
         ]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
-
     @classmethod
     @torch.no_grad()
     def build(
@@ -100,11 +96,10 @@ class FeatureCache:
             start += len(batch["image"])
         cache = cls(arrays, folder)
         model.fit_standardization(cache.batches(64, rows), reduce=dist.all_sum)
-        for level, a in enumerate(arrays):
-            mean = getattr(model, f"feature_mean{level}").cpu().numpy()[0]
-            std = getattr(model, f"feature_std{level}").cpu().numpy()[0]
+        for standardize, a in zip(model.standardizers, arrays, strict=True):
             for i in range(rows.start, rows.stop, 64):  # in chunks: a disk cache never has to fit in memory
                 j = min(i + 64, rows.stop)
-                a[i:j] = (a[i:j] - mean) / std
+                chunk = torch.from_numpy(np.ascontiguousarray(a[i:j])).to(device)
+                a[i:j] = standardize(chunk).cpu().numpy()
         dist.share_shards(arrays)
         return cache
