@@ -3,27 +3,31 @@
 Per image (all at the image's original resolution): ``<name>_overlay.png`` (jet heatmap of the "mul"
 map with the predicted contour), ``<name>_map.png`` (the "add" map as 16-bit grey, scaled to [0, 1]
 by its maximum possible value 3) and ``<name>_mask.png`` (0/255). For the whole call: ``predictions.csv``
-(written as it goes; ``--resume`` continues it) and ``summary.json`` (counts, failures). A file that
-cannot be read is listed as failed; the others carry on.
+(written row by row as batches finish, flushed, so a crash keeps every finished row; ``--resume``
+continues it and skips the images already there) and ``summary.json`` (counts and failures, not the
+rows). A file that cannot be read is listed as failed; the others carry on.
+
+:func:`run_predict_on_ray` spreads a very large input over a Ray cluster's workers in chunks of files
+(``msflow predict --executor ray``); the outputs are those of :func:`run_predict`, in the same order.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from msflow.cluster import require_ray, run_tasks
 from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uint8
 from msflow.errors import DataError, MSFlowError
 from msflow.evaluate import report
 from msflow.files import atomic_write_bytes
-from msflow.infer.predictor import Prediction, Predictor
-
-CSV_FIELDS = ["image", "score", "normalized_score", "decision", "threshold", "defect_pixels", "overlay"]
+from msflow.infer.predictor import Predictor
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -53,6 +57,22 @@ def _out_name(path: Path, used: set[str]) -> str:
     return name
 
 
+RAY_CHUNK = 256  # files per Ray task: loading the model once per task is small next to 256 images
+
+
+def _plan(inputs: list[str], output: Path) -> tuple[list[Path], list[str]]:
+    """The input files and their output names (decided up front, so any split of the work agrees)."""
+    files = collect_inputs(inputs)
+    if not files:
+        raise MSFlowError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
+    output.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    return files, [_out_name(f, used) for f in files]
+
+
+CSV_FIELDS = ["image", "score", "normalized_score", "decision", "threshold", "defect_pixels", "overlay"]
+
+
 def run_predict(
     predictor: Predictor,
     inputs: list[str],
@@ -65,60 +85,114 @@ def run_predict(
     """Predict every input; returns the summary (also written to ``output/summary.json``).
 
     Rows go to ``predictions.csv`` as each batch finishes (flushed), so a crash keeps every finished
-    row; nothing per image is kept in memory but its path. ``resume=True`` keeps the rows already in
-    ``predictions.csv`` and skips their images (a fresh run starts the file anew).
+    row; nothing per image is kept in memory but its path and name. ``resume=True`` keeps the rows
+    already in ``predictions.csv`` and skips their images (a fresh run starts the file anew).
     """
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    files = collect_inputs(inputs)
-    if not files:
-        raise MSFlowError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
+    files, names = _plan(inputs, output)
     writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS, append=resume)
     done: set[str] = set()
-    used: set[str] = set()
-    predicted = defective = 0
+    counts = {"predicted": 0, "defective": 0}
+
+    def count(row: dict) -> None:
+        counts["predicted"] += 1
+        counts["defective"] += row["decision"] == "defective"
+
     for row in report.read_rows(output / "predictions.csv") if resume else ():
         done.add(row["image"])
-        if row.get("overlay"):  # its output names stay taken
-            used.add(row["overlay"].removesuffix("_overlay.png"))
-        predicted += 1
-        defective += row["decision"] == "defective"
+        count(row)
     skipped = len(done)
-    todo = [f for f in files if str(f) not in done]
-    failures: list[dict] = []
+
+    def write(row: dict) -> None:
+        writer.write(row)
+        count(row)
+
+    todo = [(f, n) for f, n in zip(files, names, strict=True) if str(f) not in done]
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
     try:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            images = []
-            for f in chunk:  # read first, so one bad file does not sink its batch
-                try:
-                    images.append((f, read_image(f)))
-                except DataError as err:
-                    failures.append({"image": str(f), "error": str(err)})
-            if images:
-                results = predictor.predict_images([im for _, im in images])
-                for (f, im), res in zip(images, results, strict=True):
-                    row = {"image": str(f), **res.summary()}
-                    if save_images:
-                        row["overlay"] = _save_maps(output, _out_name(f, used), to_uint8(im), res)
-                    writer.write(row)
-                    predicted += 1
-                    defective += res.is_defective
-            bar.update(len(chunk))
+        _, failures = predict_files(
+            predictor,
+            [f for f, _ in todo],
+            [n for _, n in todo],
+            output,
+            batch_size,
+            save_images,
+            bar.update,
+            write,
+        )
     finally:
         writer.close()
         bar.close()
-    seconds = time.perf_counter() - start
-    new = predicted - skipped
+    return _write_summary(
+        predictor, output, len(files), counts, failures, time.perf_counter() - start, skipped
+    )
+
+
+def predict_files(
+    predictor: Predictor,
+    files: list[Path],
+    names: list[str],
+    output: Path,
+    batch_size: int = 8,
+    save_images: bool = True,
+    done: Callable[[int], object] | None = None,
+    on_row: Callable[[dict], object] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Judge ``files``, writing each one's images under its name; returns (rows, failures).
+
+    With ``on_row`` every row goes to it as soon as it exists and none is kept (rows returned empty).
+    """
+    rows, failures = [], []
+    for i in range(0, len(files), batch_size):
+        chunk = list(zip(files[i : i + batch_size], names[i : i + batch_size], strict=True))
+        images = []
+        for f, name in chunk:  # read first, so one bad file does not sink its batch
+            try:
+                images.append((f, name, read_image(f)))
+            except DataError as err:
+                failures.append({"image": str(f), "error": str(err)})
+        if images:
+            results = predictor.predict_images([arr for _, _, arr in images])
+            for (f, name, arr), res in zip(images, results, strict=True):
+                row = {"image": str(f), **res.summary()}
+                if save_images:
+                    report.save_overlay(
+                        output / f"{name}_overlay.png",
+                        to_uint8(arr),
+                        res.image_map,
+                        pred_mask=res.mask if res.is_defective else None,
+                    )
+                    grey = (np.clip(res.anomaly_map / 3.0, 0, 1) * 65535).astype(np.uint16)
+                    Image.fromarray(grey).save(output / f"{name}_map.png")
+                    Image.fromarray((res.mask * 255).astype(np.uint8)).save(output / f"{name}_mask.png")
+                    row["overlay"] = f"{name}_overlay.png"
+                if on_row is not None:
+                    on_row(row)
+                else:
+                    rows.append(row)
+        if done is not None:
+            done(len(chunk))
+    return rows, failures
+
+
+def _write_summary(
+    predictor: Predictor,
+    output: Path,
+    n_files: int,
+    counts: dict[str, int],
+    failures: list[dict],
+    seconds: float,
+    skipped: int = 0,
+) -> dict:
+    new = counts["predicted"] - skipped
     summary = {
         "model": str(predictor.meta.get("dataset", "")),
         "runtime": predictor.runtime,
         "threshold": predictor.threshold.to_dict(),
-        "images": len(files),
-        "predicted": predicted,
-        "defective": defective,
+        "images": n_files,
+        "predicted": counts["predicted"],
+        "defective": counts["defective"],
         "skipped": skipped,
         "failed": len(failures),
         "failures": failures,
@@ -130,12 +204,72 @@ def run_predict(
     return summary
 
 
-def _save_maps(output: Path, name: str, image: np.ndarray, res: Prediction) -> str:
-    """Overlay, 16-bit "add" map and mask of one image; returns the overlay's file name."""
-    report.save_overlay(
-        output / f"{name}_overlay.png", image, res.image_map, pred_mask=res.mask if res.is_defective else None
-    )
-    grey = (np.clip(res.anomaly_map / 3.0, 0, 1) * 65535).astype(np.uint16)
-    Image.fromarray(grey).save(output / f"{name}_map.png")
-    Image.fromarray((res.mask * 255).astype(np.uint8)).save(output / f"{name}_mask.png")
-    return f"{name}_overlay.png"
+def run_predict_on_ray(
+    model: str | Path,
+    inputs: list[str],
+    output: str | Path,
+    batch_size: int = 8,
+    progress: bool = True,
+    save_images: bool = True,
+    device: str = "auto",
+    runtime: str = "torch",
+    threshold: float | None = None,
+    address: str | None = None,
+    cpus_per_task: int = 1,
+    gpus_per_task: float = 0.0,
+    chunk_size: int = RAY_CHUNK,
+) -> dict:
+    """:func:`run_predict` with chunks of files as Ray tasks, each loading the model from ``model``
+    (on a cluster, ``model``, the inputs and ``output`` must be on a shared filesystem)."""
+    require_ray()
+    predictor = Predictor.load(model, device="cpu", runtime=runtime)  # refuse a bad model before any task
+    if threshold is not None:
+        predictor.threshold = predictor.threshold.with_image_threshold(threshold)
+    output = Path(output)
+    files, names = _plan(inputs, output)
+    start = time.perf_counter()
+    cuts = range(0, len(files), max(1, chunk_size))
+    jobs = [
+        (str(model), device, runtime, threshold, files[i : i + chunk_size], names[i : i + chunk_size], output,
+         batch_size, save_images)
+        for i in cuts
+    ]  # fmt: skip
+    parts: list[tuple[list[dict], list[dict]]] = [([], []) for _ in jobs]
+    bar = tqdm(total=len(files), desc="predict (ray)", unit="img", disable=not progress)
+    for index, result, error in run_tasks(_predict_task, jobs, address, cpus_per_task, gpus_per_task):
+        if error is None:
+            parts[index] = result
+        else:  # a lost task: its files are failures, the others stand
+            parts[index] = ([], [{"image": str(f), "error": error} for f in jobs[index][4]])
+        bar.update(len(jobs[index][4]))
+    bar.close()
+    counts = {"predicted": 0, "defective": 0}
+    writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS)
+    try:  # the tasks' rows, in input order (they come back out of order)
+        for rows, _ in parts:
+            for row in rows:
+                writer.write(row)
+                counts["predicted"] += 1
+                counts["defective"] += row["decision"] == "defective"
+    finally:
+        writer.close()
+    failures = [fail for part in parts for fail in part[1]]
+    return _write_summary(predictor, output, len(files), counts, failures, time.perf_counter() - start)
+
+
+def _predict_task(
+    model: str,
+    device: str,
+    runtime: str,
+    threshold: float | None,
+    files: list[Path],
+    names: list[str],
+    output: Path,
+    batch_size: int,
+    save_images: bool,
+) -> tuple[list[dict], list[dict]]:
+    """One Ray task: load the model, judge a chunk of files."""
+    predictor = Predictor.load(model, device=device, runtime=runtime)
+    if threshold is not None:
+        predictor.threshold = predictor.threshold.with_image_threshold(threshold)
+    return predict_files(predictor, files, names, output, batch_size, save_images)
