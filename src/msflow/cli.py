@@ -19,7 +19,16 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"])
     p.add_argument("--weights", help="local backbone weights file (no download)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
-    p.add_argument("--image-size", type=int)
+    p.add_argument(
+        "--image-size",
+        help="input size: N (square), HxW (e.g. 208x512) or auto[:N] (the training images' aspect ratio "
+        "within N*N pixels, N=256 by default)",
+    )
+    p.add_argument(
+        "--score",
+        help="image score: official (the paper), mul|gmul|add|logp[:FRACTION|max], or auto "
+        "(chosen by train from held-out good images and synthetic defects)",
+    )
     p.add_argument("--feature-norm", choices=["auto", "none", "channel"])
     p.add_argument("--normalization", choices=["per_image", "global"])
     p.add_argument("--epochs", type=int)
@@ -43,6 +52,7 @@ def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Co
             "backbone": args.backbone,
             "weights": args.weights,
             "image_size": args.image_size,
+            "score": args.score,
             "feature_norm": args.feature_norm,
             "normalization": args.normalization,
             "pretrained": False if args.no_pretrained else None,
@@ -66,10 +76,12 @@ def cmd_summary(args: argparse.Namespace) -> None:
     from msflow.config import ModelConfig
     from msflow.model.msflow import MSFlow
 
-    model = MSFlow(ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False))
+    config = ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False)
+    model = MSFlow(config)
+    height, width = config.size
     info = {
         "backbone": args.backbone,
-        "image_size": args.image_size,
+        "image_size": config.image_size,
         "feature_shapes": [list(s) for s in model.feature_shapes],
         "num_blocks": list(model.config.num_blocks),
         "trainable_parameters": model.parameter_counts(),
@@ -77,7 +89,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"MSFlow with {args.backbone} at {args.image_size}x{args.image_size}")
+    print(f"MSFlow with {args.backbone} at {height}x{width}")
     for level, ((c, h, w), n) in enumerate(zip(model.feature_shapes, model.config.num_blocks, strict=True)):
         print(f"  scale {level + 1}: features {c} x {h} x {w}, {n} coupling blocks")
     for part, count in info["trainable_parameters"].items():
@@ -125,6 +137,12 @@ def cmd_test(args: argparse.Namespace) -> None:
     model, cfg, meta = load_model(args.model, device)
     if args.normalization:  # both references are calibrated at training time, so either mode works
         model.anomaly.normalization = args.normalization
+    if args.score:  # every score reads the same latents; only the reduction to one number changes
+        from msflow.config import parse_score
+
+        model.anomaly.score = parse_score(args.score)
+        if model.anomaly.score == "auto":
+            raise MSFlowError("--score auto is decided at training time; name a score to re-score a run")
     name, _, test = load_dataset(args.data or cfg.data.dataset)
     validate_samples(test, f"test set of '{name}'")
     preds = predict_samples(model, test, device, args.batch_size, progress=not args.quiet, desc="test")
@@ -203,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
     )
-    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--image-size", default="512", help="N or HxW (e.g. 208x512)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
@@ -231,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output")
     p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
     p.add_argument("--normalization", choices=["per_image", "global"], help="override the run normalisation")
+    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")

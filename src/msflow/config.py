@@ -26,6 +26,72 @@ def _check_literals(obj: Any) -> None:
             raise ConfigError(f"{f.name}={getattr(obj, f.name)!r} is not one of {list(allowed)}")
 
 
+SCORE_KINDS = ("mul", "gmul", "add", "logp")  # the maps an image score can reduce; see model/anomaly_map.py
+
+
+def parse_score(value: Any) -> str:
+    """Canonical image-score name: "official", "auto", or "KIND:FRACTION" / "KIND:max".
+
+    KIND is one of ``SCORE_KINDS``; FRACTION in (0, 1] is the share of the map's largest values that are
+    averaged ("max" = the single largest). A bare KIND means the paper's fraction, 0.03.
+    """
+    text = str(value).strip().lower()
+    if text in ("official", "auto"):
+        return text
+    kind, _, fraction = text.partition(":")
+    if kind not in SCORE_KINDS:
+        raise ConfigError(
+            f"score {value!r} is not official, auto or one of {list(SCORE_KINDS)}[:FRACTION|max]"
+        )
+    if fraction in ("", "max"):
+        return f"{kind}:{fraction or '0.03'}"
+    try:
+        share = float(fraction)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ConfigError(f"score {value!r}: the fraction must be in (0, 1] or 'max'")
+    return f"{kind}:{share:g}"
+
+
+AUTO_SIZE_BUDGET = 256  # ours: the side of the square pixel budget of "auto" (a 256 x 256 input's cost)
+
+
+def parse_image_size(value: Any) -> int | tuple[int, int] | str:
+    """Canonical image size: an int (square), an (H, W) tuple (not square) or "auto:N" (unresolved).
+
+    Accepts 256, "256", "208x512", [208, 512], (208, 512), "auto" and "auto:320". Each side must be a
+    multiple of 32 (the coarsest pooled scale is 1/32 of the input) in [32, 2048].
+    """
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text is not None and (text == "auto" or text.startswith("auto:")):
+        budget = text.partition(":")[2] or str(AUTO_SIZE_BUDGET)
+        if not budget.isdigit() or not 32 <= int(budget) <= 2048:
+            raise ConfigError(f"image_size {value!r}: 'auto:N' needs a pixel budget N in [32, 2048]")
+        return f"auto:{int(budget)}"
+    try:
+        if text is not None:
+            parts = [int(p) for p in text.split("x")]
+        elif isinstance(value, (list, tuple)):
+            parts = [int(p) for p in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts = [value]
+        else:
+            raise ValueError
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}"
+        ) from None
+    for side in parts:
+        if not 32 <= side <= 2048 or side % 32:
+            raise ConfigError(f"image_size sides must be multiples of 32 in [32, 2048], got {value!r}")
+    return parts[0] if parts[0] == parts[1] else (parts[0], parts[1])
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What the model is: everything needed to rebuild it from a checkpoint."""
@@ -36,7 +102,11 @@ class ModelConfig:
     pretrained: bool = True  # ours: never fall back to random weights; False only when asked
     weights: str | None = None  # ours: a local backbone weights file, for machines without internet
     reflect_padding: bool = True  # spec section 1: the official ResNet's reflect padding
-    image_size: int = 512  # spec section 1: 512 x 512 for every class
+    # spec section 1: 512 x 512 for every class. Ours: also height x width, "(H, W)" or "HxW" (kept as
+    # an int when square, so square configs and checkpoints are unchanged), or "auto[:N]": the training
+    # images' median aspect ratio within N*N pixels (N defaults to 256), resolved by ``msflow train``
+    # before the model is built (see ``msflow.data.sizing``) and saved resolved in the run folder.
+    image_size: int | tuple[int, int] | str = 512
     pool: Literal["avg", "max", "none"] = "avg"  # spec section 1: AvgPool2d(3, 2, 1)
     num_blocks: tuple[int, int, int] = (2, 5, 8)  # spec section 2: asymmetric parallel flows
     cond_channels: int = 64  # spec section 2.4: positional-encoding channels
@@ -47,6 +117,10 @@ class ModelConfig:
     # ("none") for the ResNets, for parity. "channel" forces standardisation.
     feature_norm: Literal["auto", "none", "channel"] = "auto"
     top_k: float = 0.03  # spec section 6: image score = mean of the top 3 % of the "mul" map
+    # ours: how the maps become one image score (model/anomaly_map.py). "official" is the paper's (top_k
+    # of the "mul" map as ``normalization`` normalises it); the default is chosen in README "Image size,
+    # scoring and tiles" from held-out good images and synthetic defects, never from test labels.
+    score: str = "official"
     # spec section 6 / B15: "per_image" is the official normalisation; "global" uses training statistics
     normalization: Literal["per_image", "global"] = "per_image"
     seed: int = 9826  # spec section 5; also draws the fixed permutations, so models are reproducible
@@ -56,14 +130,25 @@ class ModelConfig:
         object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
             raise ConfigError(f"num_blocks must be three positive counts, got {self.num_blocks}")
-        if not 32 <= self.image_size <= 2048 or self.image_size % 32:
-            raise ConfigError(f"image_size must be a multiple of 32 in [32, 2048], got {self.image_size}")
+        object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        object.__setattr__(self, "score", parse_score(self.score))
         if self.cond_channels % 4 or self.cond_channels < 4:
             raise ConfigError(f"cond_channels must be a positive multiple of 4, got {self.cond_channels}")
         if not 0 < self.top_k <= 1:
             raise ConfigError(f"top_k must be in (0, 1], got {self.top_k}")
         if self.clamp_alpha <= 0:
             raise ConfigError(f"clamp_alpha must be positive, got {self.clamp_alpha}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the model input; an unresolved "auto" size is an error here."""
+        if isinstance(self.image_size, str):
+            raise ConfigError(
+                f"image_size={self.image_size!r} must be resolved from the training images first"
+            )
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return self.image_size
 
     @property
     def standardize_features(self) -> bool:
@@ -138,6 +223,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model"]["num_blocks"] = list(self.model.num_blocks)
+        if isinstance(self.model.image_size, tuple):
+            out["model"]["image_size"] = list(self.model.image_size)
         out["train"]["decay_at"] = list(self.train.decay_at)
         out["schema_version"] = SCHEMA_VERSION
         return out

@@ -306,14 +306,15 @@ def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
 class ImageDataset(Dataset):
     """Samples as tensors: the official transform for images, nearest resize for masks.
 
-    Each item is a dict with ``image`` (3, S, S) float32, ``mask`` (1, S, S) float32 0/1
+    ``image_size`` is a side S or (H, W). Each item is a dict with ``image`` (3, H, W) float32,
+    ``mask`` (1, H, W) float32 0/1
     (zeros when the sample has no mask), ``label`` and ``index`` ints, and
     ``original_size`` (2,) int64 tensor holding (width, height) of the file.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int) -> None:
+    def __init__(self, samples: list[Sample], image_size: int | tuple[int, int]) -> None:
         self.samples = list(samples)
-        self.image_size = int(image_size)
+        self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -325,7 +326,7 @@ class ImageDataset(Dataset):
         if sample.mask is not None:
             mask = mask_to_tensor(read_mask(sample.mask, size=image.size), size)
         else:
-            mask = torch.zeros(1, size, size, dtype=torch.float32)
+            mask = mask_to_tensor(np.zeros((1, 1), dtype=bool), size)
         return {
             "image": to_tensor(image, size),
             "mask": mask,

@@ -217,8 +217,12 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
     return sorted(found)
 
 
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize to (size, size) with LANCZOS and scale to 0..1 (RGB, float32).
+def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def to_tensor(image: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize to (size, size), or (height, width) = ``size``, with LANCZOS; scale to 0..1 (RGB, float32).
 
     This is the official MSFlow transform (no crop; non-square images are distorted) minus the
     normalisation, which the backbone applies itself with the statistics its weights were trained
@@ -226,19 +230,21 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
     Args:
         image: A Pillow image (converted to RGB if needed).
-        size: Output side length in pixels.
+        size: Output side length in pixels, or (height, width).
 
     Returns:
-        Float32 tensor of shape (3, size, size).
+        Float32 tensor of shape (3, height, width).
     """
     if image.mode != "RGB":
         image = to_rgb(image)
-    resized = image.resize((size, size), Image.Resampling.LANCZOS)
+    height, width = _height_width(size)
+    resized = image.resize((width, height), Image.Resampling.LANCZOS)
     arr = np.asarray(resized, dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
-    """Nearest-resize a boolean (H, W) mask to (size, size) and return a (1, size, size) 0/1 float tensor."""
-    resized = resize_mask(mask, (size, size))
+def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-resize a boolean mask to (size, size) or (height, width); a (1, height, width) 0/1 tensor."""
+    height, width = _height_width(size)
+    resized = resize_mask(mask, (width, height))
     return torch.from_numpy(resized.astype(np.float32))[None]

@@ -441,7 +441,7 @@ def serve(
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     mc = detector.config.model
     print(
-        f"msflow serve: model '{model}' ({mc.backbone}, {mc.image_size} px, "
+        f"msflow serve: model '{model}' ({mc.backbone}, {'x'.join(map(str, mc.size))} px, "
         f"runtime {detector.runtime}, device {detector.device})"
     )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

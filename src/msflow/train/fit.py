@@ -2,7 +2,9 @@
 
 Run folder::
 
-    config.yaml              the resolved configuration
+    config.yaml              the resolved configuration (an "auto" image size or score as decided)
+    score_selection.json     with ``score: auto``: every candidate score's AUROC on held-out good images
+                             vs synthetic defects, and the one chosen (no test label is read)
     model.safetensors/.json  the final model, its config, threshold, metrics (no pickle)
     checkpoint/last.*        training state after the last completed epoch (for --resume)
     metrics.json             test-set metrics of the LAST epoch (never a test-selected epoch, spec B14)
@@ -23,6 +25,8 @@ import torch
 
 from msflow.config import Config, save_yaml
 from msflow.data.datasets import Sample, load_dataset, validate_samples
+from msflow.data.images import read_image
+from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
 from msflow.errors import MSFlowError
 from msflow.evaluate import report
@@ -33,6 +37,7 @@ from msflow.model.checkpoint import load_tensors, save_model, save_tensors
 from msflow.model.msflow import MSFlow
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
+from msflow.train.score_selection import choose_score
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -111,6 +116,10 @@ def fit(
     validate_samples(train, f"training set of '{name}'")  # refuse bad data before any work
     validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
+        cfg = cfg.updated(model={"image_size": resolve_image_size(cfg.model.image_size, fit_samples)})
+        save_yaml(cfg, run_dir / "config.yaml")
+        log(f"image size {cfg.model.image_size} (auto: the training images' median aspect ratio)")
 
     model = MSFlow(cfg.model).to(device)
     start = time.perf_counter()
@@ -147,6 +156,22 @@ def fit(
     )
 
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+    if cfg.model.score == "auto":
+        chosen, evidence = choose_score(
+            model,
+            [read_image(s.image) for s in calib_samples],
+            device,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            source="holdout" if holdout else "train (no hold-out: biased)",
+        )
+        cfg = cfg.updated(model={"score": chosen})
+        model.config, model.anomaly.score = cfg.model, chosen
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
+        log(
+            f"image score {chosen} (auto: AUROC {evidence['auroc'][chosen]} on held-out vs synthetic defects)"
+        )
     calib = predict_samples(
         model, calib_samples, device, cfg.train.batch_size, progress=progress, desc="calibrate"
     )
