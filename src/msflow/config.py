@@ -61,7 +61,8 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
     """Canonical image size: an int (square), an (H, W) tuple (not square) or "auto:N" (unresolved).
 
     Accepts 256, "256", "208x512", [208, 512], (208, 512), "auto" and "auto:320". Each side must be a
-    multiple of 32 (the coarsest pooled scale is 1/32 of the input) in [32, 2048].
+    multiple of 16 in [32, 2048]: the backbone's stride-16 stage then has whole cells (multiples of 32,
+    the coarsest pooled scale, let the fusion flow pool evenly; others pool adaptively).
     """
     text = str(value).strip().lower() if isinstance(value, str) else None
     if text is not None and (text == "auto" or text.startswith("auto:")):
@@ -73,7 +74,7 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
         if text is not None:
             parts = [int(p) for p in text.split("x")]
         elif isinstance(value, (list, tuple)):
-            parts = [int(p) for p in value]
+            parts = [int(p) for p in value] if len(value) == 2 else []
         elif isinstance(value, int) and not isinstance(value, bool):
             parts = [value]
         else:
@@ -87,8 +88,8 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
             f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}"
         ) from None
     for side in parts:
-        if not 32 <= side <= 2048 or side % 32:
-            raise ConfigError(f"image_size sides must be multiples of 32 in [32, 2048], got {value!r}")
+        if not 32 <= side <= 2048 or side % 16:
+            raise ConfigError(f"image_size sides must be multiples of 16 in [32, 2048], got {value!r}")
     return parts[0] if parts[0] == parts[1] else (parts[0], parts[1])
 
 

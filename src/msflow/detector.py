@@ -35,7 +35,7 @@ ImageLike = str | Path | Image.Image | np.ndarray
 class Prediction:
     """One image's verdict; maps are at the image's original resolution."""
 
-    score: float  # raw image score (mean of the top 3 % of the "mul" map)
+    score: float  # raw image score (as the run's ModelConfig.score says; "official": the paper's)
     normalized_score: float  # in [0, 1]; the threshold is at 0.5
     is_defective: bool
     threshold: float  # the raw image threshold used

@@ -137,7 +137,10 @@ class AnomalyMapper(nn.Module):
         self.calibrated.fill_(True)
 
     def forward(self, zs: list[Tensor]) -> AnomalyOutput:
-        logps = log_likelihood_maps(zs)
+        return self.from_log_likelihoods(log_likelihood_maps(zs))
+
+    def from_log_likelihoods(self, logps: list[Tensor]) -> AnomalyOutput:
+        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies)."""
         fused = sum(upsample(m, self.image_size) for m in logps)  # (B, H, W), log of the product
         if self.normalization == "global":
             image_map = 1 - torch.exp(torch.clamp(fused - self.ref_mul, max=0))

@@ -68,7 +68,7 @@ def rank_candidates(good: dict[str, np.ndarray], bad: dict[str, np.ndarray]) -> 
     out = {}
     for c in good:
         labels = np.r_[np.zeros(len(good[c])), np.ones(len(bad[c]))]
-        out[c] = round(100 * image_auroc(labels, np.r_[good[c], bad[c]]), 3)
+        out[c] = round(image_auroc(labels, np.r_[good[c], bad[c]]), 3)  # already in %
     return out
 
 
