@@ -1,4 +1,4 @@
-"""Slow, straightforward AUPRO implementations written from the definitions (spec §7).
+"""Slow, straightforward AUPRO implementations written from the definitions (the official code's PRO steps).
 
 Used only by the tests to check the vectorised ``msflow.metrics.aupro``.  Explicit loops
 over thresholds, images and regions; no sorting tricks.
@@ -52,7 +52,7 @@ def aupro_standard_reference(masks, maps, fpr_limit: float = 0.3) -> float:
 
 
 def aupro_official_reference(masks, maps, max_step: int = 800, expect_fpr: float = 0.3) -> float:
-    """Official MSFlow PRO in percent, transcribed step by step from spec §7 (for a stacked array)."""
+    """Official MSFlow PRO in percent, step by step as the official evaluation does it (stacked arrays)."""
     masks = np.asarray(masks)
     maps = np.asarray(maps)
     max_th, min_th = maps.max(), maps.min()

@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from latents (spec 6, B15, B16); expected values worked out by hand."""
+"""Anomaly maps and image scores from latents (B15, B16 of docs/official-code-differences.md); by hand."""
 
 from __future__ import annotations
 

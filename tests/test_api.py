@@ -55,7 +55,7 @@ def test_predict_accepts_paths_pil_and_numpy(detector: tuple[Detector, Path]) ->
         det.predict(arr.astype(np.uint16) * 257),
     ]
     for r in results:
-        assert r.score == pytest.approx(results[0].score, rel=1e-5)
+        assert r.score == results[0].score  # one decoder: the same picture, the same score
         assert r.anomaly_map.shape == r.mask.shape == arr.shape[:2]
         assert r.is_defective == (r.score >= r.threshold)
     grey = det.predict(np.asarray(pil.convert("L")))

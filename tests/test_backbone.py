@@ -1,4 +1,4 @@
-"""FeatureExtractor and the packaged EfficientNet-Lite0 (spec 1, B1, B8). Nothing here downloads:
+"""FeatureExtractor and the packaged EfficientNet-Lite0 (B1, B8). Nothing here downloads:
 ResNets are built with ``pretrained=False`` or from a local file, Lite0 uses the pip-packaged file."""
 
 from __future__ import annotations

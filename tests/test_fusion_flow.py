@@ -1,4 +1,4 @@
-"""FusionFlow: per-scale permutations + the two-step cross-scale coupling (spec 3, B12)."""
+"""FusionFlow: per-scale permutations + the two-step cross-scale coupling (B12)."""
 
 from __future__ import annotations
 
@@ -89,10 +89,13 @@ def test_permutations_are_buffers() -> None:
     fusion = FusionFlow([4, 6, 2], generator=torch.Generator().manual_seed(0))
     buffers = dict(fusion.named_buffers())
     for level, c in enumerate([4, 6, 2]):
-        perm = buffers[f"perm{level}"]
+        perm = buffers[f"permutations.{level}.perm"]
         assert perm.dtype == torch.long and torch.equal(perm.sort().values, torch.arange(c))
-        assert torch.equal(perm[buffers[f"perm_inverse{level}"]], torch.arange(c))
-        assert f"perm{level}" in fusion.state_dict()
+        assert torch.equal(perm[buffers[f"permutations.{level}.perm_inverse"]], torch.arange(c))
+        assert f"permutations.{level}.perm" in fusion.state_dict()
+        x = torch.randn(2, c, 3, 3)
+        permutation = fusion.permutations[level]
+        assert torch.equal(permutation(x), x[:, perm]) and torch.equal(permutation.inverse(permutation(x)), x)
     assert not any("perm" in name for name, _ in fusion.named_parameters())
 
 

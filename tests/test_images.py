@@ -1,4 +1,4 @@
-"""Tests for msflow.images: every odd image becomes RGB uint8, every bad file one clear DataError."""
+"""Tests for msflow.data.images: every odd image becomes float RGB in [0, 1], every bad file one DataError."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from PIL import Image, ImageFile
 
 from msflow.data.images import (
     IMAGE_EXTENSIONS,
+    decode,
+    image_size,
     list_images,
-    mask_to_tensor,
     read_image,
     read_mask,
-    resize_mask,
-    to_rgb,
     to_tensor,
+    to_uint8,
 )
 from msflow.errors import DataError
 
@@ -29,11 +29,11 @@ def _noise(h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:
 
 
 def _as_rgb_array(path: Path) -> np.ndarray:
+    """The decoded image on the 8-bit scale (exact for 8-bit files)."""
     img = read_image(path)
-    assert img.mode == "RGB"
-    arr = np.asarray(img)
-    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
-    return arr
+    assert img.dtype == np.float32 and img.ndim == 3 and img.shape[2] == 3 and img.flags.c_contiguous
+    assert 0 <= img.min() and img.max() <= 1
+    return to_uint8(img)
 
 
 def test_truncated_loading_stays_off() -> None:
@@ -74,25 +74,55 @@ def test_la_and_palette(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype,fmt", [("<u2", "PNG"), ("<u2", "TIFF"), (">u2", "TIFF")])
-def test_sixteen_bit_divided_by_257(tmp_path: Path, dtype: str, fmt: str) -> None:
+def test_sixteen_bit_kept_at_full_precision(tmp_path: Path, dtype: str, fmt: str) -> None:
     values = np.array([[0, 257, 65535, 1000]], dtype=dtype)
     path = tmp_path / f"16.{fmt.lower()}"
     Image.fromarray(values).save(path, fmt)
-    arr = _as_rgb_array(path)
-    assert arr[0, :, 0].tolist() == [0, 1, 255, 4]
+    img = read_image(path)
+    expected = np.array([0, 257, 65535, 1000], dtype=np.float32) / np.float32(65535)
+    assert np.array_equal(img[0, :, 0], expected)  # 1000 is not a multiple of 257: no 8-bit rounding
+    assert np.array_equal(img[..., 0], img[..., 2])
 
 
 def test_int32_and_float_modes() -> None:
     i32 = Image.fromarray(np.array([[0, 65535, 70000, -5]], dtype=np.int32))
     assert i32.mode == "I"
-    assert np.asarray(to_rgb(i32))[0, :, 0].tolist() == [0, 255, 255, 0]
-    f = Image.fromarray(np.array([[-3.0, 0.4, 128.6, 999.0]], dtype=np.float32))
-    assert np.asarray(to_rgb(f))[0, :, 1].tolist() == [0, 0, 129, 255]
+    assert decode(i32)[0, :, 0].tolist() == [0, 1, 1, 0]
+    # Floating point is in [0, 1], as scikit-image and torchvision read it (not 0..255).
+    f = Image.fromarray(np.array([[-3.0, 0.25, 0.5, 999.0]], dtype=np.float32))
+    assert f.mode == "F"
+    assert decode(f)[0, :, 1].tolist() == [0, 0.25, 0.5, 1]
+    with pytest.raises(DataError, match="NaN"):
+        decode(np.array([[0.1, np.nan]]))
 
 
 def test_float_tiff(tmp_path: Path) -> None:
-    Image.fromarray(np.full((3, 3), 77.0, dtype=np.float32)).save(tmp_path / "f.tif")
-    assert (_as_rgb_array(tmp_path / "f.tif") == 77).all()
+    Image.fromarray(np.full((3, 3), 0.3, dtype=np.float32)).save(tmp_path / "f.tif")
+    img = read_image(tmp_path / "f.tif")
+    assert img.shape == (3, 3, 3) and (img == np.float32(0.3)).all()
+
+
+def test_arrays_follow_the_same_rules() -> None:
+    rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 0]]], dtype=np.uint8)
+    out = decode(rgba)
+    assert np.array_equal(out, decode(Image.fromarray(rgba, "RGBA")))  # array and PIL agree
+    assert to_uint8(out).tolist() == [[[200, 100, 50], [0, 0, 0]]]  # transparent -> black
+    grey16 = np.array([[0, 1000]], dtype=np.uint16)
+    assert decode(grey16)[0, 1].tolist() == [np.float32(1000) / np.float32(65535)] * 3
+    assert decode(np.zeros((2, 3, 1), np.uint8)).shape == (2, 3, 3)
+    assert image_size(decode(np.zeros((2, 3), np.uint8))) == (3, 2)
+    decoded = decode(rgba)
+    assert np.array_equal(decode(decoded), decoded)  # decoding a decoded image changes nothing
+    for bad, match in (
+        (np.zeros((2, 2, 5), np.uint8), "shape"),
+        (np.zeros((2, 2), np.int64), "data type int64"),
+        (np.zeros((0, 2), np.uint8), "no pixels"),
+        ("not a path.png", "file not found"),
+        (3, "int"),
+        (b"garbage", "upload: not an image"),
+    ):
+        with pytest.raises(DataError, match=match):
+            decode(bad)
 
 
 def test_cmyk(tmp_path: Path) -> None:
@@ -178,15 +208,6 @@ def test_read_mask_nonzero_and_size_check(tmp_path: Path) -> None:
     assert read_mask(tmp_path / "rgb.png").sum() == 1
 
 
-def test_resize_mask_nearest() -> None:
-    mask = np.array([[True, False], [False, False]])
-    out = resize_mask(mask, (4, 6))
-    assert out.shape == (6, 4) and out.dtype == bool
-    assert out[:3, :2].all() and out.sum() == 6
-    t = mask_to_tensor(mask, 8)
-    assert t.shape == (1, 8, 8) and t.dtype == torch.float32 and set(t.unique().tolist()) == {0.0, 1.0}
-
-
 def test_list_images(tmp_path: Path) -> None:
     folder = tmp_path / "my data ü"
     (folder / "sub").mkdir(parents=True)
@@ -215,3 +236,17 @@ def test_to_tensor_shape_and_range() -> None:
     assert torch.allclose(t[:, 3, 5], torch.tensor([0.0, 128 / 255, 1.0]), atol=1e-6)
     white = to_tensor(Image.new("L", (7, 9), 255), 8)  # non-RGB input is converted
     assert torch.allclose(white, torch.ones(3, 8, 8))
+    # Lanczos overshoots at a hard edge; the result stays in [0, 1] as an 8-bit resize would.
+    edge = np.zeros((32, 32), np.uint8)
+    edge[:, 16:] = 255
+    t = to_tensor(edge, 24)
+    assert t.min() == 0 and t.max() == 1
+
+
+def test_to_tensor_keeps_sixteen_bit_precision() -> None:
+    # Two 16-bit images that round to the same 8-bit picture still give different model inputs.
+    ramp = np.linspace(20050, 20060, 64 * 64).reshape(64, 64).astype(np.uint16)
+    assert np.array_equal(np.rint(ramp / 257.0), np.rint((ramp + 60) / 257.0))  # both 78 at 8 bits
+    a, b = to_tensor(ramp, 16), to_tensor(ramp + 60, 16)
+    assert not torch.equal(a, b)
+    assert torch.allclose(b - a, torch.full_like(a, 60 / 65535), atol=2e-6)

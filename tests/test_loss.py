@@ -1,9 +1,10 @@
-"""nll: the unnormalised standard-normal NLL (spec 4), by hand, plus a golden-number regression."""
+"""nll: the unnormalised standard-normal NLL, by hand, and a golden loss from a plain implementation."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from msflow.model.fusion_flow import FusionFlow
@@ -11,8 +12,10 @@ from msflow.model.loss import nll
 from msflow.model.parallel_flow import ParallelFlow
 
 try:
+    import plain_flow
     from flow_helpers import perturb_coupling_
 except ImportError:  # tests/ became a package
+    from . import plain_flow
     from .flow_helpers import perturb_coupling_
 
 
@@ -47,12 +50,12 @@ def test_nll_gradient_is_z() -> None:
 
 
 def test_golden_nll_of_a_tiny_flow(float64: None) -> None:
-    """Regression guard for refactors of the block internals.
+    """The loss of a tiny parallel + fusion flow equals the one a plain NumPy implementation derives.
 
-    Produced once (torch 2.14.1+cu130, CPU, float64) by running exactly this test body and printing
-    ``loss.tolist()``; the parameters come from torch's default initialisers under ``manual_seed(1234)``,
-    so a torch release that changes those initialisers would also move the number.
-    If a deliberate change of the maths moves it, recompute it the same way and say why in the commit.
+    ``plain_flow`` recomputes everything from the formulas (positional encoding, couplings, clamps,
+    permutations, fusion, NLL) with the modules' parameters as its only input. The golden numbers are
+    what it printed (float64; the parameters come from torch's default initialisers under
+    ``manual_seed(1234)``, so a torch release that changes those would move them).
     """
     torch.manual_seed(1234)
     generator = torch.Generator().manual_seed(0)
@@ -80,5 +83,20 @@ def test_golden_nll_of_a_tiny_flow(float64: None) -> None:
             log_det = log_det + ld
         zs, ld_fusion = fusion(zs)
         loss = nll(zs, log_det + ld_fusion)
-    golden = torch.tensor([72.86813361663361, 60.78893407814681])
-    torch.testing.assert_close(loss, golden, rtol=1e-10, atol=1e-10)
+    plain = []
+    for image in range(2):
+        zs_plain, ld_plain = [], 0.0
+        for flow, x in zip(flows, xs, strict=True):
+            x = x[image].numpy()
+            cond = plain_flow.positional_encoding(4, *x.shape[1:])
+            for block in flow.blocks:
+                params = {k: v.numpy() for k, v in block.state_dict().items()}
+                x, ld = plain_flow.coupling(x, cond, params, alpha=1.9, eps=block.subnet[1].eps)
+                ld_plain += ld
+            zs_plain.append(x)
+        params = {k: v.numpy() for k, v in fusion.state_dict().items()}
+        zs_plain, ld = plain_flow.fusion(zs_plain, params, alpha=1.9, eps=fusion.subnet_v_to_u.mixer[1].eps)
+        plain.append(plain_flow.nll(zs_plain, ld_plain + ld))
+    golden = [72.86813361663361, 60.78893407814681]  # printed by the plain implementation
+    assert plain == pytest.approx(golden, rel=1e-12)
+    torch.testing.assert_close(loss, torch.tensor(plain), rtol=1e-10, atol=1e-10)

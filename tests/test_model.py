@@ -1,4 +1,4 @@
-"""MSFlow wiring: shapes from the backbone, gradients, a frozen backbone, save/load, size (spec 1-5)."""
+"""MSFlow wiring: shapes from the backbone, gradients, a frozen backbone, save/load, size."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_per_scale_latent_shapes_follow_the_backbone(backbone: str, channels: li
     model = build(backbone=backbone)
     assert model.backbone.channels == channels
     out = model(images())
-    # stage strides 4, 8, 16 (spec 1), then the 3x3/2 pool: H_l = 64 / (2 s)
+    # stage strides 4, 8, 16, then the 3x3/2 pool: H_l = 64 / (2 s)
     expected = [(2, c, 64 // (2 * s), 64 // (2 * s)) for c, s in zip(channels, [4, 8, 16], strict=True)]
     assert [tuple(z.shape) for z in out.zs] == expected
     assert [(c, h, w) for _, c, h, w in expected] == model.feature_shapes
@@ -128,11 +128,11 @@ def test_same_output_in_train_and_eval_mode() -> None:
 def test_state_dict_round_trip_reproduces_outputs_exactly(tmp_path: Path) -> None:
     model = build(seed=1, torch_seed=0)
     with torch.no_grad():  # make the saved non-parameter state non-trivial too
-        model.feature_mean0.normal_()
-        model.feature_std2.uniform_(0.5, 2.0)
+        model.standardizers[0].mean.normal_()
+        model.standardizers[2].std.uniform_(0.5, 2.0)
     other = build(seed=2, torch_seed=5)  # different weights and different permutations
     assert not torch.equal(model.parallel_flows[2].blocks[0].perm, other.parallel_flows[2].blocks[0].perm)
-    assert not torch.equal(model.fusion_flow.perm2, other.fusion_flow.perm2)
+    assert not torch.equal(model.fusion_flow.permutations[2].perm, other.fusion_flow.permutations[2].perm)
 
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)

@@ -1,4 +1,4 @@
-"""ParallelFlow: a conditioned stack of coupling blocks (spec 2, 2.4)."""
+"""ParallelFlow: a conditioned stack of coupling blocks."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_positional_encoding_is_a_buffer_built_once(monkeypatch: pytest.MonkeyPa
     cond_before, pointer = flow.cond, flow.cond.data_ptr()
 
     def rebuilt(*args: object) -> None:
-        raise AssertionError("positional encoding rebuilt inside forward/inverse (spec B10)")
+        raise AssertionError("positional encoding rebuilt inside forward/inverse (B10)")
 
     monkeypatch.setattr(parallel_flow, "positional_encoding_2d", rebuilt)
     x = torch.randn(2, 4, 3, 3)

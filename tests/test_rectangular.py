@@ -185,20 +185,13 @@ def test_anomaly_maps_upsample_to_a_rectangle() -> None:
 
 
 # -- data ----------------------------------------------------------------------------------------
-def test_dataset_resizes_image_and_mask_to_height_by_width(tmp_path: Path) -> None:
+def test_dataset_resizes_images_to_height_by_width(tmp_path: Path) -> None:
     img = np.zeros((40, 80, 3), np.uint8)
     img[:, :40] = 255  # left half white
-    mask = np.zeros((40, 80), np.uint8)
-    mask[:, 40:] = 255  # right half defective
     Image.fromarray(img).save(tmp_path / "a.png")
-    Image.fromarray(mask).save(tmp_path / "a_mask.png")
-    sample = Sample(image=tmp_path / "a.png", label=1, defect_type="x", mask=tmp_path / "a_mask.png")
-    item = ImageDataset([sample], (32, 96))[0]
-    assert item["image"].shape == (3, 32, 96) and item["mask"].shape == (1, 32, 96)
+    item = ImageDataset([Sample(image=tmp_path / "a.png", label=0, defect_type="good")], (32, 96))[0]
+    assert item["image"].shape == (3, 32, 96) and item["original_size"].tolist() == [80, 40]
     assert item["image"][:, :, :40].min() > 0.9 and item["image"][:, :, 56:].max() < 0.1
-    assert item["mask"][0, :, :48].sum() == 0 and item["mask"][0, :, 48:].min() == 1
-    good = ImageDataset([Sample(image=tmp_path / "a.png", label=0, defect_type="good")], (32, 96))[0]
-    assert good["mask"].shape == (1, 32, 96) and good["mask"].sum() == 0
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -320,9 +320,9 @@ def test_no_other_files(client, path):
 
 
 def test_decode_upload_rules():
-    # 16-bit greyscale is scaled by 1/257 like msflow.images.read_image.
-    arr = np.full((4, 4), 257 * 100, dtype=np.uint16)
+    # The same decoder as files: 16-bit greyscale at full precision, as float RGB in [0, 1].
+    arr = np.full((4, 4), 1000, dtype=np.uint16)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     img = decode_upload(buf.getvalue())
-    assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [100, 100, 100]
+    assert img.shape == (4, 4, 3) and img[0, 0].tolist() == [np.float32(1000) / np.float32(65535)] * 3

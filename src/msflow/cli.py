@@ -8,68 +8,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from dataclasses import Field
 from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
-from msflow.config import Config, load_yaml
+from msflow.config import (
+    PRO_MODES,
+    SECTIONS,
+    BackboneName,
+    Config,
+    ModelConfig,
+    add_option_argument,
+    load_yaml,
+    option_fields,
+)
 from msflow.errors import MSFlowError
+
+
+def _config_flags() -> Iterator[tuple[str, Field, Any]]:
+    """(section, field, type) of every config option offered as a flag (declared in ``msflow.config``)."""
+    for section, klass in SECTIONS.items():
+        for f, hint in option_fields(klass):
+            yield section, f, hint
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file; flags override it")
-    p.add_argument("--backbone", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"])
-    p.add_argument("--weights", help="local backbone weights file (no download)")
-    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (tests, benchmarks)")
-    p.add_argument(
-        "--image-size",
-        help="input size: N (square), HxW (e.g. 208x512) or auto[:N] (the training images' aspect ratio "
-        "within N*N pixels, N=256 by default)",
-    )
-    p.add_argument(
-        "--score",
-        help="image score: official (the paper), mul|gmul|add|logp[:FRACTION|max], or auto "
-        "(chosen by train from held-out good images and synthetic defects)",
-    )
-    p.add_argument("--feature-norm", choices=["auto", "none", "channel"])
-    p.add_argument("--normalization", choices=["per_image", "global"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument(
-        "--eval-every", type=int, help="log test metrics every N epochs (never used for selection)"
-    )
-    p.add_argument("--holdout-fraction", type=float, help="good training images held out for the threshold")
-    p.add_argument("--cache", choices=["auto", "memory", "disk"])
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 flows on the CPU (fast with AMX)")
+    for section, f, hint in _config_flags():
+        add_option_argument(p, f, hint, dest=f"{section}.{f.name}")
 
 
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
+    """The YAML file (if any), then every flag that was given, then ``dataset``; validated once."""
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
-    return cfg.updated(
-        model={
-            "backbone": args.backbone,
-            "weights": args.weights,
-            "image_size": args.image_size,
-            "score": args.score,
-            "feature_norm": args.feature_norm,
-            "normalization": args.normalization,
-            "pretrained": False if args.no_pretrained else None,
-        },
-        data={"dataset": dataset, "holdout_fraction": args.holdout_fraction},
-        train={
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-            "device": args.device,
-            "eval_every": args.eval_every,
-            "cache": args.cache,
-            "amp": False if args.no_amp else None,
-            "cpu_bf16": True if args.cpu_bf16 else None,
-        },
-    )
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, f, _ in _config_flags():
+        sections[section][f.name] = getattr(args, f"{section}.{f.name}", None)
+    sections["data"]["dataset"] = dataset
+    return cfg.updated(**sections)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -177,10 +154,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     from msflow.infer.export import export_onnx
     from msflow.model.checkpoint import load_model
 
+    exporters = {"onnx": export_onnx}  # --format picks one; ONNX is the only format so far
     model, cfg, meta = load_model(args.model)
-    out = Path(args.output) if args.output else Path(args.model) / "model.onnx"
+    out = Path(args.output) if args.output else Path(args.model) / f"model.{args.format}"
+    if out.suffix != f".{args.format}":
+        raise MSFlowError(f"--output '{out}' must end in '.{args.format}' for --format {args.format}")
     # The checkpoint's digest lets `--runtime onnx` refuse an export of another (older) model.
-    export_onnx(model, out, metadata={"checkpoint_sha256": meta["sha256"]})
+    exporters[args.format](model, out, metadata={"checkpoint_sha256": meta["sha256"]})
     print(f"exported {out}")
 
 
@@ -204,10 +184,28 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     run_benchmark(args.data, args.output, config_from_args(args), args.categories, progress=not args.quiet)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from msflow.bench import run_bench
+# The speed harness lives in the source checkout's benchmarks/ folder, not in the installed package.
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-    run_bench(args)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not (BENCHMARKS / "speed.py").is_file():
+        raise MSFlowError(
+            f"'msflow bench' runs benchmarks/speed.py of a source checkout, and there is none at "
+            f"'{BENCHMARKS}' (the harness is not installed with the package): run it in a git clone of msflow"
+        )
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.speed import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def _inference_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that run a trained model over many images."""
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="feature shapes and parameter counts of a model")
-    p.add_argument(
-        "--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
-    )
+    p.add_argument("--backbone", default="wide_resnet50_2", choices=get_args(BackboneName))
     p.add_argument("--image-size", default="512", help="N or HxW (e.g. 208x512)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
@@ -247,12 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--data", help="category folder (default: the run's own dataset)")
     p.add_argument("--output")
-    p.add_argument("--pro-mode", default="standard", choices=["standard", "official"])
-    p.add_argument("--normalization", choices=["per_image", "global"], help="override the run normalisation")
+    p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
+    normalizations = get_args(get_type_hints(ModelConfig)["normalization"])
+    p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
     p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    _inference_flags(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="judge new images: scores, maps, masks, overlays")
@@ -261,15 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    _inference_flags(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX (backbone, flows and maps in one graph)")
     p.add_argument("--model", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--output", help="default: <run>/model.onnx")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (ONNX is the only one)")
+    p.add_argument("--output", help="default: <run>/model.<format>")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="HTTP service with a web page")
@@ -290,16 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     _train_flags(p)
     p.set_defaults(func=cmd_benchmark)
 
-    p = sub.add_parser("bench", help="speed and memory benchmark against the official-style reference path")
-    from msflow.bench import add_bench_arguments
-
-    add_bench_arguments(p)
+    # Its flags belong to benchmarks/speed.py (see 'msflow bench --help'); they are passed through.
+    p = sub.add_parser(
+        "bench", help="speed against the official-style reference path (source checkout)", add_help=False
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except MSFlowError as err:

@@ -1,21 +1,73 @@
 """One typed configuration, validated once, saved in every run folder and checkpoint.
 
-Each default names its source: "spec" is ../shared/docs/msflow-spec.md (the official code), "ours" a
-choice of msflow with the reason next to it. Closed options are ``Literal`` and checked in
-``__post_init__``; unknown keys in a dict or YAML file are errors, never silently ignored.
+Every option is declared here once: its type (closed options are ``Literal`` and checked in
+``__post_init__``), its default and its help text (``option(default, help)``). The command line derives
+its flags from these fields (``msflow.cli``). Each help says where the default comes from: "official"
+is the official MSFlow code (cool-xuan/msflow) or the paper, "ours" a choice of msflow with its reason;
+``docs/official-code-differences.md`` lists where we deviate. Unknown keys in a dict or YAML file are
+errors, never silently ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import argparse
+from collections.abc import Iterator
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from msflow.errors import ConfigError
 
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
+
+# The backbones msflow can build; ``msflow.model.backbone`` reads its registry from this one list.
+BackboneName = Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
+# AUPRO definitions ``msflow test --pro-mode`` offers: the usual one, and the official code's (B17).
+PRO_MODES = ("standard", "official")
+
+
+def option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - argparse's word
+    """A config field with its help text; ``cli=False`` keeps it out of the command-line flags."""
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+def option_fields(klass: type) -> Iterator[tuple[Field, Any]]:
+    """(field, resolved type) of each field of a settings dataclass that is offered as a flag."""
+    hints = get_type_hints(klass)
+    for f in fields(klass):
+        if f.metadata.get("cli", False):
+            yield f, hints[f.name]
+
+
+def add_option_argument(parser: argparse.ArgumentParser, f: Field, hint: Any, dest: str) -> None:
+    """One command-line flag from one settings field: name, type, choices, default and help come from it.
+
+    A flag left out stays None, so a YAML file's value (or the field's default) holds. Booleans become
+    ``--name`` when they default to False and ``--no-name`` when they default to True.
+    """
+    name, text = f.name.replace("_", "-"), f.metadata.get("help", "")
+    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    if hint is bool:
+        flag, const = (f"--no-{name}", False) if default else (f"--{name}", True)
+        parser.add_argument(
+            flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
+        )
+        return
+    args = get_args(hint)
+    kwargs: dict[str, Any] = {"dest": dest, "help": f"{text} (default: {default})", "metavar": f.name.upper()}
+    if get_origin(hint) is Literal:
+        kwargs.update(choices=list(args), metavar=None)
+    elif get_origin(hint) is tuple:
+        kwargs.update(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="N")
+    elif type(None) in args:  # "int | None": an optional value of the other type
+        kwargs["type"] = next(a for a in args if a is not type(None))
+    elif args:  # a union such as "int | tuple[int, int] | str": the field's own parser reads the text
+        kwargs["type"] = str
+    else:
+        kwargs["type"] = hint
+    parser.add_argument(f"--{name}", **kwargs)
 
 
 def _check_literals(obj: Any) -> None:
@@ -97,36 +149,50 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
 class ModelConfig:
     """What the model is: everything needed to rebuild it from a checkpoint."""
 
-    # ours: EfficientNet-Lite0 ships its ImageNet weights with pip, so the default works offline.
-    # The paper's backbone is "wide_resnet50_2" (spec section 1).
-    backbone: Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"] = "efficientnet_lite0"
-    pretrained: bool = True  # ours: never fall back to random weights; False only when asked
-    weights: str | None = None  # ours: a local backbone weights file, for machines without internet
-    reflect_padding: bool = True  # spec section 1: the official ResNet's reflect padding
-    # spec section 1: 512 x 512 for every class. Ours: also height x width, "(H, W)" or "HxW" (kept as
-    # an int when square, so square configs and checkpoints are unchanged), or "auto[:N]": the training
-    # images' median aspect ratio within N*N pixels (N defaults to 256), resolved by ``msflow train``
-    # before the model is built (see ``msflow.data.sizing``) and saved resolved in the run folder.
-    image_size: int | tuple[int, int] | str = 512
-    pool: Literal["avg", "max", "none"] = "avg"  # spec section 1: AvgPool2d(3, 2, 1)
-    num_blocks: tuple[int, int, int] = (2, 5, 8)  # spec section 2: asymmetric parallel flows
-    cond_channels: int = 64  # spec section 2.4: positional-encoding channels
-    clamp_alpha: float = 1.9  # spec sections 2.1 and 3.1
-    clamp: Literal["freia02", "freia_new"] = "freia02"  # spec section 2.3: the formula MSFlow ran
-    # ours: "auto" standardises each feature channel with training-set statistics for backbones
-    # whose raw stage outputs are large (EfficientNet-Lite0), and keeps the official raw features
-    # ("none") for the ResNets, for parity. "channel" forces standardisation.
-    feature_norm: Literal["auto", "none", "channel"] = "auto"
-    top_k: float = 0.03  # spec section 6: image score = mean of the top 3 % of the "mul" map
-    # ours: how the maps become one image score (model/anomaly_map.py). "official" is the paper's (top_k
-    # of the "mul" map as ``normalization`` normalises it). The default, the mean of the top 1 % of the
-    # raw negative log-likelihood, won on held-out good images vs synthetic defects on every dataset
-    # measured (README "Image size, scoring and tiles"), never chosen from test labels; "auto" lets
-    # ``msflow train`` choose per dataset the same way and records the evidence.
-    score: str = "logp:0.01"
-    # spec section 6 / B15: "per_image" is the official normalisation; "global" uses training statistics
-    normalization: Literal["per_image", "global"] = "per_image"
-    seed: int = 9826  # spec section 5; also draws the fixed permutations, so models are reproducible
+    backbone: BackboneName = option(
+        "efficientnet_lite0",
+        "feature extractor; ours: efficientnet_lite0 ships its ImageNet weights with pip, so the default "
+        "works offline (the paper's is wide_resnet50_2)",
+    )
+    pretrained: bool = option(
+        True, "ImageNet backbone weights (off: random ones); ours: never a silent fall-back to random"
+    )
+    weights: str | None = option(None, "local backbone weights file (no download)")
+    reflect_padding: bool = option(True, "official: reflect padding in the ResNet convolutions")
+    # Square sizes stay an int (configs and checkpoints unchanged); "auto[:N]" is resolved by
+    # ``msflow train`` from the training images (``msflow.data.sizing``) and saved resolved.
+    image_size: int | tuple[int, int] | str = option(
+        512,
+        "input size: N (square), HxW (sides multiples of 16, e.g. 208x512) or auto[:N] (the training "
+        "images' median aspect ratio within N*N pixels, N=256, sides multiples of 32); official: 512",
+    )
+    pool: Literal["avg", "max", "none"] = option("avg", "official: 3x3 stride-2 average pool on each scale")
+    num_blocks: tuple[int, int, int] = option((2, 5, 8), "coupling blocks per scale; official: 2 5 8")
+    cond_channels: int = option(64, "positional-encoding channels; official: 64")
+    clamp_alpha: float = option(1.9, "alpha of the soft clamp of the coupling scales; official: 1.9")
+    clamp: Literal["freia02", "freia_new"] = option(
+        "freia02", "soft-clamp formula; official: the one of FrEIA 0.2, which MSFlow ran"
+    )
+    feature_norm: Literal["auto", "none", "channel"] = option(
+        "auto",
+        "per-channel feature standardisation with training statistics; ours: auto = on for "
+        "efficientnet_lite0 (large raw stage outputs), off for the ResNets (official raw features)",
+    )
+    top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
+    # ours: the default won on held-out good images vs synthetic defects on every dataset measured
+    # (README "Image size, scoring and tiles"); it was never chosen from test labels.
+    score: str = option(
+        "logp:0.01",
+        "image score: official (the paper: top_k of the 'mul' map), mul|gmul|add|logp[:FRACTION|max], "
+        "or auto (train picks the best on held-out good images vs synthetic defects); "
+        "ours: logp:0.01, the top 1 percent of the raw negative log-likelihood",
+    )
+    normalization: Literal["per_image", "global"] = option(
+        "per_image", "map normalisation; official: per_image; global uses training statistics"
+    )
+    seed: int = option(
+        9826, "draws the fixed permutations, so models are reproducible; official: 9826", cli=False
+    )
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -164,10 +230,13 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from."""
 
-    dataset: str = "elpv:mono"  # ours: a folder in MVTec/VisA layout, or the built-in "elpv:mono|poly"
-    # ours: good training images held out (never trained on) to calibrate the decision threshold
-    holdout_fraction: float = 0.1
-    workers: int = 0  # ours: features are cached once, so loader workers rarely pay off on a CPU
+    dataset: str = option(
+        "elpv:mono", "a category folder in MVTec/VisA layout, or elpv:mono / elpv:poly", cli=False
+    )
+    holdout_fraction: float = option(
+        0.1, "ours: good training images held out (never trained on) to calibrate the threshold"
+    )
+    workers: int = option(0, "image loader workers; ours: features are cached once, so 0 rarely costs")
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout_fraction < 0.9:
@@ -178,30 +247,34 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the flows are trained (spec section 5)."""
+    """How the flows are trained (the official schedule unless a help says "ours")."""
 
-    epochs: int = 100  # spec: 25 meta epochs x 4 sub-epochs
-    batch_size: int = 8  # spec B4: the official CLI's effective batch
-    lr: float = 1e-4  # spec: Adam, no weight decay
-    # spec: LinearLR 0.1 -> 1 over 12 of the 100 epochs, and MultiStepLR at epochs 70 and 90. Both are
-    # fractions of ``epochs`` here (ours), so a shorter schedule warms up and decays at the same
-    # relative points; at the paper's 100 epochs they are exactly 12, 70 and 90.
-    warmup: float = 0.12
-    warmup_from: float = 0.1  # spec
-    decay_at: tuple[float, ...] = (0.7, 0.9)
-    decay_gamma: float = 0.33  # spec
-    grad_clip: float = 2.0  # spec: clip_grad_norm_ max_norm 2
-    seed: int = 9826  # spec
-    amp: bool = True  # spec offers AMP (float16 + GradScaler); ours: on by default on CUDA
-    # ours: bfloat16 autocast of the flows on the CPU, off by default (float32 is the reference). On
-    # CPUs with bf16 matrix units (Intel AMX, avx512_bf16) a training step is ~2.5x faster; the loss
-    # stays within 1e-3 relative of float32 (tests/test_training.py).
-    cpu_bf16: bool = False
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    eval_every: int = 0  # ours: evaluate every N epochs for the log only; 0 = only at the end (spec B14)
-    cache: Literal["auto", "memory", "disk"] = "auto"  # ours: where the cached features live
-    max_bad_steps: int = 5  # ours: non-finite losses tolerated (each rolls back and lowers the lr)
-    checkpoint_every: int = 1  # ours: epochs between crash-safe checkpoints
+    epochs: int = option(100, "training epochs; official: 25 meta epochs x 4 sub-epochs = 100")
+    batch_size: int = option(8, "training batch; official: 8, the effective batch of its command line")
+    lr: float = option(1e-4, "Adam learning rate, no weight decay; official: 1e-4")
+    # The official warm-up is 12 of 100 epochs and the decays at epochs 70 and 90; ours states them as
+    # fractions of ``epochs``, so a shorter schedule warms up and decays at the same relative points.
+    warmup: float = option(0.12, "fraction of the epochs with a linear lr warm-up; official: 12 of 100")
+    warmup_from: float = option(0.1, "warm-up starts at this fraction of lr; official: 0.1")
+    decay_at: tuple[float, ...] = option(
+        (0.7, 0.9), "fractions of the epochs where lr is multiplied by decay_gamma; official: 70, 90 of 100"
+    )
+    decay_gamma: float = option(0.33, "lr factor at each decay point; official: 0.33")
+    grad_clip: float = option(2.0, "gradient-norm clip; official: 2")
+    seed: int = option(9826, "shuffling and initialisation; official: 9826")
+    amp: bool = option(True, "float16 mixed precision on CUDA (the official code offers it); ours: on")
+    # ours: on CPUs with bf16 matrix units (Intel AMX, avx512_bf16) a training step is ~2.5x faster; the
+    # loss stays within 1e-3 relative of float32 (tests/test_training.py).
+    cpu_bf16: bool = option(
+        False, "bfloat16 flows on the CPU (fast with AMX); ours: off, float32 is the reference"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to train")
+    eval_every: int = option(
+        0, "log test metrics every N epochs, never used for selection; 0 = only at the end"
+    )
+    cache: Literal["auto", "memory", "disk"] = option("auto", "where the cached features live; auto: by size")
+    max_bad_steps: int = option(5, "non-finite losses tolerated (each rolls back and lowers the lr)")
+    checkpoint_every: int = option(1, "epochs between crash-safe checkpoints")
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -215,6 +288,9 @@ class TrainConfig:
             raise ConfigError(f"warmup must be a fraction of the schedule in [0, 1), got {self.warmup}")
         if any(not 0 < d <= 1 for d in self.decay_at):
             raise ConfigError(f"decay_at must be fractions of the schedule in (0, 1], got {self.decay_at}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
 @dataclass(frozen=True)
@@ -244,7 +320,7 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
         parts = {}
-        for name, klass in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        for name, klass in SECTIONS.items():
             section = data.get(name) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"config section '{name}' must be a mapping")
@@ -282,6 +358,8 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
 
 
 __all__ = [
+    "SECTIONS",
+    "BackboneName",
     "Config",
     "ConfigError",
     "DataConfig",

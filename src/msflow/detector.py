@@ -2,7 +2,7 @@
 
     from msflow import Detector
     detector = Detector.load("runs/demo")
-    result = detector.predict("part.png")        # a path, a PIL image or an (H, W[, C]) numpy array
+    result = detector.predict("part.png")        # a path, PIL image, numpy array or encoded bytes
     result.score, result.normalized_score, result.is_defective, result.anomaly_map, result.mask
 
 ``Detector.fit`` trains from Python with the same code path as ``msflow train``. ``runtime="onnx"``
@@ -18,17 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from msflow.config import Config
-from msflow.data.images import read_image, to_rgb, to_tensor
+from msflow.data.images import ImageLike, decode, image_size, to_tensor
 from msflow.device import resolve_device
-from msflow.errors import DataError, MSFlowError
+from msflow.errors import MSFlowError
 from msflow.evaluate.threshold import Threshold
 from msflow.model.anomaly_map import to_original_size
 from msflow.model.checkpoint import load_model
-
-ImageLike = str | Path | Image.Image | np.ndarray
 
 
 @dataclass
@@ -51,28 +48,6 @@ class Prediction:
             "threshold": self.threshold,
             "defect_pixels": int(self.mask.sum()),
         }
-
-
-def as_pil(image: ImageLike) -> Image.Image:
-    """A path, PIL image or numpy array (grey, RGB or RGBA; uint8, uint16 or float in [0, 1]) -> RGB."""
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-            raise DataError(f"image array has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
-        if arr.dtype == np.uint16:
-            arr = (arr // 257).astype(np.uint8)
-        elif np.issubdtype(arr.dtype, np.floating):
-            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        elif arr.dtype != np.uint8:
-            raise DataError(f"image array has dtype {arr.dtype}; expected uint8, uint16 or float")
-        return to_rgb(Image.fromarray(arr))
-    raise DataError(f"cannot read an image from a {type(image).__name__}")
 
 
 class Detector:
@@ -142,12 +117,12 @@ class Detector:
 
     def predict_batch(self, images: list[ImageLike]) -> list[Prediction]:
         """Judge several images in one forward pass."""
-        pils = [as_pil(im) for im in images]
-        batch = torch.stack([to_tensor(im, self.image_size) for im in pils])
+        decoded = [decode(im) for im in images]
+        batch = torch.stack([to_tensor(im, self.image_size) for im in decoded])
         scores, pixel_maps, image_maps = self._forward(batch)
         results = []
-        for im, score, pmap, imap in zip(pils, scores, pixel_maps, image_maps, strict=True):
-            w, h = im.size
+        for im, score, pmap, imap in zip(decoded, scores, pixel_maps, image_maps, strict=True):
+            w, h = image_size(im)
             pmap, imap = (
                 to_original_size(torch.from_numpy(np.ascontiguousarray(m)), h, w) for m in (pmap, imap)
             )

@@ -28,3 +28,7 @@ class ConfigError(MSFlowError, ValueError):
 
 class TrainingError(MSFlowError, RuntimeError):
     """Training cannot go on (e.g. the loss keeps turning non-finite)."""
+
+
+class ImageTooLargeError(DataError):
+    """An image with more pixels than the configured limit (the service answers 413, not 415)."""

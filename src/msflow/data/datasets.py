@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from msflow.data.images import list_images, mask_to_tensor, read_image, read_mask, to_tensor
+from msflow.data.images import image_size, list_images, read_image, read_mask, to_tensor
 from msflow.errors import DataError
 
 MVTEC_CATEGORIES = (
@@ -180,7 +180,7 @@ def validate_samples(samples: list[Sample], what: str = "training set", max_list
     problems: list[str] = []
     for sample in samples:
         try:
-            size = read_image(sample.image).size
+            size = image_size(read_image(sample.image))
             if sample.mask is not None:
                 read_mask(sample.mask, size=size)
         except DataError as exc:
@@ -304,12 +304,12 @@ def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
 
 
 class ImageDataset(Dataset):
-    """Samples as tensors: the official transform for images, nearest resize for masks.
+    """Samples as model inputs (the official transform, see :func:`msflow.data.images.to_tensor`).
 
     ``image_size`` is a side S or (H, W). Each item is a dict with ``image`` (3, H, W) float32,
-    ``mask`` (1, H, W) float32 0/1
-    (zeros when the sample has no mask), ``label`` and ``index`` ints, and
-    ``original_size`` (2,) int64 tensor holding (width, height) of the file.
+    ``label`` and ``index`` ints, and
+    ``original_size`` (2,) int64 tensor holding (width, height) of the file. Masks are not read here:
+    metrics compare the maps with the masks at their original resolution.
     """
 
     def __init__(self, samples: list[Sample], image_size: int | tuple[int, int]) -> None:
@@ -322,15 +322,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         sample = self.samples[index]
         image = read_image(sample.image)
-        size = self.image_size
-        if sample.mask is not None:
-            mask = mask_to_tensor(read_mask(sample.mask, size=image.size), size)
-        else:
-            mask = mask_to_tensor(np.zeros((1, 1), dtype=bool), size)
         return {
-            "image": to_tensor(image, size),
-            "mask": mask,
+            "image": to_tensor(image, self.image_size),
             "label": sample.label,
             "index": index,
-            "original_size": torch.tensor(image.size, dtype=torch.int64),
+            "original_size": torch.tensor(image_size(image), dtype=torch.int64),
         }

@@ -1,141 +1,226 @@
-"""Robust image and mask I/O: every problem becomes one :class:`DataError` line naming the file.
+"""One image decoder for every way a picture arrives: files, uploaded bytes, PIL images, numpy arrays.
 
-Decisions worth knowing (they make scores comparable across images):
+The rule, the same for every entry point (so a picture gets the same score however it arrives):
+every image becomes a float32 RGB array of shape (H, W, 3) with values in [0, 1].
 
-* Every image is returned as 8-bit RGB. Greyscale is replicated to three channels.
-* Alpha (RGBA, LA, PA, palette transparency) is composited onto **black**, so transparent
-  pixels look the same in every image whatever colour the hidden RGB values happen to have.
-* 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``) and 32-bit integer (``I``) images are
-  divided by 257, i.e. 0..65535 maps linearly onto 0..255. A per-image max scaling would
-  give the same defect different brightness in different images, which a density model
-  would read as an anomaly. ``I`` images are assumed to hold 16-bit values (clipped).
-* Float images (``F``) are clipped to 0..255, again a fixed mapping (min-max per image
-  would not be consistent). Float data in 0..1 must be rescaled by the user beforehand.
-* CMYK uses Pillow's plain conversion (no ICC colour management).
-* EXIF orientation is **not** applied: masks are stored in raw pixel order, and rotating
-  the image but not its mask would misalign them.
-* Truncated files are refused: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set,
-  and every image is decoded completely (``img.load()``) before it is used.
+* 8-bit data (uint8 arrays, Pillow's 8-bit modes) is divided by 255.
+* 16-bit data (uint16 arrays, Pillow's ``I;16*`` modes) is divided by 65535 and keeps its full
+  precision until :func:`to_tensor` resizes it to the model input.
+* 32-bit integers (int32 arrays, Pillow's ``I`` mode, which is how Pillow may hold a 16-bit PNG) are
+  read on the same 16-bit scale: clipped to 0..65535, divided by 65535. A per-image min-max scaling
+  would give the same defect different brightness in different images, which a density model reads
+  as an anomaly, so every scale is fixed.
+* Floating-point data (float arrays, Pillow's ``F`` mode, float TIFFs) is taken to be in [0, 1], as
+  scikit-image and torchvision treat it, and clipped there; NaN or infinite values are refused.
+* Greyscale is replicated to three channels. Alpha (RGBA, LA, PA, palette transparency, 2- and
+  4-channel arrays) is composited onto **black** (colour x alpha), so transparent pixels look the same
+  in every image whatever colour the hidden values have. Palette, CMYK (no ICC colour management) and
+  the other 8-bit modes use Pillow's conversion to RGB.
+* Pillow decodes 16-bit *colour* PNG/TIFF files at 8 bits; pass such images as uint16 arrays to keep
+  their precision.
+* EXIF orientation is **not** applied: masks are stored in raw pixel order, and rotating the image
+  but not its mask would misalign them.
+* Truncated files are refused: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set, and every
+  image is decoded completely (``img.load()``) before it is used. Every problem is one
+  :class:`DataError` line naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from msflow.errors import DataError
+from msflow.errors import DataError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# What :func:`decode` accepts: a file path, the bytes of an encoded file, a PIL image or a numpy array.
+ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Exceptions Pillow raises for a file that is not an image it can open.
+_OPEN_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 
-def _open_decoded(path: str | os.PathLike[str], max_pixels: int, what: str) -> Image.Image:
-    """Open ``path`` and decode it completely, or raise one DataError line.
+def _open_decoded(
+    source: Path | bytes, max_pixels: int, what: str, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    """Open a file or encoded bytes and decode it completely, or raise one DataError line.
 
     Args:
-        path: Image file.
-        max_pixels: Largest accepted width*height, checked before decoding.
-        what: "image" or "mask", used in the message.
+        source: Image file, or the bytes of one (an upload).
+        max_pixels: Largest accepted width*height, checked on the header before decoding.
+        what: Names the source in the message ("image 'x.png'", "mask 'm.png'", "upload").
+        formats: Pillow format names to try; None tries every one Pillow knows.
 
     Returns:
         The fully loaded Pillow image (file handle already closed).
     """
-    p = Path(path)
 
-    def fail(reason: str) -> DataError:
-        return DataError(f"bad {what} '{p}': {reason}")
+    def fail(reason: str, error: type[DataError] = DataError) -> DataError:
+        return error(f"bad {what}: {reason}")
 
-    if not p.exists():
-        raise fail("file not found")
-    if not p.is_file():
-        raise fail("is a folder, not a file")
-    if p.stat().st_size == 0:
+    if isinstance(source, Path):
+        if not source.exists():
+            raise fail("file not found")
+        if not source.is_file():
+            raise fail("is a folder, not a file")
+    if (source.stat().st_size if isinstance(source, Path) else len(source)) == 0:
         raise fail("empty file (0 bytes)")
 
     with warnings.catch_warnings():
         # We enforce our own pixel limit below; Pillow's warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(p)
+            img = Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=formats)
         except Image.DecompressionBombError as exc:
-            raise fail(f"image too large for Pillow's decompression-bomb limit ({exc})") from None
-        except UnidentifiedImageError:
-            raise fail("not an image, or an unsupported format") from None
-        except OSError as exc:
-            raise fail(f"cannot open ({exc})") from None
+            reason = f"image too large for Pillow's decompression-bomb limit ({exc})"
+            raise fail(reason, ImageTooLargeError) from None
+        except _OPEN_ERRORS:
+            accepted = f" (accepted: {', '.join(formats)})" if formats else ""
+            raise fail(f"not an image, or an unsupported format{accepted}") from None
 
-    with img:
-        width, height = img.size
-        # Checked on the header alone, so a huge image is refused before any memory is used.
-        if width * height > max_pixels:
-            raise fail(f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}")
-        if width == 0 or height == 0:
-            raise fail(f"image has no pixels ({width}x{height})")
-        try:
-            img.load()
-        except Exception as exc:  # noqa: BLE001 - corrupt files raise many exception types
-            reason = str(exc) or type(exc).__name__
-            raise fail(f"truncated or corrupt file, cannot decode ({reason})") from None
+        with img:
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise fail(f"image has no pixels ({width}x{height})")
+            # Checked on the header alone, so a huge image is refused before any memory is used.
+            if width * height > max_pixels:
+                raise fail(
+                    f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}",
+                    ImageTooLargeError,
+                )
+            try:
+                img.load()
+            except Image.DecompressionBombError as exc:
+                raise fail(f"too many pixels ({exc})", ImageTooLargeError) from None
+            except Exception as exc:  # noqa: BLE001 - corrupt files raise many exception types
+                reason = str(exc)[:200] or type(exc).__name__
+                raise fail(f"truncated or corrupt file, cannot decode ({reason})") from None
     return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded Pillow image of any common mode to 8-bit RGB (see module notes).
+def _unit_range(arr: np.ndarray) -> np.ndarray:
+    """Values of any accepted dtype -> float32 in [0, 1] (the rules in the module notes)."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255)
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:  # any byte order
+        return arr.astype(np.float32) / np.float32(65535)
+    if arr.dtype.kind == "i" and arr.dtype.itemsize == 4:
+        return np.clip(arr, 0, 65535).astype(np.float32) / np.float32(65535)
+    if arr.dtype.kind == "f":
+        values = arr.astype(np.float32, copy=False)  # an already decoded image is not copied
+        if not np.isfinite(values).all():
+            raise DataError("image holds NaN or infinite values")
+        return np.clip(values, 0.0, 1.0) if values.min() < 0 or values.max() > 1 else values
+    raise DataError(f"image data type {arr.dtype} is not supported (uint8, uint16, int32 or floating point)")
 
-    Args:
-        img: A loaded Pillow image.
 
-    Returns:
-        A new image in mode "RGB".
+def _from_array(arr: np.ndarray) -> np.ndarray:
+    """An (H, W) or (H, W, 1|2|3|4) array -> float32 RGB (H, W, 3) in [0, 1]."""
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (2, 3, 4)):
+        raise DataError(f"image array has shape {arr.shape}; expected (H, W) or (H, W, 1|2|3|4)")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"image array has no pixels (shape {arr.shape})")
+    values = _unit_range(arr)
+    if values.ndim == 3 and values.shape[2] in (2, 4):  # grey+alpha or RGBA: composite onto black
+        values = values[:, :, :-1] * values[:, :, -1:]
+    if values.ndim == 2 or values.shape[2] == 1:
+        values = np.repeat(values.reshape(values.shape[0], values.shape[1], 1), 3, axis=2)
+    return np.ascontiguousarray(values, dtype=np.float32)
 
-    Raises:
-        DataError: For a colour mode that cannot be converted.
-    """
+
+def _pil_array(img: Image.Image) -> np.ndarray:
+    """The pixel values of a decoded Pillow image, in a form :func:`_from_array` reads."""
     mode = img.mode
     if mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(img).astype(np.float64)
-        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "F":
-        arr = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+        return np.asarray(img).astype(np.uint16)  # native byte order
+    if mode in ("I", "F", "L"):
+        return np.asarray(img)
     try:
-        if has_alpha:
-            rgba = img.convert("RGBA")
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            return Image.alpha_composite(black, rgba).convert("RGB")
-        return img.convert("RGB")
+        if mode in _ALPHA_MODES or "transparency" in img.info:
+            return np.asarray(img.convert("RGBA"))
+        return np.asarray(img.convert("RGB"))  # palette, CMYK, YCbCr, 1-bit, ...
     except (ValueError, OSError) as exc:
         raise DataError(f"unsupported colour mode {mode!r} ({exc})") from None
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read an image file completely and return it as 8-bit RGB.
+def decode(
+    image: ImageLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] | None = None,
+    what: str | None = None,
+) -> np.ndarray:
+    """Decode any accepted image to float32 RGB (H, W, 3) in [0, 1] (rules in the module notes).
+
+    Args:
+        image: A file path, the bytes of an encoded file (an upload), a PIL image, or a numpy array of
+            shape (H, W) or (H, W, 1|2|3|4) and dtype uint8, uint16, int32 or float. An already decoded
+            image decodes to itself.
+        max_pixels: Files and bytes with more pixels are refused from their header, before decoding.
+            Pillow itself refuses images above ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (about 179 M pixels).
+        formats: Pillow format names a file or bytes may have (None: any).
+        what: How messages name the input (default: the file name, or "upload" for bytes).
+
+    Returns:
+        A C-contiguous float32 array (H, W, 3) with values in [0, 1]: new, except for an image that is
+        already decoded, which comes back as it is (do not modify it in place).
+
+    Raises:
+        DataError: One line naming the input, e.g. ``bad image 'x.png': truncated or corrupt file, ...``;
+            :class:`ImageTooLargeError` (a DataError) for too many pixels.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        what = what or f"image '{Path(image)}'"
+        img = _open_decoded(Path(image), max_pixels, what, formats)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        what = what or "upload"
+        img = _open_decoded(bytes(image), max_pixels, what, formats)
+    elif isinstance(image, Image.Image):
+        what, img = what or "image", image
+    elif isinstance(image, np.ndarray):
+        what, img = what or "image array", None
+    else:
+        raise DataError(f"cannot read an image from a {type(image).__name__}")
+    try:
+        return _from_array(_pil_array(img) if img is not None else image)
+    except ImageTooLargeError:
+        raise
+    except DataError as exc:
+        raise DataError(f"bad {what}: {exc}") from None
+
+
+def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file completely: float32 RGB (H, W, 3) in [0, 1] (see :func:`decode`).
 
     Args:
         path: A .jpg/.jpeg/.png/.bmp/.tif/.tiff file (the content decides the format).
-        max_pixels: Images with more pixels are refused before decoding. Pillow itself
-            refuses images above ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (about 179 M pixels).
-
-    Returns:
-        A Pillow image in mode "RGB".
+        max_pixels: Images with more pixels are refused before decoding.
 
     Raises:
         DataError: e.g. ``bad image 'x.png': truncated or corrupt file, cannot decode (...)``.
     """
-    img = _open_decoded(path, max_pixels, "image")
-    try:
-        return to_rgb(img)
-    except DataError as exc:
-        raise DataError(f"bad image '{Path(path)}': {exc}") from None
+    return decode(Path(path), max_pixels)
+
+
+def image_size(image: np.ndarray) -> tuple[int, int]:
+    """(width, height) of a decoded image, in the order Pillow and the masks use."""
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A decoded image as 8-bit RGB (H, W, 3) for display and overlays (rounded to the nearest level)."""
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def read_mask(
@@ -154,10 +239,9 @@ def read_mask(
         Boolean array of shape (H, W).
 
     Raises:
-        DataError: If the file is unreadable or its size differs from ``size``. Use
-            :func:`resize_mask` if resizing is what you want.
+        DataError: If the file is unreadable or its size differs from ``size``.
     """
-    img = _open_decoded(path, max_pixels, "mask")
+    img = _open_decoded(Path(path), max_pixels, f"mask '{Path(path)}'")
     if size is not None and tuple(img.size) != tuple(size):
         raise DataError(
             f"mask '{Path(path)}' is {img.size[0]}x{img.size[1]} but its image is {size[0]}x{size[1]} (WxH)"
@@ -171,20 +255,6 @@ def read_mask(
             arr = arr[..., :-1]  # alpha says nothing about defects
         arr = arr.any(axis=-1)
     return np.asarray(arr != 0, dtype=bool)
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a boolean (H, W) mask to ``size`` = (width, height) with nearest neighbour.
-
-    Args:
-        mask: Boolean or 0/nonzero array of shape (H, W).
-        size: Target (width, height).
-
-    Returns:
-        Boolean array of shape (height, width).
-    """
-    img = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255, mode="L")
-    return np.asarray(img.resize(tuple(size), Image.Resampling.NEAREST)) > 0
 
 
 def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
@@ -221,30 +291,29 @@ def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def to_tensor(image: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize to (size, size), or (height, width) = ``size``, with LANCZOS; scale to 0..1 (RGB, float32).
+def to_tensor(image: ImageLike, size: int | tuple[int, int]) -> torch.Tensor:
+    """The model input: resize to (size, size), or (height, width) = ``size``, with Lanczos, in float32,
+    values clipped to [0, 1].
 
     This is the official MSFlow transform (no crop; non-square images are distorted) minus the
     normalisation, which the backbone applies itself with the statistics its weights were trained
-    with (ImageNet for the ResNets, [-1, 1] for EfficientNet-Lite0); see ``backbone.py``.
+    with (ImageNet for the ResNets, [-1, 1] for EfficientNet-Lite0); see ``backbone.py``. Each channel
+    is resized as a float image, so 16-bit and float inputs keep their precision, and the same
+    picture gives the same tensor whatever its dtype (Lanczos overshoots at edges; the clip keeps the
+    range an 8-bit resize would have).
 
     Args:
-        image: A Pillow image (converted to RGB if needed).
+        image: Anything :func:`decode` reads (normally an image it already decoded).
         size: Output side length in pixels, or (height, width).
 
     Returns:
         Float32 tensor of shape (3, height, width).
     """
-    if image.mode != "RGB":
-        image = to_rgb(image)
+    rgb = decode(image)
     height, width = _height_width(size)
-    resized = image.resize((width, height), Image.Resampling.LANCZOS)
-    arr = np.asarray(resized, dtype=np.float32) / 255.0
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def mask_to_tensor(mask: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
-    """Nearest-resize a boolean mask to (size, size) or (height, width); a (1, height, width) 0/1 tensor."""
-    height, width = _height_width(size)
-    resized = resize_mask(mask, (width, height))
-    return torch.from_numpy(resized.astype(np.float32))[None]
+    lanczos = Image.Resampling.LANCZOS
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((width, height), lanczos))
+        for c in range(3)
+    ]
+    return torch.from_numpy(np.clip(np.stack(channels), 0.0, 1.0).astype(np.float32, copy=False))

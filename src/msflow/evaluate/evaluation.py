@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from msflow.data.datasets import Sample
-from msflow.data.images import read_image, read_mask
+from msflow.data.images import read_image, read_mask, to_uint8
 from msflow.evaluate import report
 from msflow.evaluate.metrics import evaluate
 from msflow.evaluate.threshold import Threshold
@@ -85,7 +85,7 @@ def write_test_report(
         gt = read_mask(s.mask) if s.mask is not None else None
         report.save_overlay(
             run_dir / "overlays" / f"{i:04d}_{s.defect_type}_{s.image.stem}.png",
-            np.asarray(read_image(s.image)),
+            to_uint8(read_image(s.image)),
             preds.image_maps[i],
             gt_mask=gt,
             pred_mask=pred_mask,

@@ -1,4 +1,4 @@
-"""Evaluation metrics for anomaly detection (spec §7): plain NumPy in, floats out.
+"""Evaluation metrics for anomaly detection: plain NumPy in, floats out.
 
 Every score is returned in percent (0..100), as the official code multiplies by 100.
 Labels and masks use 0 = good, anything else = defect.  Pixel metrics pool the pixels of
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
+from msflow.config import PRO_MODES
 from msflow.errors import DataError
 
 #: Masks/maps: one (N, H, W) array, or a list of 2-D arrays (per-image original sizes).
@@ -175,10 +176,11 @@ def aupro(
     with the trapezoid rule from 0 to exactly ``fpr_limit`` (the end point linearly
     interpolated) and divided by ``fpr_limit``.
 
-    ``mode="official"`` (MSFlow evaluations.py, spec §7): prediction = score > θ for the 800
+    ``mode="official"`` (the official code's evaluations.py): prediction = score > θ for the 800
     thresholds ``np.arange(min, max, (max - min) / 800)``; thresholds with FPR < ``fpr_limit``
     are kept, their FPRs min-max rescaled to [0, 1], and the trapezoid area under PRO is taken
-    with ``sklearn.metrics.auc``.  Not comparable with the standard number (spec B17).
+    with ``sklearn.metrics.auc``.  Not comparable with the standard number
+    (docs/official-code-differences.md, B17).
 
     Args:
         masks: (N, H, W) or list of 2-D GT masks; non-zero = defect.
@@ -194,8 +196,8 @@ def aupro(
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise DataError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
-    if mode not in ("standard", "official"):
-        raise DataError(f"aupro: mode must be 'standard' or 'official', got {mode!r}")
+    if mode not in PRO_MODES:
+        raise DataError(f"aupro: mode must be one of {list(PRO_MODES)}, got {mode!r}")
     if max_thresholds is not None and (mode != "standard" or max_thresholds < 2):
         raise DataError(f"aupro: max_thresholds={max_thresholds} needs mode='standard' and >= 2")
     s, cum_neg, cum_pro, n_neg, lo = _sorted_pixels(masks, maps, fpr_limit)
@@ -226,7 +228,7 @@ def aupro(
 def _official_pro(
     s: np.ndarray, cum_neg: np.ndarray, cum_pro: np.ndarray, n_neg: int, lo: Any, fpr_limit: float
 ) -> float:
-    """Official MSFlow PRO (spec §7 steps 1–7) from the sorted pixel table of :func:`aupro`."""
+    """Official MSFlow PRO (its steps 1-7) from the sorted pixel table of :func:`aupro`."""
     hi = s[0]
     if hi == lo:
         raise DataError(f"aupro(official): all map values equal {lo}, no thresholds can be built")
@@ -302,7 +304,7 @@ def evaluate(
         y, s = _flat_pixels(masks, maps)
         out["pixel_auroc"] = _auroc(y, s, "pixel_auroc")
         out["pixel_f1_max"], out["pixel_f1_threshold"] = f1_max(y, s)
-        # The official code scores PRO on the "mul" map, pixel AUROC on the "add" map (spec 7).
+        # The official code scores PRO on the "mul" map, pixel AUROC on the "add" map.
         out["aupro"] = aupro(masks, maps if pro_maps is None else pro_maps, mode=pro_mode)
     out["per_defect_type"] = per_defect_type(labels, scores, defect_types)
     return out

@@ -236,12 +236,10 @@ class OnnxModel:
             self.image_size: int | tuple[int, int] = (
                 self.image_shape[0] if self.image_shape[0] == self.image_shape[1] else self.image_shape
             )
-            config = json.loads(self.metadata["config"]) if "config" in self.metadata else None
         except (KeyError, ValueError) as err:
             raise CheckpointError(
-                f"exported model '{self.path}' has no valid image size or config in its metadata"
+                f"exported model '{self.path}' has no valid image size in its metadata"
             ) from err
-        self.config: dict[str, Any] | None = config  # the ModelConfig fields, when the export had them
         self.msflow_version = self.metadata.get("msflow_version")
         del proto
 

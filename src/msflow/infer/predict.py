@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image
+from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uint8
 from msflow.detector import Detector
 from msflow.errors import DataError, MSFlowError
 from msflow.evaluate import report
@@ -72,7 +72,7 @@ def run_predict(
         images = []
         for f in chunk:  # read first, so one bad file does not sink its batch
             try:
-                images.append((f, np.asarray(read_image(f))))
+                images.append((f, read_image(f)))
             except DataError as err:
                 failures.append({"image": str(f), "error": str(err)})
         if images:
@@ -83,7 +83,7 @@ def run_predict(
                 if save_images:
                     report.save_overlay(
                         output / f"{name}_overlay.png",
-                        arr,
+                        to_uint8(arr),
                         res.image_map,
                         pred_mask=res.mask if res.is_defective else None,
                     )

@@ -41,7 +41,6 @@ import math
 import os
 import threading
 import time
-import warnings
 from importlib import resources
 from typing import Any, Literal
 
@@ -49,7 +48,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,9 +56,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from msflow._version import __version__
-from msflow.data.images import to_rgb
+from msflow.data.images import decode, image_size, to_uint8
 from msflow.detector import Detector
-from msflow.errors import DataError, MSFlowError
+from msflow.errors import DataError, ImageTooLargeError, MSFlowError
 
 log = logging.getLogger("msflow.serve")
 
@@ -188,51 +187,22 @@ class GuardMiddleware:
         return f"request body too large: the limit is {self.max_body:,} bytes ({mib:.3g} MiB)"
 
 
-def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode uploaded bytes completely into 8-bit RGB, or raise an HTTPException (413 / 415).
-
-    The same rules as :func:`msflow.images.read_image` (full decode, truncated files refused, alpha on
-    black, 16-bit scaled by 1/257), restricted to :data:`ALLOWED_FORMATS`.
-    """
-    if not data:
-        raise HTTPException(415, "the uploaded file is empty")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except Image.DecompressionBombError:
-            raise HTTPException(413, "image has too many pixels") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-            accepted = ", ".join(ALLOWED_FORMATS)
-            raise HTTPException(
-                415, f"not an image, or an unsupported format (accepted: {accepted})"
-            ) from None
-        with img:
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise HTTPException(415, f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise HTTPException(
-                    413, f"image is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}"
-                )
-            try:
-                img.load()
-            except Image.DecompressionBombError:
-                raise HTTPException(413, "image has too many pixels") from None
-            except Exception as exc:  # noqa: BLE001 - corrupt files raise many exception types
-                reason = str(exc)[:200] or type(exc).__name__
-                raise HTTPException(415, f"truncated or corrupt image, cannot decode ({reason})") from None
-            try:
-                return to_rgb(img)
-            except DataError as exc:
-                raise HTTPException(415, str(exc)) from None
+def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode uploaded bytes with :func:`msflow.data.images.decode` (the rules every input follows),
+    restricted to :data:`ALLOWED_FORMATS`; its errors become 413 (too many pixels) or 415."""
+    try:
+        return decode(data, max_pixels=max_pixels, formats=ALLOWED_FORMATS)
+    except ImageTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from None
+    except DataError as exc:
+        raise HTTPException(415, str(exc)) from None
 
 
-def overlay_png(image: Image.Image, image_map: np.ndarray, mask: np.ndarray) -> bytes:
+def overlay_png(image: np.ndarray, image_map: np.ndarray, mask: np.ndarray) -> bytes:
     """PNG bytes of the jet heat map of ``image_map`` over ``image`` with the mask's contour in red."""
     from msflow.evaluate.report import jet_overlay  # matplotlib: imported when first needed
 
-    out = jet_overlay(np.asarray(image, dtype=np.uint8), image_map, alpha=0.45, pred_mask=mask)
+    out = jet_overlay(to_uint8(image), image_map, alpha=0.45, pred_mask=mask)
     buf = io.BytesIO()
     Image.fromarray(out).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
@@ -389,7 +359,7 @@ def create_app(
             png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
             t4 = time.perf_counter()
             summary = pred.summary()
-            summary.update(width=image.width, height=image.height)
+            summary.update(zip(("width", "height"), image_size(image), strict=True))
             return summary, png, {"decode": t2 - t1, "predict": t3 - t2, "overlay": t4 - t3}
 
         summary, png, parts = await run_in_threadpool(work)

@@ -1,6 +1,6 @@
-"""From latents to anomaly maps and image scores (spec section 6).
+"""From latents to anomaly maps and image scores, as the official code computes them.
 
-Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, spec B16). Two
+Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, as in the paper: B16). Two
 aggregations follow, both up-sampled bilinearly with align_corners=True to the model's input size:
 
 - "mul" (image score): L = sum_s up(logp_s), the log of the product of the scale likelihoods;
@@ -8,7 +8,7 @@ aggregations follow, both up-sampled bilinearly with align_corners=True to the m
 - "add" (pixel map): P_s = exp(logp_s - ref_s); S = sum_s up(P_s); A_add = max - S.
 
 With ``normalization="per_image"`` (official) ref is the image's own maximum, so every image has a
-pixel scored 0 and the maps are relative. With ``"global"`` (ours, spec B15) ref comes from training
+pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) ref comes from training
 images (the mean of their per-image maxima), values above it are clipped to it, and A_add = n_scales - S:
 an image that is off-distribution everywhere then scores high everywhere.
 

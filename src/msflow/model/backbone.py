@@ -1,27 +1,30 @@
 """The frozen backbone: three feature maps at strides 4, 8 and 16, each smoothed by a 3x3/2 pool.
 
-MSFlow (spec section 1) taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For
+MSFlow taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For
 EfficientNet-Lite0 the same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels).
-Channel counts and strides are read from a dummy forward pass, never from constants (spec B1).
+Channel counts and strides are read from a dummy forward pass, never from constants
+(docs/official-code-differences.md, B1).
 
 The extractor is frozen for good: parameters have ``requires_grad=False``, ``train()`` cannot leave
-eval mode (BatchNorm keeps its running statistics), and ``forward`` runs without autograd (spec B8).
+eval mode (BatchNorm keeps its running statistics), and ``forward`` runs without autograd (B8).
 Images come in as RGB in [0, 1]; each backbone applies the normalisation its weights were trained with.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from msflow.config import BackboneName
 from msflow.errors import WeightsError
 from msflow.model.efficientnet_lite import EfficientNetLite0
 
-BACKBONES = ("wide_resnet50_2", "resnet18", "efficientnet_lite0")
+BACKBONES = get_args(BackboneName)  # declared once, as the config's Literal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-Lite models were trained on inputs scaled to [-1, 1] (mean 127, std 128 on 8-bit pixels).
@@ -62,7 +65,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 def _set_reflect_padding(module: nn.Module) -> None:
-    """Official MSFlow quirk (spec section 1): reflect padding on the 7x7 stem and every 3x3 conv."""
+    """Official MSFlow quirk: reflect padding on the 7x7 stem and every 3x3 conv."""
     for conv in module.modules():
         if isinstance(conv, nn.Conv2d) and conv.kernel_size in ((7, 7), (3, 3)):
             conv.padding_mode = "reflect"
@@ -104,7 +107,7 @@ class FeatureExtractor(nn.Module):
         pretrained: load ImageNet weights (downloaded for ResNets, packaged for EfficientNet-Lite0).
             ``False`` gives random weights, meant for tests and speed benchmarks only.
         weights: a local weights file (safetensors or a torch state dict); overrides ``pretrained``.
-        reflect_padding: the official code's reflect padding (ResNets only; spec section 1).
+        reflect_padding: the official code's reflect padding (ResNets only).
         pool: ``"avg"`` (official 3x3/2 average pool, count_include_pad=True), ``"max"`` or ``"none"``.
     """
 

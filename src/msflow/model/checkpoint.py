@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +81,33 @@ def load_tensors(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+# State-dict keys renamed since run folders were first written (old pattern -> new name). The tensors
+# are unchanged: only buffers that were addressed by string-built names moved into small modules.
+_RENAMED_KEYS = (
+    (re.compile(r"^feature_mean(\d+)$"), r"standardizers.\1.mean"),
+    (re.compile(r"^feature_std(\d+)$"), r"standardizers.\1.std"),
+    (re.compile(r"^fusion_flow\.perm(\d+)$"), r"fusion_flow.permutations.\1.perm"),
+    (re.compile(r"^fusion_flow\.perm_inverse(\d+)$"), r"fusion_flow.permutations.\1.perm_inverse"),
+)
+
+
+def migrate_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the keys of a model state dict written by an older msflow to today's names.
+
+    A renamed key never collides with an existing one: if both the old and the new name are present,
+    the file is not one this code wrote, and :class:`CheckpointError` says so.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        new = key
+        for pattern, replacement in _RENAMED_KEYS:
+            new = pattern.sub(replacement, new)
+        if new in out or (new != key and new in tensors):
+            raise CheckpointError(f"checkpoint holds both the old and the new name of '{new}'")
+        out[new] = value
+    return out
+
+
 def save_model(model: torch.nn.Module, config: Config, stem: Path, **extra: Any) -> None:
     """Save a model's full state (backbone included, so it loads offline) with its config."""
     save_tensors(model.state_dict(), {"config": config.to_dict(), **extra}, stem)
@@ -104,7 +132,7 @@ def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[to
     model = MSFlow(replace(config.model, pretrained=False, weights=None))
     model.config = config.model
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(migrate_state_dict(tensors), strict=True)
     except RuntimeError as err:
         raise CheckpointError(
             f"checkpoint '{stem}.safetensors' does not fit its config: {str(err)[:300]}"

@@ -10,7 +10,7 @@ channels) and active half x2 (the last floor(C/2)):
     y      = y[:, perm]                        a fixed random channel permutation (a buffer)
     log|det J| = sum_{c,h,w} l + H W sum_c log(gamma_c)
 
-Spec sections 2.1-2.3. FrEIA 0.2 is what the official code ran; its ``rev=True`` flag becomes
+FrEIA 0.2 is what the official code ran; its ``rev=True`` flag becomes
 ``forward``/``inverse`` here and the permutation is an index buffer, not a one-hot parameter.
 
 References:
@@ -104,7 +104,8 @@ class AffineCouplingBlock(nn.Module):
             return self.clamp_alpha * torch.tanh(s), t
         return self.clamp_alpha * torch.tanh(s / self.clamp_alpha), t
 
-    def _global_scale(self) -> Tensor:
+    def global_scale(self) -> Tensor:
+        """The per-channel factor gamma of the block's global affine step (1 at initialisation)."""
         return 0.1 * F.softplus(self.global_scale_raw, beta=0.5)
 
     def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,14 +113,14 @@ class AffineCouplingBlock(nn.Module):
         x1, x2 = x[:, : self.passive], x[:, self.passive :]
         log_scale, shift = self._log_scale_and_shift(x1, cond)
         y = torch.cat([x1, x2 * torch.exp(log_scale) + shift], dim=1)
-        gamma = self._global_scale()
+        gamma = self.global_scale()
         y = (y * gamma + self.global_offset)[:, self.perm]
         pixels = x.shape[2] * x.shape[3]
         return y, log_scale.sum(dim=(1, 2, 3)) + pixels * torch.log(gamma).sum()
 
     def inverse(self, y: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Exact inverse of ``forward``; returns x and the inverse log-det (= -forward log-det)."""
-        gamma = self._global_scale()
+        gamma = self.global_scale()
         y = (y[:, self.perm_inverse] - self.global_offset) / gamma
         y1, y2 = y[:, : self.passive], y[:, self.passive :]
         log_scale, shift = self._log_scale_and_shift(y1, cond)

@@ -1,6 +1,6 @@
 """MSFlow's fusion flow: a fixed channel permutation per scale, then one cross-scale coupling layer.
 
-With z_s split into halves u_s (first C_s/2 channels) and v_s (last C_s/2), spec section 3:
+With z_s split into halves u_s (first C_s/2 channels) and v_s (last C_s/2), as the official code computes it:
 
     step A:  (sigma_s, tau_s)   = F2({v_s})      u'_s = exp(k(sigma_s)) * u_s + tau_s
     step B:  (sigma'_s, tau'_s) = F1({u'_s})     v'_s = exp(k(sigma'_s)) * v_s + tau'_s
@@ -11,8 +11,9 @@ Each F mixes the scales: pool every input to the coarsest grid, concatenate, con
 ReLU -> conv3x3 -> ReLU, split, bilinear up-sample (align_corners=True), residual add, then per-scale
 conv3x3 heads give sigma and tau.
 
-Fixed here (spec B12): the inverse returns the negated log-det, and the outputs are not clipped to
-+-1e6 (a clip would make the layer non-invertible at the extremes; the soft clamp already bounds scales).
+Fixed here (docs/official-code-differences.md, B12): the inverse returns the negated log-det, and the
+outputs are not clipped to +-1e6 (a clip would make the layer non-invertible at the extremes; the soft
+clamp already bounds scales).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class FusionSubnet(nn.Module):
         self.channels = list(channels)
         total = sum(channels)
         self.mixer = nn.Sequential(
-            nn.Conv2d(total, total // 4, 3, padding=1),  # S -> S/4 (the ignored mid_channels, spec B13)
+            nn.Conv2d(total, total // 4, 3, padding=1),  # S -> S/4 (official: mid_channels ignored, B13)
             ChannelLayerNorm(total // 4),
             nn.ReLU(),
             nn.Conv2d(total // 4, total, 3, padding=1),
@@ -89,6 +90,22 @@ class FusionSubnet(nn.Module):
         return out
 
 
+class ChannelPermutation(nn.Module):
+    """A fixed random channel order; ``perm`` and its inverse are buffers, so they are saved."""
+
+    def __init__(self, channels: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        perm = torch.randperm(channels, generator=generator)
+        self.register_buffer("perm", perm)
+        self.register_buffer("perm_inverse", torch.argsort(perm))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, self.perm]
+
+    def inverse(self, x: Tensor) -> Tensor:
+        return x[:, self.perm_inverse]
+
+
 class FusionFlow(nn.Module):
     """Fixed per-scale permutations followed by the two-step fusion coupling (see module doc).
 
@@ -107,19 +124,16 @@ class FusionFlow(nn.Module):
                 raise ValueError(f"fusion flow needs an even channel count per scale, got {c}")
         self.halves = [c // 2 for c in channels]
         self.clamp_alpha = clamp_alpha
-        self.subnet_v_to_u = FusionSubnet(self.halves)  # "F2" of the spec: reads v, moves u
-        self.subnet_u_to_v = FusionSubnet(self.halves)  # "F1": reads u', moves v
-        for level, c in enumerate(channels):
-            perm = torch.randperm(c, generator=generator)
-            self.register_buffer(f"perm{level}", perm)
-            self.register_buffer(f"perm_inverse{level}", torch.argsort(perm))
+        self.subnet_v_to_u = FusionSubnet(self.halves)  # reads v, moves u (step A)
+        self.subnet_u_to_v = FusionSubnet(self.halves)  # reads u', moves v (step B)
+        self.permutations = nn.ModuleList(ChannelPermutation(c, generator) for c in channels)
 
     def _clamp(self, x: Tensor) -> Tensor:
         return self.clamp_alpha * ATAN_FACTOR * torch.atan(x / self.clamp_alpha)
 
     def forward(self, xs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Three (B, C_s, H_s, W_s) tensors -> three tensors of the same shapes, log_det (B,)."""
-        xs = [x[:, getattr(self, f"perm{level}")] for level, x in enumerate(xs)]
+        xs = [permute(x) for permute, x in zip(self.permutations, xs, strict=True)]
         us = [x[:, :h] for x, h in zip(xs, self.halves, strict=True)]
         vs = [x[:, h:] for x, h in zip(xs, self.halves, strict=True)]
         log_det = xs[0].new_zeros(xs[0].shape[0])
@@ -151,4 +165,4 @@ class FusionFlow(nn.Module):
             us.append((u - tau) * torch.exp(-k))
             log_det = log_det - k.sum(dim=(1, 2, 3))
         xs = [torch.cat([u, v], dim=1) for u, v in zip(us, vs, strict=True)]
-        return [x[:, getattr(self, f"perm_inverse{level}")] for level, x in enumerate(xs)], log_det
+        return [permute.inverse(x) for permute, x in zip(self.permutations, xs, strict=True)], log_det

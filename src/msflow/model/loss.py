@@ -1,4 +1,4 @@
-"""The training loss: MSFlow's unnormalised negative log-likelihood (spec section 4)."""
+"""The training loss: MSFlow's unnormalised negative log-likelihood (no 2 pi constant, as official)."""
 
 from __future__ import annotations
 

@@ -32,6 +32,18 @@ class FlowOutput(NamedTuple):
     log_det: Tensor  # (B,) total log|det J|
 
 
+class ChannelStandardization(nn.Module):
+    """One scale's fixed per-channel affine map ``(x - mean) / std`` (identity until fitted)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
 class MSFlow(nn.Module):
     """The MSFlow model. Build it with ``MSFlow(ModelConfig(...))``.
 
@@ -54,9 +66,7 @@ class MSFlow(nn.Module):
             for (c, h, w), n in zip(self.feature_shapes, config.num_blocks, strict=True)
         )
         self.fusion_flow = FusionFlow(channels, config.clamp_alpha, generator)
-        for level, c in enumerate(channels):
-            self.register_buffer(f"feature_mean{level}", torch.zeros(1, c, 1, 1))
-            self.register_buffer(f"feature_std{level}", torch.ones(1, c, 1, 1))
+        self.standardizers = nn.ModuleList(ChannelStandardization(c) for c in channels)
         self.anomaly = AnomalyMapper(
             len(channels), config.size, config.top_k, config.normalization, config.score
         )
@@ -68,10 +78,7 @@ class MSFlow(nn.Module):
 
     def standardize(self, feats: list[Tensor]) -> list[Tensor]:
         """Apply the fixed per-channel standardisation (identity when not fitted or not enabled)."""
-        return [
-            (f - getattr(self, f"feature_mean{level}")) / getattr(self, f"feature_std{level}")
-            for level, f in enumerate(feats)
-        ]
+        return [standardize(f) for standardize, f in zip(self.standardizers, feats, strict=True)]
 
     @torch.no_grad()
     def fit_standardization(self, feature_batches: Iterable[list[Tensor]]) -> None:
@@ -95,11 +102,11 @@ class MSFlow(nn.Module):
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
         if sums is None:
             raise ValueError("fit_standardization needs at least one batch of features")
-        for level, (s, sq, n) in enumerate(sums):
+        for standardizer, (s, sq, n) in zip(self.standardizers, sums, strict=True):
             mean = s / n
             std = (sq / n - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
-            getattr(self, f"feature_mean{level}").copy_(mean.view(1, -1, 1, 1))
-            getattr(self, f"feature_std{level}").copy_(std.view(1, -1, 1, 1))
+            standardizer.mean.copy_(mean.view(1, -1, 1, 1))
+            standardizer.std.copy_(std.view(1, -1, 1, 1))
 
     # -- flows -----------------------------------------------------------------------------------
     def flow(self, feats: list[Tensor]) -> FlowOutput:

@@ -1,8 +1,8 @@
 """One scale's parallel flow: a stack of conditional coupling blocks (2, 5 or 8 in MSFlow).
 
-Every block of the stack is conditioned on the same 2-D sin/cos positional encoding (CFlow style,
-spec section 2.4), built once for the scale's H x W and kept as a buffer (the official code rebuilt it
-on the CPU at every batch, spec B10).
+Every block of the stack is conditioned on the same 2-D sin/cos positional encoding (CFlow style),
+built once for the scale's H x W and kept as a buffer (the official code rebuilt it on the CPU at
+every batch: docs/official-code-differences.md, B10).
 """
 
 from __future__ import annotations

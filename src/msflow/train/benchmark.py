@@ -3,7 +3,7 @@
 Each category gets its own run folder under ``output``; the table (``results.md``, ``.csv``,
 ``.json``) holds the last-epoch test metrics and the training time of each. A category that fails
 (bad data, say) is reported in the table and the others go on. Models are freed between categories
-(the official loop kept them all alive, spec B19).
+(the official loop kept them all alive: official-code-differences.md, B19).
 """
 
 from __future__ import annotations

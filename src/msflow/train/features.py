@@ -44,10 +44,6 @@ class FeatureCache:
             for i in range(0, len(self), batch_size)
         ]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
-
     @classmethod
     @torch.no_grad()
     def build(
@@ -88,9 +84,8 @@ class FeatureCache:
             start += len(batch["image"])
         cache = cls(arrays, folder)
         model.fit_standardization(cache.batches(64))
-        for level, a in enumerate(arrays):
-            mean = getattr(model, f"feature_mean{level}").cpu().numpy()[0]
-            std = getattr(model, f"feature_std{level}").cpu().numpy()[0]
+        for standardize, a in zip(model.standardizers, arrays, strict=True):
             for i in range(0, n, 64):  # in chunks, so a disk cache never has to fit in memory
-                a[i : i + 64] = (a[i : i + 64] - mean) / std
+                chunk = torch.from_numpy(np.ascontiguousarray(a[i : i + 64])).to(device)
+                a[i : i + 64] = standardize(chunk).cpu().numpy()
         return cache

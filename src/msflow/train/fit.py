@@ -7,7 +7,7 @@ Run folder::
                              vs synthetic defects, and the one chosen (no test label is read)
     model.safetensors/.json  the final model, its config, threshold, metrics (no pickle)
     checkpoint/last.*        training state after the last completed epoch (for --resume)
-    metrics.json             test-set metrics of the LAST epoch (never a test-selected epoch, spec B14)
+    metrics.json             test-set metrics of the LAST epoch (never test-selected, B14)
     predictions.csv          per-image score, normalised score, decision, label, defect type
     overlays/*.png           heatmaps over a sample of test images, with GT and predicted contours
     score_histogram.png, loss_curve.png, train_log.jsonl
@@ -33,7 +33,7 @@ from msflow.evaluate import report
 from msflow.evaluate.evaluation import evaluate_predictions, masks_for, write_test_report
 from msflow.evaluate.threshold import Threshold, from_good_images, from_labelled
 from msflow.infer.predictor import predict_samples
-from msflow.model.checkpoint import load_tensors, save_model, save_tensors
+from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
 from msflow.model.msflow import MSFlow
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
@@ -74,7 +74,8 @@ def _save_training_state(
 
 def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer) -> TrainState:
     tensors, meta = load_tensors(run_dir / "checkpoint" / "last")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    model_state = migrate_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(model_state, strict=False)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -137,7 +138,7 @@ def fit(
             and state.epoch % cfg.train.eval_every == 0
             and state.epoch < cfg.train.epochs
         ):
-            # Logged only, never used to pick a checkpoint (spec B14).
+            # Logged only, never used to pick a checkpoint (B14).
             entry["test"] = evaluate_predictions(
                 predict_samples(model, test, device, cfg.train.batch_size, progress=False), test
             )

@@ -2,9 +2,9 @@
 
 The backbone is frozen and there is no augmentation, so each training image's features are extracted
 once into a :class:`~msflow.features.FeatureCache` and the flows train from it; the official code ran
-(and back-propagated through) the backbone at every step (spec B8). The schedule is the official one
-(spec section 5) as a pure function of the epoch, so ``--resume`` lands exactly where it left off
-(spec B7). Non-finite losses roll back to the last good state and lower the learning rate.
+(and back-propagated through) the backbone at every step (docs/official-code-differences.md, B8).
+The schedule is the official one as a pure function of the epoch, so ``--resume`` lands exactly where
+it left off (B7). Non-finite losses roll back to the last good state and lower the learning rate.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The official code's schedule for ``msflow bench``, on an :class:`~msflow.model.MSFlow`'s own weights.
+"""The official code's way of running MSFlow, for the speed harness (``benchmarks/speed.py``).
 
-It is the same model and maths as ours, run the way the official code runs it (spec bugs B8, B10):
+It runs an :class:`~msflow.model.msflow.MSFlow`'s own weights the way the official code (cool-xuan/msflow)
+runs them (``docs/official-code-differences.md``, B8 and B10):
 
 - every training step runs the backbone forward with autograd and back-propagates through it; the
   backbone has ``requires_grad=True`` and its ``.grad`` buffers accumulate (B8);
@@ -9,7 +10,9 @@ It is the same model and maths as ours, run the way the official code runs it (s
 - each coupling block runs its subnet on ``cat([x1, cond])`` through the full first conv, and the channel
   permutation is a 1x1 convolution with a one-hot matrix, as FrEIA 0.2's ``AllInOneBlock`` does.
 
-Also the official AUPRO loop (800 thresholds, B11), which :func:`msflow.metrics.aupro` is timed against.
+Also the official AUPRO loop (800 thresholds, B11), which :func:`msflow.evaluate.metrics.aupro` is timed
+against. This file is a deliberate second way of computing the same numbers (tests/test_bench.py proves
+that it agrees with the model), so it lives with the benchmark, outside the shipped package.
 
 The reference stays in float32, the official code's precision.
 """
@@ -39,7 +42,7 @@ def one_hot_permutation(perm: torch.Tensor) -> torch.Tensor:
 
 
 def reference_block_forward(block, x, cond, w_perm=None):
-    """One :class:`~msflow.coupling.AffineCouplingBlock` the FrEIA 0.2 way; returns ``(y, log_det)``.
+    """One :class:`~msflow.model.coupling.AffineCouplingBlock` the FrEIA 0.2 way; returns ``(y, log_det)``.
 
     ``cond`` has the batch size (not 1) and goes through the full first conv; mathematically identical to
     ``block(x, cond)``, which splits that conv and indexes the channels.
@@ -52,7 +55,7 @@ def reference_block_forward(block, x, cond, w_perm=None):
     else:
         log_scale = block.clamp_alpha * torch.tanh(s / block.clamp_alpha)
     y = torch.cat([x1, x2 * torch.exp(log_scale) + t], dim=1)
-    gamma = block._global_scale()
+    gamma = block.global_scale()
     if w_perm is None:
         w_perm = one_hot_permutation(block.perm)
     y = F.conv2d(y * gamma + block.global_offset, w_perm.to(y.dtype))
@@ -143,7 +146,7 @@ def reference_step(
 
 
 def _official_single(maps, masks, threshold: float) -> tuple[float, float]:
-    """One threshold of the official ``eval_seg_pro`` worker (spec section 7), ``np.bool`` -> ``bool``."""
+    """One threshold of the official ``eval_seg_pro`` worker, with ``np.bool`` read as ``bool``."""
     import numpy as np
     from skimage import measure
 
