@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from msflow.data.images import ImageLike, decode, to_uint8
+
 KINDS = ("patch", "scratch", "blob")
 AREA_RANGE = (0.0005, 0.03)  # share of the image a defect covers, drawn log-uniformly
 
@@ -98,9 +100,10 @@ def _blob(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, Image.
 
 
 def add_defect(
-    image: Image.Image, rng: np.random.Generator, kind: str | None = None
+    image: ImageLike, rng: np.random.Generator, kind: str | None = None
 ) -> tuple[Image.Image, np.ndarray]:
-    """Draw one synthetic defect into ``image``; returns (defective RGB image, boolean (H, W) mask).
+    """Draw one synthetic defect into ``image`` (anything :func:`~msflow.data.images.decode` reads);
+    returns (defective 8-bit RGB image, boolean (H, W) mask).
 
     ``kind`` is one of :data:`KINDS`, or ``None`` to draw one at random.
     """
@@ -108,7 +111,7 @@ def add_defect(
     makers = {"patch": _patch, "scratch": _scratch, "blob": _blob}
     if kind not in makers:
         raise ValueError(f"unknown synthetic defect kind {kind!r}; use one of {list(KINDS)}")
-    img = np.asarray(image.convert("RGB"))
+    img = to_uint8(decode(image))
     h, w = img.shape[:2]
     changed, mask = makers[kind](rng, img)
     blur = max(0.5, min(h, w) / 256)  # about one model pixel at 256 px
@@ -118,7 +121,7 @@ def add_defect(
 
 
 def synthetic_set(
-    images: Sequence[Image.Image], per_image: int, seed: int
+    images: Sequence[ImageLike], per_image: int, seed: int
 ) -> list[tuple[Image.Image, np.ndarray]]:
     """``per_image`` defective copies of each image (kinds cycling), reproducible from ``seed``."""
     rng = np.random.default_rng(seed)

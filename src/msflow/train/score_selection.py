@@ -14,11 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from msflow.config import SCORE_KINDS
-from msflow.data.images import to_tensor
+from msflow.data.images import ImageLike, to_tensor
 from msflow.data.synthetic import AREA_RANGE, synthetic_set
 from msflow.evaluate.metrics import image_auroc
 from msflow.model.anomaly_map import image_score, log_likelihood_maps
@@ -31,7 +30,7 @@ SYNTHETIC_PER_IMAGE = 2  # defective copies of each held-out good image
 
 @torch.no_grad()
 def logp_maps(
-    model: MSFlow, images: Sequence[Image.Image], device: torch.device, batch_size: int = 8
+    model: MSFlow, images: Sequence[ImageLike], device: torch.device, batch_size: int = 8
 ) -> list[Tensor]:
     """Per-scale (N, h_s, w_s) log-likelihood maps of ``images`` (CPU float32), in input order."""
     model.eval()
@@ -74,7 +73,7 @@ def rank_candidates(good: dict[str, np.ndarray], bad: dict[str, np.ndarray]) -> 
 
 def choose_score(
     model: MSFlow,
-    good_images: Sequence[Image.Image],
+    good_images: Sequence[ImageLike],
     device: torch.device,
     batch_size: int = 8,
     seed: int = 0,
