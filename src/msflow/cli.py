@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import Field
@@ -75,10 +76,13 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from msflow.evaluate.report import format_metrics
+    from msflow.train.distributed import Distributed
     from msflow.train.fit import fit
 
     cfg = config_from_args(args, args.data)
     metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation, progress=not args.quiet)
+    if not Distributed.from_environment().is_main:  # torchrun: rank 0 reports
+        return
     print(format_metrics(metrics))
     print(f"run folder: {args.output} (overlays in {Path(args.output) / 'overlays'})")
 
@@ -134,12 +138,27 @@ def cmd_test(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from msflow.detector import Detector
-    from msflow.infer.predict import run_predict
+    from msflow.infer.predict import run_predict, run_predict_on_ray
 
-    detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
-    if args.threshold is not None:
-        detector.set_threshold(args.threshold)
-    summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
+    if _ray_executor(args):
+        summary = run_predict_on_ray(
+            args.model,
+            args.input,
+            args.output,
+            args.batch_size,
+            progress=not args.quiet,
+            device=args.device,
+            runtime=args.runtime,
+            threshold=args.threshold,
+            address=args.address,
+            cpus_per_task=args.cpus_per_task or 1,
+            gpus_per_task=args.gpus_per_task or 0.0,
+        )
+    else:
+        detector = Detector.load(args.model, device=args.device, runtime=args.runtime)
+        if args.threshold is not None:
+            detector.set_threshold(args.threshold)
+        summary = run_predict(detector, args.input, args.output, args.batch_size, progress=not args.quiet)
     print(
         f"{summary['predicted']} images judged: {summary['defective']} defective, "
         f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed; "
@@ -181,7 +200,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from msflow.train.benchmark import run_benchmark
 
-    run_benchmark(args.data, args.output, config_from_args(args), args.categories, progress=not args.quiet)
+    _ray_executor(args)
+    run_benchmark(
+        args.data,
+        args.output,
+        config_from_args(args),
+        args.categories,
+        progress=not args.quiet,
+        executor=args.executor,
+        address=args.address,
+        cpus_per_task=args.cpus_per_task or 1,
+        gpus_per_task=args.gpus_per_task or 0.0,
+    )
+
+
+def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help=f"local: in this process; ray: {what} as Ray tasks (pip install 'msflow[cluster]')",
+    )
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs each Ray task reserves (default 1)")
+    p.add_argument("--gpus-per-task", type=float, help="GPUs each Ray task reserves (default 0)")
+
+
+def _ray_executor(args: argparse.Namespace) -> bool:
+    """True for ``--executor ray``; the Ray-only flags without it are an error, not silently ignored."""
+    if args.executor == "local" and (args.address or args.cpus_per_task or args.gpus_per_task):
+        raise MSFlowError("--address, --cpus-per-task and --gpus-per-task need --executor ray")
+    return args.executor == "ray"
 
 
 # The speed harness lives in the source checkout's benchmarks/ folder, not in the installed package.
@@ -257,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
     _inference_flags(p)
+    _ray_flags(p, "chunks of files")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX (backbone, flows and maps in one graph)")
@@ -279,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="root holding category folders, or one category")
     p.add_argument("--output", required=True)
     p.add_argument("--categories", nargs="+", help="subset of categories (default: all found)")
+    _ray_flags(p, "each category")
     p.add_argument("--quiet", action="store_true")
     _train_flags(p)
     p.set_defaults(func=cmd_benchmark)
@@ -302,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MSFlowError as err:
         print(f"error: {err}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun rank: its summary shows this line too
+            from msflow.train.distributed import report_to_launcher
+
+            report_to_launcher(f"error: {err}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -32,3 +32,7 @@ class TrainingError(MSFlowError, RuntimeError):
 
 class ImageTooLargeError(DataError):
     """An image with more pixels than the configured limit (the service answers 413, not 415)."""
+
+
+class DistributedError(MSFlowError, RuntimeError):
+    """A data-parallel job cannot go on: another rank died or a collective timed out."""

@@ -4,18 +4,23 @@ Per image (all at the image's original resolution): ``<name>_overlay.png`` (jet 
 map with the predicted contour), ``<name>_map.png`` (the "add" map as 16-bit grey, scaled to [0, 1]
 by its maximum possible value 3) and ``<name>_mask.png`` (0/255). For the whole call: ``predictions.csv``
 and ``summary.json``. A file that cannot be read is listed as failed; the others carry on.
+
+:func:`run_predict_on_ray` spreads a very large input over a Ray cluster's workers in chunks of files
+(``msflow predict --executor ray``); the outputs are those of :func:`run_predict`, in the same order.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from msflow.cluster import require_ray, run_tasks
 from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uint8
 from msflow.detector import Detector
 from msflow.errors import DataError, MSFlowError
@@ -50,6 +55,19 @@ def _out_name(path: Path, used: set[str]) -> str:
     return name
 
 
+RAY_CHUNK = 256  # files per Ray task: loading the model once per task is small next to 256 images
+
+
+def _plan(inputs: list[str], output: Path) -> tuple[list[Path], list[str]]:
+    """The input files and their output names (decided up front, so any split of the work agrees)."""
+    files = collect_inputs(inputs)
+    if not files:
+        raise MSFlowError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
+    output.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    return files, [_out_name(f, used) for f in files]
+
+
 def run_predict(
     detector: Detector,
     inputs: list[str],
@@ -60,25 +78,36 @@ def run_predict(
 ) -> dict:
     """Predict every input; returns the summary (also written to ``output/summary.json``)."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    files = collect_inputs(inputs)
-    if not files:
-        raise MSFlowError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
-    rows, failures, used = [], [], set()
+    files, names = _plan(inputs, output)
     start = time.perf_counter()
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    rows, failures = predict_files(detector, files, names, output, batch_size, save_images, bar.update)
+    bar.close()
+    return _write_summary(detector, output, len(files), rows, failures, time.perf_counter() - start)
+
+
+def predict_files(
+    detector: Detector,
+    files: list[Path],
+    names: list[str],
+    output: Path,
+    batch_size: int = 8,
+    save_images: bool = True,
+    done: Callable[[int], object] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Judge ``files``, writing each one's images under its name; returns (rows, failures)."""
+    rows, failures = [], []
     for i in range(0, len(files), batch_size):
-        chunk = files[i : i + batch_size]
+        chunk = list(zip(files[i : i + batch_size], names[i : i + batch_size], strict=True))
         images = []
-        for f in chunk:  # read first, so one bad file does not sink its batch
+        for f, name in chunk:  # read first, so one bad file does not sink its batch
             try:
-                images.append((f, read_image(f)))
+                images.append((f, name, read_image(f)))
             except DataError as err:
                 failures.append({"image": str(f), "error": str(err)})
         if images:
-            results = detector.predict_batch([arr for _, arr in images])
-            for (f, arr), res in zip(images, results, strict=True):
-                name = _out_name(f, used)
+            results = detector.predict_batch([arr for _, _, arr in images])
+            for (f, name, arr), res in zip(images, results, strict=True):
                 row = {"image": str(f), **res.summary()}
                 if save_images:
                     report.save_overlay(
@@ -92,16 +121,21 @@ def run_predict(
                     Image.fromarray((res.mask * 255).astype(np.uint8)).save(output / f"{name}_mask.png")
                     row["overlay"] = f"{name}_overlay.png"
                 rows.append(row)
-        bar.update(len(chunk))
-    bar.close()
+        if done is not None:
+            done(len(chunk))
+    return rows, failures
+
+
+def _write_summary(
+    detector: Detector, output: Path, n_files: int, rows: list[dict], failures: list[dict], seconds: float
+) -> dict:
     if rows:
         report.write_predictions_csv(output / "predictions.csv", rows)
-    seconds = time.perf_counter() - start
     summary = {
         "model": str(detector.meta.get("dataset", "")),
         "runtime": detector.runtime,
         "threshold": detector.threshold.to_dict(),
-        "images": len(files),
+        "images": n_files,
         "predicted": len(rows),
         "defective": sum(r["decision"] == "defective" for r in rows),
         "failed": len(failures),
@@ -112,3 +146,65 @@ def run_predict(
     }
     atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def run_predict_on_ray(
+    model: str | Path,
+    inputs: list[str],
+    output: str | Path,
+    batch_size: int = 8,
+    progress: bool = True,
+    save_images: bool = True,
+    device: str = "auto",
+    runtime: str = "torch",
+    threshold: float | None = None,
+    address: str | None = None,
+    cpus_per_task: int = 1,
+    gpus_per_task: float = 0.0,
+    chunk_size: int = RAY_CHUNK,
+) -> dict:
+    """:func:`run_predict` with chunks of files as Ray tasks, each loading the model from ``model``
+    (on a cluster, ``model``, the inputs and ``output`` must be on a shared filesystem)."""
+    require_ray()
+    detector = Detector.load(model, device="cpu", runtime=runtime)  # refuse a bad model before any task
+    if threshold is not None:
+        detector.set_threshold(threshold)
+    output = Path(output)
+    files, names = _plan(inputs, output)
+    start = time.perf_counter()
+    cuts = range(0, len(files), max(1, chunk_size))
+    jobs = [
+        (str(model), device, runtime, threshold, files[i : i + chunk_size], names[i : i + chunk_size], output,
+         batch_size, save_images)
+        for i in cuts
+    ]  # fmt: skip
+    parts: list[tuple[list[dict], list[dict]]] = [([], []) for _ in jobs]
+    bar = tqdm(total=len(files), desc="predict (ray)", unit="img", disable=not progress)
+    for index, result, error in run_tasks(_predict_task, jobs, address, cpus_per_task, gpus_per_task):
+        if error is None:
+            parts[index] = result
+        else:  # a lost task: its files are failures, the others stand
+            parts[index] = ([], [{"image": str(f), "error": error} for f in jobs[index][4]])
+        bar.update(len(jobs[index][4]))
+    bar.close()
+    rows = [row for part in parts for row in part[0]]
+    failures = [fail for part in parts for fail in part[1]]
+    return _write_summary(detector, output, len(files), rows, failures, time.perf_counter() - start)
+
+
+def _predict_task(
+    model: str,
+    device: str,
+    runtime: str,
+    threshold: float | None,
+    files: list[Path],
+    names: list[str],
+    output: Path,
+    batch_size: int,
+    save_images: bool,
+) -> tuple[list[dict], list[dict]]:
+    """One Ray task: load the model, judge a chunk of files."""
+    detector = Detector.load(model, device=device, runtime=runtime)
+    if threshold is not None:
+        detector.set_threshold(threshold)
+    return predict_files(detector, files, names, output, batch_size, save_images)

@@ -25,6 +25,7 @@ mean of its ``fraction`` largest values ("max": the largest one):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -126,14 +127,24 @@ class AnomalyMapper(nn.Module):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def calibrate(self, logp_batches: list[list[Tensor]]) -> None:
-        """Set the global references from training images' log-likelihood maps (lists per batch)."""
-        mul_max, add_max = [], []
+    def calibrate(
+        self, logp_batches: list[list[Tensor]], gather: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        """Set the global references from training images' log-likelihood maps (lists per batch).
+
+        ``gather`` (data-parallel training) concatenates the per-image maxima of every rank's shard in
+        image order, so every rank takes the mean over all training images.
+        """
+        mul_max = [torch.zeros(0, device=self.ref_mul.device)]  # an empty shard contributes nothing
+        add_max = [torch.zeros(0, len(self.ref_add), device=self.ref_add.device)]
         for logps in logp_batches:
             mul_max.append(_image_max(sum(upsample(m, self.image_size) for m in logps)).flatten())
             add_max.append(torch.stack([_image_max(m).flatten() for m in logps], dim=1))
-        self.ref_mul.copy_(torch.cat(mul_max).mean())
-        self.ref_add.copy_(torch.cat(add_max).mean(dim=0))
+        mul, add = torch.cat(mul_max), torch.cat(add_max)
+        if gather is not None:
+            mul, add = gather(mul), gather(add)
+        self.ref_mul.copy_(mul.mean())
+        self.ref_add.copy_(add.mean(dim=0))
         self.calibrated.fill_(True)
 
     def forward(self, zs: list[Tensor]) -> AnomalyOutput:

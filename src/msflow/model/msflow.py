@@ -14,7 +14,7 @@ un-activated stage outputs from saturating the maps (see ``ModelConfig.feature_n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -81,8 +81,16 @@ class MSFlow(nn.Module):
         return [standardize(f) for standardize, f in zip(self.standardizers, feats, strict=True)]
 
     @torch.no_grad()
-    def fit_standardization(self, feature_batches: Iterable[list[Tensor]]) -> None:
-        """Fit per-channel mean/std on training features (float64 sums); no-op unless enabled."""
+    def fit_standardization(
+        self,
+        feature_batches: Iterable[list[Tensor]],
+        reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> None:
+        """Fit per-channel mean/std on training features (float64 sums); no-op unless enabled.
+
+        ``reduce`` adds up the sums of every rank's shard in data-parallel training (an empty shard
+        contributes zeros), so all ranks get the statistics of all images.
+        """
         if not self.config.standardize_features:
             return
         sums: list[Tensor] | None = None
@@ -100,6 +108,10 @@ class MSFlow(nn.Module):
                 for f in feats
             ]
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
+        if reduce is not None:
+            if sums is None:
+                sums = [torch.zeros(3, c, dtype=torch.float64) for c, _, _ in self.feature_shapes]
+            sums = reduce(sums)
         if sums is None:
             raise ValueError("fit_standardization needs at least one batch of features")
         for standardizer, (s, sq, n) in zip(self.standardizers, sums, strict=True):
@@ -138,9 +150,15 @@ class MSFlow(nn.Module):
         return self.anomaly(self.forward(images).zs)
 
     @torch.no_grad()
-    def calibrate_global_normalization(self, feature_batches: Iterable[list[Tensor]]) -> None:
-        """Set the "global" normalisation references from standardised training features."""
-        self.anomaly.calibrate([log_likelihood_maps(self.flow(f).zs) for f in feature_batches])
+    def calibrate_global_normalization(
+        self, feature_batches: Iterable[list[Tensor]], gather: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        """Set the "global" normalisation references from standardised training features.
+
+        ``gather`` collects every rank's per-image maxima in data-parallel training (see
+        :meth:`AnomalyMapper.calibrate`).
+        """
+        self.anomaly.calibrate([log_likelihood_maps(self.flow(f).zs) for f in feature_batches], gather)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

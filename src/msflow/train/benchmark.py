@@ -4,15 +4,23 @@ Each category gets its own run folder under ``output``; the table (``results.md`
 ``.json``) holds the last-epoch test metrics and the training time of each. A category that fails
 (bad data, say) is reported in the table and the others go on. Models are freed between categories
 (the official loop kept them all alive: official-code-differences.md, B19).
+
+Categories run one after the other in this process (``executor="local"``), or each as a Ray task
+(``executor="ray"``, :mod:`msflow.cluster`). Either way each row is printed as its category
+finishes, and the final table lists the categories in the same order. Re-running the same command
+skips the categories whose run folder is finished (model and metrics written) and resumes the ones
+that were interrupted after a checkpoint.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 
 import torch
 
+from msflow.cluster import require_ray, run_tasks
 from msflow.config import Config
 from msflow.data.datasets import find_categories
 from msflow.errors import MSFlowError
@@ -28,7 +36,20 @@ def run_benchmark(
     cfg: Config,
     categories: list[str] | None = None,
     progress: bool = True,
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_task: int = 1,
+    gpus_per_task: float = 0.0,
 ) -> list[dict]:
+    """Train and test each category; returns the table rows (one per category, then the mean).
+
+    ``address``, ``cpus_per_task`` and ``gpus_per_task`` are for ``executor="ray"``: the Ray cluster to
+    join (default: start a local instance) and what each category's task reserves.
+    """
+    if executor not in ("local", "ray"):
+        raise MSFlowError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if executor == "ray":
+        require_ray()  # before any work: a one-line error when the extra is not installed
     output = Path(output)
     found = find_categories(root)
     if categories:
@@ -37,22 +58,61 @@ def run_benchmark(
         if missing:
             raise MSFlowError(f"categories not found under '{root}': {', '.join(missing)}")
         found = [by_name[c] for c in categories]
-    rows = []
+    print(report.metrics_table([], COLUMNS))  # rows follow as categories finish
+    rows: dict[str, dict] = {}
+    todo = []
     for folder in found:
-        print(f"== {folder.name}")
-        row: dict = {"category": folder.name}
-        try:
-            metrics = fit(cfg.updated(data={"dataset": str(folder)}), output / folder.name, progress=progress)
-            row.update({k: metrics.get(k) for k in COLUMNS[1:-1]})
-        except MSFlowError as err:
-            row["error"] = str(err).splitlines()[0]
-            print(f"error: {row['error']}")
-        rows.append(row)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    table = report.with_mean_row(rows, COLUMNS)
+        done = finished_row(output / folder.name)
+        if done is None:
+            todo.append((folder.name, cfg.updated(data={"dataset": str(folder)}), output / folder.name))
+        else:
+            rows[folder.name] = done
+            _print_row(done, "already finished, skipped")
+    if executor == "ray":
+        jobs = [(name, c, run_dir, False) for name, c, run_dir in todo]  # no progress bars in tasks
+        results = (
+            row if error is None else {"category": todo[i][0], "error": error}
+            for i, row, error in run_tasks(run_category, jobs, address, cpus_per_task, gpus_per_task)
+        )
+    else:
+        results = (run_category(name, c, run_dir, progress) for name, c, run_dir in todo)
+    for row in results:
+        rows[row["category"]] = row
+        _print_row(row)
+    table = report.with_mean_row([rows[folder.name] for folder in found], COLUMNS)
     report.write_table(output / "results", table, COLUMNS)
     print(report.metrics_table(table, COLUMNS))
     print(f"table: {output / 'results.md'} (.csv, .json)")
     return table
+
+
+def run_category(name: str, cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """One category's fit as a table row; a user-fixable failure becomes the row's error."""
+    row: dict = {"category": name}
+    try:
+        resume = (run_dir / "checkpoint" / "last.json").is_file()  # interrupted earlier: continue it
+        metrics = fit(cfg, run_dir, resume=resume, progress=progress)
+        row.update({k: metrics.get(k) for k in COLUMNS[1:-1]})
+    except MSFlowError as err:
+        row["error"] = str(err).splitlines()[0]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def finished_row(run_dir: Path) -> dict | None:
+    """The row of a category whose run folder is complete (model and metrics written), else None."""
+    metrics_file = run_dir / "metrics.json"
+    if not ((run_dir / "model.json").is_file() and metrics_file.is_file()):
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable: train it again (fit refuses to overwrite and says so)
+    return {"category": run_dir.name, **{k: metrics.get(k) for k in COLUMNS[1:-1]}}
+
+
+def _print_row(row: dict, note: str = "") -> None:
+    line = report.metrics_table([row], COLUMNS).splitlines()[-1]
+    print(f"{line}  {note}" if note else line, flush=True)

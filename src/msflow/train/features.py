@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from msflow.data.datasets import ImageDataset, Sample
 from msflow.model.msflow import MSFlow
+from msflow.train.distributed import Distributed
 
 MEMORY_FRACTION = 0.4  # "auto" keeps the cache in RAM when it takes under 40 % of what is available
 
@@ -38,10 +39,12 @@ class FeatureCache:
         )  # sorted reads are sequential on disk; order within a batch is irrelevant
         return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in self.arrays]
 
-    def batches(self, batch_size: int) -> list[list[torch.Tensor]]:
+    def batches(self, batch_size: int, rows: range | None = None) -> list[list[torch.Tensor]]:
+        """Consecutive batches of ``rows`` (default: all of them)."""
+        rows = range(len(self)) if rows is None else rows
         return [
-            self.batch(torch.arange(i, min(i + batch_size, len(self))))
-            for i in range(0, len(self), batch_size)
+            self.batch(torch.arange(i, min(i + batch_size, rows.stop)))
+            for i in range(rows.start, rows.stop, batch_size)
         ]
 
     @classmethod
@@ -55,8 +58,15 @@ class FeatureCache:
         where: str = "auto",
         workers: int = 0,
         progress: bool = True,
+        dist: Distributed | None = None,
     ) -> FeatureCache:
-        """Extract, then standardise in place (fitting the statistics first when the model uses them)."""
+        """Extract, then standardise in place (fitting the statistics first when the model uses them).
+
+        With ``dist`` (data-parallel training) each rank extracts and standardises its own shard, the
+        statistics are all-reduced, and the shards are then shared so every rank holds all features.
+        """
+        dist = dist or Distributed()
+        rows = dist.shard(len(samples))
         shapes = model.feature_shapes
         n = len(samples)
         need = n * sum(c * h * w for c, h, w in shapes) * 4
@@ -74,18 +84,22 @@ class FeatureCache:
         else:
             arrays = [np.empty((n, *s), dtype=np.float32) for s in shapes]
         loader = DataLoader(
-            ImageDataset(samples, model.config.image_size), batch_size=batch_size, num_workers=workers
+            ImageDataset(samples[rows.start : rows.stop], model.config.image_size),
+            batch_size=batch_size,
+            num_workers=workers,
         )
-        start = 0
+        start = rows.start
         for batch in tqdm(loader, desc="extract features", disable=not progress, leave=False):
             feats = model.extract(batch["image"].to(device))
             for a, f in zip(arrays, feats, strict=True):
                 a[start : start + len(f)] = f.float().cpu().numpy()
             start += len(batch["image"])
         cache = cls(arrays, folder)
-        model.fit_standardization(cache.batches(64))
+        model.fit_standardization(cache.batches(64, rows), reduce=dist.all_sum)
         for standardize, a in zip(model.standardizers, arrays, strict=True):
-            for i in range(0, n, 64):  # in chunks, so a disk cache never has to fit in memory
-                chunk = torch.from_numpy(np.ascontiguousarray(a[i : i + 64])).to(device)
-                a[i : i + 64] = standardize(chunk).cpu().numpy()
+            for i in range(rows.start, rows.stop, 64):  # in chunks: a disk cache never has to fit in memory
+                j = min(i + 64, rows.stop)
+                chunk = torch.from_numpy(np.ascontiguousarray(a[i:j])).to(device)
+                a[i:j] = standardize(chunk).cpu().numpy()
+        dist.share_shards(arrays)
         return cache

@@ -35,6 +35,7 @@ from msflow.evaluate.threshold import Threshold, from_good_images, from_labelled
 from msflow.infer.predictor import predict_samples
 from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
 from msflow.model.msflow import MSFlow
+from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
 from msflow.train.score_selection import choose_score
@@ -96,9 +97,35 @@ def fit(
 ) -> dict:
     """Train a model as ``cfg`` says, evaluate the last epoch on the test set, write the run folder.
 
-    Returns the test metrics (image AUROC etc.; see :func:`msflow.metrics.evaluate`).
+    Returns the test metrics (image AUROC etc.; see :func:`msflow.metrics.evaluate`). Under torchrun
+    every rank calls this (data-parallel training, see :mod:`msflow.train.distributed`); rank 0 writes
+    the run folder, the others wait for it, and all return its metrics.
     """
-    run_dir = Path(run_dir)
+    with Distributed.from_environment() as dist:
+        quiet = not dist.is_main
+        metrics = _fit(
+            cfg,
+            Path(run_dir),
+            resume,
+            validation,
+            progress and not quiet,
+            step_hook,
+            (lambda _: None) if quiet else log,
+            dist,
+        )
+        return dist.result_from_main(metrics)  # after _fit returned: the waiting ranks hold no features
+
+
+def _fit(
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    validation: str | None,
+    progress: bool,
+    step_hook: StepHook | None,
+    log: Callable[[str], None],
+    dist: Distributed,
+) -> dict:
     last = run_dir / "checkpoint" / "last.json"
     if resume:
         if not last.is_file():
@@ -107,9 +134,10 @@ def fit(
         cfg = Config.from_dict(meta["config"])  # the run's own config, not today's flags
     elif last.exists() or (run_dir / "model.json").exists():
         raise MSFlowError(f"run folder '{run_dir}' already holds a run; use --resume or another --output")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / "config.yaml")
-    device = resolve_device(cfg.train.device)
+    if dist.is_main:  # data-parallel: rank 0 alone writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+    device = dist.setup(resolve_device(cfg.train.device), cfg.train.batch_size)
     seed_everything(cfg.train.seed)
 
     name, train, test = load_dataset(cfg.data.dataset)
@@ -125,13 +153,18 @@ def fit(
     model = MSFlow(cfg.model).to(device)
     start = time.perf_counter()
     cache = FeatureCache.build(
-        model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress
+        model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress, dist
     )
     extract_seconds = time.perf_counter() - start
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
 
     def on_epoch_end(state: TrainState) -> None:
+        if dist.is_main:
+            _end_epoch_on_main(state)
+        dist.end_of_epoch(state.epoch)  # the others wait until the checkpoint is written
+
+    def _end_epoch_on_main(state: TrainState) -> None:
         entry = state.history[-1]
         if (
             cfg.train.eval_every
@@ -149,12 +182,15 @@ def fit(
             _save_training_state(run_dir, model, optimizer, cfg, state)
 
     model.train()
-    train_flows(model, cache, cfg.train, device, state, optimizer, on_epoch_end, step_hook, progress)
+    train_flows(model, cache, cfg.train, device, state, optimizer, on_epoch_end, step_hook, progress, dist)
     train_seconds = time.perf_counter() - start
     model.eval()
     model.calibrate_global_normalization(
-        [[f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size)]
+        [[f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, dist.shard(len(cache)))],
+        gather=dist.gather_rows,
     )
+    if not dist.is_main:  # data-parallel: rank 0 calibrates the threshold, evaluates and writes the model
+        return {}  # the others wait for it in fit()
 
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     if cfg.model.score == "auto":

@@ -21,6 +21,7 @@ from msflow.config import TrainConfig
 from msflow.errors import TrainingError
 from msflow.model.loss import nll
 from msflow.model.msflow import MSFlow
+from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 
 
@@ -61,13 +62,18 @@ def train_flows(
     on_epoch_end: Callable[[TrainState], None] | None = None,
     step_hook: StepHook | None = None,
     progress: bool = True,
+    dist: Distributed | None = None,
 ) -> TrainState:
     """Train the flows from cached features for epochs ``state.epoch .. cfg.epochs - 1``.
 
     Arguments:
         on_epoch_end: called after every epoch (checkpointing, optional evaluation).
         step_hook: ``(epoch, step, feats) -> feats``, a seam for fault-injection tests.
+        dist: data-parallel training (torchrun): each global batch is split across ranks and the
+            gradients averaged by DDP, so the steps are those of one process (see ``distributed.py``).
     """
+    dist = dist or Distributed()
+    flow = dist.wrap_flows(model)
     use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
     use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -84,16 +90,18 @@ def train_flows(
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         total, count, start, rolled_back = 0.0, 0, time.perf_counter(), False
         for step, idx in enumerate(bar):
-            feats = [f.to(device, non_blocking=True) for f in cache.batch(idx)]
+            feats = [f.to(device, non_blocking=True) for f in cache.batch(dist.split_batch(idx))]
             if step_hook is not None:
                 feats = step_hook(epoch, step, feats)
             with torch.autocast(
                 device.type, dtype=torch.bfloat16 if use_bf16 else None, enabled=use_amp or use_bf16
             ):
-                out = model.flow(feats)
+                out = flow(feats)
             # The loss is summed over ~10^5-10^6 dims: compute it in float32 even under AMP.
-            loss = nll([z.float() for z in out.zs], out.log_det.float()).mean()
-            if not torch.isfinite(loss):
+            losses = nll([z.float() for z in out.zs], out.log_det.float())
+            batch_sum = dist.batch_sum(losses)  # whole global batch: every rank decides the same
+            loss = dist.batch_loss(losses, len(idx))
+            if not torch.isfinite(batch_sum):
                 _bad_event(
                     model, optimizer, good, state, cfg, f"non-finite loss at epoch {epoch + 1}, step {step}"
                 )
@@ -116,7 +124,7 @@ def train_flows(
                 break
             scaler.step(optimizer)
             scaler.update()
-            total += loss.item() * len(idx)
+            total += batch_sum.item()
             count += len(idx)
             bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         if rolled_back:
