@@ -146,8 +146,10 @@ def _fit(
     validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
+        # Every rank resolves the same size from the same files; rank 0 alone writes it down.
         cfg = cfg.updated(model={"image_size": resolve_image_size(cfg.model.image_size, fit_samples)})
-        save_yaml(cfg, run_dir / "config.yaml")
+        if dist.is_main:
+            save_yaml(cfg, run_dir / "config.yaml")
         log(f"image size {cfg.model.image_size} (auto: the training images' median aspect ratio)")
 
     model = MSFlow(cfg.model).to(device)
