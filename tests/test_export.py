@@ -53,7 +53,10 @@ def _assert_matches(model: MSFlow, runner: OnnxModel, images: torch.Tensor) -> t
 
 @pytest.fixture(scope="module")
 def resnet18(tmp_path_factory: pytest.TempPathFactory) -> tuple[MSFlow, Path]:
-    model = _perturb(MSFlow(ModelConfig(backbone="resnet18", pretrained=False, image_size=SIZE)))
+    # The paper's score (bounded by 1), so that the saturation checks below mean something; the
+    # default logp score is exported in test_rectangular.py.
+    config = ModelConfig(backbone="resnet18", pretrained=False, image_size=SIZE, score="official")
+    model = _perturb(MSFlow(config))
     path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "resnet18.onnx")
     return model, path
 
@@ -73,7 +76,11 @@ def test_lite0_matches_torch_with_standardization(tmp_path: Path) -> None:
     torch.manual_seed(0)
     # pretrained=True: the ImageNet weights ship with pip, no download
     config = ModelConfig(
-        backbone="efficientnet_lite0", pretrained=True, image_size=SIZE, num_blocks=(2, 2, 3)
+        backbone="efficientnet_lite0",
+        pretrained=True,
+        image_size=SIZE,
+        num_blocks=(2, 2, 3),
+        score="official",
     )
     model = MSFlow(config)
     _perturb(model, seed=2)

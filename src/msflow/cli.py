@@ -55,10 +55,12 @@ def cmd_summary(args: argparse.Namespace) -> None:
     from msflow.config import ModelConfig
     from msflow.model.msflow import MSFlow
 
-    model = MSFlow(ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False))
+    config = ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False)
+    model = MSFlow(config)
+    height, width = config.size
     info = {
         "backbone": args.backbone,
-        "image_size": args.image_size,
+        "image_size": config.image_size,
         "feature_shapes": [list(s) for s in model.feature_shapes],
         "num_blocks": list(model.config.num_blocks),
         "trainable_parameters": model.parameter_counts(),
@@ -66,7 +68,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"MSFlow with {args.backbone} at {args.image_size}x{args.image_size}")
+    print(f"MSFlow with {args.backbone} at {height}x{width}")
     for level, ((c, h, w), n) in enumerate(zip(model.feature_shapes, model.config.num_blocks, strict=True)):
         print(f"  scale {level + 1}: features {c} x {h} x {w}, {n} coupling blocks")
     for part, count in info["trainable_parameters"].items():
@@ -114,6 +116,12 @@ def cmd_test(args: argparse.Namespace) -> None:
     cfg, run = predictor.config, Path(args.model)
     if args.normalization:  # both references are calibrated at training time, so either mode works
         predictor.model.anomaly.normalization = args.normalization
+    if args.score:  # every score reads the same latents; only the reduction to one number changes
+        from msflow.config import parse_score
+
+        predictor.model.anomaly.score = parse_score(args.score)
+        if predictor.model.anomaly.score == "auto":
+            raise MSFlowError("--score auto is decided at training time; name a score to re-score a run")
     name, _, test = load_dataset(args.data or cfg.data.dataset)
     if test:
         validate_samples(test, f"test set of '{name}'")
@@ -269,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="feature shapes and parameter counts of a model")
     p.add_argument("--backbone", default="wide_resnet50_2", choices=get_args(BackboneName))
-    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--image-size", default="512", help="N or HxW (e.g. 208x512)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
@@ -300,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
     resolutions = get_args(get_type_hints(TrainConfig)["eval_resolution"])
     p.add_argument("--eval-resolution", choices=resolutions, help="default: the run's (original size)")
+    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01)")
     _inference_flags(p)
     p.set_defaults(func=cmd_test)
 

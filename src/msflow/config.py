@@ -63,6 +63,8 @@ def add_option_argument(parser: argparse.ArgumentParser, f: Field, hint: Any, de
         kwargs.update(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="N")
     elif type(None) in args:  # "int | None": an optional value of the other type
         kwargs["type"] = next(a for a in args if a is not type(None))
+    elif args:  # a union such as "int | tuple[int, int] | str": the field's own parser reads the text
+        kwargs["type"] = str
     else:
         kwargs["type"] = hint
     parser.add_argument(f"--{name}", **kwargs)
@@ -74,6 +76,73 @@ def _check_literals(obj: Any) -> None:
         allowed = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else None
         if allowed and getattr(obj, f.name) not in allowed:
             raise ConfigError(f"{f.name}={getattr(obj, f.name)!r} is not one of {list(allowed)}")
+
+
+SCORE_KINDS = ("mul", "gmul", "add", "logp")  # the maps an image score can reduce; see model/anomaly_map.py
+
+
+def parse_score(value: Any) -> str:
+    """Canonical image-score name: "official", "auto", or "KIND:FRACTION" / "KIND:max".
+
+    KIND is one of ``SCORE_KINDS``; FRACTION in (0, 1] is the share of the map's largest values that are
+    averaged ("max" = the single largest). A bare KIND means the paper's fraction, 0.03.
+    """
+    text = str(value).strip().lower()
+    if text in ("official", "auto"):
+        return text
+    kind, _, fraction = text.partition(":")
+    if kind not in SCORE_KINDS:
+        raise ConfigError(
+            f"score {value!r} is not official, auto or one of {list(SCORE_KINDS)}[:FRACTION|max]"
+        )
+    if fraction in ("", "max"):
+        return f"{kind}:{fraction or '0.03'}"
+    try:
+        share = float(fraction)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ConfigError(f"score {value!r}: the fraction must be in (0, 1] or 'max'")
+    return f"{kind}:{share:g}"
+
+
+AUTO_SIZE_BUDGET = 256  # ours: the side of the square pixel budget of "auto" (a 256 x 256 input's cost)
+
+
+def parse_image_size(value: Any) -> int | tuple[int, int] | str:
+    """Canonical image size: an int (square), an (H, W) tuple (not square) or "auto:N" (unresolved).
+
+    Accepts 256, "256", "208x512", [208, 512], (208, 512), "auto" and "auto:320". Each side must be a
+    multiple of 16 in [32, 2048]: the backbone's stride-16 stage then has whole cells (multiples of 32,
+    the coarsest pooled scale, let the fusion flow pool evenly; others pool adaptively).
+    """
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text is not None and (text == "auto" or text.startswith("auto:")):
+        budget = text.partition(":")[2] or str(AUTO_SIZE_BUDGET)
+        if not budget.isdigit() or not 32 <= int(budget) <= 2048:
+            raise ConfigError(f"image_size {value!r}: 'auto:N' needs a pixel budget N in [32, 2048]")
+        return f"auto:{int(budget)}"
+    try:
+        if text is not None:
+            parts = [int(p) for p in text.split("x")]
+        elif isinstance(value, (list, tuple)):
+            parts = [int(p) for p in value] if len(value) == 2 else []
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts = [value]
+        else:
+            raise ValueError
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}"
+        ) from None
+    for side in parts:
+        if not 32 <= side <= 2048 or side % 16:
+            raise ConfigError(f"image_size sides must be multiples of 16 in [32, 2048], got {value!r}")
+    return parts[0] if parts[0] == parts[1] else (parts[0], parts[1])
 
 
 @dataclass(frozen=True)
@@ -90,7 +159,13 @@ class ModelConfig:
     )
     weights: str | None = option(None, "local backbone weights file (no download)")
     reflect_padding: bool = option(True, "official: reflect padding in the ResNet convolutions")
-    image_size: int = option(512, "input side in pixels, a multiple of 32; official: 512 for every class")
+    # Square sizes stay an int (configs and checkpoints unchanged); "auto[:N]" is resolved by
+    # ``msflow train`` from the training images (``msflow.data.sizing``) and saved resolved.
+    image_size: int | tuple[int, int] | str = option(
+        512,
+        "input size: N (square), HxW (sides multiples of 16, e.g. 208x512) or auto[:N] (the training "
+        "images' median aspect ratio within N*N pixels, N=256, sides multiples of 32); official: 512",
+    )
     pool: Literal["avg", "max", "none"] = option("avg", "official: 3x3 stride-2 average pool on each scale")
     num_blocks: tuple[int, int, int] = option((2, 5, 8), "coupling blocks per scale; official: 2 5 8")
     cond_channels: int = option(64, "positional-encoding channels; official: 64")
@@ -103,7 +178,15 @@ class ModelConfig:
         "per-channel feature standardisation with training statistics; ours: auto = on for "
         "efficientnet_lite0 (large raw stage outputs), off for the ResNets (official raw features)",
     )
-    top_k: float = option(0.03, "image score = mean of the top fraction of the 'mul' map; official: 0.03")
+    top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
+    # ours: the default won on held-out good images vs synthetic defects on every dataset measured
+    # (README "Image size, scoring and tiles"); it was never chosen from test labels.
+    score: str = option(
+        "logp:0.01",
+        "image score: official (the paper: top_k of the 'mul' map), mul|gmul|add|logp[:FRACTION|max], "
+        "or auto (train picks the best on held-out good images vs synthetic defects); "
+        "ours: logp:0.01, the top 1 percent of the raw negative log-likelihood",
+    )
     normalization: Literal["per_image", "global"] = option(
         "per_image", "map normalisation; official: per_image; global uses training statistics"
     )
@@ -116,14 +199,25 @@ class ModelConfig:
         object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
             raise ConfigError(f"num_blocks must be three positive counts, got {self.num_blocks}")
-        if not 32 <= self.image_size <= 2048 or self.image_size % 32:
-            raise ConfigError(f"image_size must be a multiple of 32 in [32, 2048], got {self.image_size}")
+        object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        object.__setattr__(self, "score", parse_score(self.score))
         if self.cond_channels % 4 or self.cond_channels < 4:
             raise ConfigError(f"cond_channels must be a positive multiple of 4, got {self.cond_channels}")
         if not 0 < self.top_k <= 1:
             raise ConfigError(f"top_k must be in (0, 1], got {self.top_k}")
         if self.clamp_alpha <= 0:
             raise ConfigError(f"clamp_alpha must be positive, got {self.clamp_alpha}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the model input; an unresolved "auto" size is an error here."""
+        if isinstance(self.image_size, str):
+            raise ConfigError(
+                f"image_size={self.image_size!r} must be resolved from the training images first"
+            )
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        return self.image_size
 
     @property
     def standardize_features(self) -> bool:
@@ -213,6 +307,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model"]["num_blocks"] = list(self.model.num_blocks)
+        if isinstance(self.model.image_size, tuple):
+            out["model"]["image_size"] = list(self.model.image_size)
         out["train"]["decay_at"] = list(self.train.decay_at)
         out["schema_version"] = SCHEMA_VERSION
         return out

@@ -307,14 +307,15 @@ def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
 class ImageDataset(Dataset):
     """Samples as model inputs (the official transform, see :func:`msflow.data.images.to_tensor`).
 
-    Each item is a dict with ``image`` (3, S, S) float32, ``label`` and ``index`` ints, and
+    ``image_size`` is a side S or (H, W). Each item is a dict with ``image`` (3, H, W) float32,
+    ``label`` and ``index`` ints, and
     ``original_size`` (2,) int64 tensor holding (width, height) of the file. Masks are not read here:
     metrics compare the maps with the masks at their original resolution.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int) -> None:
+    def __init__(self, samples: list[Sample], image_size: int | tuple[int, int]) -> None:
         self.samples = list(samples)
-        self.image_size = int(image_size)
+        self.image_size = image_size if isinstance(image_size, int) else tuple(image_size)
 
     def __len__(self) -> int:
         return len(self.samples)

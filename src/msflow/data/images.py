@@ -287,8 +287,13 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
     return sorted(found)
 
 
-def to_tensor(image: ImageLike, size: int) -> torch.Tensor:
-    """The model input: resize to (size, size) with Lanczos, in float32, values clipped to [0, 1].
+def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def to_tensor(image: ImageLike, size: int | tuple[int, int]) -> torch.Tensor:
+    """The model input: resize to (size, size), or (height, width) = ``size``, with Lanczos, in float32,
+    values clipped to [0, 1].
 
     This is the official MSFlow transform (no crop; non-square images are distorted) minus the
     normalisation, which the backbone applies itself with the statistics its weights were trained
@@ -299,15 +304,16 @@ def to_tensor(image: ImageLike, size: int) -> torch.Tensor:
 
     Args:
         image: Anything :func:`decode` reads (normally an image it already decoded).
-        size: Output side length in pixels.
+        size: Output side length in pixels, or (height, width).
 
     Returns:
-        Float32 tensor of shape (3, size, size).
+        Float32 tensor of shape (3, height, width).
     """
     rgb = decode(image)
+    height, width = _height_width(size)
     lanczos = Image.Resampling.LANCZOS
     channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((size, size), lanczos))
+        np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((width, height), lanczos))
         for c in range(3)
     ]
     return torch.from_numpy(np.clip(np.stack(channels), 0.0, 1.0).astype(np.float32, copy=False))

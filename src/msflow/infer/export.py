@@ -147,7 +147,7 @@ def export_onnx(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "msflow_version": __version__,
-        "image_size": str(height),
+        "image_size": str(height) if height == width else f"{height}x{width}",  # as --image-size reads
         "image_height": str(height),
         "image_width": str(width),
         "batch_dynamic": str(bool(batch_size_dynamic)).lower(),
@@ -231,8 +231,11 @@ class OnnxModel:
         if _digest(proto) != expected:
             raise CheckpointError(f"exported model '{self.path}' fails its checksum (altered or corrupt)")
         try:
-            self.image_size = int(self.metadata["image_size"])
             self.image_shape = (int(self.metadata["image_height"]), int(self.metadata["image_width"]))
+            # A side when square (as before), else (height, width): what to_tensor and the config take.
+            self.image_size: int | tuple[int, int] = (
+                self.image_shape[0] if self.image_shape[0] == self.image_shape[1] else self.image_shape
+            )
         except (KeyError, ValueError) as err:
             raise CheckpointError(
                 f"exported model '{self.path}' has no valid image size in its metadata"
@@ -262,7 +265,7 @@ class OnnxModel:
         self.batch_size: int | None = batch if isinstance(batch, int) else None  # None: any batch size
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float32 RGB in [0, 1] -> scores (B,), pixel_map (B, S, S), image_map (B, S, S)."""
+        """(B, 3, H, W) float32 RGB in [0, 1] -> scores (B,), pixel_map (B, H, W), image_map (B, H, W)."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
         images = np.asarray(images)

@@ -37,7 +37,7 @@ Resolution = Literal["original", "model"]
 class Maps:
     """One image's raw model output, maps already at the requested resolution."""
 
-    score: float  # image score (mean of the top 3 % of the "mul" map)
+    score: float  # image score (as the run's ModelConfig.score says)
     anomaly_map: np.ndarray  # (H, W) float32, the "add" map (localisation)
     image_map: np.ndarray  # (H, W) float32, the "mul" map (heatmaps, PRO)
 
@@ -46,7 +46,7 @@ class Maps:
 class Prediction:
     """One image's verdict; maps are at the image's original resolution (unless asked otherwise)."""
 
-    score: float  # raw image score (mean of the top 3 % of the "mul" map)
+    score: float  # raw image score (as the run's ModelConfig.score says; "official": the paper's)
     normalized_score: float  # in [0, 1]; the threshold is at 0.5
     is_defective: bool
     threshold: float  # the raw image threshold used

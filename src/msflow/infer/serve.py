@@ -411,7 +411,7 @@ def serve(
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     mc = predictor.config.model
     print(
-        f"msflow serve: model '{model}' ({mc.backbone}, {mc.image_size} px, "
+        f"msflow serve: model '{model}' ({mc.backbone}, {'x'.join(map(str, mc.size))} px, "
         f"runtime {predictor.runtime}, device {predictor.device})"
     )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -11,6 +11,16 @@ With ``normalization="per_image"`` (official) ref is the image's own maximum, so
 pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) ref comes from training
 images (the mean of their per-image maxima), values above it are clipped to it, and A_add = n_scales - S:
 an image that is off-distribution everywhere then scores high everywhere.
+
+The image score (``score``, ours; see :func:`image_score`) reduces one of four maps to a number, the
+mean of its ``fraction`` largest values ("max": the largest one):
+
+- ``mul``  the per-image "mul" map above (``official`` = ``mul`` at top_k under ``normalization``,
+  the paper's score, spec section 6);
+- ``gmul`` the "mul" map against the global reference (1 - exp(min(L - ref, 0)));
+- ``add``  the per-image "add" map;
+- ``logp`` the raw negative log-likelihood -L, no per-image reference and no exp squashing: an image
+  that is less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share.
 """
 
 from __future__ import annotations
@@ -60,6 +70,36 @@ def top_k_score(anomaly_map: Tensor, top_k: float) -> Tensor:
     return torch.topk(anomaly_map.flatten(1), k, dim=1).values.mean(dim=1)
 
 
+def score_map(kind: str, logps: list[Tensor], size: tuple[int, int], ref_mul: Tensor | float = 0.0) -> Tensor:
+    """The (B, H, W) map that a score of ``kind`` (mul, gmul, add, logp) reduces; see the module doc."""
+    if kind == "add":
+        summed = sum(upsample(torch.exp(m - _image_max(m)), size) for m in logps)
+        return _image_max(summed) - summed
+    fused = sum(upsample(m, size) for m in logps)
+    if kind == "mul":
+        return 1 - torch.exp(fused - _image_max(fused))
+    if kind == "gmul":
+        return 1 - torch.exp(torch.clamp(fused - ref_mul, max=0))
+    if kind == "logp":
+        return -fused
+    raise ValueError(f"unknown score map {kind!r}")
+
+
+def reduce_score(anomaly_map: Tensor, fraction: str) -> Tensor:
+    """Reduce (B, H, W) maps to (B,) scores: "max" or the top-``fraction`` mean (:func:`top_k_score`)."""
+    if fraction == "max":
+        return anomaly_map.flatten(1).max(dim=1).values
+    return top_k_score(anomaly_map, float(fraction))
+
+
+def image_score(
+    score: str, logps: list[Tensor], size: tuple[int, int], ref_mul: Tensor | float = 0.0
+) -> Tensor:
+    """(B,) image scores for a canonical ``KIND:FRACTION`` score name (``msflow.config.parse_score``)."""
+    kind, _, fraction = score.partition(":")
+    return reduce_score(score_map(kind, logps, size, ref_mul), fraction)
+
+
 class AnomalyMapper(nn.Module):
     """Turns latents into :class:`AnomalyOutput`; holds the global-normalisation references as buffers.
 
@@ -68,6 +108,7 @@ class AnomalyMapper(nn.Module):
         image_size: (H, W) of the output maps (the model's input size).
         top_k: fraction of the "mul" map averaged into the image score.
         normalization: ``"per_image"`` (official) or ``"global"``.
+        score: ``"official"`` (top_k of the "mul" map) or a ``KIND:FRACTION`` name (:func:`image_score`).
     """
 
     def __init__(
@@ -76,10 +117,11 @@ class AnomalyMapper(nn.Module):
         image_size: tuple[int, int],
         top_k: float = 0.03,
         normalization: str = "per_image",
+        score: str = "official",
     ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.top_k, self.normalization = top_k, normalization
+        self.top_k, self.normalization, self.score = top_k, normalization, score
         self.register_buffer("ref_mul", torch.zeros(()))
         self.register_buffer("ref_add", torch.zeros(num_scales))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
@@ -106,7 +148,10 @@ class AnomalyMapper(nn.Module):
         self.calibrated.fill_(True)
 
     def forward(self, zs: list[Tensor]) -> AnomalyOutput:
-        logps = log_likelihood_maps(zs)
+        return self.from_log_likelihoods(log_likelihood_maps(zs))
+
+    def from_log_likelihoods(self, logps: list[Tensor]) -> AnomalyOutput:
+        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies)."""
         fused = sum(upsample(m, self.image_size) for m in logps)  # (B, H, W), log of the product
         if self.normalization == "global":
             image_map = 1 - torch.exp(torch.clamp(fused - self.ref_mul, max=0))
@@ -117,4 +162,8 @@ class AnomalyMapper(nn.Module):
             probs = [torch.exp(m - _image_max(m)) for m in logps]
             summed = sum(upsample(p, self.image_size) for p in probs)
             pixel_map = _image_max(summed) - summed
-        return AnomalyOutput(top_k_score(image_map, self.top_k), pixel_map, image_map)
+        if self.score in ("official", "auto"):  # "auto" only before training has chosen
+            scores = top_k_score(image_map, self.top_k)
+        else:
+            scores = image_score(self.score, logps, self.image_size, self.ref_mul)
+        return AnomalyOutput(scores, pixel_map, image_map)

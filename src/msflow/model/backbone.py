@@ -186,8 +186,9 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             return self.raw_features(images)
 
-    def feature_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
-        """(C, H, W) of each pooled feature map for a square input of ``image_size`` pixels."""
+    def feature_shapes(self, image_size: int | tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each pooled feature map for an input of ``image_size`` (side or (H, W)) pixels."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         with torch.no_grad():
-            feats = self.raw_features(torch.zeros(1, 3, image_size, image_size, device=self.mean.device))
+            feats = self.raw_features(torch.zeros(1, 3, height, width, device=self.mean.device))
         return [tuple(int(s) for s in f.shape[1:]) for f in feats]  # type: ignore[misc]

@@ -133,6 +133,9 @@ def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[to
         stem = stem / "model"
     tensors, meta = load_tensors(stem)
     try:
+        # Runs saved before the image score was configurable were scored the paper's way.
+        if isinstance(meta["config"].get("model"), dict):
+            meta["config"]["model"].setdefault("score", "official")
         config = Config.from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint '{stem}.json' has an invalid config: {err}") from err

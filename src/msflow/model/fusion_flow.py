@@ -27,14 +27,32 @@ from msflow.model.coupling import ChannelLayerNorm
 ATAN_FACTOR = 0.636  # the official constant, ~2/pi, so that k maps onto (-alpha, alpha)
 
 
+def _adaptive_pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in) averaging matrix of adaptive average pooling along one axis.
+
+    Row i averages inputs floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1, exactly the
+    windows of ``F.adaptive_avg_pool2d``, which ONNX cannot export when n_out does not divide n_in.
+    """
+    m = torch.zeros(n_out, n_in, dtype=like.dtype, device=like.device)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
 def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Average-pool x to ``size``; a plain strided pool when it divides evenly (ONNX-friendly)."""
+    """Average-pool x to ``size``; a plain strided pool when it divides evenly (ONNX-friendly).
+
+    Grids that do not divide (inputs whose sides are multiples of 16 but not of 32, e.g. 208 x 512)
+    use adaptive pooling written as two small matrix products, which export to ONNX as MatMuls.
+    """
     h, w = int(x.shape[-2]), int(x.shape[-1])  # Python ints: a constant kernel when traced for ONNX
     if (h, w) == tuple(size):
         return x
     if h % size[0] == 0 and w % size[1] == 0:
         return F.avg_pool2d(x, (h // size[0], w // size[1]))
-    return F.adaptive_avg_pool2d(x, size)
+    rows, cols = _adaptive_pool_matrix(h, size[0], x), _adaptive_pool_matrix(w, size[1], x)
+    return torch.matmul(torch.matmul(rows, x), cols.T)
 
 
 class FusionSubnet(nn.Module):

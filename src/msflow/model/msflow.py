@@ -1,7 +1,7 @@
 """MSFlow wired together: frozen backbone -> feature standardisation -> parallel flows -> fusion flow.
 
-    images (B, 3, S, S) in [0, 1]
-      -> backbone + 3x3/2 pool     feats_l  (B, C_l, S/8, S/8), (B, C_l, S/16, S/16), (B, C_l, S/32, S/32)
+    images (B, 3, H, W) in [0, 1]   (square H = W = S in the paper; any multiples of 32 here)
+      -> backbone + 3x3/2 pool     feats_l  (B, C_l, H/8, W/8), (B, C_l, H/16, W/16), (B, C_l, H/32, W/32)
       -> (x - mean_c) / std_c       a fixed affine map per channel, identity unless standardising
       -> ParallelFlow_l             z'_l, log_det_l
       -> FusionFlow                 z_l, log_det_f
@@ -58,7 +58,7 @@ class MSFlow(nn.Module):
         self.backbone = backbone or FeatureExtractor(
             config.backbone, config.pretrained, config.weights, config.reflect_padding, config.pool
         )
-        self.feature_shapes = self.backbone.feature_shapes(config.image_size)
+        self.feature_shapes = self.backbone.feature_shapes(config.size)
         channels = [c for c, _, _ in self.feature_shapes]
         generator = torch.Generator().manual_seed(config.seed)  # reproducible permutations
         self.parallel_flows = nn.ModuleList(
@@ -68,7 +68,7 @@ class MSFlow(nn.Module):
         self.fusion_flow = FusionFlow(channels, config.clamp_alpha, generator)
         self.standardizers = nn.ModuleList(ChannelStandardization(c) for c in channels)
         self.anomaly = AnomalyMapper(
-            len(channels), (config.image_size, config.image_size), config.top_k, config.normalization
+            len(channels), config.size, config.top_k, config.normalization, config.score
         )
 
     # -- features ------------------------------------------------------------------------------
@@ -142,11 +142,11 @@ class MSFlow(nn.Module):
         return feats, log_det
 
     def forward(self, images: Tensor) -> FlowOutput:
-        """(B, 3, S, S) RGB in [0, 1] -> FlowOutput."""
+        """(B, 3, H, W) RGB in [0, 1] -> FlowOutput."""
         return self.flow(self.standardize(self.extract(images)))
 
     def predict(self, images: Tensor) -> AnomalyOutput:
-        """(B, 3, S, S) RGB in [0, 1] -> image scores and (B, S, S) pixel and image maps."""
+        """(B, 3, H, W) RGB in [0, 1] -> image scores and (B, H, W) pixel and image maps."""
         return self.anomaly(self.forward(images).zs)
 
     @torch.no_grad()

@@ -123,7 +123,7 @@
       const model = (m.config && m.config.model) || {};
       const auroc = m.metrics && typeof m.metrics.image_auroc === "number"
         ? " · image AUROC " + m.metrics.image_auroc.toFixed(1) + " %" : "";
-      info.textContent = "Model: " + (model.backbone || "?") + ", " + (model.image_size || "?") + " px" +
+      info.textContent = "Model: " + (model.backbone || "?") + ", " + (Array.isArray(model.image_size) ? model.image_size.join("x") : (model.image_size || "?")) + " px" +
         (m.dataset ? " · trained on " + m.dataset : "") + auroc + " · msflow " + (m.msflow_version || "?");
     } catch (e) {
       info.textContent = "Cannot reach the server.";

@@ -2,7 +2,9 @@
 
 Run folder::
 
-    config.yaml              the resolved configuration
+    config.yaml              the resolved configuration (an "auto" image size or score as decided)
+    score_selection.json     with ``score: auto``: every candidate score's AUROC on held-out good images
+                             vs synthetic defects, and the one chosen (no test label is read)
     model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
                              before the test evaluation, which then adds its metrics to model.json
     checkpoint/last.*        training state after the last completed epoch (for --resume)
@@ -26,7 +28,8 @@ import torch
 
 from msflow.config import Config, save_yaml
 from msflow.data.datasets import Sample, load_dataset, validate_samples
-from msflow.data.images import read_mask
+from msflow.data.images import read_image, read_mask
+from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
 from msflow.errors import MSFlowError
 from msflow.evaluate import report
@@ -39,6 +42,7 @@ from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
+from msflow.train.score_selection import choose_score
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -181,6 +185,12 @@ def _fit(
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
+        # Every rank resolves the same size from the same files; rank 0 alone writes it down.
+        cfg = cfg.updated(model={"image_size": resolve_image_size(cfg.model.image_size, fit_samples)})
+        if dist.is_main:
+            save_yaml(cfg, run_dir / "config.yaml")
+        log(f"image size {cfg.model.image_size} (auto: the training images' median aspect ratio)")
 
     model = MSFlow(cfg.model).to(device)
     predictor = Predictor(model, cfg, None, device)
@@ -225,6 +235,24 @@ def _fit(
     if not dist.is_main:  # data-parallel: rank 0 calibrates the threshold, evaluates and writes the model
         return {}  # the others wait for it in fit()
 
+    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+    if cfg.model.score == "auto":
+        chosen, evidence = choose_score(
+            model,
+            [read_image(s.image) for s in calib_samples],
+            device,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            source="holdout" if holdout else "train (no hold-out: biased)",
+        )
+        cfg = cfg.updated(model={"score": chosen})
+        model.config, model.anomaly.score = cfg.model, chosen
+        predictor.config = cfg
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
+        log(
+            f"image score {chosen} (auto: AUROC {evidence['auroc'][chosen]} on held-out vs synthetic defects)"
+        )
     threshold, calib_info = _calibrate(
         predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress
     )

@@ -1,0 +1,156 @@
+"""Image-score modes, the synthetic defect generator and the label-free score choice (issue 13)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msflow.config import Config, ModelConfig, parse_score
+from msflow.data.synthetic import AREA_RANGE, KINDS, add_defect, synthetic_set
+from msflow.errors import ConfigError
+from msflow.model.anomaly_map import AnomalyMapper, image_score, score_map, upsample
+from msflow.train.score_selection import rank_candidates
+
+SIZE = (8, 12)
+
+
+def _logps(seed: int = 0, batch: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [-torch.rand(batch, 4, 6, generator=g) * 3, -torch.rand(batch, 2, 3, generator=g) * 3]
+
+
+def _zs(logps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One-channel latents whose log-likelihood maps are ``logps`` (-0.5 * z^2 = logp)."""
+    return [torch.sqrt(-2 * m)[:, None] for m in logps]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("official", "official"),
+        ("AUTO", "auto"),
+        ("logp", "logp:0.03"),
+        ("logp:0.010", "logp:0.01"),
+        ("add:max", "add:max"),
+        ("gmul:1", "gmul:1"),
+    ],
+)
+def test_score_names(value: str, expected: str) -> None:
+    assert parse_score(value) == expected
+
+
+@pytest.mark.parametrize("value", ["best", "logp:0", "logp:2", "mul:x", "sum:0.1"])
+def test_bad_score_names(value: str) -> None:
+    with pytest.raises(ConfigError, match="score"):
+        ModelConfig(score=value)
+
+
+def test_score_maps_hand_computed() -> None:
+    logps = _logps()
+    fused = upsample(logps[0], SIZE) + upsample(logps[1], SIZE)
+    torch.testing.assert_close(score_map("logp", logps, SIZE), -fused)
+    per_image_max = fused.flatten(1).max(1).values[:, None, None]
+    torch.testing.assert_close(score_map("mul", logps, SIZE), 1 - torch.exp(fused - per_image_max))
+    ref = torch.tensor(-1.0)
+    torch.testing.assert_close(score_map("gmul", logps, SIZE, ref), 1 - torch.exp((fused - ref).clamp(max=0)))
+    probs = [torch.exp(m - m.flatten(1).max(1).values[:, None, None]) for m in logps]
+    summed = upsample(probs[0], SIZE) + upsample(probs[1], SIZE)
+    torch.testing.assert_close(
+        score_map("add", logps, SIZE), summed.flatten(1).max(1).values[:, None, None] - summed
+    )
+    # reductions: "max" is the largest value, a fraction the mean of the int(H * W * f) largest
+    torch.testing.assert_close(image_score("logp:max", logps, SIZE), (-fused).flatten(1).max(1).values)
+    top = torch.sort((-fused).flatten(1), dim=1, descending=True).values[:, :9]  # int(96 * 0.1) = 9
+    torch.testing.assert_close(image_score("logp:0.1", logps, SIZE), top.mean(1))
+
+
+def test_official_is_the_papers_score_and_other_modes_change_it() -> None:
+    logps = _logps()
+    official = AnomalyMapper(2, SIZE)
+    out = official(_zs(logps))
+    torch.testing.assert_close(out.scores, image_score("mul:0.03", logps, SIZE))
+    logp = AnomalyMapper(2, SIZE, score="logp:0.03")(_zs(logps))
+    torch.testing.assert_close(logp.pixel_map, out.pixel_map)  # the maps do not depend on the score
+    assert not torch.allclose(logp.scores, out.scores)
+
+
+def test_raw_log_likelihood_flags_a_uniformly_unlikely_image_the_official_score_does_not() -> None:
+    logps = _logps(batch=1)
+    shifted = [m - 4.0 for m in logps]  # the same image, less likely everywhere
+    both = [torch.cat([a, b]) for a, b in zip(logps, shifted, strict=True)]
+    official = AnomalyMapper(2, SIZE)(_zs(both)).scores
+    raw = AnomalyMapper(2, SIZE, score="logp:0.03")(_zs(both)).scores
+    torch.testing.assert_close(official[0], official[1])  # per-image normalisation cancels the shift
+    assert raw[1] > raw[0] + 7  # two scales, each 4 nats less likely
+
+
+def test_a_small_defect_is_not_averaged_away_by_a_small_fraction() -> None:
+    good = [torch.full((2, 16, 16), -1.0), torch.full((2, 8, 8), -1.0)]
+    good[0][1, 5, 5] = -30.0  # one unlikely cell: ~0.4 % of the image
+    score_small = image_score("logp:0.001", good, (64, 64))
+    score_paper = image_score("logp:0.03", good, (64, 64))
+    assert score_small[1] - score_small[0] > 2 * (score_paper[1] - score_paper[0])
+
+
+def test_old_runs_without_a_score_load_as_official(tmp_path: Path) -> None:
+    from msflow.model.checkpoint import load_model, save_model
+    from msflow.model.msflow import MSFlow
+
+    cfg = Config().updated(
+        model={"backbone": "resnet18", "pretrained": False, "image_size": 64, "score": "logp"}
+    )
+    save_model(MSFlow(cfg.model), cfg, tmp_path / "model", threshold={})
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["config"]["model"]["score"]  # as written before scores were configurable
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    model, loaded, _ = load_model(tmp_path / "model")
+    assert loaded.model.score == "official" and model.anomaly.score == "official"
+
+
+# -- synthetic defects ----------------------------------------------------------------------------
+def _image(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(128, 15, (24, 48, 3)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(base).resize((192, 96), Image.Resampling.BILINEAR)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_changes_only_around_its_mask(kind: str) -> None:
+    image = _image()
+    out, mask = add_defect(image, np.random.default_rng(3), kind)
+    assert out.size == image.size and mask.shape == (96, 192) and mask.dtype == bool
+    area = mask.mean()
+    assert 0.2 * AREA_RANGE[0] < area < 2 * AREA_RANGE[1]
+    diff = np.abs(np.asarray(out, np.int16) - np.asarray(image, np.int16)).max(axis=2)
+    assert diff[mask].mean() > 5  # visibly changed inside
+    near = np.zeros_like(mask)  # the mask grown by the blend's few pixels
+    ys, xs = np.nonzero(mask)
+    near[max(0, ys.min() - 4) : ys.max() + 5, max(0, xs.min() - 4) : xs.max() + 5] = True
+    assert diff[~near].max() <= 1  # untouched elsewhere (rounding only)
+
+
+def test_synthetic_set_is_reproducible_and_varied() -> None:
+    images = [_image(0), _image(1)]
+    a, b = synthetic_set(images, 3, seed=7), synthetic_set(images, 3, seed=7)
+    c = synthetic_set(images, 3, seed=8)
+    assert len(a) == 6
+    assert all(
+        np.array_equal(x[1], y[1]) and np.array_equal(np.asarray(x[0]), np.asarray(y[0]))
+        for x, y in zip(a, b, strict=True)
+    )
+    assert not all(np.array_equal(x[1], y[1]) for x, y in zip(a, c, strict=True))
+    with pytest.raises(ValueError, match="kind"):
+        add_defect(images[0], np.random.default_rng(0), "dent")
+
+
+def test_rank_candidates_is_the_auroc_of_good_vs_defective() -> None:
+    good = {"a": np.array([0.1, 0.2, 0.3]), "b": np.array([0.5, 0.2, 0.3])}
+    bad = {"a": np.array([0.4, 0.5]), "b": np.array([0.4, 0.1])}
+    ranks = rank_candidates(good, bad)
+    assert ranks["a"] == 100.0
+    assert ranks["b"] == pytest.approx(100 * 2 / 6, abs=1e-3)  # 2 of the 6 pairs ordered right
