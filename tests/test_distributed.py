@@ -9,6 +9,7 @@ gradients are tiny, so the weights get the looser bound.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -92,6 +93,33 @@ def test_two_ranks_reproduce_one_process(data: Path, reference: Path, tmp_path: 
     assert losses(run) == pytest.approx(losses(reference), rel=1e-6)
     assert_same_model(run, reference)
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports (and writes the run folder)
+    assert_same_evaluation(run, reference)
+
+
+TIMINGS = {"test_images_per_second", "train_seconds", "feature_extraction_seconds"}
+
+
+def assert_same_evaluation(run: Path, reference: Path) -> None:
+    """The sharded evaluation's report equals one process's, within the model's tolerance."""
+    got = json.loads((run / "metrics.json").read_text())
+    want = json.loads((reference / "metrics.json").read_text())
+    # sharded: each rank predicted only its contiguous half of the 6 test images
+    assert got.pop("test_images_per_rank") == [3, 3]
+    assert "test_images_per_rank" not in want
+    assert {"pixel_auroc", "aupro", "image_auroc", "false_positive_rate"} <= want.keys()
+    assert got.keys() == want.keys()
+    for key in want.keys() - TIMINGS:
+        assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4), key
+    rows = [list(csv.DictReader((r / "predictions.csv").open())) for r in (run, reference)]
+    assert len(rows[0]) == len(rows[1]) == want["test_images"]
+    for a, b in zip(*rows, strict=True):
+        assert [a[k] for k in ("image", "label", "defect_type", "decision")] == [
+            b[k] for k in ("image", "label", "defect_type", "decision")
+        ]
+        for k in ("score", "normalized_score"):
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-3, abs=1e-4), k
+    overlays = [sorted(p.name for p in (r / "overlays").iterdir()) for r in (run, reference)]
+    assert overlays[0] == overlays[1] and len(overlays[0]) == want["test_images"]
 
 
 def test_a_killed_rank_ends_the_job_cleanly_and_resume_completes_it(

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from msflow.errors import DataError
 from msflow.evaluate import metrics as exact
 from msflow.evaluate.streaming import (
     Binning,
@@ -172,3 +173,40 @@ def test_magnetic_tile_masks_streamed_match_exact() -> None:
     assert abs(standard["pixel_f1_max"] - exact.f1_max(y, s)[0]) <= 0.01
     assert abs(standard["aupro"] - exact.aupro(masks, muls)) <= 0.01
     assert abs(official["aupro"] - exact.aupro(masks, muls, mode="official")) <= 0.01
+
+
+def _fed(masks, adds, muls, bins=2**12, mode="standard") -> StreamingMetrics:
+    acc = StreamingMetrics(bins=bins, pro_mode=mode)
+    for m, a, b in zip(masks, adds, muls, strict=True):
+        acc.add_image(float(b.max()), int(m.any()), "defect" if m.any() else "good")
+        acc.add_maps(m, a, b)
+    return acc
+
+
+@pytest.mark.parametrize("mode", ["standard", "official"])
+def test_merged_halves_equal_one_accumulator_fed_everything(mode: str) -> None:
+    """What data-parallel evaluation relies on: each rank's shard merged in order = one pass."""
+    masks, adds, muls = _random_set(3, n=12)
+    whole = _fed(masks, adds, muls, mode=mode)
+    # the second half starts with a defective image: its defect-type ids differ, merge must map names
+    cut = next(i for i in range(5, 12) if masks[i].any())
+    first, second = (
+        _fed(masks[:cut], adds[:cut], muls[:cut], mode=mode),
+        _fed(masks[cut:], adds[cut:], muls[cut:], mode=mode),
+    )
+    assert first.types["good"] == 0 and second.types["defect"] == 0  # ids mean different types
+    first.merge(second)
+    for merged, one in zip(first.histograms()[:3], whole.histograms()[:3], strict=True):
+        assert merged.dtype == np.int64 and np.array_equal(merged, one)  # counts: exact
+    # PRO weights are float64 sums of 1/area, grouped differently: equal to the last bits
+    np.testing.assert_allclose(first.pro_weight, whole.pro_weight, rtol=1e-13, atol=0)
+    assert first.image_state() == whole.image_state()  # scores, labels, types, regions, min/max: exact
+    got, want = first.result(), whole.result()
+    assert got.keys() == want.keys() and got["per_defect_type"] == want["per_defect_type"]
+    for key in ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+
+
+def test_merging_accumulators_with_different_bins_is_refused() -> None:
+    with pytest.raises(DataError, match="different bins"):
+        StreamingMetrics(bins=16).merge(StreamingMetrics(bins=32))

@@ -9,7 +9,7 @@ then the maps are dropped. Memory is one image's maps plus the fixed-size accumu
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +56,19 @@ def _mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized) > 0
 
 
+class ShardMerge(Protocol):
+    """How the ranks of a data-parallel job share one evaluation (:class:`msflow.train.distributed.
+    Distributed`): each rank streams its contiguous shard of the samples into its own accumulator, then
+    the accumulators are merged on rank 0, which alone writes the report."""
+
+    def shard(self, n: int) -> range: ...
+
+    def merge_to_main(self, acc: StreamingMetrics) -> tuple[StreamingMetrics, list[int]] | None:
+        """On rank 0: the accumulator of all ranks' images in rank order, and each rank's image count;
+        ``None`` on the other ranks."""
+        ...
+
+
 def evaluate_stream(
     samples: list[Sample],
     results: Iterable[ImageResult],
@@ -66,6 +79,8 @@ def evaluate_stream(
     resolution: str = "original",
     bins: int = DEFAULT_BINS,
     num_overlays: int = NUM_OVERLAYS,
+    sharding: ShardMerge | None = None,
+    redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``results`` (one per sample, same order); with ``out_dir`` also the report.
 
@@ -73,62 +88,99 @@ def evaluate_stream(
     and ``score_histogram.png``. Pixel metrics and AUPRO need masks; metrics the test set cannot give
     (one class only, no defect pixels) are listed under ``not_available`` with the reason. With a
     threshold, ``false_positive_rate`` is the share of good test images judged defective.
+
+    With ``sharding`` (data-parallel), ``results`` are those of this rank's shard of ``samples`` only;
+    rank 0 gets the merged metrics and writes the same report as one process (its rows are rebuilt
+    from the merged scores, its overlays from ``redraw``, which predicts the few images to draw) plus
+    ``test_images_per_rank``; the other ranks return ``{}``.
     """
     acc = StreamingMetrics(pixel_range=pixel_range, bins=bins, pro_mode=pro_mode)
     with_masks = any(s.mask is not None for s in samples)
+    mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))
     draw = overlay_indices(samples, num_overlays) if out_dir is not None else set()
-    writer = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS) if out_dir is not None else None
-    good, flagged, seen = 0, 0, 0
+    report_here = out_dir is not None and threshold is not None and sharding is None  # else after the merge
+    writer = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS) if report_here else None
+    seen = 0
     try:
-        for i, (sample, res) in enumerate(zip(samples, results, strict=False)):
+        for i, res in zip(mine, results, strict=False):
+            sample = samples[i]
             seen += 1
             acc.add_image(res.score, sample.label, sample.defect_type)
             gt = _mask_at(sample, res.anomaly_map.shape) if with_masks or i in draw else None
             if with_masks:
                 acc.add_maps(gt, res.anomaly_map, res.image_map)
-            defective = threshold.is_defective(res.score) if threshold is not None else None
-            if sample.label == 0 and defective is not None:
-                good, flagged = good + 1, flagged + int(defective)
             if writer is not None and threshold is not None:
-                writer.write(
-                    {
-                        "image": str(sample.image),
-                        "label": sample.label,
-                        "defect_type": sample.defect_type,
-                        "score": res.score,
-                        "normalized_score": float(threshold.normalize(res.score)),
-                        "decision": "defective" if defective else "good",
-                    }
-                )
-            if i in draw and out_dir is not None and threshold is not None:
-                image = to_uint8(read_image(sample.image))
-                h, w = res.anomaly_map.shape
-                if image.shape[:2] != (h, w):  # model resolution: draw on the resized image
-                    image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
-                report.save_overlay(
-                    out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png",
-                    image,
-                    res.image_map,
-                    gt_mask=gt if sample.mask is not None else None,
-                    pred_mask=threshold.defect_mask(res.anomaly_map, bool(defective)) if defective else None,
-                )
+                writer.write(_row(sample, res.score, threshold))
+            if report_here and i in draw and out_dir is not None and threshold is not None:
+                _draw_overlay(out_dir, i, sample, res, gt, threshold)
     finally:
         if writer is not None:
             writer.close()
-    if seen != len(samples):
-        raise DataError(f"evaluation got {seen} predictions for {len(samples)} test images")
+    if seen != len(mine):
+        raise DataError(f"evaluation got {seen} predictions for {len(mine)} test images")
+    per_rank: list[int] | None = None
+    if sharding is not None:
+        merged = sharding.merge_to_main(acc)
+        if merged is None:
+            return {}
+        acc, per_rank = merged
+        if out_dir is not None and threshold is not None:
+            rows = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS)
+            try:
+                for sample, score in zip(samples, acc.scores, strict=True):
+                    rows.write(_row(sample, score, threshold))
+            finally:
+                rows.close()
+            if draw and redraw is None:
+                raise DataError("a sharded evaluation needs redraw() to draw its overlays")
+            chosen = sorted(draw)
+            for i, res in zip(chosen, redraw([samples[i] for i in chosen]) if draw else (), strict=True):
+                gt = _mask_at(samples[i], res.anomaly_map.shape)
+                _draw_overlay(out_dir, i, samples[i], res, gt, threshold)
     metrics = acc.result()
     metrics["test_images"] = len(samples)
     metrics["eval_resolution"] = resolution
-    if good and threshold is not None:
-        metrics["false_positive_rate"] = round(100.0 * flagged / good, 4)
+    scores = np.frombuffer(acc.scores, dtype=np.float64)
+    labels = np.frombuffer(acc.labels, dtype=np.int8)
+    if threshold is not None and (labels == 0).any():
+        flagged = sum(threshold.is_defective(float(s)) for s in scores[labels == 0])
+        metrics["false_positive_rate"] = round(100.0 * flagged / int((labels == 0).sum()), 4)
+    if per_rank is not None:
+        metrics["test_images_per_rank"] = per_rank
     if out_dir is not None:
-        scores = np.frombuffer(acc.scores, dtype=np.float64)
-        labels = np.frombuffer(acc.labels, dtype=np.int8)
         report.plot_score_histogram(
             out_dir / "score_histogram.png", scores, labels, threshold.image if threshold else None
         )
     return metrics
+
+
+def _row(sample: Sample, score: float, threshold: Threshold) -> dict[str, Any]:
+    defective = threshold.is_defective(score)
+    return {
+        "image": str(sample.image),
+        "label": sample.label,
+        "defect_type": sample.defect_type,
+        "score": score,
+        "normalized_score": float(threshold.normalize(score)),
+        "decision": "defective" if defective else "good",
+    }
+
+
+def _draw_overlay(
+    out_dir: Path, i: int, sample: Sample, res: ImageResult, gt: np.ndarray | None, threshold: Threshold
+) -> None:
+    image = to_uint8(read_image(sample.image))
+    h, w = res.anomaly_map.shape
+    if image.shape[:2] != (h, w):  # model resolution: draw on the resized image
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    defective = threshold.is_defective(res.score)
+    report.save_overlay(
+        out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png",
+        image,
+        res.image_map,
+        gt_mask=gt if sample.mask is not None else None,
+        pred_mask=threshold.defect_mask(res.anomaly_map, defective) if defective else None,
+    )
 
 
 def write_metrics(path: Path, metrics: dict) -> None:

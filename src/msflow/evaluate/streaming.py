@@ -217,6 +217,60 @@ class StreamingMetrics:
         self.pro_max = max(self.pro_max, float(pro_map.max()))
         self.map_images += 1
 
+    # -- merging (data-parallel evaluation: each rank feeds its shard, msflow.train.distributed merges) --
+    def histograms(self) -> list[np.ndarray]:
+        """The per-bin state, merged by summation: pixel positives, negatives (int64), PRO negatives
+        (int64), PRO weights (float64). Integer sums are exact in any order; the float64 weights are sums
+        of 1 / region area, so a different grouping can change their last bit only."""
+        return [self.pix_pos, self.pix_neg, self.pro_neg, self.pro_weight]
+
+    def add_histograms(self, histograms: list[np.ndarray]) -> None:
+        for mine, theirs in zip(self.histograms(), histograms, strict=True):
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise DataError(
+                    f"cannot merge histograms of {theirs.shape} {theirs.dtype} into {mine.shape} {mine.dtype}"
+                )
+            mine += theirs
+
+    def image_state(self) -> dict[str, Any]:
+        """Everything but the histograms, as plain values (small: O(images) floats, picklable)."""
+        names = {i: t for t, i in self.types.items()}
+        return {
+            "scores": self.scores.tolist(),
+            "labels": self.labels.tolist(),
+            "types": [names[i] for i in self.type_ids],
+            "regions": self.regions,
+            "pro_min": self.pro_min,
+            "pro_max": self.pro_max,
+            "map_images": self.map_images,
+        }
+
+    def add_image_state(self, state: dict[str, Any]) -> None:
+        """Append another accumulator's images (from :meth:`image_state`) after this one's."""
+        for score, label, defect_type in zip(state["scores"], state["labels"], state["types"], strict=True):
+            self.add_image(score, label, defect_type)
+        self.regions += int(state["regions"])
+        self.pro_min = min(self.pro_min, float(state["pro_min"]))
+        self.pro_max = max(self.pro_max, float(state["pro_max"]))
+        self.map_images += int(state["map_images"])
+
+    def empty_copy(self) -> StreamingMetrics:
+        """A fresh accumulator with the same settings (bins, ranges, AUPRO mode)."""
+        p, q = self.pixel_bins, self.pro_bins
+        return StreamingMetrics((p.lo, p.hi), (q.lo, q.hi), p.bins, self.pro_mode, self.fpr_limit)
+
+    def _settings(self) -> tuple:
+        p, q = self.pixel_bins, self.pro_bins
+        return (p.lo, p.hi, p.bins, q.lo, q.hi, q.bins, self.pro_mode, self.fpr_limit)
+
+    def merge(self, other: StreamingMetrics) -> None:
+        """Add ``other``'s images after this one's: the same state as one accumulator fed this one's
+        images, then ``other``'s (up to the last bit of the float64 PRO weights, see :meth:`histograms`)."""
+        if self._settings() != other._settings():
+            raise DataError("cannot merge streaming metrics with different bins, ranges or AUPRO mode")
+        self.add_histograms(other.histograms())
+        self.add_image_state(other.image_state())
+
     def result(self) -> dict[str, Any]:
         """Metrics in percent; those the data cannot give are listed in ``not_available`` with the reason."""
         out: dict[str, Any] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from msflow.data.datasets import Sample
-from msflow.evaluate.evaluation import evaluate_stream, write_metrics
+from msflow.evaluate.evaluation import ShardMerge, evaluate_stream, write_metrics
 from msflow.infer.predictor import Predictor, Resolution
 from msflow.model.checkpoint import update_meta
 
@@ -27,6 +27,7 @@ def evaluate_run(
     batch_size: int = 8,
     progress: bool = True,
     run_dir: str | Path | None = None,
+    sharding: ShardMerge | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``predictor`` on ``samples``; ``metrics.json``, ``predictions.csv``, overlays and the
     score histogram go to ``out_dir``.
@@ -34,12 +35,20 @@ def evaluate_run(
     With ``run_dir`` (the run the model was loaded from) the run's training figures (epochs, times,
     held-out false-positive rate) are added to the metrics, and when ``out_dir`` is the run folder
     itself the metrics are also recorded in its ``model.json`` (the run is then finished).
+
+    With ``sharding`` (data-parallel, every rank calls this) each rank predicts its shard of
+    ``samples``; rank 0 writes the files and returns the metrics, the others return ``{}``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = predictor.iter_samples(
-        samples, batch_size=batch_size, resolution=resolution, progress=progress, desc="test"
+    mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))
+    results = predictor.iter_maps(
+        samples[mine.start : mine.stop],
+        batch_size=batch_size,
+        resolution=resolution,
+        progress=progress,
+        desc="test",
     )
     metrics = evaluate_stream(
         samples,
@@ -49,7 +58,13 @@ def evaluate_run(
         pro_mode=pro_mode,
         pixel_range=predictor.pixel_range,
         resolution=resolution,
+        sharding=sharding,
+        redraw=lambda chosen: predictor.iter_maps(
+            chosen, batch_size=batch_size, resolution=resolution, progress=False
+        ),
     )
+    if sharding is not None and not metrics:
+        return {}  # not rank 0: it writes the report
     seconds = time.perf_counter() - start
     metrics["dataset"] = dataset
     if samples:

@@ -20,9 +20,13 @@ How the work is shared, and why the result equals a single-process run with the 
   ranks roll back (or not) together; the gradient norm is computed from all-reduced gradients.
 - **Global normalisation.** Each rank computes per-image maxima of its shard; they are gathered in
   rank (= image) order and every rank takes the same mean.
-- **Run folder.** Rank 0 alone writes it (config, log, checkpoints, model, report). Threshold
-  calibration and test evaluation run on rank 0 only; the other ranks free their features and wait
-  for it (in a group of their own with a long timeout), then all ranks return rank 0's metrics.
+- **Run folder.** Rank 0 alone writes it (config, log, checkpoints, model, report). Score selection
+  and threshold calibration run on rank 0 only; the other ranks free their features and wait for its
+  decisions (in a group of their own with a long timeout).
+- **Test evaluation.** Each rank predicts a contiguous shard of the test images into its own
+  bounded-memory accumulator (:mod:`msflow.evaluate.streaming`); :meth:`Distributed.merge_to_main`
+  sums the histograms (int64 counts exactly) and gathers the per-image scores in image order, and
+  rank 0 computes the metrics and writes the report as one process would; all ranks return them.
 
 Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
 end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
@@ -49,6 +53,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from msflow.errors import DistributedError, MSFlowError
+from msflow.evaluate.streaming import StreamingMetrics
 from msflow.model.msflow import FlowOutput, MSFlow
 
 TIMEOUT_ENV = "MSFLOW_DIST_TIMEOUT"  # seconds a collective waits for a missing rank (default below)
@@ -186,7 +191,7 @@ class Distributed:
             tdist.barrier()
 
     def result_from_main(self, result: dict) -> dict:
-        """Every rank gets rank 0's ``result``; the others wait until rank 0 has finished the run folder."""
+        """Every rank gets rank 0's ``result``, waiting (long timeout) for as long as rank 0 takes."""
         if not self.enabled or self._wait_group is None:
             return result
         box = [result if self.is_main else None]
@@ -217,6 +222,25 @@ class Distributed:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).to(t.device)
+
+    def merge_to_main(self, acc: StreamingMetrics) -> tuple[StreamingMetrics, list[int]] | None:
+        """Merge every rank's evaluation accumulator (each fed its shard, see :meth:`shard`) on rank 0:
+        the histograms are all-reduced in their own dtypes (int64 counts: exact; float64 weights), the
+        per-image scores, labels and defect types gathered and appended in rank (= image) order. Rank 0
+        gets (merged accumulator, images per rank), the others ``None``."""
+        if not self.enabled:
+            return acc, [len(acc.scores)]
+        totals = self.all_sum([torch.from_numpy(h) for h in acc.histograms()])
+        parts: list[dict | None] | None = [None] * self.world_size if self.is_main else None
+        tdist.gather_object(acc.image_state(), parts, dst=0)
+        if not self.is_main or parts is None:
+            return None
+        merged = acc.empty_copy()
+        merged.add_histograms([t.numpy() for t in totals])
+        for part in parts:
+            assert part is not None
+            merged.add_image_state(part)
+        return merged, [len(p["scores"]) for p in parts if p is not None]
 
     # -- sharding -------------------------------------------------------------------------------------
     def shard(self, n: int) -> range:

@@ -232,41 +232,48 @@ def _fit(
         gather=dist.gather_rows,
     )
     del cache  # the features are no longer needed (a disk cache deletes its files)
-    if not dist.is_main:  # data-parallel: rank 0 calibrates the threshold, evaluates and writes the model
-        return {}  # the others wait for it in fit()
-
-    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    if cfg.model.score == "auto":
-        chosen, evidence = choose_score(
-            model,
-            [read_image(s.image) for s in calib_samples],
-            device,
-            cfg.train.batch_size,
-            seed=cfg.train.seed,
-            source="holdout" if holdout else "train (no hold-out: biased)",
+    if dist.is_main:  # data-parallel: rank 0 picks the score, calibrates and writes the model ...
+        calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+        if cfg.model.score == "auto":
+            chosen, evidence = choose_score(
+                model,
+                [read_image(s.image) for s in calib_samples],
+                device,
+                cfg.train.batch_size,
+                seed=cfg.train.seed,
+                source="holdout" if holdout else "train (no hold-out: biased)",
+            )
+            cfg = cfg.updated(model={"score": chosen})
+            model.config, model.anomaly.score = cfg.model, chosen
+            predictor.config = cfg
+            save_yaml(cfg, run_dir / "config.yaml")
+            (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
+            auroc = evidence["auroc"][chosen]
+            log(f"image score {chosen} (auto: AUROC {auroc} on held-out vs synthetic defects)")
+        threshold, calib_info = _calibrate(
+            predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress
         )
-        cfg = cfg.updated(model={"score": chosen})
-        model.config, model.anomaly.score = cfg.model, chosen
-        predictor.config = cfg
-        save_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
-        log(
-            f"image score {chosen} (auto: AUROC {evidence['auroc'][chosen]} on held-out vs synthetic defects)"
+        training = {
+            "epochs": state.epoch,
+            "train_seconds": round(train_seconds, 2),
+            "feature_extraction_seconds": round(extract_seconds, 2),
+            **calib_info,
+        }
+        # Saved before the test evaluation: from here on, nothing trained can be lost.
+        save_model(
+            model, cfg, run_dir / "model", threshold=threshold.to_dict(), dataset=name, training=training
         )
-    threshold, calib_info = _calibrate(
-        predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress
+        report.plot_loss_curve(run_dir / "loss_curve.png", state.history)
+        predictor.threshold, predictor.meta = threshold, {"training": training}
+    # ... the other ranks wait for its decisions; then every rank evaluates its shard of the test set.
+    decided = dist.result_from_main(
+        {"score": cfg.model.score, "threshold": predictor.threshold.to_dict()} if dist.is_main else {}
     )
-    training = {
-        "epochs": state.epoch,
-        "train_seconds": round(train_seconds, 2),
-        "feature_extraction_seconds": round(extract_seconds, 2),
-        **calib_info,
-    }
-    # Saved before the test evaluation: from here on, nothing trained can be lost.
-    save_model(model, cfg, run_dir / "model", threshold=threshold.to_dict(), dataset=name, training=training)
-    report.plot_loss_curve(run_dir / "loss_curve.png", state.history)
-    predictor.threshold, predictor.meta = threshold, {"training": training}
-    return _evaluate(predictor, run_dir, progress, name, test)
+    if not dist.is_main:
+        cfg = cfg.updated(model={"score": decided["score"]})
+        model.config, model.anomaly.score, predictor.config = cfg.model, decided["score"], cfg
+        predictor.threshold = Threshold.from_dict(decided["threshold"])
+    return _evaluate(predictor, run_dir, progress, name, test, dist)
 
 
 def _evaluate(
@@ -275,8 +282,10 @@ def _evaluate(
     progress: bool,
     name: str | None = None,
     test: list[Sample] | None = None,
+    dist: Distributed | None = None,
 ) -> dict:
-    """The last step of training: the test-set report in the run folder (also finishes a saved run)."""
+    """The last step of training: the test-set report in the run folder (also finishes a saved run).
+    Data-parallel (``dist``), every rank calls this and evaluates its shard; rank 0 writes the report."""
     cfg = predictor.config
     if test is None:
         name, _, test = load_dataset(cfg.data.dataset)
@@ -291,6 +300,7 @@ def _evaluate(
         batch_size=cfg.train.batch_size,
         progress=progress,
         run_dir=run_dir,
+        sharding=dist if dist is not None and dist.enabled else None,
     )
 
 
