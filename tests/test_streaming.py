@@ -210,3 +210,25 @@ def test_merged_halves_equal_one_accumulator_fed_everything(mode: str) -> None:
 def test_merging_accumulators_with_different_bins_is_refused() -> None:
     with pytest.raises(DataError, match="different bins"):
         StreamingMetrics(bins=16).merge(StreamingMetrics(bins=32))
+
+
+def test_merged_good_image_calibrations_give_the_same_threshold() -> None:
+    """Data-parallel calibration: each rank's shard of the held-out images, merged on rank 0."""
+    rng = np.random.default_rng(5)
+    maps = [rng.uniform(0, 3, (20, 30)) for _ in range(7)]
+    scores = rng.normal(size=7)
+    whole, parts = GoodImageCalibration((0.0, 3.0), bins=256), []
+    for s, m in zip(scores, maps, strict=True):
+        whole.add(s, m)
+    for lo, hi in ((0, 0), (0, 3), (3, 7)):  # an empty shard too (fewer held-out images than ranks)
+        parts.append(GoodImageCalibration((0.0, 3.0), bins=256))
+        for s, m in zip(scores[lo:hi], maps[lo:hi], strict=True):
+            parts[-1].add(s, m)
+    merged = parts[0].empty_copy()
+    for part in parts:
+        merged.add_histograms(part.histograms())
+        merged.add_image_state(part.image_state())
+    assert np.array_equal(merged.pixels, whole.pixels) and merged.scores == whole.scores
+    assert merged.threshold() == whole.threshold()
+    with pytest.raises(DataError, match="cannot merge histograms"):
+        merged.add_histograms([np.zeros(256, np.float64)])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -150,6 +150,28 @@ def official_aupro_from_histograms(
     return float(auc(f, pro[keep]) * 100.0), share * 100.0
 
 
+class Mergeable(Protocol):
+    """An accumulator that the ranks of a data-parallel job feed with their shards and then merge
+    (:meth:`msflow.train.distributed.Distributed.merge_to_main`): histograms add, per-image state
+    (``image_state()["scores"]`` and the rest) is appended in rank order."""
+
+    def histograms(self) -> list[np.ndarray]: ...
+    def add_histograms(self, histograms: list[np.ndarray]) -> None: ...
+    def image_state(self) -> dict[str, Any]: ...
+    def add_image_state(self, state: dict[str, Any]) -> None: ...
+    def empty_copy(self) -> Any: ...
+
+
+def add_histograms(into: list[np.ndarray], histograms: list[np.ndarray]) -> None:
+    """``into[i] += histograms[i]``, refusing a shape or dtype mismatch (a cast could lose counts)."""
+    for mine, theirs in zip(into, histograms, strict=True):
+        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            raise DataError(
+                f"cannot merge histograms of {theirs.shape} {theirs.dtype} into {mine.shape} {mine.dtype}"
+            )
+        mine += theirs
+
+
 class StreamingMetrics:
     """All test metrics of :func:`metrics.evaluate`, fed one image at a time.
 
@@ -225,12 +247,7 @@ class StreamingMetrics:
         return [self.pix_pos, self.pix_neg, self.pro_neg, self.pro_weight]
 
     def add_histograms(self, histograms: list[np.ndarray]) -> None:
-        for mine, theirs in zip(self.histograms(), histograms, strict=True):
-            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-                raise DataError(
-                    f"cannot merge histograms of {theirs.shape} {theirs.dtype} into {mine.shape} {mine.dtype}"
-                )
-            mine += theirs
+        add_histograms(self.histograms(), histograms)
 
     def image_state(self) -> dict[str, Any]:
         """Everything but the histograms, as plain values (small: O(images) floats, picklable)."""

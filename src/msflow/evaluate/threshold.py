@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from msflow.errors import MSFlowError
 from msflow.evaluate.metrics import f1_max
-from msflow.evaluate.streaming import DEFAULT_BINS, Binning, f1_max_from_histograms
+from msflow.evaluate.streaming import DEFAULT_BINS, Binning, add_histograms, f1_max_from_histograms
 
 IMAGE_QUANTILE = 0.99
 PIXEL_QUANTILE = 0.999
@@ -91,6 +92,23 @@ class GoodImageCalibration:
         self.scores.append(float(score))
         if pixel_map is not None:
             self.pixels += self.binning.counts(pixel_map)
+
+    # merging (data-parallel calibration, see streaming.Mergeable): quantiles, min and max do not
+    # depend on the order of the scores, and the int64 pixel counts add exactly
+    def histograms(self) -> list[np.ndarray]:
+        return [self.pixels]
+
+    def add_histograms(self, histograms: list[np.ndarray]) -> None:
+        add_histograms(self.histograms(), histograms)
+
+    def image_state(self) -> dict[str, Any]:
+        return {"scores": list(self.scores)}
+
+    def add_image_state(self, state: dict[str, Any]) -> None:
+        self.scores.extend(float(s) for s in state["scores"])
+
+    def empty_copy(self) -> GoodImageCalibration:
+        return GoodImageCalibration((self.binning.lo, self.binning.hi), self.binning.bins)
 
     def threshold(self, method: str = "holdout") -> Threshold:
         scores = np.asarray(self.scores, dtype=np.float64)

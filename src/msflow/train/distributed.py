@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType, TracebackType
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from msflow.errors import DistributedError, MSFlowError
-from msflow.evaluate.streaming import StreamingMetrics
+from msflow.evaluate.streaming import Mergeable
 from msflow.model.msflow import FlowOutput, MSFlow
 
 TIMEOUT_ENV = "MSFLOW_DIST_TIMEOUT"  # seconds a collective waits for a missing rank (default below)
@@ -64,6 +65,7 @@ FINAL_WAIT = timedelta(hours=24)
 # ---- test seam (tests/test_distributed.py): "RANK:EPOCH" makes that rank SIGKILL itself after that
 # epoch's checkpoint, to show that the job ends cleanly and --resume continues it. Read only here. ----
 KILL_SEAM_ENV = "MSFLOW_TEST_KILL_RANK"
+M = TypeVar("M", bound=Mergeable)
 _SHARE_ROWS = 64  # rows per broadcast when the shards are shared: bounded memory for any cache size
 
 
@@ -223,11 +225,12 @@ class Distributed:
         tdist.all_gather(parts, padded)
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).to(t.device)
 
-    def merge_to_main(self, acc: StreamingMetrics) -> tuple[StreamingMetrics, list[int]] | None:
-        """Merge every rank's evaluation accumulator (each fed its shard, see :meth:`shard`) on rank 0:
-        the histograms are all-reduced in their own dtypes (int64 counts: exact; float64 weights), the
-        per-image scores, labels and defect types gathered and appended in rank (= image) order. Rank 0
-        gets (merged accumulator, images per rank), the others ``None``."""
+    def merge_to_main(self, acc: M) -> tuple[M, list[int]] | None:
+        """Merge every rank's accumulator (test metrics or threshold calibration, each fed this rank's
+        shard, see :meth:`shard`) on rank 0: the histograms are all-reduced in their own dtypes (int64
+        counts: exact; float64 weights), the per-image state (scores, labels, defect types) gathered and
+        appended in rank (= image) order. Rank 0 gets (merged accumulator, images per rank), the
+        others ``None``."""
         if not self.enabled:
             return acc, [len(acc.scores)]
         totals = self.all_sum([torch.from_numpy(h) for h in acc.histograms()])

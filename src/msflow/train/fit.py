@@ -97,14 +97,25 @@ def _calibrate(
     validation: str | None,
     batch_size: int,
     progress: bool,
-) -> tuple[Threshold, dict[str, Any]]:
-    """Thresholds from the held-out good images (or a labelled folder), and how they do on the hold-out."""
+    dist: Distributed,
+) -> tuple[Threshold, dict[str, Any]] | None:
+    """Thresholds from the held-out good images (or a labelled folder), and how they do on the hold-out.
+
+    Data-parallel, each rank predicts its shard of the good images and rank 0 merges the calibrations
+    (quantiles do not depend on the order of the scores, the pixel counts add exactly), then alone
+    reads the labelled folder; the other ranks return ``None``.
+    """
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+    mine = dist.shard(len(calib_samples))
     calib = GoodImageCalibration(predictor.pixel_range)
     for maps in predictor.iter_maps(
-        calib_samples, batch_size=batch_size, progress=progress, desc="calibrate"
+        calib_samples[mine.start : mine.stop], batch_size=batch_size, progress=progress, desc="calibrate"
     ):
         calib.add(maps.score, maps.anomaly_map)
+    merged = dist.merge_to_main(calib)
+    if merged is None:
+        return None
+    calib = merged[0]
     threshold = calib.threshold("holdout" if holdout else "train")
     if validation:
         threshold = calibrate_on_folder(predictor, validation, batch_size, threshold, progress)
@@ -232,27 +243,31 @@ def _fit(
         gather=dist.gather_rows,
     )
     del cache  # the features are no longer needed (a disk cache deletes its files)
-    if dist.is_main:  # data-parallel: rank 0 picks the score, calibrates and writes the model ...
-        calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-        if cfg.model.score == "auto":
-            chosen, evidence = choose_score(
-                model,
-                [read_image(s.image) for s in calib_samples],
-                device,
-                cfg.train.batch_size,
-                seed=cfg.train.seed,
-                source="holdout" if holdout else "train (no hold-out: biased)",
-            )
-            cfg = cfg.updated(model={"score": chosen})
-            model.config, model.anomaly.score = cfg.model, chosen
-            predictor.config = cfg
-            save_yaml(cfg, run_dir / "config.yaml")
-            (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
-            auroc = evidence["auroc"][chosen]
-            log(f"image score {chosen} (auto: AUROC {auroc} on held-out vs synthetic defects)")
-        threshold, calib_info = _calibrate(
-            predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress
+    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+    if dist.is_main and cfg.model.score == "auto":  # data-parallel: rank 0 picks, the others wait
+        chosen, evidence = choose_score(
+            model,
+            [read_image(s.image) for s in calib_samples],
+            device,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            source="holdout" if holdout else "train (no hold-out: biased)",
         )
+        cfg = cfg.updated(model={"score": chosen})
+        model.config, model.anomaly.score = cfg.model, chosen
+        predictor.config = cfg
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
+        auroc = evidence["auroc"][chosen]
+        log(f"image score {chosen} (auto: AUROC {auroc} on held-out vs synthetic defects)")
+    decided = dist.result_from_main({"score": cfg.model.score} if dist.is_main else {})
+    if not dist.is_main:
+        cfg = cfg.updated(model=decided)
+        model.config, model.anomaly.score, predictor.config = cfg.model, cfg.model.score, cfg
+    # Every rank calibrates on its shard of the held-out images; rank 0 gets the merged calibration.
+    calibrated = _calibrate(predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress, dist)
+    if calibrated is not None:
+        threshold, calib_info = calibrated
         training = {
             "epochs": state.epoch,
             "train_seconds": round(train_seconds, 2),
@@ -265,14 +280,10 @@ def _fit(
         )
         report.plot_loss_curve(run_dir / "loss_curve.png", state.history)
         predictor.threshold, predictor.meta = threshold, {"training": training}
-    # ... the other ranks wait for its decisions; then every rank evaluates its shard of the test set.
-    decided = dist.result_from_main(
-        {"score": cfg.model.score, "threshold": predictor.threshold.to_dict()} if dist.is_main else {}
-    )
-    if not dist.is_main:
-        cfg = cfg.updated(model={"score": decided["score"]})
-        model.config, model.anomaly.score, predictor.config = cfg.model, decided["score"], cfg
-        predictor.threshold = Threshold.from_dict(decided["threshold"])
+    # The other ranks wait for the threshold; then every rank evaluates its shard of the test set.
+    if dist.enabled:
+        decided = dist.result_from_main(predictor.threshold.to_dict() if predictor.threshold else {})
+        predictor.threshold = Threshold.from_dict(decided)
     return _evaluate(predictor, run_dir, progress, name, test, dist)
 
 
