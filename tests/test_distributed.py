@@ -35,24 +35,29 @@ FLAGS = {
     "image_size": 64,
     "feature_norm": "channel",  # standardisation statistics are all-reduced: test them too
     "normalization": "global",  # so are the global-normalisation references
+    "score": "auto",  # rank 0 picks it; the other ranks must score their shards with its choice
 }
 CLI_FLAGS = [
     "--backbone", "resnet18", "--no-pretrained", "--image-size", "64", "--feature-norm", "channel",
-    "--normalization", "global", "--epochs", str(EPOCHS), "--batch-size", "4", "--quiet",
+    "--normalization", "global", "--score", "auto", "--holdout-fraction", "0.15", "--epochs", str(EPOCHS),
+    "--batch-size", "4", "--quiet",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # 12 images, 1 held out: 11 to fit, batches of 4, 4, 3; the last one splits 2 + 1 over two ranks.
-    return make_fake_category(tmp_path_factory.mktemp("dist") / "fake", n_train=12)
+    # 13 images, 2 held out (auto score selection needs two; each rank calibrates on one): 11 to fit,
+    # batches of 4, 4, 3; the last one splits 2 + 1 over two ranks.
+    return make_fake_category(tmp_path_factory.mktemp("dist") / "fake", n_train=13)
 
 
 @pytest.fixture(scope="module")
 def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("one") / "run"
     cfg = Config().updated(
-        model=FLAGS, data={"dataset": str(data)}, train={"epochs": EPOCHS, "batch_size": 4}
+        model=FLAGS,
+        data={"dataset": str(data), "holdout_fraction": 0.15},
+        train={"epochs": EPOCHS, "batch_size": 4},
     )
     fit(cfg, run, progress=False, log=lambda _: None)
     return run
@@ -94,6 +99,8 @@ def test_two_ranks_reproduce_one_process(data: Path, reference: Path, tmp_path: 
     assert_same_model(run, reference)
     assert done.stdout.count("run folder:") == 1  # rank 0 alone reports (and writes the run folder)
     assert_same_evaluation(run, reference)
+    chosen = [json.loads((r / "score_selection.json").read_text())["chosen"] for r in (run, reference)]
+    assert chosen[0] == chosen[1] != "auto"
 
 
 TIMINGS = {"test_images_per_second", "train_seconds", "feature_extraction_seconds"}
@@ -161,7 +168,9 @@ def _spawned_rank(rank: int, port: int, data: str, run: str) -> None:
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    cfg = Config().updated(model=FLAGS, data={"dataset": data}, train={"epochs": 3, "batch_size": 4})
+    cfg = Config().updated(
+        model=FLAGS, data={"dataset": data, "holdout_fraction": 0.15}, train={"epochs": 3, "batch_size": 4}
+    )
     metrics = fit(cfg, run, progress=False, step_hook=poison_once_on_rank(1), log=lambda _: None)
     Path(f"{run}.rank{rank}.json").write_text(json.dumps(metrics))
 
@@ -169,7 +178,11 @@ def _spawned_rank(rank: int, port: int, data: str, run: str) -> None:
 def test_a_non_finite_loss_on_one_rank_rolls_back_every_rank(data: Path, tmp_path: Path) -> None:
     """Only rank 1's half of a batch turns NaN; both ranks must roll back together, like one process
     whose whole batch turned NaN (a rank that went on alone would deadlock or diverge)."""
-    cfg = Config().updated(model=FLAGS, data={"dataset": str(data)}, train={"epochs": 3, "batch_size": 4})
+    cfg = Config().updated(
+        model=FLAGS,
+        data={"dataset": str(data), "holdout_fraction": 0.15},
+        train={"epochs": 3, "batch_size": 4},
+    )
     _poisoned.clear()
     fit(cfg, tmp_path / "one", progress=False, step_hook=poison_once_on_rank(-1), log=lambda _: None)
     assert _poisoned
