@@ -21,12 +21,13 @@ How the work is shared, and why the result equals a single-process run with the 
 - **Global normalisation.** Each rank computes per-image maxima of its shard; they are gathered in
   rank (= image) order and every rank takes the same mean.
 - **Run folder.** Rank 0 alone writes it (config, log, checkpoints, model, report). Score selection
-  and threshold calibration run on rank 0 only; the other ranks free their features and wait for its
+  (``score: auto``) runs on rank 0 only; the other ranks free their features and wait for its
   decisions (in a group of their own with a long timeout).
-- **Test evaluation.** Each rank predicts a contiguous shard of the test images into its own
-  bounded-memory accumulator (:mod:`msflow.evaluate.streaming`); :meth:`Distributed.merge_to_main`
-  sums the histograms (int64 counts exactly) and gathers the per-image scores in image order, and
-  rank 0 computes the metrics and writes the report as one process would; all ranks return them.
+- **Calibration and test evaluation.** Each rank predicts a contiguous shard of the held-out (then
+  the test) images into its own bounded-memory accumulator (:mod:`msflow.evaluate.streaming`);
+  :meth:`Distributed.merge_to_main` sums the histograms (int64 counts exactly) and gathers the
+  per-image scores in image order, and rank 0 computes the threshold, then the metrics and the
+  report, as one process would; all ranks return its metrics.
 
 Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
 end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
