@@ -287,7 +287,7 @@ def test_predict_and_serve_a_rectangular_run(wide_run: Path, tmp_path: Path) -> 
     assert pred.anomaly_map.shape == pred.image_map.shape == (60, 150) and np.isfinite(pred.score)
     buf = tmp_path / "x.png"
     image.save(buf)
-    client = TestClient(create_app(detector))
+    client = TestClient(create_app(detector.predictor))
     with buf.open("rb") as fh:
         response = client.post("/predict", files={"file": ("x.png", fh, "image/png")})
     assert response.status_code == 200, response.text

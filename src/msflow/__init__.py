@@ -2,12 +2,13 @@
 
 Layers, lowest first (a module imports only from its own layer or lower ones):
 
-    errors, config, files, device, _version   shared basics
-    model/      the network: backbone, coupling blocks, flows, anomaly maps, loss, checkpoints
-    data/       images and datasets
-    evaluate/   metrics, thresholds, reports
+    errors, config, files, device, _version,  shared basics (cluster: Ray task fan-out, optional)
+    cluster
+    model/      the network: backbone, coupling blocks, flows, anomaly maps and scores, loss, checkpoints
+    data/       the image decoder, datasets, image sizing, synthetic defects
+    evaluate/   metrics (exact and streaming), thresholds, reports
     infer/      the predictor (model or ONNX + threshold + decision), predict, export, serve
-    train/      feature cache, training loop, fit, multi-category benchmark
+    train/      feature cache, training loop, torchrun data-parallel, fit, score selection, benchmark
     detector    the Python API (load / predict / fit)
     cli         the command line
 """

@@ -213,16 +213,24 @@ def aupro(
         ends = np.unique(ends[np.searchsorted(ends, ranks)])
     fpr = np.concatenate(([0.0], cum_neg[ends + 1] / n_neg))
     pro = np.concatenate(([0.0], cum_pro[ends + 1]))
-    # Both curves are non-decreasing.  The last point has FPR > fpr_limit (or FPR = 1 when
-    # fpr_limit = 1), so the point after the cut (k) exists unless nothing needs interpolating.
+    x, y = pro_curve_up_to(fpr, pro, fpr_limit)
+    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0  # trapezoid rule
+    return float(area / fpr_limit * 100.0)
+
+
+def pro_curve_up_to(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve cut at ``fpr_limit``, its end point linearly interpolated (for the integration).
+
+    Both curves are non-decreasing and start at (0, 0). The last point has FPR > fpr_limit (or FPR = 1
+    when fpr_limit = 1), so the point after the cut exists unless nothing needs interpolating.
+    """
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))
     x, y = fpr[:k], pro[:k]
     if k < fpr.size:
         t = (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
         x = np.append(x, fpr_limit)
         y = np.append(y, pro[k - 1] + t * (pro[k] - pro[k - 1]))
-    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0  # trapezoid rule
-    return float(area / fpr_limit * 100.0)
+    return x, y
 
 
 def _official_pro(

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from msflow.errors import DataError
-from msflow.evaluate.metrics import _OFFICIAL_STEPS, f1_max, image_auroc, per_defect_type
+from msflow.evaluate.metrics import _OFFICIAL_STEPS, f1_max, image_auroc, per_defect_type, pro_curve_up_to
 
 DEFAULT_BINS = 2**20
 
@@ -113,12 +113,7 @@ def aupro_from_histograms(weight: np.ndarray, neg: np.ndarray, fpr_limit: float 
     n_neg = float(neg.sum())
     fpr = _suffix(neg)[::-1] / n_neg  # threshold at edges bins, bins-1, ..., 0: non-decreasing
     pro = _suffix(weight)[::-1]
-    k = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    x, y = fpr[:k], pro[:k]
-    if k < fpr.size:
-        t = (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
-        x = np.append(x, fpr_limit)
-        y = np.append(y, pro[k - 1] + t * (pro[k] - pro[k - 1]))
+    x, y = pro_curve_up_to(fpr, pro, fpr_limit)
     area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0)
     bound = float(np.sum((x[1:] - x[:-1]) * (y[1:] - y[:-1])) / 2.0)
     return area / fpr_limit * 100.0, bound / fpr_limit * 100.0
