@@ -35,6 +35,7 @@ from msflow.errors import MSFlowError
 from msflow.evaluate import report
 from msflow.evaluate.evaluation import evaluate_stream
 from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration, Threshold
+from msflow.files import atomic_write_bytes
 from msflow.infer.evaluate_run import evaluate_run
 from msflow.infer.predictor import Predictor
 from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
@@ -254,16 +255,13 @@ def _fit(
             source="holdout" if holdout else "train (no hold-out: biased)",
         )
         cfg = cfg.updated(model={"score": chosen})
-        model.config, model.anomaly.score = cfg.model, chosen
-        predictor.config = cfg
         save_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "score_selection.json").write_text(json.dumps(evidence, indent=2), encoding="utf-8")
+        atomic_write_bytes(run_dir / "score_selection.json", json.dumps(evidence, indent=2).encode())
         auroc = evidence["auroc"][chosen]
         log(f"image score {chosen} (auto: AUROC {auroc} on held-out vs synthetic defects)")
-    decided = dist.result_from_main({"score": cfg.model.score} if dist.is_main else {})
-    if not dist.is_main:
-        cfg = cfg.updated(model=decided)
-        model.config, model.anomaly.score, predictor.config = cfg.model, cfg.model.score, cfg
+    # Rank 0's choice reaches every rank (a no-op in one process); the model scores with it from here on.
+    cfg = cfg.updated(model=dist.result_from_main({"score": cfg.model.score} if dist.is_main else {}))
+    model.config, model.anomaly.score, predictor.config = cfg.model, cfg.model.score, cfg
     # Every rank calibrates on its shard of the held-out images; rank 0 gets the merged calibration.
     calibrated = _calibrate(predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress, dist)
     if calibrated is not None:
