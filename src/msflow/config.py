@@ -270,8 +270,12 @@ class TrainConfig:
         "plateau: the held-out good images' NLL decides where the official schedule's 70 percent mark is "
         "(epochs is then the most); schedule: exactly epochs epochs (official)",
     )
-    patience: int = option(5, "plateau: epochs without a held-out NLL improvement of min_delta")
-    min_delta: float = option(1e-3, "plateau: improvement that counts, in nats per latent dimension")
+    patience: int = option(3, "plateau: the window, in epochs, over which the improvement is judged")
+    min_improvement: float = option(
+        0.01,
+        "plateau: reached when the window improved the held-out NLL by less than this share of its "
+        "improvement since the first epoch",
+    )
     grad_clip: float = option(2.0, "gradient-norm clip; official: 2")
     seed: int = option(9826, "shuffling and initialisation; official: 9826")
     amp: bool = option(True, "float16 mixed precision on CUDA (the official code offers it); ours: on")
@@ -301,8 +305,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ConfigError(f"lr and grad_clip must be positive, got {self.lr}, {self.grad_clip}")
-        if self.min_delta < 0:
-            raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
+        if not 0 <= self.min_improvement < 1:
+            raise ConfigError(f"min_improvement must be in [0, 1), got {self.min_improvement}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup must be a fraction of the schedule in [0, 1), got {self.warmup}")
         if any(not 0 < d <= 1 for d in self.decay_at):
