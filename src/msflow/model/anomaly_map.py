@@ -150,20 +150,25 @@ class AnomalyMapper(nn.Module):
     def forward(self, zs: list[Tensor]) -> AnomalyOutput:
         return self.from_log_likelihoods(log_likelihood_maps(zs))
 
-    def from_log_likelihoods(self, logps: list[Tensor]) -> AnomalyOutput:
-        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies)."""
-        fused = sum(upsample(m, self.image_size) for m in logps)  # (B, H, W), log of the product
+    def from_log_likelihoods(self, logps: list[Tensor], size: tuple[int, int] | None = None) -> AnomalyOutput:
+        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies).
+
+        ``size``: (H, W) of the output maps, default the model's input size; a tiled image passes its
+        stitched maps (``msflow.data.tiles``), already at the size of the whole image.
+        """
+        size = self.image_size if size is None else (int(size[0]), int(size[1]))
+        fused = sum(upsample(m, size) for m in logps)  # (B, H, W), log of the product
         if self.normalization == "global":
             image_map = 1 - torch.exp(torch.clamp(fused - self.ref_mul, max=0))
             probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, self.ref_add, strict=True)]
-            pixel_map = len(logps) - sum(upsample(p, self.image_size) for p in probs)
+            pixel_map = len(logps) - sum(upsample(p, size) for p in probs)
         else:
             image_map = 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
             probs = [torch.exp(m - _image_max(m)) for m in logps]
-            summed = sum(upsample(p, self.image_size) for p in probs)
+            summed = sum(upsample(p, size) for p in probs)
             pixel_map = _image_max(summed) - summed
         if self.score in ("official", "auto"):  # "auto" only before training has chosen
             scores = top_k_score(image_map, self.top_k)
         else:
-            scores = image_score(self.score, logps, self.image_size, self.ref_mul)
+            scores = image_score(self.score, logps, size, self.ref_mul)
         return AnomalyOutput(scores, pixel_map, image_map)
