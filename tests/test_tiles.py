@@ -218,7 +218,11 @@ def test_one_tile_is_the_untiled_model(tiled: tuple[Path, Path]) -> None:
     predictor.config = predictor.config.updated(model={"tile": 0})
     plain = predictor.predict_images([image])[0]
     assert tiled_pred.score == pytest.approx(plain.score, rel=1e-5)
-    np.testing.assert_allclose(tiled_pred.anomaly_map, plain.anomaly_map, atol=1e-5)
+    np.testing.assert_allclose(tiled_pred.image_map, plain.image_map, atol=1e-5)
+    # the "add" map exponentiates the maps after their resize to the input size (they are stitched
+    # there), the untiled model before it: the same map to within a small fraction of its range [0, 3]
+    np.testing.assert_allclose(tiled_pred.anomaly_map, plain.anomaly_map, atol=2e-3)
+    assert not np.allclose(tiled_pred.anomaly_map, 0)
 
 
 def test_a_defect_across_a_tile_border_is_found(tiled: tuple[Path, Path]) -> None:
@@ -234,7 +238,7 @@ def test_a_defect_across_a_tile_border_is_found(tiled: tuple[Path, Path]) -> Non
     mask[58:70, 40:70] = True
     pred = predictor.predict_images([image.astype(np.float32) / 255])[0]
     assert pred.anomaly_map.shape == (160, 160)
-    assert pixel_auroc(mask.ravel(), pred.anomaly_map.ravel()) > 95
+    assert pixel_auroc(mask[None], pred.anomaly_map[None]) > 95
     peak = np.unravel_index(np.argmax(pred.anomaly_map), mask.shape)
     assert 50 <= peak[0] <= 78 and 32 <= peak[1] <= 78  # the peak lies on the defect (+- 8 px)
 
