@@ -43,6 +43,7 @@ from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
+from msflow.train.schedule import Plateau, total_epochs
 from msflow.train.score_selection import choose_score
 
 
@@ -72,6 +73,7 @@ def _save_training_state(
         "lr_scale": state.lr_scale,
         "bad_events": state.bad_events,
         "history": state.history,
+        "plateau": state.plateau.to_dict(),
     }
     if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
         raise MSFlowError("refusing to write a checkpoint that holds NaN or inf")
@@ -88,7 +90,13 @@ def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Op
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return TrainState(meta["epoch"], meta["lr_scale"], meta["bad_events"], meta["history"])
+    return TrainState(
+        meta["epoch"],
+        meta["lr_scale"],
+        meta["bad_events"],
+        meta["history"],
+        Plateau.from_dict(meta.get("plateau")),
+    )
 
 
 def _calibrate(
@@ -213,6 +221,21 @@ def _fit(
     cache = FeatureCache.build(
         model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress, dist
     )
+    # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
+    # training statistics; never a test image).
+    holdout_cache = None
+    if cfg.train.stop == "plateau" and holdout:
+        holdout_cache = FeatureCache.build(
+            model,
+            holdout,
+            device,
+            cfg.train.batch_size,
+            cfg.train.cache,
+            cfg.data.workers,
+            progress,
+            dist,
+            fit_statistics=False,
+        )
     extract_seconds = time.perf_counter() - start
     if cfg.model.tile:
         log(
@@ -232,7 +255,7 @@ def _fit(
         if (
             cfg.train.eval_every
             and state.epoch % cfg.train.eval_every == 0
-            and state.epoch < cfg.train.epochs
+            and state.epoch < total_epochs(cfg.train, state.plateau)
         ):
             # Logged only, never used to pick a checkpoint (B14).
             results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
@@ -240,11 +263,30 @@ def _fit(
             model.train()
         with (run_dir / "train_log.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
-        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
+        if "plateau_at" in entry:
+            log(
+                f"held-out NLL plateau after epoch {state.epoch}: the learning rate decays from here, "
+                f"training ends after epoch {entry['schedule_epochs']}"
+            )
+        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == total_epochs(
+            cfg.train, state.plateau
+        ):
             _save_training_state(run_dir, model, optimizer, cfg, state)
 
     model.train()
-    train_flows(model, cache, cfg.train, device, state, optimizer, on_epoch_end, step_hook, progress, dist)
+    train_flows(
+        model,
+        cache,
+        cfg.train,
+        device,
+        state,
+        optimizer,
+        on_epoch_end,
+        step_hook,
+        progress,
+        dist,
+        holdout_cache,
+    )
     train_seconds = time.perf_counter() - start
     model.eval()
     model.calibrate_global_normalization(
@@ -252,7 +294,7 @@ def _fit(
         gather=dist.gather_rows,
     )
     training_rows = len(cache)
-    del cache  # the features are no longer needed (a disk cache deletes its files)
+    del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     if dist.is_main and cfg.model.score == "auto":  # data-parallel: rank 0 picks, the others wait
         chosen, evidence = choose_score(
@@ -278,6 +320,8 @@ def _fit(
         threshold, calib_info = calibrated
         training = {
             "epochs": state.epoch,
+            "stop": cfg.train.stop,
+            **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
             "train_seconds": round(train_seconds, 2),
             "feature_extraction_seconds": round(extract_seconds, 2),
             **({"training_tiles": training_rows} if cfg.model.tile else {}),
