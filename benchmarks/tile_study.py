@@ -77,7 +77,7 @@ def run_mode(mode: str, data: Path, out: Path, size: int, overlap: float, epochs
     cfg = Config().updated(
         model={"image_size": size, **tile},
         data={"dataset": str(data), "holdout_fraction": 0.1},
-        train={"epochs": epochs, "device": "cpu", "cache": "memory"},
+        train={"epochs": epochs, "stop": "schedule", "device": "cpu", "cache": "memory"},
     )
     run = out / f"run_{mode}"
     shutil.rmtree(run, ignore_errors=True)

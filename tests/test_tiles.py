@@ -225,6 +225,16 @@ def test_one_tile_is_the_untiled_model(tiled: tuple[Path, Path]) -> None:
     assert not np.allclose(tiled_pred.anomaly_map, 0)
 
 
+def test_an_image_smaller_than_a_tile_is_one_tile_spanning_it(tiled: tuple[Path, Path]) -> None:
+    from msflow.infer.predictor import Predictor
+
+    _, run = tiled
+    predictor = Predictor.load(run, device="cpu")
+    image = _texture(np.random.default_rng(4), 160)[:40, :150].astype(np.float32) / 255  # 40 px < 64
+    pred = predictor.predict_images([image])[0]
+    assert pred.anomaly_map.shape == (40, 150) and np.isfinite(pred.score)
+
+
 def test_a_defect_across_a_tile_border_is_found(tiled: tuple[Path, Path]) -> None:
     from msflow.infer.predictor import Predictor
 

@@ -62,12 +62,13 @@ def candidate_scores(
     pass their own).
     """
     size = size or model.anomaly.image_size
+    area = model.anomaly.image_size[0] * model.anomaly.image_size[1]  # as AnomalyMapper reduces
     names = {c: official_name(model) if c == "official" else c for c in candidates}
     scores: dict[str, list[Tensor]] = {c: [] for c in candidates}
     for start in range(0, int(logps[0].shape[0]), chunk):
         part = [m[start : start + chunk].to(model.anomaly.ref_mul.device) for m in logps]
         for c, name in names.items():
-            scores[c].append(image_score(name, part, size, model.anomaly.ref_mul).cpu())
+            scores[c].append(image_score(name, part, size, model.anomaly.ref_mul, area).cpu())
     return {c: torch.cat(v).double().numpy() for c, v in scores.items()}
 
 
