@@ -225,6 +225,25 @@ def test_one_tile_is_the_untiled_model(tiled: tuple[Path, Path]) -> None:
     assert not np.allclose(tiled_pred.anomaly_map, 0)
 
 
+def test_a_score_fraction_is_of_one_tile_however_large_the_image(tiled: tuple[Path, Path]) -> None:
+    """A defect in one of 3 x 3 tiles (no overlap): the default logp:0.01 averages 1 % of ONE tile's
+    pixels (40 at 64 px) of the stitched map, so the image scores as the defective tile alone does. A
+    fraction of the whole image (368 pixels) would average the 144 defect pixels with normal ones."""
+    from msflow.infer.predictor import Predictor
+
+    _, run = tiled
+    predictor = Predictor.load(run, device="cpu")
+    assert predictor.config.model.score == "logp:0.01"
+    predictor.config = predictor.config.updated(model={"tile_overlap": 0.0})  # tiles at 0, 64, 128
+    rng = np.random.default_rng(6)
+    mosaic = np.concatenate([np.concatenate([_texture(rng, 64) for _ in range(3)], 1) for _ in range(3)], 0)
+    mosaic[64 + 20 : 64 + 32, 128 + 30 : 128 + 42] = 255  # 144 px in the middle row's last tile
+    tiled_score = predictor.predict_images([mosaic.astype(np.float32) / 255])[0].score
+    predictor.config = predictor.config.updated(model={"tile": 0})
+    alone = predictor.predict_images([mosaic[64:128, 128:192].astype(np.float32) / 255])[0].score
+    assert tiled_score == pytest.approx(alone, rel=1e-4)
+
+
 def test_an_image_smaller_than_a_tile_is_one_tile_spanning_it(tiled: tuple[Path, Path]) -> None:
     from msflow.infer.predictor import Predictor
 
