@@ -3,8 +3,9 @@
 Run folder::
 
     config.yaml              the resolved configuration (an "auto" image size or score as decided)
-    score_selection.json     with ``score: auto``: every candidate score's AUROC on held-out good images
-                             vs synthetic defects, and the one chosen (no test label is read)
+    score_selection.json     the synthetic check: every candidate score's AUROC on held-out good images
+                             vs synthetic defects, the best one (chosen with ``score: auto``) and the
+                             one used (no test label is read)
     model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
                              before the test evaluation, which then adds its metrics to model.json
     checkpoint/last.*        training state after the last completed epoch (for --resume)
@@ -296,7 +297,11 @@ def _fit(
     training_rows = len(cache)
     del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    if dist.is_main and cfg.model.score == "auto":  # data-parallel: rank 0 picks, the others wait
+    # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
+    # every candidate score's AUROC on the held-out good images vs synthetic defects drawn into them.
+    # With score "auto" the best candidate becomes the run's score. Data-parallel: rank 0 alone.
+    synthetic_auroc = None
+    if dist.is_main and (cfg.model.score == "auto" or len(calib_samples) >= 2):
         chosen, evidence = choose_score(
             model,
             [read_image(s.image) for s in calib_samples],
@@ -305,12 +310,23 @@ def _fit(
             seed=cfg.train.seed,
             source="holdout" if holdout else "train (no hold-out: biased)",
             log_likelihoods=predictor.log_likelihoods if cfg.model.tile else None,
+            also=None if cfg.model.score == "auto" else cfg.model.score,
         )
-        cfg = cfg.updated(model={"score": chosen})
-        save_yaml(cfg, run_dir / "config.yaml")
+        if cfg.model.score == "auto":
+            cfg = cfg.updated(model={"score": chosen})
+            save_yaml(cfg, run_dir / "config.yaml")
+        evidence["used"] = cfg.model.score
+        synthetic_auroc = evidence["auroc"][cfg.model.score]
         atomic_write_bytes(run_dir / "score_selection.json", json.dumps(evidence, indent=2).encode())
-        auroc = evidence["auroc"][chosen]
-        log(f"image score {chosen} (auto: AUROC {auroc} on held-out vs synthetic defects)")
+        how = (
+            "auto: the best "
+            if evidence["chosen"] == cfg.model.score
+            else f"best candidate {evidence['chosen']} "
+        )
+        log(
+            f"image score {cfg.model.score}: AUROC {synthetic_auroc} on held-out good images vs synthetic "
+            f"defects ({how}{evidence['auroc'][evidence['chosen']]})"
+        )
     # Rank 0's choice reaches every rank (a no-op in one process); the model scores with it from here on.
     cfg = cfg.updated(model=dist.result_from_main({"score": cfg.model.score} if dist.is_main else {}))
     model.config, model.anomaly.score, predictor.config = cfg.model, cfg.model.score, cfg
@@ -321,6 +337,7 @@ def _fit(
         training = {
             "epochs": state.epoch,
             "stop": cfg.train.stop,
+            "synthetic_auroc": synthetic_auroc,
             **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
             "train_seconds": round(train_seconds, 2),
             "feature_extraction_seconds": round(extract_seconds, 2),

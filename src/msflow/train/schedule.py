@@ -32,7 +32,7 @@ def warmup_epochs(cfg: TrainConfig) -> float:
 class Plateau:
     """State of the plateau rule (saved in checkpoints, so a resumed run decides identically)."""
 
-    best: float = math.inf  # lowest held-out NLL (nats per dimension) so far
+    best: float | None = None  # lowest held-out NLL (nats per dimension) so far
     best_epoch: int = 0
     decided_at: int | None = None  # epoch p that became the first decay point
 
@@ -41,7 +41,7 @@ class Plateau:
         at this epoch. Before the warm-up ends nothing is decided (the learning rate is still rising)."""
         if self.decided_at is not None:
             return False
-        if holdout_nll < self.best - cfg.min_delta:
+        if self.best is None or holdout_nll < self.best - cfg.min_delta:
             self.best, self.best_epoch = holdout_nll, epoch
         # The official 70 % mark is the latest point: the rule can shorten the schedule, never lengthen it.
         latest = epoch >= round(cfg.decay_at[0] * cfg.epochs)

@@ -72,11 +72,13 @@ def candidate_scores(
     return {c: torch.cat(v).double().numpy() for c, v in scores.items()}
 
 
-def stitched_candidate_scores(per_image: list[list[Tensor]], model: MSFlow) -> dict[str, np.ndarray]:
+def stitched_candidate_scores(
+    per_image: list[list[Tensor]], model: MSFlow, candidates: Sequence[str] = CANDIDATES
+) -> dict[str, np.ndarray]:
     """:func:`candidate_scores` of images given one by one, each its per-scale (1, h, w) maps at its own
     size (the stitched maps of a tiled model, ``Predictor.log_likelihoods``)."""
-    parts = [candidate_scores(logps, model, size=tuple(logps[0].shape[-2:])) for logps in per_image]
-    return {c: np.concatenate([p[c] for p in parts]) for c in CANDIDATES}
+    parts = [candidate_scores(m, model, candidates, size=tuple(m[0].shape[-2:])) for m in per_image]
+    return {c: np.concatenate([p[c] for p in parts]) for c in candidates}
 
 
 def rank_candidates(good: dict[str, np.ndarray], bad: dict[str, np.ndarray]) -> dict[str, float]:
@@ -95,23 +97,28 @@ def choose_score(
     batch_size: int = 8,
     seed: int = 0,
     source: str = "holdout",
+    also: str | None = None,
     log_likelihoods: Callable[[list[np.ndarray]], list[list[Tensor]]] | None = None,
 ) -> tuple[str, dict]:
     """The candidate with the best AUROC on held-out good images vs their synthetic defects, and the evidence.
 
-    Ties go to the earlier candidate in :data:`CANDIDATES` ("official" first). ``log_likelihoods``
-    (``Predictor.log_likelihoods``) gives each decoded image's per-scale maps when they are not the
-    model's own, i.e. stitched from tiles.
+    Ties go to the earlier candidate in :data:`CANDIDATES` ("official" first). ``also`` is a score that
+    is measured too (the one a run uses, when it is not a candidate) but never chosen.
+    ``log_likelihoods`` (``Predictor.log_likelihoods``) gives each decoded image's per-scale maps when
+    they are not the model's own, i.e. stitched from tiles.
     """
     if len(good_images) < 2:
         raise ValueError("choosing a score needs at least two held-out good images")
+    candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
     defective = [im for im, _ in synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)]
-    if log_likelihoods is not None:
-        good = stitched_candidate_scores(log_likelihoods([decode(im) for im in good_images]), model)
-        bad = stitched_candidate_scores(log_likelihoods([decode(im) for im in defective]), model)
-    else:
-        good = candidate_scores(logp_maps(model, good_images, device, batch_size), model)
-        bad = candidate_scores(logp_maps(model, defective, device, batch_size), model)
+
+    def scores(images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
+        if log_likelihoods is not None:  # a tiled model: stitched maps, one size per image
+            per_image = log_likelihoods([decode(im) for im in images])
+            return stitched_candidate_scores(per_image, model, candidates)
+        return candidate_scores(logp_maps(model, images, device, batch_size), model, candidates)
+
+    good, bad = scores(good_images), scores(defective)
     aurocs = rank_candidates(good, bad)
     best = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
     chosen = official_name(model) if best == "official" else best
