@@ -109,6 +109,12 @@ class Predictor:
         model, config, meta = load_model(run, torch_device)
         threshold = Threshold.from_dict(meta["threshold"])
         if runtime == "onnx":
+            if config.model.tile:
+                # The exported graph scores one tile; stitching needs its per-scale maps, not its output.
+                raise MSFlowError(
+                    f"model '{run}' judges images by tiles of {config.model.tile} px, which the ONNX runtime "
+                    "does not stitch: use --runtime torch (the exported graph scores one tile)"
+                )
             from msflow.infer.export import OnnxModel
 
             onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
@@ -118,12 +124,6 @@ class Predictor:
             if model.metadata.get("checkpoint_sha256") != meta["sha256"]:
                 raise MSFlowError(
                     f"'{onnx_path}' was not exported from this model; run 'msflow export' again"
-                )
-            if config.model.tile:
-                # The exported graph scores one tile; stitching needs its per-scale maps, not its output.
-                raise MSFlowError(
-                    f"model '{run}' judges images by tiles of {config.model.tile} px, which the ONNX runtime "
-                    "does not stitch: use --runtime torch (the exported graph scores one tile)"
                 )
         elif runtime != "torch":
             raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
