@@ -10,9 +10,9 @@ by batch, so nothing accumulates: memory is one batch of maps, whatever the numb
 A model trained with tiles (``ModelConfig.tile``, see :mod:`msflow.data.tiles`) is run here on each
 image's tiles; their per-scale log-likelihood maps are stitched into maps of the whole image, and the
 anomaly maps and the image score are computed from the stitched maps (so every score mode means what
-it means untiled: a top-k fraction is a fraction of the whole image, a per-image maximum is the whole
-image's). Everything that judges images goes through here, so tests, predictions, the service, the
-threshold calibration and the evaluation all tile the same way.
+it means untiled: a per-image maximum is the whole image's, a top-k fraction is of one model input's
+area, see ``msflow.model.anomaly_map``). Everything that judges images goes through here, so tests,
+predictions, the service, the threshold calibration and the evaluation all tile the same way.
 """
 
 from __future__ import annotations
