@@ -192,17 +192,35 @@ class ModelConfig:
     normalization: Literal["per_image", "global"] = option(
         "per_image", "map normalisation; official: per_image; global uses training statistics"
     )
+    # ours: off by default; README "Tiles for large images" says when to use them, with measurements.
+    tile: int = option(
+        0,
+        "judge large images by tiles: TILE x TILE pixels of the original image, each resized to the "
+        "model input (--tile 256 --image-size 256 keeps the original resolution), their maps stitched; "
+        "0 = off (the whole image is resized)",
+    )
+    tile_overlap: float = option(
+        0.25, "share of a tile that overlaps its neighbour, in [0, 0.9); ours: 0.25 blends seams away"
+    )
     seed: int = option(
         9826, "draws the fixed permutations, so models are reproducible; official: 9826", cli=False
     )
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        if self.tile and not 32 <= self.tile <= 16384:
+            raise ConfigError(f"tile must be 0 (off) or a side in [32, 16384] pixels, got {self.tile}")
+        if not 0 <= self.tile_overlap < 0.9:
+            raise ConfigError(f"tile_overlap must be in [0, 0.9), got {self.tile_overlap}")
         object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
             raise ConfigError(f"num_blocks must be three positive counts, got {self.num_blocks}")
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         object.__setattr__(self, "score", parse_score(self.score))
+        if self.tile and isinstance(self.image_size, tuple):
+            raise ConfigError(
+                f"tiles are square: with tile={self.tile} image_size must be square, got {self.image_size}"
+            )
         if self.cond_channels % 4 or self.cond_channels < 4:
             raise ConfigError(f"cond_channels must be a positive multiple of 4, got {self.cond_channels}")
         if not 0 < self.top_k <= 1:
