@@ -206,6 +206,11 @@ def _fit(
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    if cfg.model.score == "auto" and len(holdout or fit_samples) < 2:  # refused before any work
+        raise MSFlowError(
+            f"--score auto needs at least 2 good images to judge the scores on, '{name}' has "
+            f"{len(holdout or fit_samples)}: name a score (e.g. --score logp:0.01)"
+        )
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
         # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
         # square, so a tiled model's input is the square budget.
