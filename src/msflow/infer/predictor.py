@@ -27,6 +27,7 @@ from msflow.data.images import image_size, to_tensor
 from msflow.device import resolve_device
 from msflow.errors import MSFlowError
 from msflow.evaluate.threshold import Threshold
+from msflow.infer.runtime import Decision, runner, select_runtime
 from msflow.model.anomaly_map import to_original_size
 from msflow.model.checkpoint import load_model
 
@@ -68,7 +69,7 @@ class Predictor:
     """A trained model with its threshold (thread-safe: one forward pass at a time).
 
     Arguments:
-        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"``) or an
+        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"`` or ``"torch-bf16"``) or an
             :class:`~msflow.infer.export.OnnxModel` (``runtime="onnx"``).
         threshold: the decision thresholds; ``None`` only for calibration (raw maps, no verdicts).
     """
@@ -89,44 +90,37 @@ class Predictor:
         self.pixel_range = (0.0, float(len(config.model.num_blocks)))
         self.image_range = (0.0, 1.0)
         self._lock = threading.Lock()  # torch/onnxruntime use all cores anyway
+        self._run = runner(runtime, model, device)
+        self.runtime_decision: Decision | None = None  # what "auto" measured and chose, if it ran
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto", runtime: str = "torch") -> Predictor:
-        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``)."""
+    def load(
+        cls, run: str | Path, device: str = "auto", runtime: str = "torch", batch_size: int = 8
+    ) -> Predictor:
+        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``).
+
+        ``runtime``: ``torch``, ``torch-bf16``, ``onnx``, or ``auto``, the fastest of those this machine
+        offers, measured at ``batch_size`` and checked against float32 torch (:mod:`msflow.infer.runtime`).
+        """
         run = Path(run)
         if not run.exists() and not run.with_suffix(".json").exists():
             raise MSFlowError(f"model '{run}' does not exist (expected a run folder from 'msflow train')")
         torch_device = resolve_device(device)
         model, config, meta = load_model(run, torch_device)
         threshold = Threshold.from_dict(meta["threshold"])
-        if runtime == "onnx":
-            from msflow.infer.export import OnnxModel
-
-            onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
-            if not onnx_path.is_file():
-                raise MSFlowError(f"no '{onnx_path}': run 'msflow export --model {run}' first")
-            model = OnnxModel(onnx_path)
-            if model.metadata.get("checkpoint_sha256") != meta["sha256"]:
-                raise MSFlowError(
-                    f"'{onnx_path}' was not exported from this model; run 'msflow export' again"
-                )
-        elif runtime != "torch":
-            raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
-        return cls(model, config, threshold, torch_device, runtime, meta)
+        run_dir = run if run.is_dir() else run.parent
+        runtime, model, decision = select_runtime(
+            runtime, model, run_dir, meta["sha256"], torch_device, batch_size
+        )
+        predictor = cls(model, config, threshold, torch_device, runtime, meta)
+        predictor.runtime_decision = decision
+        return predictor
 
     # -- the steps ---------------------------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, 3, S, S) images in [0, 1] -> scores (B,), "add" maps and "mul" maps (B, S, S), numpy."""
         with self._lock:
-            if self.runtime == "onnx":
-                return self.model.predict(batch.cpu().numpy())
-            with torch.inference_mode():
-                out = self.model.predict(batch.to(self.device))
-            return (
-                out.scores.float().cpu().numpy(),
-                out.pixel_map.float().cpu().numpy(),
-                out.image_map.float().cpu().numpy(),
-            )
+            return self._run(batch)
 
     @staticmethod
     def _resize(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
