@@ -309,6 +309,11 @@ def measure(
     return {k: len(batch) / max(s, 1e-12) for k, s in best.items()}, diffs, rejected
 
 
+def fastest(speeds: dict[str, float], rejected: dict[str, str]) -> str:
+    """The runtime with the highest speed among those not rejected (float32 torch is never rejected)."""
+    return max((k for k in speeds if k not in rejected), key=lambda k: speeds[k])
+
+
 # --- the decision cache -------------------------------------------------------------------------------
 def decision_key(sha: str, device: torch.device, batch_size: int, names: list[str]) -> dict[str, Any]:
     try:
@@ -414,7 +419,7 @@ def select_runtime(
             runners, batch, float(len(model.parallel_flows)), timer or wall_seconds(device)
         )
         rejected.update(failed)
-        choice = max((k for k in speeds if k not in rejected), key=lambda k: speeds[k])
+        choice = fastest(speeds, rejected)
         decision = Decision(choice, speeds, diffs, rejected, key)
         decision.where = " ".join([save_decision(run_dir, decision), *notes])
     log.info(decision.line())
