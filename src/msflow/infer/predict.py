@@ -212,7 +212,7 @@ def run_predict_on_ray(
     progress: bool = True,
     save_images: bool = True,
     device: str = "auto",
-    runtime: str = "auto",
+    runtime: str = "torch",
     threshold: float | None = None,
     address: str | None = None,
     cpus_per_task: int = 1,
