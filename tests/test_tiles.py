@@ -281,6 +281,8 @@ def test_onnx_runtime_refuses_a_tiled_model_in_one_line(
     assert main([*argv, "--runtime", "onnx"]) == 2
     err = capsys.readouterr().err
     assert "tiles of 64 px" in err and "--runtime torch" in err and len(err.strip().splitlines()) == 1
+    assert main(argv) == 0  # the default, --runtime auto, stitches with torch
+    assert "runtime" not in capsys.readouterr().err  # nothing measured: torch is the only candidate
 
 
 def test_training_images_smaller_than_the_tile_are_refused_by_name(

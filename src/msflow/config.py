@@ -26,6 +26,8 @@ SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be re
 BackboneName = Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
 # AUPRO definitions ``msflow test --pro-mode`` offers: the usual one, and the official code's (B17).
 PRO_MODES = ("standard", "official")
+# Inference runtimes (msflow.infer.runtime); "auto" measures the others and takes the fastest.
+RuntimeName = Literal["auto", "torch", "torch-bf16", "onnx"]
 
 
 def option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - argparse's word

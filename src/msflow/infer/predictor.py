@@ -35,6 +35,7 @@ from msflow.data.tiles import Stitcher, TileDataset, TileGrid, crop, grids_for, 
 from msflow.device import resolve_device
 from msflow.errors import MSFlowError
 from msflow.evaluate.threshold import Threshold
+from msflow.infer.runtime import Decision, runner, select_runtime
 from msflow.model.anomaly_map import log_likelihood_maps, to_original_size, upsample
 from msflow.model.checkpoint import load_model
 
@@ -76,7 +77,7 @@ class Predictor:
     """A trained model with its threshold (thread-safe: one forward pass at a time).
 
     Arguments:
-        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"``) or an
+        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"`` or ``"torch-bf16"``) or an
             :class:`~msflow.infer.export.OnnxModel` (``runtime="onnx"``).
         threshold: the decision thresholds; ``None`` only for calibration (raw maps, no verdicts).
     """
@@ -98,50 +99,45 @@ class Predictor:
         self.image_range = (0.0, 1.0)
         self.tile_batch = 8  # tiles per forward pass when judging decoded images
         self._lock = threading.Lock()  # torch/onnxruntime use all cores anyway
+        self._run = runner(runtime, model, device)
+        self.runtime_decision: Decision | None = None  # what "auto" measured and chose, if it ran
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto", runtime: str = "torch") -> Predictor:
-        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``)."""
+    def load(
+        cls, run: str | Path, device: str = "auto", runtime: str = "torch", batch_size: int = 8
+    ) -> Predictor:
+        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``).
+
+        ``runtime``: ``torch``, ``torch-bf16``, ``onnx``, or ``auto``, the fastest of those this machine
+        offers, measured at ``batch_size`` and checked against float32 torch (:mod:`msflow.infer.runtime`).
+        """
         run = Path(run)
         if not run.exists() and not run.with_suffix(".json").exists():
             raise MSFlowError(f"model '{run}' does not exist (expected a run folder from 'msflow train')")
         torch_device = resolve_device(device)
         model, config, meta = load_model(run, torch_device)
         threshold = Threshold.from_dict(meta["threshold"])
-        if runtime == "onnx":
-            if config.model.tile:
-                # The exported graph scores one tile; stitching needs its per-scale maps, not its output.
+        run_dir = run if run.is_dir() else run.parent
+        if config.model.tile:
+            # Stitching reads the per-scale maps of the torch model; the exported graph scores one tile.
+            if runtime not in ("auto", "torch"):
                 raise MSFlowError(
-                    f"model '{run}' judges images by tiles of {config.model.tile} px, which the ONNX runtime "
-                    "does not stitch: use --runtime torch (the exported graph scores one tile)"
+                    f"model '{run}' judges images by tiles of {config.model.tile} px, which only the torch "
+                    f"runtime stitches: use --runtime torch (not {runtime})"
                 )
-            from msflow.infer.export import OnnxModel
-
-            onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
-            if not onnx_path.is_file():
-                raise MSFlowError(f"no '{onnx_path}': run 'msflow export --model {run}' first")
-            model = OnnxModel(onnx_path)
-            if model.metadata.get("checkpoint_sha256") != meta["sha256"]:
-                raise MSFlowError(
-                    f"'{onnx_path}' was not exported from this model; run 'msflow export' again"
-                )
-        elif runtime != "torch":
-            raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
-        return cls(model, config, threshold, torch_device, runtime, meta)
+            runtime = "torch"
+        runtime, model, decision = select_runtime(
+            runtime, model, run_dir, meta["sha256"], torch_device, batch_size
+        )
+        predictor = cls(model, config, threshold, torch_device, runtime, meta)
+        predictor.runtime_decision = decision
+        return predictor
 
     # -- the steps ---------------------------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, 3, S, S) images in [0, 1] -> scores (B,), "add" maps and "mul" maps (B, S, S), numpy."""
         with self._lock:
-            if self.runtime == "onnx":
-                return self.model.predict(batch.cpu().numpy())
-            with torch.inference_mode():
-                out = self.model.predict(batch.to(self.device))
-            return (
-                out.scores.float().cpu().numpy(),
-                out.pixel_map.float().cpu().numpy(),
-                out.image_map.float().cpu().numpy(),
-            )
+            return self._run(batch)
 
     @staticmethod
     def _resize(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
