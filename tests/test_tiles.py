@@ -173,7 +173,7 @@ def _tile_input(path: Path) -> torch.Tensor:
 
 TILE_FLAGS = [
     "--backbone", "resnet18", "--no-pretrained", "--image-size", "64", "--tile", "64", "--tile-overlap",
-    "0.25", "--epochs", "2", "--quiet",
+    "0.25", "--epochs", "2", "--score", "logp:0.01", "--quiet",
 ]  # fmt: skip
 
 

@@ -45,7 +45,7 @@ from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, train_flows
 from msflow.train.schedule import Plateau, total_epochs
-from msflow.train.score_selection import choose_score
+from msflow.train.score_selection import AUTO_FALLBACK, choose_score
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -206,11 +206,11 @@ def _fit(
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-    if cfg.model.score == "auto" and len(holdout or fit_samples) < 2:  # refused before any work
-        raise MSFlowError(
-            f"--score auto needs at least 2 good images to judge the scores on, '{name}' has "
-            f"{len(holdout or fit_samples)}: name a score (e.g. --score logp:0.01)"
-        )
+    if cfg.model.score == "auto" and len(holdout or fit_samples) < 2:  # nothing to judge the scores on
+        cfg = cfg.updated(model={"score": AUTO_FALLBACK})
+        if dist.is_main:
+            save_yaml(cfg, run_dir / "config.yaml")
+        log(f"image score {AUTO_FALLBACK}: 'auto' needs at least 2 good images to judge the scores on")
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
         # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
         # square, so a tiled model's input is the square budget.

@@ -26,6 +26,8 @@ from msflow.model.msflow import MSFlow
 FRACTIONS = ("0.1", "0.03", "0.01", "0.001", "max")
 CANDIDATES = ("official", *(f"{kind}:{f}" for kind in SCORE_KINDS for f in FRACTIONS))
 SYNTHETIC_PER_IMAGE = 2  # defective copies of each held-out good image
+# "auto" with fewer than two good images to judge on: the score that won on most shared sets.
+AUTO_FALLBACK = "logp:0.01"
 
 
 @torch.no_grad()
@@ -135,4 +137,4 @@ def choose_score(
     return chosen, evidence
 
 
-__all__ = ["CANDIDATES", "candidate_scores", "choose_score", "logp_maps", "rank_candidates"]
+__all__ = ["AUTO_FALLBACK", "CANDIDATES", "candidate_scores", "choose_score", "logp_maps", "rank_candidates"]
