@@ -42,7 +42,7 @@ from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
-from msflow.train.loop import StepHook, TrainState, train_flows
+from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
 from msflow.train.score_selection import choose_score
 
 
@@ -211,7 +211,7 @@ def _fit(
         model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress, dist
     )
     extract_seconds = time.perf_counter() - start
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
 
     def on_epoch_end(state: TrainState) -> None:
