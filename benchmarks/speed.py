@@ -182,11 +182,10 @@ def _write_images(images, folder: Path) -> list:
 
 def phase_train_ours(p: SpeedSettings, bf16: bool = False) -> dict:
     """FeatureCache.build on image files, then train_flows from the cache: the product's own functions."""
-    import torch
 
     from msflow.config import TrainConfig
     from msflow.train.features import FeatureCache
-    from msflow.train.loop import TrainState, train_flows
+    from msflow.train.loop import TrainState, make_optimizer, train_flows
 
     bs, n = p.batch_size, p.images
     device, model, images = _setup(p, n)
@@ -197,7 +196,7 @@ def phase_train_ours(p: SpeedSettings, bf16: bool = False) -> dict:
             lambda: FeatureCache.build(model, samples, device, bs, where="memory", progress=False), device
         )
     _log(f"  ours: FeatureCache.build of {n} image files in {t_extract:.1f} s")
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.trainable_parameters(), 1e-4, device)  # what msflow train runs
     # The official lr, clip and batch; no CUDA AMP (the reference has none); bf16 only when asked.
     cfg = TrainConfig(epochs=1, batch_size=bs, amp=False, seed=p.seed, cpu_bf16=bf16)
 

@@ -148,7 +148,9 @@ class Trainer:
         model.flow_layout = lever.layout
         bs = self.batch_size * lever.batch_scale
         part = FeatureCache([a[: bs * self.steps] for a in self.cache.arrays])
-        cfg = TrainConfig(epochs=1, batch_size=bs, amp=False)
+        # Exactly one epoch: no plateau rule (a checkout that predates it has no ``stop``).
+        stop = {"stop": "schedule"} if "stop" in TrainConfig.__dataclass_fields__ else {}
+        cfg = TrainConfig(epochs=1, batch_size=bs, amp=False, **stop)
         if lever.compile_mode:
             if lever.compile_mode not in self._compiled:
                 self._compiled[lever.compile_mode] = torch.compile(

@@ -24,7 +24,18 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return list(report.read_rows(path))
 
 
-TRAIN_FLAGS = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "64", "--epochs", "2", "--quiet"]
+TRAIN_FLAGS = [
+    "--backbone",
+    "resnet18",
+    "--no-pretrained",
+    "--image-size",
+    "64",
+    "--epochs",
+    "2",
+    "--stop",
+    "schedule",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_schedule_matches_the_official_one() -> None:
-    cfg = TrainConfig()  # 100 epochs: LinearLR(0.1 -> 1, 12) then x0.33 at 70 and 90, stepped per epoch
+    cfg = TrainConfig(stop="schedule")  # 100 epochs: LinearLR(0.1 -> 1, 12), x0.33 at 70 and 90, per epoch
     assert lr_factor(0, cfg) == pytest.approx(0.1)
     assert lr_factor(1, cfg) == pytest.approx(0.175)
     assert lr_factor(12, cfg) == pytest.approx(1.0)
@@ -179,7 +179,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path, data: Path) -> No
 
 
 def test_short_schedules_warm_up_and_decay_at_the_same_relative_points() -> None:
-    cfg = TrainConfig(epochs=10)
+    cfg = TrainConfig(epochs=10, stop="schedule")
     assert lr_factor(0, cfg) == pytest.approx(0.1)
     assert lr_factor(2, cfg) == pytest.approx(1.0)  # warm-up ends at 1.2 epochs
     assert lr_factor(7, cfg) == pytest.approx(0.33)

@@ -72,8 +72,10 @@ class FeatureCache:
         workers: int = 0,
         progress: bool = True,
         dist: Distributed | None = None,
+        fit_statistics: bool = True,
     ) -> FeatureCache:
-        """Extract, then standardise in place (fitting the statistics first when the model uses them).
+        """Extract, then standardise in place (fitting the statistics first when the model uses them,
+        unless ``fit_statistics`` is False: held-out images are standardised with the training ones').
 
         With ``dist`` (data-parallel training) each rank extracts and standardises its own shard, the
         statistics are all-reduced, and the shards are then shared so every rank holds all features.
@@ -102,13 +104,19 @@ class FeatureCache:
             num_workers=workers,
         )
         start = rows.start
-        for batch in tqdm(loader, desc="extract features", disable=not progress, leave=False):
+        for batch in tqdm(
+            loader,
+            desc="extract features" if fit_statistics else "extract held-out features",
+            disable=not progress,
+            leave=False,
+        ):
             feats = model.extract(batch["image"].to(device))
             for a, f in zip(arrays, feats, strict=True):
                 a[start : start + len(f)] = f.float().cpu().numpy()
             start += len(batch["image"])
         cache = cls(arrays, folder)
-        model.fit_standardization(cache.batches(64, rows), reduce=dist.all_sum)
+        if fit_statistics:
+            model.fit_standardization(cache.batches(64, rows), reduce=dist.all_sum)
         for standardize, a in zip(model.standardizers, arrays, strict=True):
             for i in range(rows.start, rows.stop, 64):  # in chunks: a disk cache never has to fit in memory
                 j = min(i + 64, rows.stop)

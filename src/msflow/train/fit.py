@@ -3,8 +3,9 @@
 Run folder::
 
     config.yaml              the resolved configuration (an "auto" image size or score as decided)
-    score_selection.json     with ``score: auto``: every candidate score's AUROC on held-out good images
-                             vs synthetic defects, and the one chosen (no test label is read)
+    score_selection.json     the synthetic check: every candidate score's AUROC on held-out good images
+                             vs synthetic defects, the best one (chosen with ``score: auto``) and the
+                             one used (no test label is read)
     model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
                              before the test evaluation, which then adds its metrics to model.json
     checkpoint/last.*        training state after the last completed epoch (for --resume)
@@ -43,6 +44,7 @@ from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
+from msflow.train.schedule import Plateau, total_epochs
 from msflow.train.score_selection import choose_score
 
 
@@ -72,6 +74,7 @@ def _save_training_state(
         "lr_scale": state.lr_scale,
         "bad_events": state.bad_events,
         "history": state.history,
+        "plateau": state.plateau.to_dict(),
     }
     if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
         raise MSFlowError("refusing to write a checkpoint that holds NaN or inf")
@@ -88,7 +91,13 @@ def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Op
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return TrainState(meta["epoch"], meta["lr_scale"], meta["bad_events"], meta["history"])
+    return TrainState(
+        meta["epoch"],
+        meta["lr_scale"],
+        meta["bad_events"],
+        meta["history"],
+        Plateau.from_dict(meta.get("plateau")),
+    )
 
 
 def _calibrate(
@@ -210,6 +219,21 @@ def _fit(
     cache = FeatureCache.build(
         model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress, dist
     )
+    # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
+    # training statistics; never a test image).
+    holdout_cache = None
+    if cfg.train.stop == "plateau" and holdout:
+        holdout_cache = FeatureCache.build(
+            model,
+            holdout,
+            device,
+            cfg.train.batch_size,
+            cfg.train.cache,
+            cfg.data.workers,
+            progress,
+            dist,
+            fit_statistics=False,
+        )
     extract_seconds = time.perf_counter() - start
     optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
@@ -224,7 +248,7 @@ def _fit(
         if (
             cfg.train.eval_every
             and state.epoch % cfg.train.eval_every == 0
-            and state.epoch < cfg.train.epochs
+            and state.epoch < total_epochs(cfg.train, state.plateau)
         ):
             # Logged only, never used to pick a checkpoint (B14).
             results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
@@ -232,20 +256,43 @@ def _fit(
             model.train()
         with (run_dir / "train_log.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
-        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == cfg.train.epochs:
+        if "plateau_at" in entry:
+            log(
+                f"held-out NLL plateau after epoch {state.epoch}: the learning rate decays from here, "
+                f"training ends after epoch {entry['schedule_epochs']}"
+            )
+        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == total_epochs(
+            cfg.train, state.plateau
+        ):
             _save_training_state(run_dir, model, optimizer, cfg, state)
 
     model.train()
-    train_flows(model, cache, cfg.train, device, state, optimizer, on_epoch_end, step_hook, progress, dist)
+    train_flows(
+        model,
+        cache,
+        cfg.train,
+        device,
+        state,
+        optimizer,
+        on_epoch_end,
+        step_hook,
+        progress,
+        dist,
+        holdout_cache,
+    )
     train_seconds = time.perf_counter() - start
     model.eval()
     model.calibrate_global_normalization(
         ([f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, dist.shard(len(cache)))),
         gather=dist.gather_rows,
     )
-    del cache  # the features are no longer needed (a disk cache deletes its files)
+    del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    if dist.is_main and cfg.model.score == "auto":  # data-parallel: rank 0 picks, the others wait
+    # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
+    # every candidate score's AUROC on the held-out good images vs synthetic defects drawn into them.
+    # With score "auto" the best candidate becomes the run's score. Data-parallel: rank 0 alone.
+    synthetic_auroc = None
+    if dist.is_main and (cfg.model.score == "auto" or len(calib_samples) >= 2):
         chosen, evidence = choose_score(
             model,
             [read_image(s.image) for s in calib_samples],
@@ -253,12 +300,23 @@ def _fit(
             cfg.train.batch_size,
             seed=cfg.train.seed,
             source="holdout" if holdout else "train (no hold-out: biased)",
+            also=None if cfg.model.score == "auto" else cfg.model.score,
         )
-        cfg = cfg.updated(model={"score": chosen})
-        save_yaml(cfg, run_dir / "config.yaml")
+        if cfg.model.score == "auto":
+            cfg = cfg.updated(model={"score": chosen})
+            save_yaml(cfg, run_dir / "config.yaml")
+        evidence["used"] = cfg.model.score
+        synthetic_auroc = evidence["auroc"][cfg.model.score]
         atomic_write_bytes(run_dir / "score_selection.json", json.dumps(evidence, indent=2).encode())
-        auroc = evidence["auroc"][chosen]
-        log(f"image score {chosen} (auto: AUROC {auroc} on held-out vs synthetic defects)")
+        how = (
+            "auto: the best "
+            if evidence["chosen"] == cfg.model.score
+            else f"best candidate {evidence['chosen']} "
+        )
+        log(
+            f"image score {cfg.model.score}: AUROC {synthetic_auroc} on held-out good images vs synthetic "
+            f"defects ({how}{evidence['auroc'][evidence['chosen']]})"
+        )
     # Rank 0's choice reaches every rank (a no-op in one process); the model scores with it from here on.
     cfg = cfg.updated(model=dist.result_from_main({"score": cfg.model.score} if dist.is_main else {}))
     model.config, model.anomaly.score, predictor.config = cfg.model, cfg.model.score, cfg
@@ -268,6 +326,9 @@ def _fit(
         threshold, calib_info = calibrated
         training = {
             "epochs": state.epoch,
+            "stop": cfg.train.stop,
+            "synthetic_auroc": synthetic_auroc,
+            **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
             "train_seconds": round(train_seconds, 2),
             "feature_extraction_seconds": round(extract_seconds, 2),
             **calib_info,

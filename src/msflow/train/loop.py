@@ -3,8 +3,9 @@
 The backbone is frozen and there is no augmentation, so each training image's features are extracted
 once into a :class:`~msflow.features.FeatureCache` and the flows train from it; the official code ran
 (and back-propagated through) the backbone at every step (docs/official-code-differences.md, B8).
-The schedule is the official one as a pure function of the epoch, so ``--resume`` lands exactly where
-it left off (B7). Non-finite losses roll back to the last good state and lower the learning rate.
+The schedule (``msflow.train.schedule``) is a pure function of the epoch and the plateau state, both
+saved in checkpoints, so ``--resume`` lands exactly where it left off (B7). Non-finite losses roll back
+to the last good state and lower the learning rate.
 """
 
 from __future__ import annotations
@@ -23,20 +24,7 @@ from msflow.model.loss import nll
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
-
-
-def lr_factor(epoch: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier for 0-based ``epoch``: linear warm-up times multi-step decay.
-
-    The official code steps LinearLR(0.1 -> 1, 12 sub-epochs) and MultiStepLR([70, 90], 0.33) once per
-    sub-epoch; with ``warmup`` = 0.12 and ``decay_at`` = (0.7, 0.9) of 100 epochs this reproduces it exactly.
-    """
-    warm = 1.0
-    warmup_epochs = cfg.warmup * cfg.epochs
-    if warmup_epochs > 0:
-        warm = cfg.warmup_from + (1 - cfg.warmup_from) * min(epoch, warmup_epochs) / warmup_epochs
-    milestones = [round(f * cfg.epochs) for f in cfg.decay_at]
-    return warm * cfg.decay_gamma ** sum(epoch >= m for m in milestones)
+from msflow.train.schedule import Plateau, lr_factor, total_epochs
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
@@ -58,6 +46,7 @@ class TrainState:
     lr_scale: float = 1.0  # lowered after each non-finite event
     bad_events: int = 0
     history: list[dict] = field(default_factory=list)  # one entry per epoch: loss, lr, seconds
+    plateau: Plateau = field(default_factory=Plateau)  # the plateau rule's state (stop="plateau")
 
 
 StepHook = Callable[[int, int, list[torch.Tensor]], list[torch.Tensor]]
@@ -74,14 +63,17 @@ def train_flows(
     step_hook: StepHook | None = None,
     progress: bool = True,
     dist: Distributed | None = None,
+    holdout: FeatureCache | None = None,
 ) -> TrainState:
-    """Train the flows from cached features for epochs ``state.epoch .. cfg.epochs - 1``.
+    """Train the flows from cached features for epochs ``state.epoch`` to the end of the schedule.
 
     Arguments:
         on_epoch_end: called after every epoch (checkpointing, optional evaluation).
         step_hook: ``(epoch, step, feats) -> feats``, a seam for fault-injection tests.
         dist: data-parallel training (torchrun): each global batch is split across ranks and the
             gradients averaged by DDP, so the steps are those of one process (see ``distributed.py``).
+        holdout: features of the good images held out from training; with ``stop="plateau"`` their
+            NLL after each epoch decides the schedule's length (without them, the training loss does).
     """
     dist = dist or Distributed()
     flow = dist.wrap_flows(model)
@@ -90,15 +82,20 @@ def train_flows(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     params = model.trainable_parameters()
     good = _snapshot(model, optimizer)
-    while state.epoch < cfg.epochs:
+    while state.epoch < total_epochs(cfg, state.plateau):
         epoch = state.epoch
-        lr = cfg.lr * lr_factor(epoch, cfg) * state.lr_scale
+        lr = cfg.lr * lr_factor(epoch, cfg, state.plateau) * state.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         # A generator per epoch: the order depends only on (seed, epoch), so a resumed run is identical.
         order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batches = order.split(cfg.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}",
+            disable=not progress,
+            leave=False,
+        )
         total, count, start, rolled_back = 0.0, 0, time.perf_counter(), False
         for step, idx in enumerate(bar):
             feats = [f.to(device, non_blocking=True) for f in cache.batch(dist.split_batch(idx))]
@@ -140,19 +137,49 @@ def train_flows(
             bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         if rolled_back:
             continue  # redo this epoch from the restored state with the lowered learning rate
-        state.history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": total / max(count, 1),
-                "lr": lr,
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        entry = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr}
+        if cfg.stop == "plateau":
+            entry.update(_plateau_step(model, holdout, entry["loss"], epoch + 1, cfg, state, device))
+        entry["seconds"] = time.perf_counter() - start
+        state.history.append(entry)
         state.epoch += 1
         good = _snapshot(model, optimizer)
         if on_epoch_end is not None:
             on_epoch_end(state)
     return state
+
+
+@torch.no_grad()
+def holdout_nll(model: MSFlow, holdout: FeatureCache, device: torch.device, batch_size: int = 32) -> float:
+    """Mean negative log-likelihood of the held-out features, in nats per latent dimension."""
+    total, dims, count = 0.0, 0, 0
+    for feats in holdout.batches(batch_size):
+        out = model.flow([f.to(device) for f in feats])
+        total += nll([z.float() for z in out.zs], out.log_det.float()).sum().item()
+        dims = sum(z[0].numel() for z in out.zs)
+        count += len(feats[0])
+    return total / (count * dims)
+
+
+def _plateau_step(
+    model: MSFlow,
+    holdout: FeatureCache | None,
+    train_loss: float,
+    epoch: int,
+    cfg: TrainConfig,
+    state: TrainState,
+    device: torch.device,
+) -> dict:
+    """Measure the held-out NLL after ``epoch`` and feed the plateau rule; the log entry's fields."""
+    if holdout is not None and len(holdout):
+        value, key = holdout_nll(model, holdout, device), "holdout_nll"
+    else:  # no held-out images: the training loss per dimension stands in (it cannot show overfitting)
+        value, key = train_loss / sum(c * h * w for c, h, w in model.feature_shapes), "train_nll_per_dim"
+    fields: dict = {key: value}
+    if state.plateau.update(epoch, value, cfg):
+        fields["plateau_at"] = epoch
+        fields["schedule_epochs"] = total_epochs(cfg, state.plateau)
+    return fields
 
 
 def _snapshot(model: MSFlow, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

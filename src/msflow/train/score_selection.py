@@ -78,16 +78,19 @@ def choose_score(
     batch_size: int = 8,
     seed: int = 0,
     source: str = "holdout",
+    also: str | None = None,
 ) -> tuple[str, dict]:
     """The candidate with the best AUROC on held-out good images vs their synthetic defects, and the evidence.
 
-    Ties go to the earlier candidate in :data:`CANDIDATES` ("official" first).
+    Ties go to the earlier candidate in :data:`CANDIDATES` ("official" first). ``also`` is a score that
+    is measured too (the one a run uses, when it is not a candidate) but never chosen.
     """
     if len(good_images) < 2:
         raise ValueError("choosing a score needs at least two held-out good images")
+    candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
     defective = [im for im, _ in synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)]
-    good = candidate_scores(logp_maps(model, good_images, device, batch_size), model)
-    bad = candidate_scores(logp_maps(model, defective, device, batch_size), model)
+    good = candidate_scores(logp_maps(model, good_images, device, batch_size), model, candidates)
+    bad = candidate_scores(logp_maps(model, defective, device, batch_size), model, candidates)
     aurocs = rank_candidates(good, bad)
     best = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
     chosen = official_name(model) if best == "official" else best
