@@ -271,8 +271,8 @@ def _count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def _onnx_runner(model, out: dict):
-    """Export ``model`` and return onnxruntime's scoring function (notes in ``out``), or None."""
+def _onnx_session(model, out: dict):
+    """Export ``model`` and open it with onnxruntime (notes in ``out``), or None."""
     import torch
 
     try:
@@ -281,33 +281,55 @@ def _onnx_runner(model, out: dict):
         with tempfile.TemporaryDirectory(prefix="msflow-bench-") as folder:
             path = Path(folder) / "model.onnx"
             out["onnx_export_seconds"], _ = _timed(lambda: export_onnx(model, path))
-            session = OnnxModel(path, threads=torch.get_num_threads())
+            session = OnnxModel(path, threads=torch.get_num_threads())  # as msflow.infer.runtime opens it
             out["onnx_file_bytes"] = path.stat().st_size
         out["onnx_providers"] = list(session.providers)
         _log(f"  exported ONNX ({out['onnx_file_bytes'] / 1e6:.0f} MB) in {out['onnx_export_seconds']:.1f} s")
-        return lambda x: torch.from_numpy(session.predict(x.cpu().numpy())[0])
+        return session
     except Exception as err:  # noqa: BLE001 - the ONNX part is optional
         out["onnx_note"] = f"skipped: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
         _log(f"  ONNX {out['onnx_note']}")
         return None
 
 
+# Names in this report -> msflow.infer.runtime's names (what --runtime takes).
+RUNTIME_NAMES = {"torch": "torch", "torch_bf16": "torch-bf16", "onnx": "onnx"}
+
+
+def _auto_pick(out: dict, device) -> dict:
+    """What ``--runtime auto`` would choose from these measurements: the fastest runtime it considers on
+    this machine whose outputs agree with float32 torch (msflow.infer.runtime's rule and tolerances)."""
+    from msflow.infer import runtime as rt
+
+    offered = rt.candidates(device)
+    considered = [k for k, name in RUNTIME_NAMES.items() if out.get(k) and name in offered]
+    rejected = {k: "disagrees with float32 torch" for k in considered if not out[f"{k}_agrees"]}
+    speeds = {k: out[k]["img_per_s"] for k in considered}
+    latency = {k: 1.0 / out[k]["latency_ms"] for k in considered}
+    return {
+        "considered": considered,
+        "not_offered": [k for k, n in RUNTIME_NAMES.items() if n not in offered],
+        "rejected": rejected,
+        "batch": rt.fastest(speeds, rejected),
+        "single": rt.fastest(latency, rejected),
+    }
+
+
 def phase_inference(p: SpeedSettings) -> dict:
-    """torch (fp32, bf16) / reference / onnxruntime scoring speed, FLOPs per image, the matmul ceiling."""
+    """Each runtime's img/s at ``batch_size`` and batch-1 latency, run by msflow.infer.runtime's runners
+    (what ``msflow predict``/``serve`` run), next to the reference; FLOPs per image; the matmul ceiling."""
+    import numpy as np
     import torch
 
     from benchmarks.reference import ReferencePath
+    from msflow.infer import runtime as rt
 
     bs = p.batch_size
     device, model, batch = _setup(p, bs)
     ref, single = ReferencePath(model), batch[:1]
-
-    def ours(x, bf16: bool = False):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.inference_mode():
-            return model.predict(x).scores
-
-    scores = ours(batch).float().cpu()
-    ours(single)
+    runners = {"torch": rt.runner("torch", model, device)}
+    expected = runners["torch"](batch)
+    runners["torch"](single)
     # Ours alone so far: this phase's peak RSS up to here is our fp32 inference's own.
     out: dict[str, Any] = {"batch_size": bs, **_peaks(device), "onnx": None, "onnx_note": None}
     a = torch.randn(64, 64)
@@ -318,17 +340,26 @@ def phase_inference(p: SpeedSettings) -> dict:
             "backbone_per_image": _count_flops(lambda: model.extract(single)),
             "reference_per_image": _count_flops(lambda: ref.predict(single)),  # also a warm-up
         }
-    runners = {"torch": ours, "reference": lambda x: ref.predict(x).scores}
-    if p.cpu_bf16:
-        runners["torch_bf16"] = lambda x: ours(x, bf16=True)
-    onnx = None if p.skip_onnx else _onnx_runner(model, out)
+
+    def reference(x):  # its outputs as numpy too, so that both pay the same copies
+        return tuple(t.float().cpu().numpy() for t in ref.predict(x))
+
+    runners["reference"] = reference
+    if p.cpu_bf16 or rt.native_bf16(device):  # what auto considers, and what --cpu-bf16 asks for
+        runners["torch_bf16"] = rt.runner("torch-bf16", model, device)
+    session = None if p.skip_onnx else _onnx_session(model, out)
     if p.skip_onnx:
         out["onnx_note"] = "skipped (--skip-onnx)"
-    elif onnx is not None:
-        runners["onnx"] = onnx
-    for name, fn in list(runners.items())[1:]:  # warm-ups, which also compare the scores with ours
+    elif session is not None:
+        runners["onnx"] = rt.runner("onnx", session, device)
+    pixel_range = float(len(model.parallel_flows))
+    for name, fn in list(runners.items())[1:]:  # warm-ups, which also compare the outputs with ours
         fn(single)
-        out[f"{name}_max_score_difference"] = float((fn(batch).float().cpu() - scores).abs().max())
+        got = fn(batch)
+        out[f"{name}_max_score_difference"] = float(np.abs(got[0] - expected[0]).max())
+        out[f"{name}_differences"] = rt.differences(expected, got, pixel_range)
+        out[f"{name}_agrees"] = rt.agrees(out[f"{name}_differences"])
+    out["torch_agrees"] = True
     # Interleaved rounds, so that load from other processes hits every runtime alike; medians.
     r = max(1, p.inference_repeats)
     times: dict[str, dict[str, list[float]]] = {k: {"batch": [], "single": []} for k in runners}
@@ -348,6 +379,7 @@ def phase_inference(p: SpeedSettings) -> dict:
     for name in runners:
         out[f"{name}_speedup"] = out[name]["img_per_s"] / out["reference"]["img_per_s"]
         out[f"{name}_latency_speedup"] = out["reference"]["latency_ms"] / out[name]["latency_ms"]
+    out["auto"] = _auto_pick(out, device)
     m = torch.randn(2048, 2048, device=device)  # the ceiling right after, under the same load
     m @ m
     gflops = max(10 * 2048**3 / _timed(lambda: [m @ m for _ in range(5)], device)[0] / GB for _ in range(3))
@@ -588,6 +620,24 @@ def _inference_lines(inf: dict) -> list[str]:
         lines.append(
             f"  onnx: export {inf['onnx_export_seconds']:.1f} s, file {inf['onnx_file_bytes'] / 1e6:.0f} MB"
         )
+    from msflow.infer.runtime import MAP_TOLERANCE, SCORE_TOLERANCE
+
+    checks = [
+        f"{k.replace('_', ' ')} {'agrees' if inf[k + '_agrees'] else 'DISAGREES'} (score "
+        f"{inf[k + '_differences']['score']:.1e}, maps {inf[k + '_differences']['pixel_map']:.1e} / "
+        f"{inf[k + '_differences']['image_map']:.1e})"
+        for k in names[2:]
+        if inf[k]
+    ]
+    auto = inf["auto"]
+    lines += [
+        f"  check against float32 torch (tolerance: score {SCORE_TOLERANCE:g} of its scale, maps "
+        f"{MAP_TOLERANCE:g} of their range): " + ("; ".join(checks) or "no other runtime"),
+        f"  --runtime auto would pick: {auto['batch']} at batch {inf['batch_size']} (msflow predict), "
+        f"{auto['single']} at batch 1 (msflow serve); considered {', '.join(auto['considered'])}"
+        + "".join(f"; {k} rejected ({why})" for k, why in auto["rejected"].items())
+        + "".join(f"; {k} not offered on this machine" for k in auto["not_offered"]),
+    ]
     return lines
 
 

@@ -135,6 +135,10 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
         _positive_numbers(inf[name], ["img_per_s", "latency_ms"])
     _positive_numbers(inf, ["torch_speedup"])
     assert inf["onnx"] is None and "skipped" in inf["onnx_note"]
+    auto = inf["auto"]  # ONNX skipped: float32 torch (or bf16 torch, on a CPU with native bf16)
+    assert "onnx" not in auto["considered"] and {auto["batch"], auto["single"]} <= set(auto["considered"])
+    assert f"--runtime auto would pick: {auto['batch']} at batch 4" in printed
+    assert "latency at batch 1 (ms)" in printed
     assert inf["reference_max_score_difference"] < 1e-3  # the reference path scores like the model
     _positive_numbers(
         res["memory"], ["train_ours_peak_bytes", "train_reference_peak_bytes", "inference_peak_bytes"]
@@ -166,6 +170,44 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
             row["comparison"], row["measured"] <= row["bound"]
         )
         assert row["pass"] is expected and row["at_target_setting"] is False
+
+
+def test_auto_pick_follows_the_measured_speeds_and_the_agreement(monkeypatch) -> None:
+    from benchmarks import speed
+    from msflow.infer import runtime as rt
+
+    monkeypatch.setattr(rt, "candidates", lambda device: ["torch", "torch-bf16", "onnx"])
+
+    def measured(onnx_agrees: bool) -> dict:
+        return {
+            "torch": {"img_per_s": 2.0, "latency_ms": 300.0},
+            "torch_bf16": {"img_per_s": 3.0, "latency_ms": 400.0},  # faster in batches, slower alone
+            "onnx": {"img_per_s": 4.0, "latency_ms": 200.0},
+            **{"torch_agrees": True, "torch_bf16_agrees": True, "onnx_agrees": onnx_agrees},
+        }
+
+    cpu = torch.device("cpu")
+    assert speed._auto_pick(measured(True), cpu) | {"considered": 0} == {
+        **{"batch": "onnx", "single": "onnx", "rejected": {}, "not_offered": [], "considered": 0}
+    }
+    pick = speed._auto_pick(measured(False), cpu)
+    assert pick["batch"] == "torch_bf16" and pick["single"] == "torch" and list(pick["rejected"]) == ["onnx"]
+    monkeypatch.setattr(rt, "candidates", lambda device: ["torch", "onnx"])  # bf16 not native here
+    pick = speed._auto_pick(measured(False), cpu)
+    assert pick["batch"] == pick["single"] == "torch" and pick["not_offered"] == ["torch_bf16"]
+
+
+def test_inference_phase_runs_efficientnet_lite0(one_thread) -> None:
+    from dataclasses import replace
+
+    from benchmarks.speed import QUICK, phase_inference
+
+    settings = replace(SpeedSettings(), **QUICK)
+    settings = replace(settings, backbone="efficientnet_lite0", skip_onnx=True, batch_size=2)
+    inf = phase_inference(settings)
+    for name in ("torch", "reference"):
+        _positive_numbers(inf[name], ["img_per_s", "latency_ms"])
+    assert inf["reference_agrees"] and inf["auto"]["batch"] in inf["auto"]["considered"]
 
 
 def test_settings_are_typed_and_checked() -> None:

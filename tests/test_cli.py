@@ -18,6 +18,7 @@ except ImportError:  # tests/ became a package
 
 from msflow.cli import main
 from msflow.evaluate import report
+from msflow.infer.runtime import SCORE_TOLERANCE
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -210,6 +211,28 @@ def test_export_and_onnx_runtime_agree_with_torch(trained: tuple[Path, Path], tm
     torch_scores = np.array([float(p["score"]) for p in outs["torch"]])
     onnx_scores = np.array([float(p["score"]) for p in outs["onnx"]])
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_picks_a_runtime_by_default_with_the_same_verdicts(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, run = trained
+    rows = {}
+    for runtime in ("torch", None):  # None: the default, auto
+        out = tmp_path / (runtime or "auto")
+        flags = ["--runtime", runtime] if runtime else []
+        argv = ["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(out)]
+        assert main([*argv, "--batch-size", "4", *flags, "--quiet"]) == 0
+        rows[runtime or "auto"] = read_rows(out / "predictions.csv")
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("runtime auto -> ")]
+    assert "img/s at batch 4" in line and "torch" in line
+    entry = next(iter(json.loads((run / "runtime.json").read_text())["decisions"].values()))
+    assert line.startswith(f"runtime auto -> {entry['runtime']} ")
+    assert [r["decision"] for r in rows["auto"]] == [r["decision"] for r in rows["torch"]]
+    scores = {k: np.array([float(r["score"]) for r in v]) for k, v in rows.items()}
+    scale = max(1.0, float(np.abs(scores["torch"]).max()))
+    np.testing.assert_allclose(scores["auto"], scores["torch"], rtol=0, atol=SCORE_TOLERANCE * scale)
 
 
 def test_summary_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from msflow.model.coupling import AffineCouplingBlock
+from msflow.model.parallel_flow import positional_encoding_2d
 
 try:
     from flow_helpers import assert_log_det_matches, brute_force_log_det, perturb_coupling_
@@ -176,3 +177,29 @@ def test_permutation_is_a_buffer_not_a_parameter() -> None:
 def test_unknown_clamp_is_rejected() -> None:
     with pytest.raises(ValueError, match="clamp"):
         AffineCouplingBlock(4, COND, clamp="FREIA02")
+
+
+def test_inference_reuses_the_condition_term_until_weight_or_condition_change(float64) -> None:
+    block = AffineCouplingBlock(6, cond_channels=8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for p in block.parameters():  # off the identity init, so that the subnet matters
+            p.add_(0.1 * torch.randn(p.shape))
+    x = torch.randn(2, 6, 5, 4)
+    cond = positional_encoding_2d(8, 5, 4)[None]
+
+    def fresh(c: torch.Tensor) -> torch.Tensor:  # autograd on: the term is always computed anew
+        with torch.enable_grad():
+            return block(x, c)[0].detach()
+
+    with torch.no_grad():
+        first = block(x, cond)[0]
+        term = block._cond_cache[2]
+        assert torch.equal(block(x, cond)[0], first) and block._cond_cache[2] is term  # reused
+        assert torch.equal(first, fresh(cond))
+        block.subnet[0].weight.add_(torch.randn(block.subnet[0].weight.shape))  # as an optimizer step
+        after = block(x, cond)[0]
+        assert torch.equal(after, fresh(cond)) and not torch.allclose(after, first)
+        other = cond.flip(-1).contiguous()
+        assert torch.equal(block(x, other)[0], fresh(other))
+        cond.mul_(2)  # the same tensor changed in place
+        assert torch.equal(block(x, cond)[0], fresh(cond))

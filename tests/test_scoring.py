@@ -154,3 +154,21 @@ def test_rank_candidates_is_the_auroc_of_good_vs_defective() -> None:
     ranks = rank_candidates(good, bad)
     assert ranks["a"] == 100.0
     assert ranks["b"] == pytest.approx(100 * 2 / 6, abs=1e-3)  # 2 of the 6 pairs ordered right
+
+
+def test_score_auto_without_two_good_images_is_one_line(tmp_path) -> None:
+    from fake_data import make_fake_category
+
+    from msflow.config import Config
+    from msflow.errors import MSFlowError
+    from msflow.train.fit import fit
+
+    data = make_fake_category(tmp_path / "one", n_train=1)
+    cfg = Config().updated(
+        model={"backbone": "resnet18", "pretrained": False, "image_size": 64, "score": "auto"},
+        data={"dataset": str(data)},
+        train={"epochs": 1, "batch_size": 4},
+    )
+    with pytest.raises(MSFlowError, match="--score auto needs at least 2 good images"):
+        fit(cfg, tmp_path / "run", progress=False, log=lambda _: None)
+    assert not (tmp_path / "run" / "checkpoint").exists()  # refused before any training

@@ -20,6 +20,7 @@ from msflow.config import (
     BackboneName,
     Config,
     ModelConfig,
+    RuntimeName,
     TrainConfig,
     add_option_argument,
     load_yaml,
@@ -163,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             gpus_per_task=args.gpus_per_task or 0.0,
         )
     else:
-        predictor = Predictor.load(args.model, device=args.device, runtime=args.runtime)
+        predictor = Predictor.load(args.model, args.device, args.runtime, args.batch_size)
         if args.threshold is not None:
             predictor.threshold = predictor.threshold.with_image_threshold(args.threshold)
         summary = run_predict(
@@ -268,6 +269,16 @@ def _inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _runtime_flag(p: argparse.ArgumentParser, batch: str) -> None:
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=get_args(RuntimeName),
+        help=f"auto (default): time each runtime this machine offers at {batch} on a synthetic batch, "
+        "check it against float32 torch, use the fastest (decision cached in the run folder)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve"
@@ -317,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", help="image files and/or folders (recursive)")
     p.add_argument("--output", required=True)
     p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    _runtime_flag(p, "--batch-size")
     p.add_argument("--resume", action="store_true", help="skip images already in --output/predictions.csv")
     _inference_flags(p)
     _ray_flags(p, "chunks of files")
@@ -334,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require this key (header X-API-Key); default: $MSFLOW_API_KEY if set")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    _runtime_flag(p, "batch 1 (one image per request)")
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)
@@ -356,7 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """msflow's own log lines (e.g. which runtime ``auto`` picked) as plain lines on stderr."""
+    import logging
+
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            print(self.format(record), file=sys.stderr)  # whatever sys.stderr is now
+
+    logger = logging.getLogger("msflow")
+    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
+        logger.addHandler(ToStderr())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":

@@ -26,6 +26,8 @@ SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be re
 BackboneName = Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
 # AUPRO definitions ``msflow test --pro-mode`` offers: the usual one, and the official code's (B17).
 PRO_MODES = ("standard", "official")
+# Inference runtimes (msflow.infer.runtime); "auto" measures the others and takes the fastest.
+RuntimeName = Literal["auto", "torch", "torch-bf16", "onnx"]
 
 
 def option(default: Any, help: str, cli: bool = True) -> Any:  # noqa: A002 - argparse's word
@@ -192,17 +194,35 @@ class ModelConfig:
     normalization: Literal["per_image", "global"] = option(
         "per_image", "map normalisation; official: per_image; global uses training statistics"
     )
+    # ours: off by default; README "Tiles for large images" says when to use them, with measurements.
+    tile: int = option(
+        0,
+        "judge large images by tiles: TILE x TILE pixels of the original image, each resized to the "
+        "model input (--tile 256 --image-size 256 keeps the original resolution), their maps stitched; "
+        "0 = off (the whole image is resized)",
+    )
+    tile_overlap: float = option(
+        0.25, "share of a tile that overlaps its neighbour, in [0, 0.9); ours: 0.25 blends seams away"
+    )
     seed: int = option(
         9826, "draws the fixed permutations, so models are reproducible; official: 9826", cli=False
     )
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        if self.tile and not 32 <= self.tile <= 16384:
+            raise ConfigError(f"tile must be 0 (off) or a side in [32, 16384] pixels, got {self.tile}")
+        if not 0 <= self.tile_overlap < 0.9:
+            raise ConfigError(f"tile_overlap must be in [0, 0.9), got {self.tile_overlap}")
         object.__setattr__(self, "num_blocks", tuple(int(n) for n in self.num_blocks))
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
             raise ConfigError(f"num_blocks must be three positive counts, got {self.num_blocks}")
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         object.__setattr__(self, "score", parse_score(self.score))
+        if self.tile and isinstance(self.image_size, tuple):
+            raise ConfigError(
+                f"tiles are square: with tile={self.tile} image_size must be square, got {self.image_size}"
+            )
         if self.cond_channels % 4 or self.cond_channels < 4:
             raise ConfigError(f"cond_channels must be a positive multiple of 4, got {self.cond_channels}")
         if not 0 < self.top_k <= 1:
@@ -270,8 +290,12 @@ class TrainConfig:
         "plateau: the held-out good images' NLL decides where the official schedule's 70 percent mark is "
         "(epochs is then the most); schedule: exactly epochs epochs (official)",
     )
-    patience: int = option(5, "plateau: epochs without a held-out NLL improvement of min_delta")
-    min_delta: float = option(1e-3, "plateau: improvement that counts, in nats per latent dimension")
+    patience: int = option(3, "plateau: the window, in epochs, over which the improvement is judged")
+    min_improvement: float = option(
+        0.01,
+        "plateau: reached when the window improved the held-out NLL by less than this share of its "
+        "improvement since the first epoch",
+    )
     grad_clip: float = option(2.0, "gradient-norm clip; official: 2")
     seed: int = option(9826, "shuffling and initialisation; official: 9826")
     amp: bool = option(True, "float16 mixed precision on CUDA (the official code offers it); ours: on")
@@ -301,8 +325,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ConfigError(f"lr and grad_clip must be positive, got {self.lr}, {self.grad_clip}")
-        if self.min_delta < 0:
-            raise ConfigError(f"min_delta must be >= 0, got {self.min_delta}")
+        if not 0 <= self.min_improvement < 1:
+            raise ConfigError(f"min_improvement must be in [0, 1), got {self.min_improvement}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup must be a fraction of the schedule in [0, 1), got {self.warmup}")
         if any(not 0 < d <= 1 for d in self.decay_at):

@@ -5,8 +5,10 @@
     result = detector.predict("part.png")        # a path, PIL image, numpy array or encoded bytes
     result.score, result.normalized_score, result.is_defective, result.anomaly_map, result.mask
 
-``Detector.fit`` trains from Python with the same code path as ``msflow train``. ``runtime="onnx"``
-runs an exported model (``model.onnx`` in the run folder) with onnxruntime instead of torch.
+``Detector.fit`` trains from Python with the same code path as ``msflow train``. ``runtime="auto"`` (the
+default) times the runtimes this machine offers (float32 torch, ONNX Runtime, bf16 torch where bf16 is
+native) at batch 1 and uses the fastest that agrees with float32 torch (:mod:`msflow.infer.runtime`);
+``"torch"``, ``"onnx"`` or ``"torch-bf16"`` force one.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ class Detector:
         return self.predictor.threshold
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto", runtime: str = "torch") -> Detector:
+    def load(cls, run: str | Path, device: str = "auto", runtime: str = "auto") -> Detector:
         """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``)."""
-        return cls(Predictor.load(run, device, runtime))
+        return cls(Predictor.load(run, device, runtime, batch_size=1))
 
     @staticmethod
     def fit(dataset: str, output: str | Path, config: Config | None = None, **overrides: dict) -> Detector:

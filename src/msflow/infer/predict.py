@@ -222,7 +222,11 @@ def run_predict_on_ray(
     """:func:`run_predict` with chunks of files as Ray tasks, each loading the model from ``model``
     (on a cluster, ``model``, the inputs and ``output`` must be on a shared filesystem)."""
     require_ray()
-    predictor = Predictor.load(model, device="cpu", runtime=runtime)  # refuse a bad model before any task
+    # Refuses a bad model before any task. CPU tasks: "auto" is resolved here, once, so that the tasks do
+    # not all time the runtimes at the same moment on the same cores; GPU tasks resolve it on their GPU.
+    on_cpu = gpus_per_task == 0 and device in ("auto", "cpu")
+    predictor = Predictor.load(model, "cpu", runtime if on_cpu else "torch", batch_size)
+    runtime = predictor.runtime if on_cpu else runtime
     if threshold is not None:
         predictor.threshold = predictor.threshold.with_image_threshold(threshold)
     output = Path(output)

@@ -6,12 +6,19 @@ threshold calibration and the evaluation at the end of training all run images t
 keeps the model's input resolution, for evaluation at model resolution) and asks the
 :class:`~msflow.evaluate.threshold.Threshold` for the decision. Over a dataset it yields results batch
 by batch, so nothing accumulates: memory is one batch of maps, whatever the number of images.
+
+A model trained with tiles (``ModelConfig.tile``, see :mod:`msflow.data.tiles`) is run here on each
+image's tiles; their per-scale log-likelihood maps are stitched into maps of the whole image, and the
+anomaly maps and the image score are computed from the stitched maps (so every score mode means what
+it means untiled: a per-image maximum is the whole image's, a top-k fraction is of one model input's
+area, see ``msflow.model.anomaly_map``). Everything that judges images goes through here, so tests,
+predictions, the service, the threshold calibration and the evaluation all tile the same way.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +31,12 @@ from tqdm import tqdm
 from msflow.config import Config
 from msflow.data.datasets import ImageDataset, Sample
 from msflow.data.images import image_size, to_tensor
+from msflow.data.tiles import Stitcher, TileDataset, TileGrid, crop, grids_for, tile_grid
 from msflow.device import resolve_device
 from msflow.errors import MSFlowError
 from msflow.evaluate.threshold import Threshold
-from msflow.model.anomaly_map import to_original_size
+from msflow.infer.runtime import Decision, runner, select_runtime
+from msflow.model.anomaly_map import log_likelihood_maps, to_original_size, upsample
 from msflow.model.checkpoint import load_model
 
 Resolution = Literal["original", "model"]
@@ -68,7 +77,7 @@ class Predictor:
     """A trained model with its threshold (thread-safe: one forward pass at a time).
 
     Arguments:
-        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"``) or an
+        model: an :class:`~msflow.model.msflow.MSFlow` (``runtime="torch"`` or ``"torch-bf16"``) or an
             :class:`~msflow.infer.export.OnnxModel` (``runtime="onnx"``).
         threshold: the decision thresholds; ``None`` only for calibration (raw maps, no verdicts).
     """
@@ -88,45 +97,47 @@ class Predictor:
         # The "add" map lies in [0, number of scales], the "mul" map in [0, 1] (model/anomaly_map.py).
         self.pixel_range = (0.0, float(len(config.model.num_blocks)))
         self.image_range = (0.0, 1.0)
+        self.tile_batch = 8  # tiles per forward pass when judging decoded images
         self._lock = threading.Lock()  # torch/onnxruntime use all cores anyway
+        self._run = runner(runtime, model, device)
+        self.runtime_decision: Decision | None = None  # what "auto" measured and chose, if it ran
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto", runtime: str = "torch") -> Predictor:
-        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``)."""
+    def load(
+        cls, run: str | Path, device: str = "auto", runtime: str = "torch", batch_size: int = 8
+    ) -> Predictor:
+        """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``).
+
+        ``runtime``: ``torch``, ``torch-bf16``, ``onnx``, or ``auto``, the fastest of those this machine
+        offers, measured at ``batch_size`` and checked against float32 torch (:mod:`msflow.infer.runtime`).
+        """
         run = Path(run)
         if not run.exists() and not run.with_suffix(".json").exists():
             raise MSFlowError(f"model '{run}' does not exist (expected a run folder from 'msflow train')")
         torch_device = resolve_device(device)
         model, config, meta = load_model(run, torch_device)
         threshold = Threshold.from_dict(meta["threshold"])
-        if runtime == "onnx":
-            from msflow.infer.export import OnnxModel
-
-            onnx_path = (run if run.is_dir() else run.parent) / "model.onnx"
-            if not onnx_path.is_file():
-                raise MSFlowError(f"no '{onnx_path}': run 'msflow export --model {run}' first")
-            model = OnnxModel(onnx_path)
-            if model.metadata.get("checkpoint_sha256") != meta["sha256"]:
+        run_dir = run if run.is_dir() else run.parent
+        if config.model.tile:
+            # Stitching reads the per-scale maps of the torch model; the exported graph scores one tile.
+            if runtime not in ("auto", "torch"):
                 raise MSFlowError(
-                    f"'{onnx_path}' was not exported from this model; run 'msflow export' again"
+                    f"model '{run}' judges images by tiles of {config.model.tile} px, which only the torch "
+                    f"runtime stitches: use --runtime torch (not {runtime})"
                 )
-        elif runtime != "torch":
-            raise MSFlowError(f"runtime must be 'torch' or 'onnx', got '{runtime}'")
-        return cls(model, config, threshold, torch_device, runtime, meta)
+            runtime = "torch"
+        runtime, model, decision = select_runtime(
+            runtime, model, run_dir, meta["sha256"], torch_device, batch_size
+        )
+        predictor = cls(model, config, threshold, torch_device, runtime, meta)
+        predictor.runtime_decision = decision
+        return predictor
 
     # -- the steps ---------------------------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, 3, S, S) images in [0, 1] -> scores (B,), "add" maps and "mul" maps (B, S, S), numpy."""
         with self._lock:
-            if self.runtime == "onnx":
-                return self.model.predict(batch.cpu().numpy())
-            with torch.inference_mode():
-                out = self.model.predict(batch.to(self.device))
-            return (
-                out.scores.float().cpu().numpy(),
-                out.pixel_map.float().cpu().numpy(),
-                out.image_map.float().cpu().numpy(),
-            )
+            return self._run(batch)
 
     @staticmethod
     def _resize(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -142,6 +153,72 @@ class Predictor:
             if resolution == "original":
                 pmap, imap = self._resize(pmap, h, w), self._resize(imap, h, w)
             yield Maps(float(score), pmap, imap)
+
+    # -- tiles (ModelConfig.tile) -------------------------------------------------------------------
+    @property
+    def tiled(self) -> bool:
+        return bool(self.config.model.tile)
+
+    def _tile_log_likelihoods(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) tiles -> (B, scales, h, w) log-likelihood maps at the input size (CPU float32)."""
+        if self.runtime != "torch":
+            raise MSFlowError("tiled models run with the torch runtime only")
+        with self._lock, torch.inference_mode():
+            logps = log_likelihood_maps(self.model(batch.to(self.device)).zs)
+            size = self.model.anomaly.image_size
+            return torch.stack([upsample(m.float(), size) for m in logps], dim=1).cpu()
+
+    def _stitched_maps(self, stitcher: Stitcher, resolution: Resolution) -> Maps:
+        """Maps and score of one whole image from its stitched per-scale log-likelihood maps."""
+        stitched = stitcher.result()  # (scales, H', W')
+        logps = [m[None].to(self.device) for m in stitched]
+        with torch.inference_mode():
+            out = self.model.anomaly.from_log_likelihoods(logps, size=tuple(stitched.shape[-2:]))
+        pmap, imap = out.pixel_map[0].float().cpu().numpy(), out.image_map[0].float().cpu().numpy()
+        if resolution == "original":
+            h, w = stitcher.grid.height, stitcher.grid.width
+            pmap, imap = self._resize(pmap, h, w), self._resize(imap, h, w)
+        return Maps(float(out.scores[0]), pmap, imap)
+
+    def _stitch_image(self, image: np.ndarray) -> Stitcher:
+        """One decoded image's tiles, run in batches of ``tile_batch`` and stitched."""
+        model = self.config.model
+        grid = tile_grid(image.shape[0], image.shape[1], model.tile, model.tile_overlap)
+        tiles = [to_tensor(crop(image, box), self.image_size) for box in grid.boxes()]
+        stitcher: Stitcher | None = None
+        for start in range(0, len(tiles), self.tile_batch):
+            logps = self._tile_log_likelihoods(torch.stack(tiles[start : start + self.tile_batch]))
+            stitcher = stitcher or Stitcher(grid, tuple(logps.shape[-2:]))
+            for maps in logps:
+                stitcher.add(maps)
+        assert stitcher is not None  # a grid has at least one tile
+        return stitcher
+
+    def _tiled_iter_maps(
+        self, grids: list[TileGrid], loader: Iterable[dict], resolution: Resolution
+    ) -> Iterator[Maps]:
+        """Stitch the tiles the loader yields (image after image) and yield each image's maps."""
+        stitcher: Stitcher | None = None
+        for batch in loader:
+            logps = self._tile_log_likelihoods(batch["image"])
+            for maps, i in zip(logps, batch["sample"].tolist(), strict=True):
+                stitcher = stitcher or Stitcher(grids[i], tuple(maps.shape[-2:]))
+                stitcher.add(maps)
+                if stitcher.done:
+                    yield self._stitched_maps(stitcher, resolution)
+                    stitcher = None
+
+    def log_likelihoods(self, images: list[np.ndarray]) -> list[list[torch.Tensor]]:
+        """Each decoded image's per-scale (1, h, w) log-likelihood maps, as the image score reads them:
+        stitched over the whole image for a tiled model, the model's own maps otherwise (CPU float32)."""
+        if self.tiled:
+            return [[m[None] for m in self._stitch_image(im).result()] for im in images]
+        out = []
+        for image in images:
+            batch = to_tensor(image, self.image_size)[None].to(self.device)
+            with self._lock, torch.inference_mode():
+                out.append([m.float().cpu() for m in log_likelihood_maps(self.model(batch).zs)])
+        return out
 
     def judge(self, maps: Maps) -> Prediction:
         """The verdict on one image's maps (needs a threshold)."""
@@ -162,6 +239,8 @@ class Predictor:
     def predict_images(self, images: list[np.ndarray]) -> list[Prediction]:
         """Judge decoded images (:func:`msflow.data.images.decode`) in one forward pass; maps at each
         image's original size."""
+        if self.tiled:
+            return [self.judge(self._stitched_maps(self._stitch_image(im), "original")) for im in images]
         batch = torch.stack([to_tensor(im, self.image_size) for im in images])
         return [self.judge(m) for m in self._maps(batch, [image_size(im) for im in images], "original")]
 
@@ -177,6 +256,13 @@ class Predictor:
         """Raw maps of ``samples``, in order, batch by batch (nothing is kept)."""
         if resolution not in ("original", "model"):
             raise MSFlowError(f"resolution must be 'original' or 'model', got {resolution!r}")
+        if self.tiled:  # batches of tiles, stitched image after image
+            grids = grids_for(samples, self.config.model.tile, self.config.model.tile_overlap)
+            tiles = TileDataset(samples, grids, self.image_size)
+            loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers)
+            bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+            yield from self._tiled_iter_maps(grids, bar, resolution)
+            return
         loader = DataLoader(
             ImageDataset(samples, self.image_size), batch_size=batch_size, num_workers=workers
         )

@@ -394,7 +394,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    runtime: str = "torch",
+    runtime: str = "auto",
     max_upload_mb: float = 20.0,
     device: str = "auto",
 ) -> None:
@@ -406,7 +406,7 @@ def serve(
     api_key = api_key or None  # an empty key means no key
     if not (max_upload_mb > 0 and math.isfinite(max_upload_mb)):
         raise MSFlowError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
-    predictor = Predictor.load(model, device=device, runtime=runtime)
+    predictor = Predictor.load(model, device, runtime, batch_size=1)  # a request is one image
     app = create_app(predictor, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     mc = predictor.config.model

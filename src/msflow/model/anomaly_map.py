@@ -21,6 +21,12 @@ mean of its ``fraction`` largest values ("max": the largest one):
 - ``add``  the per-image "add" map;
 - ``logp`` the raw negative log-likelihood -L, no per-image reference and no exp squashing: an image
   that is less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share.
+
+An image judged by tiles (``msflow.data.tiles``) gets these maps from its stitched per-scale maps, which
+cover the whole image; per-image references are then the whole image's, and a fraction is a fraction
+of ONE model input's area (k = fraction x H x W of the input), so "logp:0.01" averages as many pixels,
+at the same scale, as for a single tile: a small defect weighs the same in a 900 x 1200 photograph as
+in one 256 px tile, instead of being averaged with 30 tiles' worth of normal pixels.
 """
 
 from __future__ import annotations
@@ -64,9 +70,14 @@ def _image_max(x: Tensor) -> Tensor:
     return x.flatten(1).max(dim=1).values[:, None, None]
 
 
-def top_k_score(anomaly_map: Tensor, top_k: float) -> Tensor:
-    """Mean of the ``int(H * W * top_k)`` largest values of each (B, H, W) map (at least one)."""
-    k = max(1, int(anomaly_map.shape[-1] * anomaly_map.shape[-2] * top_k))
+def top_k_score(anomaly_map: Tensor, top_k: float, area: int | None = None) -> Tensor:
+    """Mean of the ``int(area * top_k)`` largest values of each (B, H, W) map (at least one, at most all).
+
+    ``area`` defaults to H * W. A map stitched from tiles passes the area of one model input instead, so
+    that a fraction means the same number of pixels at the same scale however large the image is.
+    """
+    pixels = anomaly_map.shape[-1] * anomaly_map.shape[-2]
+    k = min(pixels, max(1, int((pixels if area is None else area) * top_k)))
     return torch.topk(anomaly_map.flatten(1), k, dim=1).values.mean(dim=1)
 
 
@@ -85,19 +96,24 @@ def score_map(kind: str, logps: list[Tensor], size: tuple[int, int], ref_mul: Te
     raise ValueError(f"unknown score map {kind!r}")
 
 
-def reduce_score(anomaly_map: Tensor, fraction: str) -> Tensor:
+def reduce_score(anomaly_map: Tensor, fraction: str, area: int | None = None) -> Tensor:
     """Reduce (B, H, W) maps to (B,) scores: "max" or the top-``fraction`` mean (:func:`top_k_score`)."""
     if fraction == "max":
         return anomaly_map.flatten(1).max(dim=1).values
-    return top_k_score(anomaly_map, float(fraction))
+    return top_k_score(anomaly_map, float(fraction), area)
 
 
 def image_score(
-    score: str, logps: list[Tensor], size: tuple[int, int], ref_mul: Tensor | float = 0.0
+    score: str,
+    logps: list[Tensor],
+    size: tuple[int, int],
+    ref_mul: Tensor | float = 0.0,
+    area: int | None = None,
 ) -> Tensor:
-    """(B,) image scores for a canonical ``KIND:FRACTION`` score name (``msflow.config.parse_score``)."""
+    """(B,) image scores for a canonical ``KIND:FRACTION`` score name (``msflow.config.parse_score``);
+    ``area``: what the fraction is a fraction of (:func:`top_k_score`)."""
     kind, _, fraction = score.partition(":")
-    return reduce_score(score_map(kind, logps, size, ref_mul), fraction)
+    return reduce_score(score_map(kind, logps, size, ref_mul), fraction, area)
 
 
 class AnomalyMapper(nn.Module):
@@ -150,20 +166,26 @@ class AnomalyMapper(nn.Module):
     def forward(self, zs: list[Tensor]) -> AnomalyOutput:
         return self.from_log_likelihoods(log_likelihood_maps(zs))
 
-    def from_log_likelihoods(self, logps: list[Tensor]) -> AnomalyOutput:
-        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies)."""
-        fused = sum(upsample(m, self.image_size) for m in logps)  # (B, H, W), log of the product
+    def from_log_likelihoods(self, logps: list[Tensor], size: tuple[int, int] | None = None) -> AnomalyOutput:
+        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies).
+
+        ``size``: (H, W) of the output maps, default the model's input size; a tiled image passes its
+        stitched maps (``msflow.data.tiles``), already at the size of the whole image.
+        """
+        size = self.image_size if size is None else (int(size[0]), int(size[1]))
+        area = self.image_size[0] * self.image_size[1]  # top-k fractions are of one model input
+        fused = sum(upsample(m, size) for m in logps)  # (B, H, W), log of the product
         if self.normalization == "global":
             image_map = 1 - torch.exp(torch.clamp(fused - self.ref_mul, max=0))
             probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, self.ref_add, strict=True)]
-            pixel_map = len(logps) - sum(upsample(p, self.image_size) for p in probs)
+            pixel_map = len(logps) - sum(upsample(p, size) for p in probs)
         else:
             image_map = 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
             probs = [torch.exp(m - _image_max(m)) for m in logps]
-            summed = sum(upsample(p, self.image_size) for p in probs)
+            summed = sum(upsample(p, size) for p in probs)
             pixel_map = _image_max(summed) - summed
         if self.score in ("official", "auto"):  # "auto" only before training has chosen
-            scores = top_k_score(image_map, self.top_k)
+            scores = top_k_score(image_map, self.top_k, area)
         else:
-            scores = image_score(self.score, logps, self.image_size, self.ref_mul)
+            scores = image_score(self.score, logps, size, self.ref_mul, area)
         return AnomalyOutput(scores, pixel_map, image_map)

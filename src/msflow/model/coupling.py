@@ -94,10 +94,28 @@ class AffineCouplingBlock(nn.Module):
         """
         conv = self.subnet[0]
         h = F.conv2d(x1, conv.weight[:, : self.passive], conv.bias, padding=1)
-        h = h + F.conv2d(cond, conv.weight[:, self.passive :], None, padding=1)
+        h = h + self._cond_term(cond)
         for layer in list(self.subnet)[1:]:  # LayerNorm -> ReLU -> conv
             h = layer(h)
         return h
+
+    def _cond_term(self, cond: Tensor) -> Tensor:
+        """The condition's share of the first conv; kept between calls while nothing can change it.
+
+        Without autograd and autocast (inference), it depends only on the weight and the condition, so
+        it is computed once and reused until the weight is updated in place (its version counter moves),
+        moved, or another condition comes: the same numbers, without a batch-1 convolution per block
+        and batch (which runs on one thread whatever the thread count).
+        """
+        weight = self.subnet[0].weight
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(cond.device.type) or cond.is_inference():
+            return F.conv2d(cond, weight[:, self.passive :], None, padding=1)
+        # The cache holds ``cond`` itself, so an identity test cannot be fooled by a reused address.
+        key = (weight._version, weight.data_ptr(), weight.dtype, cond._version)
+        cache = getattr(self, "_cond_cache", None)
+        if cache is None or cache[0] is not cond or cache[1] != key:
+            cache = self._cond_cache = (cond, key, F.conv2d(cond, weight[:, self.passive :], None, padding=1))
+        return cache[2]
 
     def _log_scale_and_shift(self, x1: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         a = 0.1 * self._subnet(x1, cond)

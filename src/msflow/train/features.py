@@ -1,4 +1,5 @@
-"""The feature cache: every training image goes through the frozen backbone exactly once.
+"""The feature cache: every training image (every tile of it, with ``tile``) goes through the frozen
+backbone exactly once.
 
 Features are stored per scale as (N, C_l, H_l, W_l) float32 arrays, in memory or, when they would
 not fit comfortably, in memory-mapped files on disk. The per-channel standardisation is fitted on
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from msflow.data.datasets import ImageDataset, Sample
+from msflow.data.tiles import TileDataset, training_grids
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 
@@ -28,13 +30,25 @@ def cache_location(need_bytes: int, available_bytes: int) -> str:
     """Where ``cache="auto"`` puts the features: "memory" when they take under :data:`MEMORY_FRACTION`
     of the memory available now, else "disk" (memory-mapped files, read one batch at a time).
 
-    ``need_bytes`` is exact: images x the float32 size of every scale's feature map, the shapes measured
-    by a forward pass of the backbone at the model's input size (``MSFlow.feature_shapes``).
+    ``need_bytes`` is exact: images (tiles, when tiling) x the float32 size of every scale's feature
+    map, the shapes measured by a forward pass of the backbone at the model's input size
+    (``MSFlow.feature_shapes``).
     ``available_bytes`` is the kernel's estimate of memory that can be used without swapping
     (``psutil.virtual_memory().available``). The other 60 % is left for the model, the training step,
     the evaluation and everything else on the machine.
     """
     return "memory" if need_bytes < MEMORY_FRACTION * available_bytes else "disk"
+
+
+def training_inputs(model: MSFlow, samples: list[Sample]) -> Dataset:
+    """The model inputs the flows learn: every tile of every image with ``tile`` (an image smaller than
+    a tile is refused, naming it), else every image resized."""
+    config = model.config
+    if config.tile:
+        return TileDataset(
+            samples, training_grids(samples, config.tile, config.tile_overlap), config.image_size
+        )
+    return ImageDataset(samples, config.image_size)
 
 
 class FeatureCache:
@@ -74,16 +88,18 @@ class FeatureCache:
         dist: Distributed | None = None,
         fit_statistics: bool = True,
     ) -> FeatureCache:
-        """Extract, then standardise in place (fitting the statistics first when the model uses them,
-        unless ``fit_statistics`` is False: held-out images are standardised with the training ones').
+        """Extract (one row per image, or per tile when tiling), then standardise in place (fitting the
+        statistics first when the model uses them, unless ``fit_statistics`` is False: held-out images
+        are standardised with the training ones').
 
         With ``dist`` (data-parallel training) each rank extracts and standardises its own shard, the
         statistics are all-reduced, and the shards are then shared so every rank holds all features.
         """
         dist = dist or Distributed()
-        rows = dist.shard(len(samples))
+        dataset = training_inputs(model, samples)
+        n = len(dataset)
+        rows = dist.shard(n)
         shapes = model.feature_shapes
-        n = len(samples)
         need = n * sum(c * h * w for c, h, w in shapes) * 4
         if where == "auto":
             where = cache_location(need, psutil.virtual_memory().available)
@@ -99,7 +115,7 @@ class FeatureCache:
         else:
             arrays = [np.empty((n, *s), dtype=np.float32) for s in shapes]
         loader = DataLoader(
-            ImageDataset(samples[rows.start : rows.stop], model.config.image_size),
+            Subset(dataset, range(rows.start, rows.stop)),
             batch_size=batch_size,
             num_workers=workers,
         )

@@ -206,9 +206,17 @@ def _fit(
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    if cfg.model.score == "auto" and len(holdout or fit_samples) < 2:  # refused before any work
+        raise MSFlowError(
+            f"--score auto needs at least 2 good images to judge the scores on, '{name}' has "
+            f"{len(holdout or fit_samples)}: name a score (e.g. --score logp:0.01)"
+        )
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
-        # Every rank resolves the same size from the same files; rank 0 alone writes it down.
-        cfg = cfg.updated(model={"image_size": resolve_image_size(cfg.model.image_size, fit_samples)})
+        # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
+        # square, so a tiled model's input is the square budget.
+        size = cfg.model.image_size
+        size = int(size.partition(":")[2]) if cfg.model.tile else resolve_image_size(size, fit_samples)
+        cfg = cfg.updated(model={"image_size": size})
         if dist.is_main:
             save_yaml(cfg, run_dir / "config.yaml")
         log(f"image size {cfg.model.image_size} (auto: the training images' median aspect ratio)")
@@ -235,6 +243,11 @@ def _fit(
             fit_statistics=False,
         )
     extract_seconds = time.perf_counter() - start
+    if cfg.model.tile:
+        log(
+            f"tiles of {cfg.model.tile} px (overlap {cfg.model.tile_overlap:g}) resized to "
+            f"{cfg.model.image_size}: {len(cache)} training tiles from {len(fit_samples)} images"
+        )
     optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
 
@@ -286,6 +299,7 @@ def _fit(
         ([f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, dist.shard(len(cache)))),
         gather=dist.gather_rows,
     )
+    training_rows = len(cache)
     del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
@@ -300,6 +314,7 @@ def _fit(
             cfg.train.batch_size,
             seed=cfg.train.seed,
             source="holdout" if holdout else "train (no hold-out: biased)",
+            log_likelihoods=predictor.log_likelihoods if cfg.model.tile else None,
             also=None if cfg.model.score == "auto" else cfg.model.score,
         )
         if cfg.model.score == "auto":
@@ -331,6 +346,7 @@ def _fit(
             **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
             "train_seconds": round(train_seconds, 2),
             "feature_extraction_seconds": round(extract_seconds, 2),
+            **({"training_tiles": training_rows} if cfg.model.tile else {}),
             **calib_info,
         }
         # Saved before the test evaluation: from here on, nothing trained can be lost.

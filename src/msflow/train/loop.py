@@ -170,13 +170,15 @@ def _plateau_step(
     state: TrainState,
     device: torch.device,
 ) -> dict:
-    """Measure the held-out NLL after ``epoch`` and feed the plateau rule; the log entry's fields."""
+    """Measure the held-out NLL after ``epoch`` and feed the plateau rule (which reads the values of every
+    epoch so far, kept in the history: a resumed run decides the same); the log entry's fields."""
     if holdout is not None and len(holdout):
         value, key = holdout_nll(model, holdout, device), "holdout_nll"
     else:  # no held-out images: the training loss per dimension stands in (it cannot show overfitting)
         value, key = train_loss / sum(c * h * w for c, h, w in model.feature_shapes), "train_nll_per_dim"
     fields: dict = {key: value}
-    if state.plateau.update(epoch, value, cfg):
+    values = [e[key] for e in state.history if key in e] + [value]  # this epoch is not in the history yet
+    if state.plateau.update(values, cfg):
         fields["plateau_at"] = epoch
         fields["schedule_epochs"] = total_epochs(cfg, state.plateau)
     return fields

@@ -8,9 +8,10 @@ of 100 epochs, then the learning rate constant until 70 %, multiplied by 0.33 th
 
 ``stop="plateau"`` (ours) lets the data decide where the 70 % mark is. After the warm-up, the mean
 negative log-likelihood of the good images held out from training (never trained on, no test image,
-no label) is measured after every epoch; when it has not improved by ``min_delta`` nats per dimension
-for ``patience`` epochs, that epoch *p* becomes the first decay point, and the rest of the official
-schedule follows at the same proportions (second decay at p * 0.9/0.7, end at p / 0.7). Without a
+no label) is measured after every epoch; when its best value has improved by less than
+``min_improvement`` (1 %) of its whole improvement since the first epoch over the last ``patience``
+epochs, that epoch *p* becomes the first decay point, and the rest of the official schedule follows at
+the same proportions (second decay at p * 0.9/0.7, end at p / 0.7). Without a
 plateau, p is the official 70 % of ``epochs``: the rule can only shorten the official schedule.
 The decision is recorded in ``train_log.jsonl`` and ``model.json``.
 """
@@ -28,34 +29,47 @@ def warmup_epochs(cfg: TrainConfig) -> float:
     return cfg.warmup * cfg.epochs
 
 
+def plateau_reached(values: list[float], cfg: TrainConfig) -> bool:
+    """Whether the held-out NLL, one value per epoch so far, has reached its plateau.
+
+    Scale-free, so that it means the same for every backbone and dataset: over the last ``patience``
+    epochs the best value improved by less than ``min_improvement`` of the whole improvement since the
+    first epoch. Nothing is decided before the warm-up ends (the learning rate is still rising).
+    """
+    epoch = len(values)
+    if epoch < warmup_epochs(cfg) or epoch <= cfg.patience:
+        return False
+    best = min(values)
+    recent_gain = min(values[: epoch - cfg.patience]) - best
+    total_gain = values[0] - best
+    return recent_gain <= cfg.min_improvement * max(total_gain, 0.0)
+
+
 @dataclass
 class Plateau:
-    """State of the plateau rule (saved in checkpoints, so a resumed run decides identically)."""
+    """The plateau rule's decision (saved in checkpoints; the values it reads are in the history)."""
 
-    best: float | None = None  # lowest held-out NLL (nats per dimension) so far
-    best_epoch: int = 0
     decided_at: int | None = None  # epoch p that became the first decay point
 
-    def update(self, epoch: int, holdout_nll: float, cfg: TrainConfig) -> bool:
-        """Record the held-out NLL after ``epoch`` (1-based epochs done); True when the plateau is reached
-        at this epoch. Before the warm-up ends nothing is decided (the learning rate is still rising)."""
+    def update(self, values: list[float], cfg: TrainConfig) -> bool:
+        """Feed the held-out NLL of every epoch so far; True when the plateau is reached at this epoch.
+
+        The official 70 % mark is the latest point: the rule can shorten the schedule, never lengthen it.
+        """
         if self.decided_at is not None:
             return False
-        if self.best is None or holdout_nll < self.best - cfg.min_delta:
-            self.best, self.best_epoch = holdout_nll, epoch
-        # The official 70 % mark is the latest point: the rule can shorten the schedule, never lengthen it.
-        latest = epoch >= round(cfg.decay_at[0] * cfg.epochs)
-        if not latest and (epoch < warmup_epochs(cfg) or epoch - self.best_epoch < cfg.patience):
-            return False
-        self.decided_at = epoch
-        return True
+        epoch = len(values)
+        if epoch >= round(cfg.decay_at[0] * cfg.epochs) or plateau_reached(values, cfg):
+            self.decided_at = epoch
+            return True
+        return False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Plateau:
-        return cls(**d) if d else cls()
+        return cls(decided_at=(d or {}).get("decided_at"))
 
 
 def total_epochs(cfg: TrainConfig, plateau: Plateau | None = None) -> int:
@@ -85,4 +99,4 @@ def lr_factor(epoch: int, cfg: TrainConfig, plateau: Plateau | None = None) -> f
     return warm * cfg.decay_gamma ** sum(epoch >= m for m in milestones)
 
 
-__all__ = ["Plateau", "lr_factor", "total_epochs", "warmup_epochs"]
+__all__ = ["Plateau", "lr_factor", "plateau_reached", "total_epochs", "warmup_epochs"]

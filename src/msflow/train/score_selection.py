@@ -10,14 +10,14 @@ datasets to choose the default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from msflow.config import SCORE_KINDS
-from msflow.data.images import ImageLike, to_tensor
+from msflow.data.images import ImageLike, decode, to_tensor
 from msflow.data.synthetic import AREA_RANGE, synthetic_set
 from msflow.evaluate.metrics import image_auroc
 from msflow.model.anomaly_map import image_score, log_likelihood_maps
@@ -50,16 +50,35 @@ def official_name(model: MSFlow) -> str:
 
 
 def candidate_scores(
-    logps: list[Tensor], model: MSFlow, candidates: Sequence[str] = CANDIDATES, chunk: int = 32
+    logps: list[Tensor],
+    model: MSFlow,
+    candidates: Sequence[str] = CANDIDATES,
+    chunk: int = 32,
+    size: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every candidate's (N,) image scores from per-scale maps (chunked: the maps are full size)."""
+    """Every candidate's (N,) image scores from per-scale maps (chunked: the maps are full size).
+
+    ``size``: the maps' output size, default the model's input size (a tiled image's stitched maps
+    pass their own).
+    """
+    size = size or model.anomaly.image_size
+    area = model.anomaly.image_size[0] * model.anomaly.image_size[1]  # as AnomalyMapper reduces
     names = {c: official_name(model) if c == "official" else c for c in candidates}
     scores: dict[str, list[Tensor]] = {c: [] for c in candidates}
     for start in range(0, int(logps[0].shape[0]), chunk):
         part = [m[start : start + chunk].to(model.anomaly.ref_mul.device) for m in logps]
         for c, name in names.items():
-            scores[c].append(image_score(name, part, model.anomaly.image_size, model.anomaly.ref_mul).cpu())
+            scores[c].append(image_score(name, part, size, model.anomaly.ref_mul, area).cpu())
     return {c: torch.cat(v).double().numpy() for c, v in scores.items()}
+
+
+def stitched_candidate_scores(
+    per_image: list[list[Tensor]], model: MSFlow, candidates: Sequence[str] = CANDIDATES
+) -> dict[str, np.ndarray]:
+    """:func:`candidate_scores` of images given one by one, each its per-scale (1, h, w) maps at its own
+    size (the stitched maps of a tiled model, ``Predictor.log_likelihoods``)."""
+    parts = [candidate_scores(m, model, candidates, size=tuple(m[0].shape[-2:])) for m in per_image]
+    return {c: np.concatenate([p[c] for p in parts]) for c in candidates}
 
 
 def rank_candidates(good: dict[str, np.ndarray], bad: dict[str, np.ndarray]) -> dict[str, float]:
@@ -79,18 +98,27 @@ def choose_score(
     seed: int = 0,
     source: str = "holdout",
     also: str | None = None,
+    log_likelihoods: Callable[[list[np.ndarray]], list[list[Tensor]]] | None = None,
 ) -> tuple[str, dict]:
     """The candidate with the best AUROC on held-out good images vs their synthetic defects, and the evidence.
 
     Ties go to the earlier candidate in :data:`CANDIDATES` ("official" first). ``also`` is a score that
     is measured too (the one a run uses, when it is not a candidate) but never chosen.
+    ``log_likelihoods`` (``Predictor.log_likelihoods``) gives each decoded image's per-scale maps when
+    they are not the model's own, i.e. stitched from tiles.
     """
     if len(good_images) < 2:
         raise ValueError("choosing a score needs at least two held-out good images")
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
     defective = [im for im, _ in synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)]
-    good = candidate_scores(logp_maps(model, good_images, device, batch_size), model, candidates)
-    bad = candidate_scores(logp_maps(model, defective, device, batch_size), model, candidates)
+
+    def scores(images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
+        if log_likelihoods is not None:  # a tiled model: stitched maps, one size per image
+            per_image = log_likelihoods([decode(im) for im in images])
+            return stitched_candidate_scores(per_image, model, candidates)
+        return candidate_scores(logp_maps(model, images, device, batch_size), model, candidates)
+
+    good, bad = scores(good_images), scores(defective)
     aurocs = rank_candidates(good, bad)
     best = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
     chosen = official_name(model) if best == "official" else best

@@ -1,0 +1,431 @@
+"""Which runtime runs a trained model's inference, how each one runs it, and ``auto``: the fastest one.
+
+Three runtimes compute the same :meth:`MSFlow.predict`:
+
+- ``torch``       float32 torch, the reference every other runtime is checked against;
+- ``torch-bf16``  torch under bfloat16 autocast. Offered to ``auto`` only where bf16 is native (a CPU
+                  with AMX or AVX512-BF16 in ``/proc/cpuinfo``, or a CUDA GPU that supports it): on an
+                  AVX2 CPU torch emulates bf16 and runs about 10x slower than float32;
+- ``onnx``        onnxruntime on the model's ONNX export (:mod:`msflow.infer.export`), when
+                  ``onnxruntime`` imports (on a GPU only with its CUDA provider).
+
+``auto`` (the default of ``msflow predict``/``serve`` and :class:`~msflow.detector.Detector`) runs each
+available runtime on a synthetic batch at the model's image size and the batch size in use: one warm-up
+batch, whose outputs must agree with float32 torch within the tolerances below (a runtime that disagrees
+is rejected), then ``TIMED_ROUNDS`` timed batches, interleaved across runtimes so that other processes'
+load hits all of them alike; the fastest batch of each is its speed. The fastest agreeing runtime wins.
+
+The decision (img/s of each runtime, the differences, the choice) is cached in ``runtime.json`` in the
+run folder, keyed by everything that changes the answer (model digest, machine, threads, batch size,
+device, library versions), so the next ``predict`` skips the measurement. The ONNX export is cached as
+``model.onnx`` beside the model (the name ``msflow export`` uses), carrying the checkpoint digest that
+proves it belongs to this model. A read-only run folder still works: both then go to the user cache
+(``$XDG_CACHE_HOME/msflow`` or ``~/.cache/msflow``), and failing that to a temporary file; the log line
+says where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from msflow._version import __version__
+from msflow.config import RuntimeName
+from msflow.errors import CheckpointError, MSFlowError
+from msflow.files import atomic_write_bytes
+
+log = logging.getLogger("msflow.runtime")
+
+CHOICES = get_args(RuntimeName)  # "auto" and the runtimes
+RUNTIMES = CHOICES[1:]
+# Agreement with float32 torch on the synthetic batch. float32 ONNX Runtime differs by ~1e-6; bfloat16
+# (8-bit mantissa, ~4e-3 per rounding) passes only where its errors do not pile up in the maps.
+SCORE_TOLERANCE = 5e-3  # max |score - score_fp32| / max(1, max |score_fp32|)
+MAP_TOLERANCE = 2e-2  # max |map - map_fp32| / the map's range ("add": number of scales, "mul": 1)
+TIMED_ROUNDS = 2
+DECISIONS_FILE = "runtime.json"
+ONNX_FILE = "model.onnx"
+
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # scores (B,), "add" maps, "mul" maps (B, H, W)
+Runner = Callable[[Tensor], Outputs]
+Timer = Callable[[str, Callable[[], object]], float]  # (runtime, one batch) -> seconds
+
+
+# --- running ------------------------------------------------------------------------------------------
+def runner(runtime: str, model: Any, device: torch.device) -> Runner:
+    """How ``runtime`` turns a (B, 3, H, W) batch in [0, 1] into numpy outputs (``model``: an MSFlow,
+    or an :class:`~msflow.infer.export.OnnxModel` for ``onnx``)."""
+    if runtime == "onnx":
+        return lambda batch: model.predict(batch.cpu().numpy())
+    if runtime not in ("torch", "torch-bf16"):
+        raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
+    bf16 = runtime == "torch-bf16"
+
+    def run(batch: Tensor) -> Outputs:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.predict(batch.to(device))
+        return tuple(t.float().cpu().numpy() for t in out)  # type: ignore[return-value]
+
+    return run
+
+
+# --- what this machine offers ---------------------------------------------------------------------------
+def _cpu() -> tuple[str, set[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo; elsewhere what platform says."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    name, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return name or platform.machine(), flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bfloat16 runs in hardware: CPU flags amx_bf16 or avx512_bf16, or a CUDA GPU that supports it."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and bool({"amx_bf16", "avx512_bf16"} & _cpu()[1])
+
+
+def onnx_available(device: torch.device) -> bool:
+    """onnxruntime imports and can run on ``device`` (a GPU needs its CUDA provider)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    return device.type == "cpu"
+
+
+def candidates(device: torch.device) -> list[str]:
+    """The runtimes ``auto`` considers on ``device``, float32 torch first."""
+    found = ["torch"]
+    if native_bf16(device):
+        found.append("torch-bf16")
+    if onnx_available(device):
+        found.append("onnx")
+    return found
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{device.type}:{_cpu()[0]}:{os.cpu_count()} cpus"
+
+
+# --- where files go --------------------------------------------------------------------------------------
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msflow"
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, not guessed: permission bits lie to root)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".msflow-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def _folders(run_dir: Path, sha: str) -> list[tuple[Path, str]]:
+    """Where cached files may live, best first: the run folder, then the user cache for this model."""
+    return [(run_dir, "run folder"), (user_cache_dir() / sha[:16], "user cache")]
+
+
+def _onnx_model(run_dir: Path, model: Any, sha: str, forced: bool, threads: int) -> tuple[Any, str]:
+    """The ONNX export of this checkpoint (reused when its digest matches, else exported); and where."""
+    from msflow.infer.export import OnnxModel, export_onnx
+
+    def matching(path: Path) -> Any | None:
+        try:
+            onnx = OnnxModel(path, threads=threads)
+        except CheckpointError:
+            if forced and path.parent == run_dir:
+                raise
+            return None
+        if onnx.metadata.get("checkpoint_sha256") == sha:
+            return onnx
+        if forced and path.parent == run_dir:  # the user's own export, of another checkpoint
+            raise MSFlowError(f"'{path}' was not exported from this model; run 'msflow export' again")
+        return None
+
+    for folder, where in _folders(run_dir, sha):
+        path = folder / ONNX_FILE
+        if path.is_file() and (onnx := matching(path)) is not None:
+            return onnx, f"{where} {path}"
+    for folder, where in _folders(run_dir, sha):
+        path = folder / ONNX_FILE
+        if not path.exists() and writable(folder):  # never replace a file the user exported
+            export_onnx(model, path, metadata={"checkpoint_sha256": sha})
+            return OnnxModel(path, threads=threads), f"exported to {where} {path}"
+    with tempfile.TemporaryDirectory(prefix="msflow-onnx-") as tmp:  # onnxruntime keeps its own copy
+        path = export_onnx(model, Path(tmp) / ONNX_FILE, metadata={"checkpoint_sha256": sha})
+        return OnnxModel(path, threads=threads), "exported to a temporary file (no writable cache folder)"
+
+
+def open_runtime(
+    runtime: str, model: Any, run_dir: Path, sha: str, device: torch.device, forced: bool = True
+) -> tuple[Any, str]:
+    """(the model object ``runtime`` runs, a note on where it came from)."""
+    if runtime == "onnx":
+        if not onnx_available(device):
+            raise MSFlowError(f"runtime 'onnx' needs onnxruntime able to run on '{device.type}'")
+        return _onnx_model(run_dir, model, sha, forced, torch.get_num_threads())
+    if runtime in ("torch", "torch-bf16"):
+        return model, ""
+    raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+def synthetic_batch(size: tuple[int, int], batch_size: int, seed: int = 0) -> Tensor:
+    """A seeded batch of smooth random images in [0, 1] (not white noise: closer to a photograph)."""
+    g = torch.Generator().manual_seed(seed)
+    height, width = size
+    coarse = torch.rand(batch_size, 3, max(1, height // 16), max(1, width // 16), generator=g)
+    smooth = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return (smooth + 0.05 * torch.randn(batch_size, 3, height, width, generator=g)).clamp(0, 1)
+
+
+def wall_seconds(device: torch.device) -> Timer:
+    """The default timer: wall seconds of one batch (CUDA synchronised so its queued work counts)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timer(_runtime: str, run_batch: Callable[[], object]) -> float:
+        sync()
+        start = time.perf_counter()
+        run_batch()
+        sync()
+        return time.perf_counter() - start
+
+    return timer
+
+
+def differences(reference: Outputs, outputs: Outputs, pixel_range: float) -> dict[str, float]:
+    """Differences to float32 torch, each relative to its scale (see the tolerances above)."""
+    ref_scores, ref_pixel, ref_image = (np.asarray(a, dtype=np.float64) for a in reference)
+    scores, pixel, image = (np.asarray(a, dtype=np.float64) for a in outputs)
+    if scores.shape != ref_scores.shape or pixel.shape != ref_pixel.shape or image.shape != ref_image.shape:
+        return {"score": np.inf, "pixel_map": np.inf, "image_map": np.inf}
+
+    def worst(a: np.ndarray, b: np.ndarray, scale: float) -> float:
+        d = np.abs(a - b)
+        return float(d.max() / scale) if np.isfinite(d).all() else float("inf")
+
+    return {
+        "score": worst(scores, ref_scores, max(1.0, float(np.abs(ref_scores).max()))),
+        "pixel_map": worst(pixel, ref_pixel, pixel_range),
+        "image_map": worst(image, ref_image, 1.0),
+    }
+
+
+def agrees(diff: dict[str, float]) -> bool:
+    return (
+        diff["score"] <= SCORE_TOLERANCE
+        and diff["pixel_map"] <= MAP_TOLERANCE
+        and diff["image_map"] <= MAP_TOLERANCE
+    )
+
+
+@dataclass
+class Decision:
+    """What ``auto`` measured and chose (the content of one entry of ``runtime.json``)."""
+
+    runtime: str
+    img_per_s: dict[str, float]  # every runtime that ran, rejected ones included
+    differences: dict[str, dict[str, float]]  # to float32 torch, relative (see agrees())
+    rejected: dict[str, str]  # runtime -> why
+    key: dict[str, Any]
+    tolerance: dict[str, float] = field(
+        default_factory=lambda: {"score": SCORE_TOLERANCE, "maps": MAP_TOLERANCE}
+    )
+    cached: bool = False  # read back from runtime.json rather than measured now
+    where: str = ""  # where the decision is cached, and the chosen runtime's files
+
+    def line(self) -> str:
+        """The one log line: what was picked and why."""
+        speeds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.img_per_s.items(), key=lambda kv: -kv[1]))
+        rejected = "".join(f"; rejected {k}: {why}" for k, why in self.rejected.items())
+        origin = "cached decision" if self.cached else "measured now"
+        return (
+            f"runtime auto -> {self.runtime} ({origin}: img/s at batch {self.key['batch_size']}, "
+            f"{self.key['threads']} threads: {speeds}; outputs within tolerance of float32 torch"
+            f"{rejected}){' ' + self.where if self.where else ''}"
+        )
+
+
+def measure(
+    runners: dict[str, Runner], batch: Tensor, pixel_range: float, timer: Timer
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
+    """(img/s, differences to float32 torch, rejections) of each runner; ``runners`` must hold "torch"."""
+    reference = runners["torch"](batch)  # also torch's warm-up
+    diffs, rejected, live = {}, {}, ["torch"]
+    for name, run in runners.items():
+        if name == "torch":
+            continue
+        try:
+            diffs[name] = differences(reference, run(batch), pixel_range)  # also the warm-up
+        except Exception as err:  # noqa: BLE001 - a runtime that cannot run is one that is not chosen
+            rejected[name] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:160]}"
+            continue
+        if agrees(diffs[name]):
+            live.append(name)
+        else:
+            worst = ", ".join(f"{k} {v:.1e}" for k, v in diffs[name].items())
+            rejected[name] = f"disagrees with float32 torch ({worst})"
+    best: dict[str, float] = {}
+    for _ in range(TIMED_ROUNDS):
+        for name in runners:
+            if name in live or name in diffs:  # disagreeing ones are timed too, for the record
+                seconds = timer(name, lambda run=runners[name]: run(batch))
+                best[name] = min(best.get(name, float("inf")), seconds)
+    return {k: len(batch) / max(s, 1e-12) for k, s in best.items()}, diffs, rejected
+
+
+def fastest(speeds: dict[str, float], rejected: dict[str, str]) -> str:
+    """The runtime with the highest speed among those not rejected (float32 torch is never rejected)."""
+    return max((k for k in speeds if k not in rejected), key=lambda k: speeds[k])
+
+
+# --- the decision cache -------------------------------------------------------------------------------
+def decision_key(sha: str, device: torch.device, batch_size: int, names: list[str]) -> dict[str, Any]:
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "model_sha256": sha,
+        "machine": _machine(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": int(batch_size),
+        "candidates": list(names),
+        "msflow": __version__,
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+    }
+
+
+def _key_id(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_decisions(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data["decisions"] if isinstance(data.get("decisions"), dict) else {}
+    except (OSError, ValueError, AttributeError, KeyError):
+        return {}  # absent or unreadable: measure again
+
+
+def cached_decision(run_dir: Path, key: dict[str, Any]) -> Decision | None:
+    for folder, where in _folders(run_dir, key["model_sha256"]):
+        entry = _read_decisions(folder / DECISIONS_FILE).get(_key_id(key))
+        if isinstance(entry, dict) and entry.get("key") == key:
+            try:
+                note = f"(from {where} {folder / DECISIONS_FILE})"
+                return Decision(**{**entry, "cached": True, "where": note})
+            except TypeError:
+                return None
+    return None
+
+
+def save_decision(run_dir: Path, decision: Decision) -> str:
+    """Add ``decision`` to the first writable ``runtime.json``; returns where (or why nowhere)."""
+    entry = {k: v for k, v in asdict(decision).items() if k not in ("cached", "where")}
+    for folder, where in _folders(run_dir, decision.key["model_sha256"]):
+        if not writable(folder):
+            continue
+        path = folder / DECISIONS_FILE
+        decisions = _read_decisions(path)
+        decisions[_key_id(decision.key)] = entry
+        try:
+            atomic_write_bytes(path, json.dumps({"decisions": decisions}, indent=2).encode("utf-8"))
+        except OSError:
+            continue
+        return f"(saved in {where} {path})"
+    return "(not saved: neither the run folder nor the user cache is writable)"
+
+
+# --- the entry point --------------------------------------------------------------------------------
+def select_runtime(
+    runtime: str,
+    model: Any,
+    run_dir: Path,
+    sha: str,
+    device: torch.device,
+    batch_size: int = 1,
+    timer: Timer | None = None,
+) -> tuple[str, Any, Decision | None]:
+    """Resolve ``runtime`` (``auto`` or one of ``RUNTIMES``) for ``model``, whose checkpoint digest is
+    ``sha``: (name, model object to run, the decision when ``auto``). A named runtime is honoured as
+    asked, without measuring. ``timer`` replaces the wall clock (a seam for tests).
+    """
+    if runtime not in CHOICES:
+        raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
+    if batch_size < 1:
+        raise MSFlowError(f"batch size must be >= 1, got {batch_size}")
+    if runtime != "auto":
+        if runtime == "torch-bf16" and not native_bf16(device):
+            log.warning("runtime torch-bf16 on %s without native bfloat16: slower than fp32", device)
+        obj, where = open_runtime(runtime, model, run_dir, sha, device, forced=True)
+        if where:
+            log.info("runtime %s: %s", runtime, where)
+        return runtime, obj, None
+    names = candidates(device)
+    key = decision_key(sha, device, batch_size, names)
+    decision = cached_decision(run_dir, key)
+    objects: dict[str, Any] = {}
+    if decision is None:
+        runners, rejected, notes = {}, {}, []
+        for name in names:
+            try:
+                objects[name], note = open_runtime(name, model, run_dir, sha, device, forced=False)
+            except Exception as err:  # noqa: BLE001 - e.g. an export that fails: then not a candidate
+                rejected[name] = f"unavailable: {type(err).__name__}: {' '.join(str(err).split())[:160]}"
+                continue
+            runners[name] = runner(name, objects[name], device)
+            notes += [f"{name}: {note}"] if note else []
+        batch = synthetic_batch(model.anomaly.image_size, batch_size)
+        speeds, diffs, failed = measure(
+            runners, batch, float(len(model.parallel_flows)), timer or wall_seconds(device)
+        )
+        rejected.update(failed)
+        choice = fastest(speeds, rejected)
+        decision = Decision(choice, speeds, diffs, rejected, key)
+        decision.where = " ".join([save_decision(run_dir, decision), *notes])
+    log.info(decision.line())
+    if decision.runtime in objects:
+        return decision.runtime, objects[decision.runtime], decision
+    obj, where = open_runtime(decision.runtime, model, run_dir, sha, device, forced=False)
+    if where:
+        log.info("runtime %s: %s", decision.runtime, where)
+    return decision.runtime, obj, decision
