@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msflow.model.layout import permute_channels
+
 CLAMPS = ("freia02", "freia_new")
 
 
@@ -132,14 +134,14 @@ class AffineCouplingBlock(nn.Module):
         log_scale, shift = self._log_scale_and_shift(x1, cond)
         y = torch.cat([x1, x2 * torch.exp(log_scale) + shift], dim=1)
         gamma = self.global_scale()
-        y = (y * gamma + self.global_offset)[:, self.perm]
+        y = permute_channels(y * gamma + self.global_offset, self.perm)
         pixels = x.shape[2] * x.shape[3]
         return y, log_scale.sum(dim=(1, 2, 3)) + pixels * torch.log(gamma).sum()
 
     def inverse(self, y: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Exact inverse of ``forward``; returns x and the inverse log-det (= -forward log-det)."""
         gamma = self.global_scale()
-        y = (y[:, self.perm_inverse] - self.global_offset) / gamma
+        y = (permute_channels(y, self.perm_inverse) - self.global_offset) / gamma
         y1, y2 = y[:, : self.passive], y[:, self.passive :]
         log_scale, shift = self._log_scale_and_shift(y1, cond)
         x = torch.cat([y1, (y2 - shift) * torch.exp(-log_scale)], dim=1)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msflow.model.coupling import ChannelLayerNorm
+from msflow.model.layout import permute_channels
 
 ATAN_FACTOR = 0.636  # the official constant, ~2/pi, so that k maps onto (-alpha, alpha)
 
@@ -100,10 +101,10 @@ class ChannelPermutation(nn.Module):
         self.register_buffer("perm_inverse", torch.argsort(perm))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x[:, self.perm]
+        return permute_channels(x, self.perm)
 
     def inverse(self, x: Tensor) -> Tensor:
-        return x[:, self.perm_inverse]
+        return permute_channels(x, self.perm_inverse)
 
 
 class FusionFlow(nn.Module):

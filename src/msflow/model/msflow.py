@@ -24,6 +24,7 @@ from msflow.config import ModelConfig
 from msflow.model.anomaly_map import AnomalyMapper, AnomalyOutput, log_likelihood_maps
 from msflow.model.backbone import FeatureExtractor
 from msflow.model.fusion_flow import FusionFlow
+from msflow.model.layout import Layout, to_layout
 from msflow.model.parallel_flow import ParallelFlow
 
 
@@ -70,6 +71,9 @@ class MSFlow(nn.Module):
         self.anomaly = AnomalyMapper(
             len(channels), config.size, config.top_k, config.normalization, config.score
         )
+        # How the flows lay out their tensors: "auto" = channels-last on oneDNN CPUs (model/layout.py),
+        # "contiguous" = plain NCHW. Not part of the config: it changes speed, not the model.
+        self.flow_layout: Layout = "auto"
 
     # -- features ------------------------------------------------------------------------------
     def extract(self, images: Tensor) -> list[Tensor]:
@@ -123,6 +127,7 @@ class MSFlow(nn.Module):
     # -- flows -----------------------------------------------------------------------------------
     def flow(self, feats: list[Tensor]) -> FlowOutput:
         """Standardised features -> latents and total log-det (the trainable part)."""
+        feats = to_layout(feats, self.flow_layout)
         zs, log_det = [], feats[0].new_zeros(feats[0].shape[0])
         for flow, f in zip(self.parallel_flows, feats, strict=True):
             z, ld = flow(f)
@@ -133,6 +138,7 @@ class MSFlow(nn.Module):
 
     def flow_inverse(self, zs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Exact inverse of :meth:`flow`: latents -> standardised features, inverse log-det."""
+        zs = to_layout(zs, self.flow_layout)
         xs, log_det = self.fusion_flow.inverse(zs)
         feats = []
         for flow, x in zip(self.parallel_flows, xs, strict=True):

@@ -43,7 +43,7 @@ from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
-from msflow.train.loop import StepHook, TrainState, train_flows
+from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
 from msflow.train.schedule import Plateau, total_epochs
 from msflow.train.score_selection import AUTO_FALLBACK, choose_score
 
@@ -248,7 +248,7 @@ def _fit(
             f"tiles of {cfg.model.tile} px (overlap {cfg.model.tile_overlap:g}) resized to "
             f"{cfg.model.image_size}: {len(cache)} training tiles from {len(fit_samples)} images"
         )
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
 
     def on_epoch_end(state: TrainState) -> None:
