@@ -108,7 +108,7 @@ def table(results: dict) -> str:
     rows = [
         ("before", "before: official score, 256, schedule"),
         ("before_rescored", "before run, re-scored logp:0.01"),
-        ("after", "after: defaults (plateau, auto, logp:0.01)"),
+        ("after", "after: defaults (plateau, auto size, auto score)"),
         ("after_rescored", "after run, re-scored official"),
     ]
     header = " ".join(f"{k:>9s}" for k in ("img AUROC", "pix AUROC", "AUPRO"))
