@@ -677,6 +677,12 @@ def format_report(res: dict) -> str:
         + (" (+ bf16)" if p["cpu_bf16"] else ""),
         f"other processes kept {p['busy_cores_before']:.1f} of {p['cpu_count']} cores busy before the start, "
         f"{p['busy_cores_during']:.1f} on average during the run",
+        (
+            f"GPU: {p['gpu']}"
+            + ("" if p["device_resolved"] == "cuda" else " (not used: run with --device cuda)")
+            if p.get("gpu")
+            else "GPU: none available here (torch sees no CUDA device), so there are no GPU figures"
+        ),
         "",
         *_training_lines(tr, p),
         "",
@@ -840,6 +846,7 @@ def run_bench(p: SpeedSettings) -> dict:
             "device_resolved": p.device,
             "torch_threads": inf["torch_threads"],
             "torch_version": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_count": os.cpu_count(),
             "busy_cores_before": busy,
             "busy_cores_during": _busy_cores(since=counters),

@@ -139,6 +139,9 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
     assert "onnx" not in auto["considered"] and {auto["batch"], auto["single"]} <= set(auto["considered"])
     assert f"--runtime auto would pick: {auto['batch']} at batch 4" in printed
     assert "latency at batch 1 (ms)" in printed
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    assert res["config"]["gpu"] == gpu
+    assert (f"GPU: {gpu}" if gpu else "GPU: none available here") in printed
     assert inf["reference_max_score_difference"] < 1e-3  # the reference path scores like the model
     _positive_numbers(
         res["memory"], ["train_ours_peak_bytes", "train_reference_peak_bytes", "inference_peak_bytes"]
