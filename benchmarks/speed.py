@@ -16,7 +16,7 @@ harness is not part of the installed package; it times the product's own functio
 - **Ceiling.** float32 matmul GFLOP/s and the model's FLOPs per image (a multiply-add counts 2).
 - **EfficientNet-Lite0 flows.** Flow-training img/s of the default backbone (``lite0_image_size`` px,
   ``batch_size``) on the plain path (NCHW, Adam's for-loop: torch's defaults) and on msflow's default
-  path (channels-last on oneDNN CPUs, fused Adam), with GFLOP/s and the share of the matmul ceiling
+  path (channels-last on oneDNN CPUs, foreach Adam), with GFLOP/s and the share of the matmul ceiling
   (``benchmarks/train_profile.py``, which also profiles and tries the other levers).
 - **AUPRO.** :func:`msflow.evaluate.metrics.aupro` against the official 800-threshold loop (no pool).
 
@@ -650,7 +650,7 @@ def _lite0_lines(lt: dict, ceiling: float) -> list[str]:
     ]
     for label, r in (
         ("plain path (NCHW, for-loop Adam)", plain),
-        ("default path (channels-last, fused Adam)", default),
+        ("default path (channels-last, foreach Adam)", default),
     ):
         lines.append(
             _row(
