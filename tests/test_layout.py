@@ -1,4 +1,4 @@
-"""The flows' fast CPU path (channels-last on oneDNN CPUs, foreach Adam) and its equality to the plain path."""
+"""The flows' fast CPU path (channels-last on oneDNN CPUs, foreach Adam), equal to the plain path."""
 
 from __future__ import annotations
 
