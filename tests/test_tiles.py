@@ -204,7 +204,9 @@ def test_train_and_predict_with_tiles_through_the_cli(tiled: tuple[Path, Path], 
     assert main(["test", "--model", str(run), "--data", str(data), "--output", str(again), "--quiet"]) == 0
     retest = json.loads((again / "metrics.json").read_text())
     assert retest["image_auroc"] == pytest.approx(metrics["image_auroc"])
-    assert retest["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
+    # The same maps up to float rounding: training's evaluation and `msflow test` batch the tiles
+    # differently, and oneDNN's convolutions round differently per batch shape (seen: 8e-4 points).
+    assert retest["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-2)
 
 
 def test_one_tile_is_the_untiled_model(tiled: tuple[Path, Path]) -> None:
