@@ -17,7 +17,9 @@ ratio at those epoch counts:
 
 per training image: t_ref one reference epoch, t_extract the feature extraction, t_epoch one of our
 epochs, E our epochs, h the held-out fraction (its images are extracted too and their NLL is measured
-after every epoch, at t_nll per image). Everything on the right is measured; nothing is assumed.
+after every epoch, at t_nll per image). Each term is read from the bench's JSON; ``msflow bench`` does
+not time the held-out NLL yet, so t_nll counts as 0 unless the JSON holds
+``holdout_nll_seconds_per_image`` (it is a forward pass of ~10 % of the images per epoch).
 
     python -m benchmarks.time_to_accuracy --bench bench.json --pair runs/mono runs/mono100 [--pair ...]
 """

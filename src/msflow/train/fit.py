@@ -206,7 +206,8 @@ def _fit(
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-    if cfg.model.score == "auto" and len(holdout or fit_samples) < 2:  # nothing to judge the scores on
+    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
+    if cfg.model.score == "auto" and len(calib_samples) < 2:  # nothing to judge the scores on
         cfg = cfg.updated(model={"score": AUTO_FALLBACK})
         if dist.is_main:
             save_yaml(cfg, run_dir / "config.yaml")
@@ -301,12 +302,11 @@ def _fit(
     )
     training_rows = len(cache)
     del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
-    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
     # every candidate score's AUROC on the held-out good images vs synthetic defects drawn into them.
     # With score "auto" the best candidate becomes the run's score. Data-parallel: rank 0 alone.
     synthetic_auroc = None
-    if dist.is_main and (cfg.model.score == "auto" or len(calib_samples) >= 2):
+    if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer fell back to logp:0.01 above
         chosen, evidence = choose_score(
             model,
             [read_image(s.image) for s in calib_samples],
