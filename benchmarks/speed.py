@@ -19,6 +19,10 @@ harness is not part of the installed package; it times the product's own functio
   path (channels-last on oneDNN CPUs, foreach Adam), with GFLOP/s and the share of the matmul ceiling
   (``benchmarks/train_profile.py``, which also profiles and tries the other levers).
 - **AUPRO.** :func:`msflow.evaluate.metrics.aupro` against the official 800-threshold loop (no pool).
+- **Time to accuracy** (with ``--accuracy-runs``). The training phase also times the held-out NLL that
+  the plateau rule computes after every epoch; with finished run pairs on real data (the defaults vs
+  ``--stop schedule --epochs 100``), :mod:`benchmarks.time_to_accuracy` combines these per-image costs
+  with the epochs each run took into the end-to-end ratio, beside the pairs' accuracy deltas.
 
 Timings on a shared machine are noisy: compare the ratios of one run, measured side by side.
 """
@@ -71,6 +75,11 @@ class SpeedSettings:
     lite0_steps: int = option(3, "training steps per timed epoch of the Lite0 phase (3 rounds per path)")
     skip_lite0: bool = option(False, "do not time the EfficientNet-Lite0 flow training")
     seed: int = option(0, "random weights, images and maps")
+    accuracy_runs: tuple[str, ...] = option(
+        (),
+        "finished run folders in pairs OURS REFERENCE (the defaults vs --stop schedule --epochs 100, same "
+        "data): the time-to-accuracy ratio and the accuracy check it relies on",
+    )
     output: str = option("bench.json", "JSON file for the results")
 
     def __post_init__(self) -> None:
@@ -78,6 +87,14 @@ class SpeedSettings:
             value = getattr(self, f.name)
             if type(value) is int and f.name != "seed" and value < 1:
                 raise MSFlowError(f"bench: --{f.name.replace('_', '-')} must be >= 1, got {value}")
+        if len(self.accuracy_runs) % 2:
+            raise MSFlowError(
+                "bench: --accuracy-runs takes run folders in pairs OURS REFERENCE, "
+                f"got {len(self.accuracy_runs)}"
+            )
+        for run in self.accuracy_runs:
+            if not (Path(run) / "metrics.json").is_file():
+                raise MSFlowError(f"bench: '{run}' is not a finished run folder (no metrics.json)")
         if self.images < self.batch_size:
             raise MSFlowError(
                 f"bench: --images ({self.images}) must be at least --batch-size ({self.batch_size})"
@@ -185,7 +202,7 @@ def phase_train_ours(p: SpeedSettings, bf16: bool = False) -> dict:
 
     from msflow.config import TrainConfig
     from msflow.train.features import FeatureCache
-    from msflow.train.loop import TrainState, make_optimizer, train_flows
+    from msflow.train.loop import TrainState, holdout_nll, make_optimizer, train_flows
 
     bs, n = p.batch_size, p.images
     device, model, images = _setup(p, n)
@@ -215,6 +232,10 @@ def phase_train_ours(p: SpeedSettings, bf16: bool = False) -> dict:
     _log(
         f"  ours: train_flows epochs of {m} and {2 * m} cached images in {t_small:.2f} s and {t_large:.2f} s"
     )
+    # The plateau rule's extra cost: after every epoch, the NLL of the held-out images (a forward pass).
+    holdout_nll(model, FeatureCache([a[:bs] for a in cache.arrays]), device)  # warm-up
+    t_nll, _ = _timed(lambda: holdout_nll(model, cache, device), device)
+    _log(f"  ours: held-out NLL of {n} cached images in {t_nll:.2f} s")
     return {
         **_extrapolate(per_image * p.images, p.images, p, extract=t_extract, per_epoch=fixed),
         "measured_seconds": t_extract + t_small + t_large,
@@ -226,6 +247,7 @@ def phase_train_ours(p: SpeedSettings, bf16: bool = False) -> dict:
         "train_images": 3 * m,
         "train_steps": 3 * math.ceil(m / bs),
         "epoch_fixed_seconds": fixed,
+        "holdout_nll_seconds_per_image": t_nll / n,
         "final_loss": state.history[-1]["loss"],
         **_peaks(device),
     }
@@ -523,6 +545,12 @@ def _targets(res: dict, p: SpeedSettings) -> list[dict]:
     if inf["onnx"]:
         ratio = inf["onnx"]["img_per_s"] / inf["torch"]["img_per_s"]
         rows.append(("ONNX inference img/s vs torch", ratio, ">", 1.0, "x"))
+    tta = res.get("time_to_accuracy")
+    if tta:
+        slowest = min(row["time_to_accuracy_speedup"] for row in tta["pairs"])
+        rows.append(("time to accuracy vs reference (slowest pair)", slowest, ">=", TARGET_E2E, "x"))
+        kept = sum(row["unchanged_accuracy"] for row in tta["pairs"])
+        rows.append(("pairs with unchanged accuracy", kept, ">=", len(tta["pairs"]), ""))
     peak = res["memory"]["train_ours_peak_bytes"] / GB
     rows.append(("training peak memory (ours, RSS)", peak, "<=", TARGET_PEAK_GB, " GB"))
     if ap:
@@ -576,6 +604,8 @@ def _training_lines(tr: dict, p: dict) -> list[str]:
         f"  measured: ours = FeatureCache.build of {n} image files ({o['extract_seconds']:.1f} s) + "
         f"train_flows epochs of {o['train_images'] // 3} and {2 * o['train_images'] // 3} images "
         f"({o['train_seconds']:.1f} s; {o['epoch_fixed_seconds']:.2f} s fixed per epoch);",
+        f"            held-out NLL (the plateau rule's per-epoch check) "
+        f"{1000 * o['holdout_nll_seconds_per_image']:.1f} ms per image;",
         f"            reference = {r['train_images']} images ({r['train_steps']} steps with backbone "
         f"fwd+bwd, {r['train_seconds']:.1f} s).",
         f"  extrapolated linearly to {ep} epochs (each epoch is identical work): ours = "
@@ -594,6 +624,21 @@ def _training_lines(tr: dict, p: dict) -> list[str]:
             f"loss {b['final_loss']:.6g} (float32 {o['final_loss']:.6g})",
         ]
     return lines
+
+
+def _time_to_accuracy_lines(tta: dict | None) -> list[str]:
+    if not tta:
+        return [
+            "Time to accuracy: not measured in this run (it needs finished run pairs on real data:",
+            "  --accuracy-runs OURS REFERENCE ..., the defaults vs --stop schedule --epochs 100)",
+        ]
+    from benchmarks.time_to_accuracy import format_lines
+
+    return [
+        *format_lines(tta),
+        "  = this run's per-image costs (extraction, our epoch, the held-out NLL, the reference's epoch) at",
+        "    the epochs each pair's runs took; accuracy is each pair's test metrics (ours - reference)",
+    ]
 
 
 def _inference_lines(inf: dict) -> list[str]:
@@ -685,6 +730,8 @@ def format_report(res: dict) -> str:
         ),
         "",
         *_training_lines(tr, p),
+        "",
+        *_time_to_accuracy_lines(res.get("time_to_accuracy")),
         "",
         *(
             _lite0_lines(res["lite0_flow_training"], ce["matmul_gflops"]) + [""]
@@ -868,6 +915,11 @@ def run_bench(p: SpeedSettings) -> dict:
     if lite0:
         for r in lite0["levers"].values():  # also against the ceiling of the inference phase
             r["fraction_of_bench_ceiling"] = r["gflops"] / res["ceiling"]["matmul_gflops"]
+    if p.accuracy_runs:  # the epochs each stop rule needed on real data, and the accuracy it kept
+        from benchmarks.time_to_accuracy import report as time_to_accuracy
+
+        pairs = list(zip(p.accuracy_runs[::2], p.accuracy_runs[1::2], strict=True))
+        res["time_to_accuracy"] = time_to_accuracy(res, pairs, reference_epochs=p.epochs)
     res["targets"] = _targets(res, p)
     res["seconds"] = time.perf_counter() - start
     print(format_report(res))

@@ -17,9 +17,11 @@ ratio at those epoch counts:
 
 per training image: t_ref one reference epoch, t_extract the feature extraction, t_epoch one of our
 epochs, E our epochs, h the held-out fraction (its images are extracted too and their NLL is measured
-after every epoch, at t_nll per image). Each term is read from the bench's JSON; ``msflow bench`` does
-not time the held-out NLL yet, so t_nll counts as 0 unless the JSON holds
-``holdout_nll_seconds_per_image`` (it is a forward pass of ~10 % of the images per epoch).
+after every epoch, at t_nll per image). Each term is read from the bench's JSON (a JSON without
+``holdout_nll_seconds_per_image``, written before the bench timed it, counts it as 0).
+
+``msflow bench --accuracy-runs OURS REFERENCE ...`` prints this beside its other figures, from its own
+timings; this command recomputes it from a saved bench JSON:
 
     python -m benchmarks.time_to_accuracy --bench bench.json --pair runs/mono runs/mono100 [--pair ...]
 """

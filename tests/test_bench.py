@@ -113,8 +113,17 @@ def _positive_numbers(d: dict, keys: list[str]) -> None:
 
 
 def test_bench_quick_writes_json(tmp_path, capsys) -> None:
+    from test_time_to_accuracy import make_run
+
+    from benchmarks.time_to_accuracy import ratio
+
+    # Two finished-run pairs (the defaults vs the official length): one within the tolerances, one not.
+    ours = make_run(tmp_path / "ours", "mtd", 40, "plateau", 97.0, 80.0)
+    same = make_run(tmp_path / "same", "mtd", 100, "schedule", 97.2, 80.3)
+    better = make_run(tmp_path / "better", "mtd", 100, "schedule", 97.5, 80.0)
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--skip-onnx", "--output", str(out)]) == 0
+    runs = [str(ours), str(same), str(ours), str(better)]
+    assert main(["bench", "--quick", "--skip-onnx", "--output", str(out), "--accuracy-runs", *runs]) == 0
     printed = capsys.readouterr().out
     assert "Training" in printed and "Targets (stated for" in printed and "FeatureCache.build" in printed
     res = json.loads(out.read_text())
@@ -129,6 +138,16 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
     )
     _positive_numbers(tr, ["e2e_speedup", "per_epoch_speedup"])
     assert tr["ours"]["epoch_fixed_seconds"] >= 0 and np.isfinite(tr["ours"]["final_loss"])
+    _positive_numbers(tr["ours"], ["holdout_nll_seconds_per_image"])
+    # Time to accuracy: this run's per-image costs at the pairs' epochs (holdout_fraction 0.2 -> h 0.25).
+    tta = res["time_to_accuracy"]
+    first, second = tta["pairs"]
+    assert first["time_to_accuracy_speedup"] == pytest.approx(round(ratio(tr, 40, 100, 0.25), 2))
+    assert first["unchanged_accuracy"] and not second["unchanged_accuracy"]
+    assert "Time to accuracy (vs the official loop at 100 epochs)" in printed
+    assert "accuracy unchanged" in printed and "accuracy CHANGED" in printed
+    kept = next(t for t in res["targets"] if t["name"] == "pairs with unchanged accuracy")
+    assert kept["measured"] == 1 and kept["bound"] == 2 and kept["pass"] is False
     assert tr["loss_check"]["relative_difference"] <= 1e-4
     inf = res["inference"]
     for name in ("torch", "reference"):
@@ -219,6 +238,16 @@ def test_settings_are_typed_and_checked() -> None:
         SpeedSettings(images=0)
     with pytest.raises(MSFlowError, match="at least --batch-size"):
         SpeedSettings(images=4, batch_size=8)
+    with pytest.raises(MSFlowError, match="in pairs"):
+        SpeedSettings(accuracy_runs=("a",))
+    with pytest.raises(MSFlowError, match="'nowhere' is not a finished run folder"):
+        SpeedSettings(accuracy_runs=("nowhere", "elsewhere"))
+
+
+def test_bench_without_run_pairs_says_time_to_accuracy_was_not_measured() -> None:
+    from benchmarks.speed import _time_to_accuracy_lines
+
+    assert _time_to_accuracy_lines(None)[0].startswith("Time to accuracy: not measured in this run")
 
 
 def test_bench_without_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
