@@ -14,7 +14,7 @@ from msflow.config import Config, ModelConfig, parse_score
 from msflow.data.synthetic import AREA_RANGE, KINDS, add_defect, synthetic_set
 from msflow.errors import ConfigError
 from msflow.model.anomaly_map import AnomalyMapper, image_score, score_map, upsample
-from msflow.train.score_selection import rank_candidates
+from msflow.train.score_selection import INCUMBENT, difference_lower_bounds, rank_candidates
 
 SIZE = (8, 12)
 
@@ -172,3 +172,41 @@ def test_score_auto_without_two_good_images_falls_back_to_logp(tmp_path) -> None
     fit(cfg, tmp_path / "run", progress=False, log=lines.append)
     assert load_yaml(tmp_path / "run" / "config.yaml").model.score == "logp:0.01"
     assert any("needs at least 2 good images" in line for line in lines)
+
+
+def _scores(rng: np.random.Generator, n: int, separation: float) -> tuple[np.ndarray, np.ndarray]:
+    """n good scores and 2 defective copies of each, the copies ``separation`` higher on average."""
+    good = rng.normal(size=n)
+    return good, np.repeat(good, 2) + separation + rng.normal(size=2 * n)
+
+
+def test_bootstrap_at_unit_weights_is_the_auroc_and_equal_scores_never_win() -> None:
+    rng = np.random.default_rng(0)
+    g, b = _scores(rng, 30, 0.5)
+    good, bad = {INCUMBENT: g, "same": g.copy()}, {INCUMBENT: b, "same": b.copy()}
+    lower = difference_lower_bounds(good, bad, INCUMBENT, rounds=200)
+    assert lower == {INCUMBENT: 0.0, "same": 0.0}  # identical scores: zero difference in every draw
+    # The cluster weights with every count 1 give the plain AUROC (the matrix form of rank_candidates).
+    from msflow.train import score_selection as ss
+
+    auroc = 100 * ss._pair_wins(g, b).mean()
+    assert auroc == pytest.approx(rank_candidates({"x": g}, {"x": b})["x"], abs=1e-3)
+
+
+def test_a_clear_winner_beats_the_incumbent_and_a_lucky_one_does_not() -> None:
+    rng = np.random.default_rng(1)
+    g0, b0 = _scores(rng, 40, 0.0)  # the incumbent near chance
+    g1, b1 = _scores(rng, 40, 3.0)  # a candidate that separates well
+    lower = difference_lower_bounds({INCUMBENT: g0, "clear": g1}, {INCUMBENT: b0, "clear": b1}, INCUMBENT)
+    assert lower["clear"] > 0
+    # Seven good images, and a candidate that orders two more of the 98 pairs right: within the noise.
+    g = np.arange(7.0)
+    b = np.array([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5, 10.5, 11.5, 12.5, 13.5])
+    lucky = b.copy()
+    lucky[[0, 2]] += 1.0  # 0.5 -> 1.5 and 2.5 -> 3.5: each now above one more good image
+    aurocs = rank_candidates({INCUMBENT: g, "lucky": g}, {INCUMBENT: b, "lucky": lucky})
+    assert aurocs["lucky"] > aurocs[INCUMBENT]
+    lower = difference_lower_bounds({INCUMBENT: g, "lucky": g}, {INCUMBENT: b, "lucky": lucky}, INCUMBENT)
+    assert lower["lucky"] <= 0
+    with pytest.raises(ValueError, match="2 defective copies"):
+        difference_lower_bounds({INCUMBENT: g}, {INCUMBENT: b[:5]}, INCUMBENT)

@@ -323,14 +323,10 @@ def _fit(
         evidence["used"] = cfg.model.score
         synthetic_auroc = evidence["auroc"][cfg.model.score]
         atomic_write_bytes(run_dir / "score_selection.json", json.dumps(evidence, indent=2).encode())
-        how = (
-            "auto: the best "
-            if evidence["chosen"] == cfg.model.score
-            else f"best candidate {evidence['chosen']} "
-        )
+        top = evidence["highest_auroc"]
         log(
             f"image score {cfg.model.score}: AUROC {synthetic_auroc} on held-out good images vs synthetic "
-            f"defects ({how}{evidence['auroc'][evidence['chosen']]})"
+            f"defects (auto's pick {evidence['chosen']}; highest {top} {evidence['auroc'][top]})"
         )
     # Rank 0's choice reaches every rank (a no-op in one process); the model scores with it from here on.
     cfg = cfg.updated(model=dist.result_from_main({"score": cfg.model.score} if dist.is_main else {}))
