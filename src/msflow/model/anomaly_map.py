@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msflow.config import AUTO_INCUMBENT
+
 
 class AnomalyOutput(NamedTuple):
     scores: Tensor  # (B,) image anomaly scores (higher = more anomalous)
@@ -184,8 +186,9 @@ class AnomalyMapper(nn.Module):
             probs = [torch.exp(m - _image_max(m)) for m in logps]
             summed = sum(upsample(p, size) for p in probs)
             pixel_map = _image_max(summed) - summed
-        if self.score in ("official", "auto"):  # "auto" only before training has chosen
+        if self.score == "official":
             scores = top_k_score(image_map, self.top_k, area)
-        else:
-            scores = image_score(self.score, logps, size, self.ref_mul, area)
+        else:  # "auto" only before training has chosen: the score auto starts from
+            name = AUTO_INCUMBENT if self.score == "auto" else self.score
+            scores = image_score(name, logps, size, self.ref_mul, area)
         return AnomalyOutput(scores, pixel_map, image_map)

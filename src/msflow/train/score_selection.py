@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from msflow.config import SCORE_KINDS
+from msflow.config import AUTO_INCUMBENT, SCORE_KINDS
 from msflow.data.images import ImageLike, decode, to_tensor
 from msflow.data.synthetic import AREA_RANGE, synthetic_set
 from msflow.evaluate.metrics import image_auroc
@@ -35,7 +35,7 @@ CANDIDATES = ("official", *(f"{kind}:{f}" for kind in SCORE_KINDS for f in FRACT
 SYNTHETIC_PER_IMAGE = 2  # defective copies of each held-out good image
 # The score that won on most shared sets: "auto" keeps it unless a candidate beats it beyond the noise
 # (and uses it when fewer than two good images are left to judge on).
-INCUMBENT = "logp:0.01"
+INCUMBENT = AUTO_INCUMBENT
 AUTO_FALLBACK = INCUMBENT
 CONFIDENCE = 0.95  # of the bootstrap's lower bound, for all challengers together (Bonferroni)
 BOOTSTRAP_ROUNDS = 4000
