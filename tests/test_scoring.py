@@ -210,3 +210,24 @@ def test_a_clear_winner_beats_the_incumbent_and_a_lucky_one_does_not() -> None:
     assert lower["lucky"] <= 0
     with pytest.raises(ValueError, match="2 defective copies"):
         difference_lower_bounds({INCUMBENT: g}, {INCUMBENT: b[:5]}, INCUMBENT)
+
+
+def test_scoring_study_bootstrap_difference_is_the_auroc_difference() -> None:
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "scoring_study.py").is_file():
+        pytest.skip("no benchmarks/ folder (not a source checkout)")
+    sys.path.insert(0, str(root))
+    try:
+        from benchmarks.scoring_study import bootstrap_difference
+    finally:
+        sys.path.remove(str(root))
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.zeros(30, int), np.ones(20, int)]
+    a, b = rng.normal(size=50) + labels, rng.normal(size=50) + 0.3 * labels
+    ranks = rank_candidates({"a": a[:30], "b": b[:30]}, {"a": a[30:], "b": b[30:]})
+    point, low, high = bootstrap_difference(a, b, labels, rounds=500)
+    assert point == pytest.approx(ranks["a"] - ranks["b"], abs=0.01) and low < point < high
+    assert bootstrap_difference(a, a.copy(), labels, rounds=50) == [0.0, 0.0, 0.0]
