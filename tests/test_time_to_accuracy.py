@@ -46,6 +46,14 @@ def test_ratio_by_hand() -> None:
     assert ratio(BENCH["training"], 20, 100, 0.25) == pytest.approx(50 / 2.35)
 
 
+def test_the_fixed_epoch_cost_is_spread_over_the_real_training_images() -> None:
+    # 0.4 s of the bench's 1 s epoch is fixed (the snapshot): with 100 real training images an epoch
+    # costs 0.6 / 10 + 0.4 / 100 = 0.064 s per image -> 50 / (0.25 + 20 x (0.064 + 0.005)) = 50 / 1.63
+    training = {**BENCH["training"], "ours": {**BENCH["training"]["ours"], "epoch_fixed_seconds": 0.4}}
+    assert ratio(training, 20, 100, 0.25, train_images=100) == pytest.approx(50 / 1.63)
+    assert ratio(training, 20, 100, 0.25) == pytest.approx(50 / 2.35)  # unknown: the bench's own images
+
+
 def test_report_checks_the_tolerances(tmp_path: Path) -> None:
     ours = make_run(tmp_path / "ours", "mtd", 20, "plateau", 97.0, 80.0)
     same = make_run(tmp_path / "same", "mtd", 100, "schedule", 97.29, 80.49)  # within 0.3 and 0.5

@@ -342,6 +342,7 @@ def _fit(
             **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
             "train_seconds": round(train_seconds, 2),
             "feature_extraction_seconds": round(extract_seconds, 2),
+            "train_images": len(fit_samples),
             **({"training_tiles": training_rows} if cfg.model.tile else {}),
             **calib_info,
         }
