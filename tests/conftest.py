@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -37,3 +41,20 @@ def torch_single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def benchmark_module() -> Callable[[str], ModuleType]:
+    """Import ``benchmarks.NAME`` of the source checkout; skip the test where there is none."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str) -> ModuleType:
+        if not (root / "benchmarks" / f"{name}.py").is_file():
+            pytest.skip("no benchmarks/ folder (not a source checkout)")
+        sys.path.insert(0, str(root))
+        try:
+            return importlib.import_module(f"benchmarks.{name}")
+        finally:
+            sys.path.remove(str(root))
+
+    return load

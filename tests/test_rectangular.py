@@ -279,17 +279,10 @@ def test_auto_size_and_auto_score_are_resolved_and_recorded(wide_run: Path) -> N
     assert meta["config"]["model"]["image_size"] == [32, 96]
 
 
-def test_auto_score_check_reproduces_the_runs_own_decision(wide_run: Path) -> None:
+def test_auto_score_check_reproduces_the_runs_own_decision(wide_run: Path, benchmark_module) -> None:
     """benchmarks/auto_score_check.py re-runs the synthetic check on a finished run: the same held-out
     images, synthetic defects and rule give the run's recorded evidence."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "auto_score_check.py").is_file():
-        pytest.skip("no benchmarks/ folder (not a source checkout)")
-    sys.path.insert(0, str(root))
-    try:
-        from benchmarks.auto_score_check import check
-    finally:
-        sys.path.remove(str(root))
+    check = benchmark_module("auto_score_check").check
     recorded = json.loads((wide_run / "score_selection.json").read_text())
     again = check(str(wide_run))
     assert again["chosen"] == recorded["chosen"] and again["good_images"] == recorded["good_images"]

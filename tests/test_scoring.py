@@ -212,18 +212,8 @@ def test_a_clear_winner_beats_the_incumbent_and_a_lucky_one_does_not() -> None:
         difference_lower_bounds({INCUMBENT: g}, {INCUMBENT: b[:5]}, INCUMBENT)
 
 
-def test_scoring_study_bootstrap_difference_is_the_auroc_difference() -> None:
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "scoring_study.py").is_file():
-        pytest.skip("no benchmarks/ folder (not a source checkout)")
-    sys.path.insert(0, str(root))
-    try:
-        from benchmarks.scoring_study import bootstrap_difference
-    finally:
-        sys.path.remove(str(root))
+def test_scoring_study_bootstrap_difference_is_the_auroc_difference(benchmark_module) -> None:
+    bootstrap_difference = benchmark_module("scoring_study").bootstrap_difference
     rng = np.random.default_rng(4)
     labels = np.r_[np.zeros(30, int), np.ones(20, int)]
     a, b = rng.normal(size=50) + labels, rng.normal(size=50) + 0.3 * labels
