@@ -103,7 +103,10 @@ def test_a_plateau_ends_training_early_and_is_recorded(data: Path, tmp_path: Pat
     cfg = Config().updated(
         model={"backbone": "resnet18", "pretrained": False, "image_size": 64},
         data={"dataset": str(data), "holdout_fraction": 0.34},
-        train={"epochs": 20, "batch_size": 4, "warmup": 0.1, "patience": 1, "min_improvement": 0.99},
+        train={
+            **{"epochs": 20, "batch_size": 4, "warmup": 0.1, "stop": "plateau"},
+            **{"patience": 1, "min_improvement": 0.99},
+        },
     )
     fit(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
