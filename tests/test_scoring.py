@@ -221,3 +221,19 @@ def test_scoring_study_bootstrap_difference_is_the_auroc_difference(benchmark_mo
     point, low, high = bootstrap_difference(a, b, labels, rounds=500)
     assert point == pytest.approx(ranks["a"] - ranks["b"], abs=0.01) and low < point < high
     assert bootstrap_difference(a, a.copy(), labels, rounds=50) == [0.0, 0.0, 0.0]
+
+
+def test_a_large_check_is_bounded_on_a_subset_and_still_finds_a_clear_winner(monkeypatch) -> None:
+    from msflow.train import score_selection as ss
+
+    shapes = []
+    pair_wins = ss._pair_wins
+    monkeypatch.setattr(ss, "_pair_wins", lambda g, b: shapes.append((len(b), len(g))) or pair_wins(g, b))
+    rng = np.random.default_rng(2)
+    n = ss.BOOTSTRAP_MAX_IMAGES + 300
+    g0, b0 = _scores(rng, n, 0.2)
+    g1, b1 = _scores(rng, n, 1.0)
+    good, bad = {INCUMBENT: g0, "clear": g1}, {INCUMBENT: b0, "clear": b1}
+    lower = difference_lower_bounds(good, bad, INCUMBENT, rounds=300)
+    assert lower["clear"] > 0
+    assert set(shapes) == {(2 * ss.BOOTSTRAP_MAX_IMAGES, ss.BOOTSTRAP_MAX_IMAGES)}  # the seeded subset
