@@ -27,7 +27,7 @@ def feed(plateau: Plateau, values: list[float], cfg: TrainConfig) -> int | None:
 
 
 def test_plateau_by_hand() -> None:
-    cfg = TrainConfig(epochs=100, patience=3, min_improvement=0.01)
+    cfg = TrainConfig(epochs=100, stop="plateau", patience=3, min_improvement=0.01)
     # Held-out NLL falls by 0.1 per epoch until epoch 20 (from 1.0 to -0.9), then by 0.002 per epoch.
     values = [1.0 - 0.1 * (e - 1) for e in range(1, 21)] + [-0.9 - 0.002 * e for e in range(1, 30)]
     # At epoch e > 20 the window gain is 0.006 (3 x 0.002) unless it reaches back before epoch 21;
@@ -44,7 +44,7 @@ def test_plateau_by_hand() -> None:
 
 
 def test_plateau_reached_is_scale_free() -> None:
-    cfg = TrainConfig(epochs=100, patience=3, min_improvement=0.01)
+    cfg = TrainConfig(epochs=100, stop="plateau", patience=3, min_improvement=0.01)
     values = [5.0 - 4.0 * (1 - 0.8**e) for e in range(40)]  # geometric approach to 1.0
     shifted = [1000 * v - 77 for v in values]  # another backbone: other units, other offset
     assert [plateau_reached(values[:e], cfg) for e in range(1, 41)] == [
@@ -56,14 +56,14 @@ def test_plateau_reached_is_scale_free() -> None:
 
 
 def test_nothing_is_decided_during_the_warm_up() -> None:
-    cfg = TrainConfig(epochs=100, patience=2)
+    cfg = TrainConfig(epochs=100, stop="plateau", patience=2)
     plateau = Plateau()
     assert feed(plateau, [1.0] * 12, cfg) == 12  # flat from the start, but the warm-up runs to epoch 12
     assert lr_factor(5, cfg, plateau) == pytest.approx(0.1 + 0.9 * 5 / 12)
 
 
 def test_without_a_plateau_the_schedule_is_the_official_one() -> None:
-    cfg = TrainConfig(epochs=100, patience=5, min_improvement=0.0)
+    cfg = TrainConfig(epochs=100, stop="plateau", patience=5, min_improvement=0.0)
     plateau = Plateau()
     assert feed(plateau, [-float(e) for e in range(1, 101)], cfg) == 70  # the latest decision point
     official = TrainConfig(epochs=100, stop="schedule")
