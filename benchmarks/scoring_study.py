@@ -44,6 +44,7 @@ from msflow.train.score_selection import (
     candidate_scores,
     logp_maps,
     rank_candidates,
+    weighted_auroc,
 )
 
 
@@ -83,9 +84,7 @@ def bootstrap_difference(
     wb = rng.multinomial(bad.sum(), np.full(bad.sum(), 1 / bad.sum()), size=rounds).astype(float)
 
     def auroc(s: np.ndarray, wg: np.ndarray, wb: np.ndarray) -> np.ndarray:
-        g, d = s[good], s[bad]
-        wins = (d[:, None] > g[None, :]) + 0.5 * (d[:, None] == g[None, :])
-        return 100 * ((wb @ wins) * wg).sum(-1) / (wb.sum(-1) * wg.sum(-1))
+        return weighted_auroc(s[good], s[bad], wg, wb)
 
     ones_g, ones_b = np.ones(good.sum()), np.ones(bad.sum())
     point = float(auroc(a, ones_g, ones_b) - auroc(b, ones_g, ones_b))

@@ -18,5 +18,5 @@ def nll(zs: list[Tensor], log_det: Tensor) -> Tensor:
         (B,) losses; training minimises their mean, as the official code (gradient clipping at norm 2
         interacts with this scale, so it is kept for parity).
     """
-    return sum(0.5 * z.pow(2).sum(dim=(1, 2, 3)) for z in zs) - log_det  # no flatten: a channels-last z
-    # would be copied
+    # Summed over (C, H, W) rather than flattened: flattening a channels-last z would copy it.
+    return sum(0.5 * z.pow(2).sum(dim=(1, 2, 3)) for z in zs) - log_det

@@ -45,7 +45,7 @@ from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
 from msflow.train.schedule import Plateau, total_epochs
-from msflow.train.score_selection import AUTO_FALLBACK, choose_score
+from msflow.train.score_selection import INCUMBENT, choose_score
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -208,10 +208,10 @@ def _fit(
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     if cfg.model.score == "auto" and len(calib_samples) < 2:  # nothing to judge the scores on
-        cfg = cfg.updated(model={"score": AUTO_FALLBACK})
+        cfg = cfg.updated(model={"score": INCUMBENT})
         if dist.is_main:
             save_yaml(cfg, run_dir / "config.yaml")
-        log(f"image score {AUTO_FALLBACK}: 'auto' needs at least 2 good images to judge the scores on")
+        log(f"image score {INCUMBENT}: 'auto' needs at least 2 good images to judge the scores on")
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
         # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
         # square, so a tiled model's input is the square budget.
@@ -304,7 +304,8 @@ def _fit(
     del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
     # every candidate score's AUROC on the held-out good images vs synthetic defects drawn into them.
-    # With score "auto" the best candidate becomes the run's score. Data-parallel: rank 0 alone.
+    # With score "auto" its decision (the incumbent unless a candidate is clearly better) becomes the
+    # run's score. Data-parallel: rank 0 alone.
     synthetic_auroc = None
     if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer fell back to logp:0.01 above
         chosen, evidence = choose_score(

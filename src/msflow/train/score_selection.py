@@ -36,7 +36,6 @@ SYNTHETIC_PER_IMAGE = 2  # defective copies of each held-out good image
 # The score that won on most shared sets: "auto" keeps it unless a candidate beats it beyond the noise
 # (and uses it when fewer than two good images are left to judge on).
 INCUMBENT = AUTO_INCUMBENT
-AUTO_FALLBACK = INCUMBENT
 CONFIDENCE = 0.95  # of the bootstrap's lower bound, for all challengers together (Bonferroni)
 BOOTSTRAP_ROUNDS = 4000
 # The bootstrap's cost grows with (images)^2: beyond this many held-out images it resamples a seeded
@@ -111,6 +110,17 @@ def _pair_wins(good: np.ndarray, bad: np.ndarray) -> np.ndarray:
     return (bad[:, None] > good[None, :]) + 0.5 * (bad[:, None] == good[None, :])
 
 
+def weighted_auroc(
+    good: np.ndarray, bad: np.ndarray, good_weights: np.ndarray, bad_weights: np.ndarray
+) -> np.ndarray:
+    """Image AUROC (%) under each row of weights (how often each image was drawn): a bootstrap's AUROCs.
+
+    ``good_weights`` is (rounds, n_good), ``bad_weights`` (rounds, n_bad); rows of ones give the AUROC.
+    """
+    wins = bad_weights @ _pair_wins(good, bad)  # (rounds, n_good)
+    return 100 * (wins * good_weights).sum(-1) / (bad_weights.sum(-1) * good_weights.sum(-1))
+
+
 def difference_lower_bounds(
     good: dict[str, np.ndarray],
     bad: dict[str, np.ndarray],
@@ -140,10 +150,9 @@ def difference_lower_bounds(
         n = BOOTSTRAP_MAX_IMAGES
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)  # (rounds, n)
     bad_counts = np.repeat(counts, per_image, axis=1)  # each copy weighs as its source image
-    norm = counts.sum(1) * bad_counts.sum(1)
 
     def bootstrap_auroc(c: str) -> np.ndarray:
-        return 100 * ((bad_counts @ _pair_wins(good[c], bad[c])) * counts).sum(1) / norm
+        return weighted_auroc(good[c], bad[c], counts, bad_counts)
 
     base = bootstrap_auroc(incumbent)
     q = (1 - confidence) / max(len(good) - 1, 1)
@@ -184,11 +193,15 @@ def choose_score(
 
     good, bad = scores(good_images), scores(defective)
     aurocs = rank_candidates(good, bad)
-    pick = {c: good[c] for c in CANDIDATES}
-    lower = difference_lower_bounds(pick, {c: bad[c] for c in CANDIDATES}, INCUMBENT, seed=seed)
-    clear = [c for c in CANDIDATES if lower[c] > 0]
-    best = max(clear or [INCUMBENT], key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
-    top = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
+    lower = difference_lower_bounds(
+        {c: good[c] for c in CANDIDATES}, {c: bad[c] for c in CANDIDATES}, INCUMBENT, seed=seed
+    )
+
+    def rank(c: str) -> tuple[float, int]:  # higher AUROC first; ties to the earlier candidate
+        return aurocs[c], -CANDIDATES.index(c)
+
+    best = max([c for c in CANDIDATES if lower[c] > 0] or [INCUMBENT], key=rank)
+    top = max(CANDIDATES, key=rank)
     chosen = official_name(model) if best == "official" else best
     evidence = {
         "chosen": chosen,
@@ -213,7 +226,6 @@ def choose_score(
 
 
 __all__ = [
-    "AUTO_FALLBACK",
     "CANDIDATES",
     "INCUMBENT",
     "candidate_scores",
@@ -221,4 +233,5 @@ __all__ = [
     "difference_lower_bounds",
     "logp_maps",
     "rank_candidates",
+    "weighted_auroc",
 ]
