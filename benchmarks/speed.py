@@ -20,9 +20,9 @@ harness is not part of the installed package; it times the product's own functio
   (``benchmarks/train_profile.py``, which also profiles and tries the other levers).
 - **AUPRO.** :func:`msflow.evaluate.metrics.aupro` against the official 800-threshold loop (no pool).
 - **Time to accuracy** (with ``--accuracy-runs``). The training phase also times the held-out NLL that
-  the plateau rule computes after every epoch; with finished run pairs on real data (the defaults vs
-  ``--stop schedule --epochs 100``), :mod:`benchmarks.time_to_accuracy` combines these per-image costs
-  with the epochs each run took into the end-to-end ratio, beside the pairs' accuracy deltas.
+  the plateau rule computes after every epoch; with finished run pairs on real data (``--stop plateau``
+  vs the official ``--stop schedule --epochs 100``), :mod:`benchmarks.time_to_accuracy` combines these
+  per-image costs with the epochs each run took into the end-to-end ratio, beside the accuracy deltas.
 
 Timings on a shared machine are noisy: compare the ratios of one run, measured side by side.
 """
@@ -77,8 +77,8 @@ class SpeedSettings:
     seed: int = option(0, "random weights, images and maps")
     accuracy_runs: tuple[str, ...] = option(
         (),
-        "finished run folders in pairs OURS REFERENCE (the defaults vs --stop schedule --epochs 100, same "
-        "data): the time-to-accuracy ratio and the accuracy check it relies on",
+        "finished run folders in pairs OURS REFERENCE (--stop plateau vs --stop schedule --epochs 100, "
+        "same data): the time-to-accuracy ratio and the accuracy check it relies on",
     )
     output: str = option("bench.json", "JSON file for the results")
 
@@ -630,7 +630,7 @@ def _time_to_accuracy_lines(tta: dict | None) -> list[str]:
     if not tta:
         return [
             "Time to accuracy: not measured in this run (it needs finished run pairs on real data:",
-            "  --accuracy-runs OURS REFERENCE ..., the defaults vs --stop schedule --epochs 100)",
+            "  --accuracy-runs OURS REFERENCE ..., --stop plateau vs --stop schedule --epochs 100)",
         ]
     from benchmarks.time_to_accuracy import format_lines
 

@@ -5,7 +5,8 @@ JSON): ours = :meth:`FeatureCache.build` once + ``train_flows`` epochs, the refe
 loop (backbone forward and backward at every step). How many epochs each needs to reach a given
 accuracy is measured on real data by pairs of finished run folders of the same data and settings:
 
-- ``ours``:      the defaults (``--stop plateau``: the held-out NLL decides the length), and
+- ``ours``:      ``--stop plateau`` (the held-out NLL decides the length; the default is the official
+                 length, whose time to accuracy is the bench's end-to-end ratio), and
 - ``reference``: the official length (``--stop schedule --epochs 100``), float32.
 
 For each pair this module reads the epochs our run took and both runs' test metrics (last epoch, as
