@@ -142,3 +142,48 @@ def test_global_normalisation_flags_a_uniformly_off_image_per_image_does_not() -
     normal_gl, off_gl = glob(test), glob(off)
     assert off_gl.scores[0] > normal_gl.scores[0] + 0.3
     assert off_gl.pixel_map.mean() > normal_gl.pixel_map.mean() + 0.3
+
+
+# -- smoothing (ours) --------------------------------------------------------------------------
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 4.0])
+def test_gaussian_smooth_is_scipys_nearest_mode_filter(sigma: float) -> None:
+    from scipy.ndimage import gaussian_filter
+
+    from msflow.model.anomaly_map import gaussian_smooth
+
+    maps = torch.rand(2, 23, 41)  # non-square, smaller than the kernel at sigma 4 (radius 16)
+    ours = gaussian_smooth(maps, sigma)
+    for b in range(2):
+        reference = gaussian_filter(maps[b].numpy(), sigma, mode="nearest", truncate=4.0)
+        np.testing.assert_allclose(ours[b].numpy(), reference, rtol=0, atol=1e-12)
+    assert gaussian_smooth(maps, 0.0) is maps
+
+
+def test_smoothing_blurs_both_maps_and_the_score_reads_the_blurred_map() -> None:
+    from msflow.model.anomaly_map import gaussian_smooth, image_score
+
+    torch.manual_seed(0)
+    zs = [torch.randn(2, 4, 12, 20), torch.randn(2, 4, 6, 10)]
+    plain = AnomalyMapper(2, (24, 40), top_k=0.03, normalization="per_image")(zs)
+    smooth = AnomalyMapper(2, (24, 40), top_k=0.03, normalization="per_image", smoothing=2.0)(zs)
+    torch.testing.assert_close(smooth.pixel_map, gaussian_smooth(plain.pixel_map, 2.0))
+    torch.testing.assert_close(smooth.image_map, gaussian_smooth(plain.image_map, 2.0))
+    torch.testing.assert_close(smooth.scores, top_k_score(smooth.image_map, 0.03))  # "official"
+    assert not torch.allclose(smooth.scores, plain.scores)
+    logps = log_likelihood_maps(zs)
+    mapper = AnomalyMapper(2, (24, 40), score="logp:0.01", smoothing=2.0)
+    expected = top_k_score(gaussian_smooth(-sum(upsample(m, (24, 40)) for m in logps), 2.0), 0.01)
+    torch.testing.assert_close(mapper(zs).scores, expected)
+    torch.testing.assert_close(image_score("logp:0.01", logps, (24, 40), smoothing=2.0), expected)
+
+
+def test_an_isolated_peak_is_damped_more_than_a_defect_sized_region() -> None:
+    """Why smoothing helps: one noisy pixel loses most of its height, a 9 x 9 defect keeps most of it."""
+    from msflow.model.anomaly_map import gaussian_smooth
+
+    maps = torch.zeros(1, 64, 64)
+    maps[0, 10, 10] = 1.0
+    maps[0, 40:49, 40:49] = 1.0
+    out = gaussian_smooth(maps, 2.0)
+    assert out[0, 10, 10] < 0.05 and out[0, 44, 44] > 0.8

@@ -202,11 +202,12 @@ def test_adaptive_pooling_as_matrices_equals_torch() -> None:
     torch.testing.assert_close(pool_to(x, (7, 16)), F.adaptive_avg_pool2d(x, (7, 16)), rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize(("h", "w"), [(H, W), (48, 80)])  # 48 x 80: sides not multiples of 32
-def test_onnx_export_matches_torch_at_a_rectangle(h: int, w: int, tmp_path: Path) -> None:
+# 48 x 80: sides not multiples of 32; with smoothed maps (a blur whose kernel is wider than 48 / 4)
+@pytest.mark.parametrize(("h", "w", "smoothing"), [(H, W, 0.0), (48, 80, 4.0)])
+def test_onnx_export_matches_torch_at_a_rectangle(h: int, w: int, smoothing: float, tmp_path: Path) -> None:
     from msflow.infer.export import OnnxModel, export_onnx
 
-    model = _model(f"{h}x{w}", score="logp:0.01").eval()
+    model = _model(f"{h}x{w}", score="logp:0.01", smoothing=smoothing).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.trainable_parameters():
@@ -214,6 +215,7 @@ def test_onnx_export_matches_torch_at_a_rectangle(h: int, w: int, tmp_path: Path
     runner = OnnxModel(export_onnx(model, tmp_path / "m.onnx"))
     assert runner.image_shape == (h, w) and runner.image_size == (h, w)
     assert runner.metadata["image_size"] == f"{h}x{w}"
+    assert float(runner.metadata["smoothing"]) == smoothing
     coarse = torch.rand(3, 3, 8, 8, generator=g)
     images = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
     with torch.no_grad():
@@ -277,6 +279,25 @@ def test_auto_size_and_auto_score_are_resolved_and_recorded(wide_run: Path) -> N
     assert evidence["highest_auroc"] in auroc and auroc[evidence["highest_auroc"]] == max(auroc.values())
     meta = json.loads((wide_run / "model.json").read_text())
     assert meta["config"]["model"]["image_size"] == [32, 96]
+
+
+def test_auto_maps_are_resolved_and_recorded_and_the_model_uses_them(wide_run: Path) -> None:
+    from msflow.model.checkpoint import load_model
+
+    saved = yaml.safe_load((wide_run / "config.yaml").read_text())["model"]
+    evidence = json.loads((wide_run / "map_selection.json").read_text())
+    assert {"normalization": saved["normalization"], "smoothing": saved["smoothing"]} == evidence["chosen"]
+    assert saved["normalization"] in ("per_image", "global") and saved["smoothing"] in (0, 2, 4, 8)
+    assert len(evidence["pixel_auroc"]) == 8 and evidence["synthetic_images"] == 4
+    lower, auroc = evidence["difference_lower_bound"], evidence["pixel_auroc"]
+    allowed = [c for c in lower if lower[c] > 0] + [evidence["incumbent"]]
+    chosen = f"{saved['normalization']}, smoothing {saved['smoothing']:g}"
+    assert auroc[chosen] == max(auroc[c] for c in allowed)
+    model, _, _ = load_model(wide_run)
+    assert (model.anomaly.normalization, model.anomaly.smoothing) == (
+        saved["normalization"],
+        saved["smoothing"],
+    )
 
 
 def test_auto_score_check_reproduces_the_runs_own_decision(wide_run: Path, benchmark_module) -> None:

@@ -117,6 +117,10 @@ def cmd_test(args: argparse.Namespace) -> None:
     cfg, run = predictor.config, Path(args.model)
     if args.normalization:  # both references are calibrated at training time, so either mode works
         predictor.model.anomaly.normalization = args.normalization
+    if args.smoothing is not None:  # a blur of the maps: nothing to recalibrate
+        from msflow.config import parse_smoothing
+
+        predictor.model.anomaly.smoothing = float(parse_smoothing(args.smoothing))
     if args.score:  # every score reads the same latents; only the reduction to one number changes
         from msflow.config import parse_score
 
@@ -315,8 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="category folder (default: the run's own dataset)")
     p.add_argument("--output")
     p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
-    normalizations = get_args(get_type_hints(ModelConfig)["normalization"])
+    normalizations = [n for n in get_args(get_type_hints(ModelConfig)["normalization"]) if n != "auto"]
     p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
+    p.add_argument(
+        "--smoothing", type=float, metavar="SIGMA", help="override the run's map smoothing (0 = off)"
+    )
     resolutions = get_args(get_type_hints(TrainConfig)["eval_resolution"])
     p.add_argument("--eval-resolution", choices=resolutions, help="default: the run's (original size)")
     p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01)")

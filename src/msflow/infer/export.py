@@ -45,7 +45,7 @@ _HASH_KEY = "msflow_sha256"
 # metadata_props keys that export_onnx writes itself
 _RESERVED_KEYS = frozenset(
     "format format_version msflow_version image_size image_height image_width batch_dynamic inputs outputs "
-    f"normalization config {_HASH_KEY}".split()
+    f"normalization smoothing config {_HASH_KEY}".split()
 )
 
 
@@ -154,6 +154,7 @@ def export_onnx(
         "inputs": INPUT_NAME,
         "outputs": ",".join(OUTPUT_NAMES),
         "normalization": str(model.anomaly.normalization),
+        "smoothing": f"{model.anomaly.smoothing:g}",
     }
     config = _config_json(model)
     if config is not None:

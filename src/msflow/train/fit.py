@@ -2,7 +2,9 @@
 
 Run folder::
 
-    config.yaml              the resolved configuration (an "auto" image size or score as decided)
+    config.yaml              the resolved configuration (an "auto" image size, score or maps as decided)
+    map_selection.json       the synthetic check of the maps: every normalisation and smoothing setting's
+                             pixel AUROC on synthetic defects' exact masks, and the one chosen
     score_selection.json     the synthetic check: every candidate score's AUROC on held-out good images
                              vs synthetic defects, the best one (chosen with ``score: auto``) and the
                              one used (no test label is read)
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msflow.config import Config, save_yaml
+from msflow.config import Config, resolved_smoothing, save_yaml
 from msflow.data.datasets import Sample, load_dataset, validate_samples
 from msflow.data.images import read_image, read_mask
 from msflow.data.sizing import resolve_image_size
@@ -44,8 +46,9 @@ from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
+from msflow.train.map_selection import choose_maps, setting_name
 from msflow.train.schedule import Plateau, total_epochs
-from msflow.train.score_selection import INCUMBENT, choose_score
+from msflow.train.score_selection import INCUMBENT, choose_score, synthetic_check
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -303,24 +306,43 @@ def _fit(
     training_rows = len(cache)
     del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
-    # every candidate score's AUROC on the held-out good images vs synthetic defects drawn into them.
-    # With score "auto" its decision (the incumbent unless a candidate is clearly better) becomes the
-    # run's score. Data-parallel: rank 0 alone.
+    # held-out good images and synthetic defects drawn into them, with exact masks. It chooses the maps
+    # (normalisation and smoothing, by pixel AUROC) where they are "auto", then, under those maps, the
+    # image score where it is "auto" (each keeps the paper's / the incumbent unless a challenger is
+    # better beyond the sampling error). Data-parallel: rank 0 alone.
     synthetic_auroc = None
     if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer fell back to logp:0.01 above
-        chosen, evidence = choose_score(
+        check = synthetic_check(
             model,
             [read_image(s.image) for s in calib_samples],
             device,
             cfg.train.batch_size,
             seed=cfg.train.seed,
-            source="holdout" if holdout else "train (no hold-out: biased)",
             log_likelihoods=predictor.log_likelihoods if cfg.model.tile else None,
-            also=None if cfg.model.score == "auto" else cfg.model.score,
         )
+        (normalization, smoothing), map_evidence = choose_maps(
+            model, check, cfg.model.normalization, cfg.model.smoothing, seed=cfg.train.seed
+        )
+        cfg = cfg.updated(model={"normalization": normalization, "smoothing": smoothing})
+        model.anomaly.normalization, model.anomaly.smoothing = normalization, smoothing
+        atomic_write_bytes(run_dir / "map_selection.json", json.dumps(map_evidence, indent=2).encode())
+        log(
+            f"maps: {normalization} normalisation, smoothing {smoothing:g}: pixel AUROC "
+            f"{map_evidence['pixel_auroc'][setting_name((normalization, smoothing))]} on synthetic defects"
+        )
+        chosen, evidence = choose_score(
+            model,
+            [],
+            device,
+            seed=cfg.train.seed,
+            source="holdout" if holdout else "train (no hold-out: biased)",
+            also=None if cfg.model.score == "auto" else cfg.model.score,
+            check=check,
+        )
+        del check
         if cfg.model.score == "auto":
             cfg = cfg.updated(model={"score": chosen})
-            save_yaml(cfg, run_dir / "config.yaml")
+        save_yaml(cfg, run_dir / "config.yaml")
         evidence["used"] = cfg.model.score
         synthetic_auroc = evidence["auroc"][cfg.model.score]
         atomic_write_bytes(run_dir / "score_selection.json", json.dumps(evidence, indent=2).encode())
@@ -329,9 +351,19 @@ def _fit(
             f"image score {cfg.model.score}: AUROC {synthetic_auroc} on held-out good images vs synthetic "
             f"defects (auto's pick {evidence['chosen']}; highest {top} {evidence['auroc'][top]})"
         )
-    # Rank 0's choice reaches every rank (a no-op in one process); the model scores with it from here on.
-    cfg = cfg.updated(model=dist.result_from_main({"score": cfg.model.score} if dist.is_main else {}))
-    model.config, model.anomaly.score, predictor.config = cfg.model, cfg.model.score, cfg
+    # Rank 0's choices reach every rank (a no-op in one process); the model uses them from here on.
+    chosen_settings = ("score", "normalization", "smoothing")
+    cfg = cfg.updated(
+        model=dist.result_from_main(
+            {k: getattr(cfg.model, k) for k in chosen_settings} if dist.is_main else {}
+        )
+    )
+    model.config, predictor.config = cfg.model, cfg
+    model.anomaly.score = cfg.model.score
+    model.anomaly.normalization = (
+        "per_image" if cfg.model.normalization == "auto" else cfg.model.normalization
+    )
+    model.anomaly.smoothing = resolved_smoothing(cfg.model.smoothing)
     # Every rank calibrates on its shard of the held-out images; rank 0 gets the merged calibration.
     calibrated = _calibrate(predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress, dist)
     if calibrated is not None:

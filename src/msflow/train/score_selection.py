@@ -17,7 +17,8 @@ copies) must be above zero at 95 %, Bonferroni-corrected for the number of chall
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -64,36 +65,76 @@ def official_name(model: MSFlow) -> str:
     return f"{kind}:{model.anomaly.top_k:g}"
 
 
-def candidate_scores(
-    logps: list[Tensor],
-    model: MSFlow,
-    candidates: Sequence[str] = CANDIDATES,
-    chunk: int = 32,
-    size: tuple[int, int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Every candidate's (N,) image scores from per-scale maps (chunked: the maps are full size).
+# Per-scale log-likelihood maps of a set of images: batched (N, h_s, w_s) tensors when every image has the
+# model's input size, or one list of (1, h_s, w_s) maps per image (stitched from tiles: each its own size).
+Maps = list[Tensor] | list[list[Tensor]]
 
-    ``size``: the maps' output size, default the model's input size (a tiled image's stitched maps
-    pass their own).
+
+def map_batches(
+    maps: Maps, size: tuple[int, int], chunk: int = 32
+) -> Iterator[tuple[list[Tensor], tuple[int, int]]]:
+    """(per-scale maps of a few images, the size their anomaly maps have), in image order."""
+    if maps and isinstance(maps[0], list):  # one image at a time, at its own (stitched) size
+        for per_scale in maps:
+            yield per_scale, (int(per_scale[0].shape[-2]), int(per_scale[0].shape[-1]))
+        return
+    for start in range(0, int(maps[0].shape[0]), chunk):
+        yield [m[start : start + chunk] for m in maps], size
+
+
+@dataclass
+class SyntheticCheck:
+    """The labelled-by-construction set every label-free choice is judged on: the model's maps of good
+    images (held out from training) and of ``SYNTHETIC_PER_IMAGE`` defective copies of each, with the
+    copies' exact masks (original image size). Copy ``k`` is drawn into good image ``k // per_image``."""
+
+    good: Maps
+    defective: Maps
+    masks: list[np.ndarray]
+    per_image: int = SYNTHETIC_PER_IMAGE
+    seed: int = 0
+
+
+def synthetic_check(
+    model: MSFlow,
+    good_images: Sequence[ImageLike],
+    device: torch.device,
+    batch_size: int = 8,
+    seed: int = 0,
+    log_likelihoods: Callable[[list[np.ndarray]], list[list[Tensor]]] | None = None,
+) -> SyntheticCheck:
+    """Draw the synthetic defects (seeded) and run the model once over both sets.
+
+    ``log_likelihoods`` (``Predictor.log_likelihoods``) gives each decoded image's per-scale maps when
+    they are not the model's own, i.e. stitched from tiles.
     """
-    size = size or model.anomaly.image_size
+    if len(good_images) < 2:
+        raise ValueError("a synthetic check needs at least two held-out good images")
+    synthetic = synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)
+    defective = [im for im, _ in synthetic]
+
+    def maps(images: Sequence[ImageLike]) -> Maps:
+        if log_likelihoods is not None:  # a tiled model: stitched maps, one size per image
+            return log_likelihoods([decode(im) for im in images])
+        return logp_maps(model, images, device, batch_size)
+
+    return SyntheticCheck(maps(good_images), maps(defective), [m for _, m in synthetic], seed=seed)
+
+
+def candidate_scores(
+    logps: Maps, model: MSFlow, candidates: Sequence[str] = CANDIDATES, chunk: int = 32
+) -> dict[str, np.ndarray]:
+    """Every candidate's (N,) image scores from per-scale maps (chunked: the maps are full size), under
+    the model's smoothing."""
     area = model.anomaly.image_size[0] * model.anomaly.image_size[1]  # as AnomalyMapper reduces
+    sigma = model.anomaly.smoothing
     names = {c: official_name(model) if c == "official" else c for c in candidates}
     scores: dict[str, list[Tensor]] = {c: [] for c in candidates}
-    for start in range(0, int(logps[0].shape[0]), chunk):
-        part = [m[start : start + chunk].to(model.anomaly.ref_mul.device) for m in logps]
+    for batch, size in map_batches(logps, model.anomaly.image_size, chunk):
+        part = [m.to(model.anomaly.ref_mul.device) for m in batch]
         for c, name in names.items():
-            scores[c].append(image_score(name, part, size, model.anomaly.ref_mul, area).cpu())
+            scores[c].append(image_score(name, part, size, model.anomaly.ref_mul, area, sigma).cpu())
     return {c: torch.cat(v).double().numpy() for c, v in scores.items()}
-
-
-def stitched_candidate_scores(
-    per_image: list[list[Tensor]], model: MSFlow, candidates: Sequence[str] = CANDIDATES
-) -> dict[str, np.ndarray]:
-    """:func:`candidate_scores` of images given one by one, each its per-scale (1, h, w) maps at its own
-    size (the stitched maps of a tiled model, ``Predictor.log_likelihoods``)."""
-    parts = [candidate_scores(m, model, candidates, size=tuple(m[0].shape[-2:])) for m in per_image]
-    return {c: np.concatenate([p[c] for p in parts]) for c in candidates}
 
 
 def rank_candidates(good: dict[str, np.ndarray], bad: dict[str, np.ndarray]) -> dict[str, float]:
@@ -170,31 +211,31 @@ def choose_score(
     source: str = "holdout",
     also: str | None = None,
     log_likelihoods: Callable[[list[np.ndarray]], list[list[Tensor]]] | None = None,
+    check: SyntheticCheck | None = None,
 ) -> tuple[str, dict]:
     """The score ``auto`` uses, judged on held-out good images vs their synthetic defects, and the evidence.
 
     :data:`INCUMBENT`, unless candidates beat it beyond the sampling error (their bootstrap lower bound
     is above zero): then the best of those (ties go to the earlier in :data:`CANDIDATES`, "official"
     first). ``also`` is a score that is measured too (the one a run uses, when it is not a candidate)
-    but never chosen.
-    ``log_likelihoods`` (``Predictor.log_likelihoods``) gives each decoded image's per-scale maps when
-    they are not the model's own, i.e. stitched from tiles.
+    but never chosen. ``check``: the run's :func:`synthetic_check` when it is already made (training
+    shares it with the choice of the maps); otherwise it is made here from ``good_images`` (and
+    ``log_likelihoods``, for a tiled model).
     """
-    if len(good_images) < 2:
-        raise ValueError("choosing a score needs at least two held-out good images")
+    if check is None:
+        check = synthetic_check(model, good_images, device, batch_size, seed, log_likelihoods)
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
-    defective = [im for im, _ in synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)]
-
-    def scores(images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
-        if log_likelihoods is not None:  # a tiled model: stitched maps, one size per image
-            per_image = log_likelihoods([decode(im) for im in images])
-            return stitched_candidate_scores(per_image, model, candidates)
-        return candidate_scores(logp_maps(model, images, device, batch_size), model, candidates)
-
-    good, bad = scores(good_images), scores(defective)
+    good, bad = (
+        candidate_scores(check.good, model, candidates),
+        candidate_scores(check.defective, model, candidates),
+    )
     aurocs = rank_candidates(good, bad)
     lower = difference_lower_bounds(
-        {c: good[c] for c in CANDIDATES}, {c: bad[c] for c in CANDIDATES}, INCUMBENT, seed=seed
+        {c: good[c] for c in CANDIDATES},
+        {c: bad[c] for c in CANDIDATES},
+        INCUMBENT,
+        check.per_image,
+        seed=check.seed,
     )
 
     def rank(c: str) -> tuple[float, int]:  # higher AUROC first; ties to the earlier candidate
@@ -215,10 +256,11 @@ def choose_score(
         "incumbent": INCUMBENT,
         "difference_lower_bound": lower,
         "bootstrap_rounds": BOOTSTRAP_ROUNDS,
-        "good_images": len(good_images),
+        "smoothing": model.anomaly.smoothing,
+        "good_images": len(bad[INCUMBENT]) // check.per_image,
         "good_source": source,
-        "synthetic_images": len(defective),
-        "synthetic_seed": seed,
+        "synthetic_images": len(bad[INCUMBENT]),
+        "synthetic_seed": check.seed,
         "synthetic_area_range": list(AREA_RANGE),
         "auroc": aurocs,
     }
@@ -228,10 +270,14 @@ def choose_score(
 __all__ = [
     "CANDIDATES",
     "INCUMBENT",
+    "Maps",
+    "SyntheticCheck",
     "candidate_scores",
     "choose_score",
     "difference_lower_bounds",
     "logp_maps",
+    "map_batches",
     "rank_candidates",
+    "synthetic_check",
     "weighted_auroc",
 ]
