@@ -300,6 +300,16 @@ def test_auto_maps_are_resolved_and_recorded_and_the_model_uses_them(wide_run: P
     )
 
 
+def test_map_study_reproduces_the_runs_own_decision(wide_run: Path, benchmark_module) -> None:
+    """benchmarks/map_study.py re-makes the run's synthetic check and map choice: the run's evidence."""
+    again = benchmark_module("map_study").study(str(wide_run))
+    recorded = json.loads((wide_run / "map_selection.json").read_text())
+    assert again["chosen"] == recorded["chosen"]
+    assert again["pixel_auroc"] == pytest.approx(recorded["pixel_auroc"], abs=1e-6)
+    report = again["test_pixel_auroc_report_only"]
+    assert list(report) == list(recorded["pixel_auroc"]) and all(0 <= v <= 100 for v in report.values())
+
+
 def test_auto_score_check_reproduces_the_runs_own_decision(wide_run: Path, benchmark_module) -> None:
     """benchmarks/auto_score_check.py re-runs the synthetic check on a finished run: the same held-out
     images, synthetic defects and rule give the run's recorded evidence."""
