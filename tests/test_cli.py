@@ -83,6 +83,22 @@ def test_test_command_reproduces_training_metrics(
     assert "image AUROC" in capsys.readouterr().out
 
 
+def test_test_command_smoothing_override_changes_the_maps_and_bad_values_are_one_line(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, run = trained
+    first = json.loads((run / "metrics.json").read_text())
+    own = json.loads((run / "model.json").read_text())["config"]["model"]["smoothing"]
+    assert own in (0, 2, 4, 8)  # resolved at training time, never left "auto"
+    args = ["test", "--model", str(run), "--data", str(data), "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "s8"), "--smoothing", "0" if own else "8"]) == 0
+    blurred = json.loads((tmp_path / "s8" / "metrics.json").read_text())
+    assert blurred["pixel_auroc"] != pytest.approx(first["pixel_auroc"], abs=1e-6)
+    code = main([*args, "--output", str(tmp_path / "bad"), "--smoothing", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "smoothing" in err[0] and "-1" in err[0]
+
+
 def test_test_command_official_pro_mode(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
     assert (

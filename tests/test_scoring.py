@@ -156,7 +156,7 @@ def test_rank_candidates_is_the_auroc_of_good_vs_defective() -> None:
     assert ranks["b"] == pytest.approx(100 * 2 / 6, abs=1e-3)  # 2 of the 6 pairs ordered right
 
 
-def test_score_auto_without_two_good_images_falls_back_to_logp(tmp_path) -> None:
+def test_auto_score_and_maps_without_two_good_images_fall_back_to_where_they_start(tmp_path) -> None:
     from fake_data import make_fake_category
 
     from msflow.config import Config, load_yaml
@@ -170,8 +170,11 @@ def test_score_auto_without_two_good_images_falls_back_to_logp(tmp_path) -> None
     )
     lines: list[str] = []
     fit(cfg, tmp_path / "run", progress=False, log=lines.append)
-    assert load_yaml(tmp_path / "run" / "config.yaml").model.score == "logp:0.01"
+    saved = load_yaml(tmp_path / "run" / "config.yaml").model
+    assert (saved.score, saved.normalization, saved.smoothing) == ("logp:0.01", "per_image", 0.0)
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["model"]["smoothing"] == 0.0
     assert any("needs at least 2 good images" in line for line in lines)
+    assert not (tmp_path / "run" / "map_selection.json").exists()
 
 
 def _scores(rng: np.random.Generator, n: int, separation: float) -> tuple[np.ndarray, np.ndarray]:

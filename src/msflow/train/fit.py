@@ -46,6 +46,7 @@ from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
+from msflow.train.map_selection import INCUMBENT as MAPS_INCUMBENT
 from msflow.train.map_selection import choose_maps, setting_name
 from msflow.train.schedule import Plateau, total_epochs
 from msflow.train.score_selection import INCUMBENT, choose_score, synthetic_check
@@ -210,11 +211,14 @@ def _fit(
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    if cfg.model.score == "auto" and len(calib_samples) < 2:  # nothing to judge the scores on
-        cfg = cfg.updated(model={"score": INCUMBENT})
-        if dist.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
-        log(f"image score {INCUMBENT}: 'auto' needs at least 2 good images to judge the scores on")
+    if len(calib_samples) < 2:  # nothing to judge scores or maps on: "auto" keeps where it starts
+        fallback = {"score": INCUMBENT, "normalization": MAPS_INCUMBENT[0], "smoothing": MAPS_INCUMBENT[1]}
+        fallback = {k: v for k, v in fallback.items() if getattr(cfg.model, k) == "auto"}
+        if fallback:
+            cfg = cfg.updated(model=fallback)
+            if dist.is_main:
+                save_yaml(cfg, run_dir / "config.yaml")
+            log(f"{fallback}: 'auto' needs at least 2 good images to judge the scores and maps on")
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
         # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
         # square, so a tiled model's input is the square budget.
