@@ -23,7 +23,7 @@ from msflow.data.images import read_image
 from msflow.errors import MSFlowError
 from msflow.model.checkpoint import load_model
 from msflow.train.fit import split_holdout
-from msflow.train.score_selection import INCUMBENT, choose_score
+from msflow.train.score_selection import INCUMBENT, choose_score, synthetic_check
 
 
 def check(run: str, data: str | None = None) -> dict:
@@ -33,7 +33,8 @@ def check(run: str, data: str | None = None) -> dict:
     if len(holdout) < 2:
         raise MSFlowError(f"'{run}' held out {len(holdout)} good images: nothing to judge the scores on")
     images = [read_image(s.image) for s in holdout]
-    _, evidence = choose_score(model, images, torch.device("cpu"), cfg.train.batch_size, seed=cfg.train.seed)
+    synthetic = synthetic_check(model, images, torch.device("cpu"), cfg.train.batch_size, seed=cfg.train.seed)
+    _, evidence = choose_score(model, synthetic)
     return evidence
 
 

@@ -336,12 +336,9 @@ def _fit(
         )
         chosen, evidence = choose_score(
             model,
-            [],
-            device,
-            seed=cfg.train.seed,
+            check,
             source="holdout" if holdout else "train (no hold-out: biased)",
             also=None if cfg.model.score == "auto" else cfg.model.score,
-            check=check,
         )
         del check
         if cfg.model.score == "auto":

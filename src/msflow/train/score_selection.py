@@ -203,27 +203,16 @@ def difference_lower_bounds(
 
 
 def choose_score(
-    model: MSFlow,
-    good_images: Sequence[ImageLike],
-    device: torch.device,
-    batch_size: int = 8,
-    seed: int = 0,
-    source: str = "holdout",
-    also: str | None = None,
-    log_likelihoods: Callable[[list[np.ndarray]], list[list[Tensor]]] | None = None,
-    check: SyntheticCheck | None = None,
+    model: MSFlow, check: SyntheticCheck, source: str = "holdout", also: str | None = None
 ) -> tuple[str, dict]:
-    """The score ``auto`` uses, judged on held-out good images vs their synthetic defects, and the evidence.
+    """The score ``auto`` uses, judged on the run's :func:`synthetic_check`, and the evidence.
 
     :data:`INCUMBENT`, unless candidates beat it beyond the sampling error (their bootstrap lower bound
     is above zero): then the best of those (ties go to the earlier in :data:`CANDIDATES`, "official"
-    first). ``also`` is a score that is measured too (the one a run uses, when it is not a candidate)
-    but never chosen. ``check``: the run's :func:`synthetic_check` when it is already made (training
-    shares it with the choice of the maps); otherwise it is made here from ``good_images`` (and
-    ``log_likelihoods``, for a tiled model).
+    first). Scores are computed under the model's maps (normalisation, smoothing), so training
+    chooses the maps first. ``also`` is a score that is measured too (the one a run uses, when it is
+    not a candidate) but never chosen; ``source`` says where the good images came from.
     """
-    if check is None:
-        check = synthetic_check(model, good_images, device, batch_size, seed, log_likelihoods)
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
     good, bad = (
         candidate_scores(check.good, model, candidates),
