@@ -102,3 +102,13 @@ def test_fixed_settings_are_kept_and_measured() -> None:
     chosen, evidence = choose_maps(model, check, normalization="global", smoothing=0)
     assert chosen == ("global", 0.0) and list(evidence["pixel_auroc"]) == ["global, smoothing 0"]
     assert (model.anomaly.normalization, model.anomaly.smoothing) == ("per_image", 0.0)  # left as it was
+
+
+def test_a_large_check_is_judged_on_a_seeded_subset_and_still_finds_the_blur(monkeypatch) -> None:
+    import msflow.train.map_selection as map_selection
+
+    monkeypatch.setattr(map_selection, "BOOTSTRAP_MAX_IMAGES", 25)
+    check, model = _check(40, defect=0.3)
+    chosen, evidence = choose_maps(model, check, seed=3)
+    assert evidence["good_images"] == 25 and evidence["synthetic_images"] == 50  # what was judged
+    assert chosen == ("per_image", 2.0)
