@@ -105,9 +105,9 @@ def test_fixed_settings_are_kept_and_measured() -> None:
 
 
 def test_a_large_check_is_judged_on_a_seeded_subset_and_still_finds_the_blur(monkeypatch) -> None:
-    import msflow.train.map_selection as map_selection
+    import msflow.train.score_selection as score_selection  # the bound both choices share
 
-    monkeypatch.setattr(map_selection, "BOOTSTRAP_MAX_IMAGES", 25)
+    monkeypatch.setattr(score_selection, "BOOTSTRAP_MAX_IMAGES", 25)
     check, model = _check(40, defect=0.3)
     chosen, evidence = choose_maps(model, check, seed=3)
     assert evidence["good_images"] == 25 and evidence["synthetic_images"] == 50  # what was judged

@@ -104,11 +104,6 @@ def parse_smoothing(value: Any) -> float | str:
     return sigma
 
 
-def resolved_smoothing(value: float | str) -> float:
-    """The sigma a model uses: "auto" before training has chosen is the paper's 0 (no blur)."""
-    return 0.0 if value == "auto" else float(value)
-
-
 def parse_score(value: Any) -> str:
     """Canonical image-score name: "official", "auto", or "KIND:FRACTION" / "KIND:max".
 

@@ -155,7 +155,8 @@ class AnomalyMapper(nn.Module):
         normalization: ``"per_image"`` (official) or ``"global"`` (``"auto"`` before training has
             chosen: ``"per_image"``).
         score: ``"official"`` (top_k of the "mul" map) or a ``KIND:FRACTION`` name (:func:`image_score`).
-        smoothing: Gaussian sigma in pixels applied to every map (:func:`gaussian_smooth`); 0 = off.
+        smoothing: Gaussian sigma in pixels applied to every map (:func:`gaussian_smooth`); 0 = off
+            (``"auto"`` before training has chosen: 0).
     """
 
     def __init__(
@@ -165,12 +166,14 @@ class AnomalyMapper(nn.Module):
         top_k: float = 0.03,
         normalization: str = "per_image",
         score: str = "official",
-        smoothing: float = 0.0,
+        smoothing: float | str = 0.0,
     ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.top_k, self.score, self.smoothing = top_k, score, float(smoothing)
+        self.top_k, self.score = top_k, score
+        # An unresolved "auto" (a model built before training has chosen) uses the paper's maps.
         self.normalization = "per_image" if normalization == "auto" else normalization
+        self.smoothing = 0.0 if smoothing == "auto" else float(smoothing)
         self.register_buffer("ref_mul", torch.zeros(()))
         self.register_buffer("ref_add", torch.zeros(num_scales))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from msflow.config import ModelConfig, resolved_smoothing
+from msflow.config import ModelConfig
 from msflow.model.anomaly_map import AnomalyMapper, AnomalyOutput, log_likelihood_maps
 from msflow.model.backbone import FeatureExtractor
 from msflow.model.fusion_flow import FusionFlow
@@ -69,12 +69,7 @@ class MSFlow(nn.Module):
         self.fusion_flow = FusionFlow(channels, config.clamp_alpha, generator)
         self.standardizers = nn.ModuleList(ChannelStandardization(c) for c in channels)
         self.anomaly = AnomalyMapper(
-            len(channels),
-            config.size,
-            config.top_k,
-            config.normalization,
-            config.score,
-            resolved_smoothing(config.smoothing),
+            len(channels), config.size, config.top_k, config.normalization, config.score, config.smoothing
         )
         # How the flows lay out their tensors: "auto" = channels-last on oneDNN CPUs (model/layout.py),
         # "contiguous" = plain NCHW. Not part of the config: it changes speed, not the model.

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msflow.config import Config, resolved_smoothing, save_yaml
+from msflow.config import Config, save_yaml
 from msflow.data.datasets import Sample, load_dataset, validate_samples
 from msflow.data.images import read_image, read_mask
 from msflow.data.sizing import resolve_image_size
@@ -359,12 +359,10 @@ def _fit(
             {k: getattr(cfg.model, k) for k in chosen_settings} if dist.is_main else {}
         )
     )
+    # Resolved here on every rank: rank 0 chose them, or the fallback above took the paper's maps.
     model.config, predictor.config = cfg.model, cfg
     model.anomaly.score = cfg.model.score
-    model.anomaly.normalization = (
-        "per_image" if cfg.model.normalization == "auto" else cfg.model.normalization
-    )
-    model.anomaly.smoothing = resolved_smoothing(cfg.model.smoothing)
+    model.anomaly.normalization, model.anomaly.smoothing = cfg.model.normalization, float(cfg.model.smoothing)
     # Every rank calibrates on its shard of the held-out images; rank 0 gets the merged calibration.
     calibrated = _calibrate(predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress, dist)
     if calibrated is not None:

@@ -28,11 +28,12 @@ from msflow.config import SMOOTHING_CANDIDATES
 from msflow.evaluate.streaming import Binning
 from msflow.model.msflow import MSFlow
 from msflow.train.score_selection import (
-    BOOTSTRAP_MAX_IMAGES,
     BOOTSTRAP_ROUNDS,
     CONFIDENCE,
     Maps,
     SyntheticCheck,
+    bootstrap_counts,
+    bounded_sources,
     map_batches,
 )
 
@@ -104,11 +105,10 @@ def bootstrap_pixel_aurocs(
 
 def _subset(check: SyntheticCheck, rng: np.random.Generator) -> SyntheticCheck:
     """At most ``BOOTSTRAP_MAX_IMAGES`` seeded source images with their copies: the cost stays bounded."""
-    n = len(check.masks) // check.per_image
-    if n <= BOOTSTRAP_MAX_IMAGES:
+    subset = bounded_sources(check.sources, check.per_image, rng)
+    if subset is None:
         return check
-    keep = np.sort(rng.choice(n, BOOTSTRAP_MAX_IMAGES, replace=False))
-    copies = (keep[:, None] * check.per_image + np.arange(check.per_image)).ravel()
+    keep, copies = subset
 
     def pick(maps: Maps, rows: np.ndarray) -> Maps:
         if isinstance(maps[0], list):  # one entry per image
@@ -140,8 +140,8 @@ def choose_maps(
     binning = Binning(0.0, float(len(model.anomaly.ref_add)), BINS)  # the "add" map's range
     rng = np.random.default_rng(seed)
     check = _subset(check, rng)
-    n = len(check.masks) // check.per_image
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP_ROUNDS).astype(np.float64)
+    n = check.sources
+    weights = bootstrap_counts(n, BOOTSTRAP_ROUNDS, rng)
     aurocs, draws = {}, {}
     for setting in settings:
         histograms = pixel_histograms(model, check, setting, binning)

@@ -94,6 +94,11 @@ class SyntheticCheck:
     per_image: int = SYNTHETIC_PER_IMAGE
     seed: int = 0
 
+    @property
+    def sources(self) -> int:
+        """Number of good (source) images, each with ``per_image`` copies."""
+        return len(self.masks) // self.per_image
+
 
 def synthetic_check(
     model: MSFlow,
@@ -162,6 +167,20 @@ def weighted_auroc(
     return 100 * (wins * good_weights).sum(-1) / (bad_weights.sum(-1) * good_weights.sum(-1))
 
 
+def bounded_sources(n: int, per_image: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """Beyond :data:`BOOTSTRAP_MAX_IMAGES` source images, a seeded subset of them and their copies'
+    indices (copy ``k`` belongs to source ``k // per_image``); ``None`` when all of them are kept."""
+    if n <= BOOTSTRAP_MAX_IMAGES:
+        return None
+    keep = np.sort(rng.choice(n, BOOTSTRAP_MAX_IMAGES, replace=False))
+    return keep, (keep[:, None] * per_image + np.arange(per_image)).ravel()
+
+
+def bootstrap_counts(n: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
+    """(rounds, n) float counts: how often each of ``n`` source images is drawn in each bootstrap round."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)
+
+
 def difference_lower_bounds(
     good: dict[str, np.ndarray],
     bad: dict[str, np.ndarray],
@@ -183,13 +202,13 @@ def difference_lower_bounds(
     if any(len(b) != per_image * n for b in bad.values()):
         raise ValueError(f"expected {per_image} defective copies of each of the {n} good images")
     rng = np.random.default_rng(seed)
-    if n > BOOTSTRAP_MAX_IMAGES:  # a seeded subset of source images, each with its copies
-        keep = np.sort(rng.choice(n, BOOTSTRAP_MAX_IMAGES, replace=False))
-        copies = (keep[:, None] * per_image + np.arange(per_image)).ravel()
+    subset = bounded_sources(n, per_image, rng)
+    if subset is not None:
+        keep, copies = subset
         good = {c: v[keep] for c, v in good.items()}
         bad = {c: v[copies] for c, v in bad.items()}
-        n = BOOTSTRAP_MAX_IMAGES
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)  # (rounds, n)
+        n = len(keep)
+    counts = bootstrap_counts(n, rounds, rng)
     bad_counts = np.repeat(counts, per_image, axis=1)  # each copy weighs as its source image
 
     def bootstrap_auroc(c: str) -> np.ndarray:
@@ -246,9 +265,9 @@ def choose_score(
         "difference_lower_bound": lower,
         "bootstrap_rounds": BOOTSTRAP_ROUNDS,
         "smoothing": model.anomaly.smoothing,
-        "good_images": len(bad[INCUMBENT]) // check.per_image,
+        "good_images": check.sources,
         "good_source": source,
-        "synthetic_images": len(bad[INCUMBENT]),
+        "synthetic_images": len(check.masks),
         "synthetic_seed": check.seed,
         "synthetic_area_range": list(AREA_RANGE),
         "auroc": aurocs,
@@ -261,6 +280,8 @@ __all__ = [
     "INCUMBENT",
     "Maps",
     "SyntheticCheck",
+    "bootstrap_counts",
+    "bounded_sources",
     "candidate_scores",
     "choose_score",
     "difference_lower_bounds",
