@@ -1,5 +1,5 @@
-"""FeatureExtractor and the packaged EfficientNet-Lite0 (B1, B8). Nothing here downloads:
-ResNets are built with ``pretrained=False`` or from a local file, Lite0 uses the pip-packaged file."""
+"""FeatureExtractor and the packaged EfficientNet-Lite0/1/2 (B1, B8). Nothing here downloads:
+ResNets are built with ``pretrained=False`` or from a local file, the Lites use their pip-packaged files."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from PIL import Image
 from torch import nn
 
 from msflow.errors import WeightsError
-from msflow.model.backbone import LITE_MEAN, LITE_STD, FeatureExtractor, packaged_lite0_weights
-from msflow.model.efficientnet_lite import EfficientNetLite0, SamePadConv2d
+from msflow.model.backbone import LITE_MEAN, LITE_STD, FeatureExtractor, packaged_lite_weights
+from msflow.model.efficientnet_lite import EfficientNetLite, SamePadConv2d, scaled_stages
 
 CHANNELS = {
     "resnet18": [64, 128, 256],
     "wide_resnet50_2": [256, 512, 1024],
     "efficientnet_lite0": [24, 40, 112],
+    "efficientnet_lite1": [24, 40, 112],
+    "efficientnet_lite2": [24, 48, 120],
 }
 
 
@@ -38,24 +40,60 @@ def save(state: dict[str, torch.Tensor], path: Path) -> Path:
 # ------------------------------------------------------------------ the packaged Lite0 classifier
 
 
-def lite_preprocess(image: np.ndarray) -> torch.Tensor:
-    resized = Image.fromarray(image).convert("RGB").resize((224, 224), Image.BICUBIC)
+def lite_preprocess(image: np.ndarray, side: int = 224) -> torch.Tensor:
+    resized = Image.fromarray(image).convert("RGB").resize((side, side), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return (x - torch.tensor(LITE_MEAN).view(1, 3, 1, 1)) / torch.tensor(LITE_STD).view(1, 3, 1, 1)
 
 
-def test_packaged_lite0_classifies_imagenet_photos() -> None:
-    """Proves the key mapping (strict load) and the TF "SAME" padding/BN-eps port end to end."""
-    net = EfficientNetLite0()
+@pytest.mark.parametrize("variant, side", [(0, 224), (1, 240), (2, 260)])  # each one's native input side
+def test_packaged_lite_classifies_imagenet_photos(variant: int, side: int) -> None:
+    """Proves the key mapping and the scaled stages (strict load) and the TF "SAME" padding/BN-eps port
+    end to end."""
+    net = EfficientNetLite(variant)
     net.load_state_dict(
-        torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True), strict=True
+        torch.load(packaged_lite_weights(variant), map_location="cpu", weights_only=True), strict=True
     )
     net.eval()
     with torch.no_grad():
-        cat = int(net(lite_preprocess(skimage.data.chelsea())).argmax())
-        coffee = int(net(lite_preprocess(skimage.data.coffee())).argmax())
+        cat = int(net(lite_preprocess(skimage.data.chelsea(), side)).argmax())
+        coffee = int(net(lite_preprocess(skimage.data.coffee(), side)).argmax())
     assert 281 <= cat <= 285, cat  # tabby / tiger cat / Persian / Siamese / Egyptian cat
     assert coffee in (967, 968), coffee  # espresso / cup
+
+
+def test_lite_scaling_matches_the_tf_release_by_hand() -> None:
+    """Stage widths and depths of Lite1/Lite2 as the TF release lists them: the classifier test can only
+    load a file whose shapes these produce, and this pins them without it."""
+    assert [(c, r) for *_, c, r in scaled_stages(0)] == [
+        (16, 1),
+        (24, 2),
+        (40, 2),
+        (80, 3),
+        (112, 3),
+        (192, 4),
+        (320, 1),
+    ]
+    assert [(c, r) for *_, c, r in scaled_stages(1)] == [
+        (16, 1),
+        (24, 3),
+        (40, 3),
+        (80, 4),
+        (112, 4),
+        (192, 5),
+        (320, 1),
+    ]
+    assert [(c, r) for *_, c, r in scaled_stages(2)] == [
+        (16, 1),
+        (24, 3),
+        (48, 3),
+        (88, 4),
+        (120, 4),
+        (208, 5),
+        (352, 1),
+    ]
+    with pytest.raises(ValueError, match="variant"):
+        EfficientNetLite(3)
 
 
 def test_same_padding_pads_bottom_right_like_tensorflow() -> None:
@@ -68,12 +106,13 @@ def test_same_padding_pads_bottom_right_like_tensorflow() -> None:
         out = conv(torch.ones(1, 1, 4, 4))
     # window (0, 0) sees rows/cols 0-2 of the image: 9 ones; window (1, 1) sees rows/cols 2-3 + padding.
     torch.testing.assert_close(out, torch.tensor([[[[9.0, 6.0], [6.0, 4.0]]]]))
-    assert all(m.eps == 1e-3 for m in EfficientNetLite0().modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(m.eps == 1e-3 for m in EfficientNetLite().modules() if isinstance(m, nn.BatchNorm2d))
 
 
-def test_pretrained_lite0_extractor_uses_the_packaged_file() -> None:
-    state = torch.load(packaged_lite0_weights(), map_location="cpu", weights_only=True)
-    fe = FeatureExtractor("efficientnet_lite0", pretrained=True)
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_pretrained_lite_extractor_uses_the_packaged_file(variant: int) -> None:
+    state = torch.load(packaged_lite_weights(variant), map_location="cpu", weights_only=True)
+    fe = FeatureExtractor(f"efficientnet_lite{variant}", pretrained=True)
     assert torch.equal(fe.stem[0].weight, state["_conv_stem.weight"])
     torch.testing.assert_close(fe.mean.flatten(), torch.tensor(LITE_MEAN))
 

