@@ -18,12 +18,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from msflow.data.datasets import load_dataset
 from msflow.data.images import read_image, read_mask
-from msflow.evaluate.streaming import Binning
+from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.model.checkpoint import load_model
 from msflow.train.fit import split_holdout
 from msflow.train.map_selection import (
@@ -32,7 +31,6 @@ from msflow.train.map_selection import (
     choose_maps,
     pixel_histograms,
     setting_name,
-    weighted_pixel_auroc,
 )
 from msflow.train.score_selection import SyntheticCheck, logp_maps, synthetic_check
 
@@ -54,8 +52,8 @@ def test_pixel_aurocs(model, test: list) -> dict[str, float]:
     out = {}
     for setting in candidates("auto", "auto"):
         pos, neg, good_counts = pixel_histograms(model, check, setting, binning)
-        pooled_neg = (neg.sum(0) + good_counts.sum(0)).astype(np.float64)[None]
-        out[setting_name(setting)] = round(float(weighted_pixel_auroc(pos.sum(0)[None], pooled_neg)[0]), 2)
+        pooled_neg = neg.sum(0) + good_counts.sum(0)
+        out[setting_name(setting)] = round(float(auroc_from_histograms(pos.sum(0), pooled_neg)[0]), 2)
     return out
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from msflow.evaluate.streaming import auroc_from_histograms
 from msflow.model.anomaly_map import AnomalyMapper
 from msflow.train.map_selection import (
     INCUMBENT,
     bootstrap_pixel_aurocs,
     candidates,
     choose_maps,
-    weighted_pixel_auroc,
 )
 from msflow.train.score_selection import SyntheticCheck
 
@@ -36,7 +36,7 @@ def test_histogram_auroc_is_sklearns_and_a_bootstrap_weight_duplicates_an_image(
     neg = np.stack([hist(v[~m]) for v, m in images])
     values = np.concatenate([v for v, _ in images])
     labels = np.concatenate([m for _, m in images])
-    ours = weighted_pixel_auroc(pos.sum(0)[None], neg.sum(0)[None])[0]
+    ours = auroc_from_histograms(pos.sum(0), neg.sum(0))[0]
     assert ours == pytest.approx(100 * roc_auc_score(labels, values), abs=1e-9)  # ties count 1/2 in both
     # Source image 0 (its good image has no pixels here; copies 0, 1) drawn twice, 1 (copies 2, 3) once.
     no_good = np.zeros((2, bins))

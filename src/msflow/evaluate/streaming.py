@@ -82,14 +82,19 @@ def _suffix(counts: np.ndarray) -> np.ndarray:
     return np.concatenate((np.cumsum(counts[::-1], dtype=np.float64)[::-1], [0.0]))
 
 
-def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
-    """(AUROC in percent, error bound in percent) from per-bin positive and negative counts."""
-    p, n = float(pos.sum()), float(neg.sum())
-    below = np.cumsum(neg, dtype=np.float64) - neg  # negatives in lower bins
-    pos64, neg64 = pos.astype(np.float64), neg.astype(np.float64)
-    tied = float(np.dot(pos64, neg64))
-    auc = (float(np.dot(pos64, below)) + 0.5 * tied) / (p * n)
-    return auc * 100.0, 0.5 * tied / (p * n) * 100.0
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(AUROC in percent, error bound in percent) from per-bin positive and negative counts.
+
+    Bins run along the last axis; leading axes are independent histograms (the map choice's bootstrap
+    draws are rows), each with its own AUROC. A tie within a bin counts 1/2, so the error bound is half
+    the tied share of the pairs.
+    """
+    pos64, neg64 = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    pairs = pos64.sum(axis=-1) * neg64.sum(axis=-1)
+    below = np.cumsum(neg64, axis=-1) - neg64  # negatives in lower bins
+    tied = (pos64 * neg64).sum(axis=-1)
+    auc = ((pos64 * below).sum(axis=-1) + 0.5 * tied) / pairs
+    return auc * 100.0, 0.5 * tied / pairs * 100.0
 
 
 def f1_max_from_histograms(pos: np.ndarray, neg: np.ndarray, binning: Binning) -> tuple[float, float, float]:
@@ -303,9 +308,8 @@ class StreamingMetrics:
         if self.map_images:
             p, n = int(self.pix_pos.sum()), int(self.pix_neg.sum())
             if p and n:
-                out["pixel_auroc"], out["pixel_auroc_error_bound"] = auroc_from_histograms(
-                    self.pix_pos, self.pix_neg
-                )
+                auc, bound = auroc_from_histograms(self.pix_pos, self.pix_neg)
+                out["pixel_auroc"], out["pixel_auroc_error_bound"] = float(auc), float(bound)
                 f1, thr, bound = f1_max_from_histograms(self.pix_pos, self.pix_neg, self.pixel_bins)
                 out["pixel_f1_max"], out["pixel_f1_threshold"], out["pixel_f1_error_bound"] = f1, thr, bound
                 weight = self.pro_weight / self.regions

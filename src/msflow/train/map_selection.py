@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from msflow.config import SMOOTHING_CANDIDATES
-from msflow.evaluate.streaming import Binning
+from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.model.msflow import MSFlow
 from msflow.train.score_selection import (
     BOOTSTRAP_ROUNDS,
@@ -86,13 +86,6 @@ def pixel_histograms(
     return np.stack(pos), np.stack(neg), np.stack(good)
 
 
-def weighted_pixel_auroc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Pixel AUROC (%) of each row of (rounds, bins) positive and negative histograms (ties count 1/2)."""
-    below = np.cumsum(neg, axis=1) - neg
-    wins = (pos * below).sum(axis=1) + 0.5 * (pos * neg).sum(axis=1)
-    return 100 * wins / (pos.sum(axis=1) * neg.sum(axis=1))
-
-
 def bootstrap_pixel_aurocs(
     histograms: tuple[np.ndarray, np.ndarray, np.ndarray], weights: np.ndarray, per_image: int
 ) -> np.ndarray:
@@ -100,7 +93,7 @@ def bootstrap_pixel_aurocs(
     drawn; its synthetic copies weigh as much (a cluster bootstrap). Rows of ones give the AUROC."""
     pos, neg, good = (h.astype(np.float64) for h in histograms)
     copies = np.repeat(weights, per_image, axis=1)
-    return weighted_pixel_auroc(copies @ pos, copies @ neg + weights @ good)
+    return auroc_from_histograms(copies @ pos, copies @ neg + weights @ good)[0]
 
 
 def _subset(check: SyntheticCheck, rng: np.random.Generator) -> SyntheticCheck:
@@ -176,4 +169,4 @@ def choose_maps(
     return chosen, evidence
 
 
-__all__ = ["INCUMBENT", "NORMALIZATIONS", "candidates", "choose_maps", "setting_name", "weighted_pixel_auroc"]
+__all__ = ["INCUMBENT", "NORMALIZATIONS", "candidates", "choose_maps", "setting_name"]
