@@ -40,14 +40,13 @@ def test_pixel_aurocs(model, test: list) -> dict[str, float]:
     good = [s for s in test if s.label == 0]
     bad = [s for s in test if s.label == 1 and s.mask is not None]
 
-    def maps(samples: list) -> list[torch.Tensor]:
-        chunks = [
-            logp_maps(model, [read_image(s.image) for s in samples[i : i + 32]], torch.device("cpu"))
-            for i in range(0, len(samples), 32)
-        ]
-        return [torch.cat(scale) for scale in zip(*chunks, strict=True)]
-
-    check = SyntheticCheck(maps(good), maps(bad), [read_mask(s.mask) for s in bad], per_image=1)
+    cpu = torch.device("cpu")  # files are read a batch at a time
+    check = SyntheticCheck(
+        logp_maps(model, [s.image for s in good], cpu),
+        logp_maps(model, [s.image for s in bad], cpu),
+        [read_mask(s.mask) for s in bad],
+        per_image=1,
+    )
     binning = Binning(0.0, float(len(model.anomaly.ref_add)), BINS)
     out = {}
     for setting in candidates("auto", "auto"):

@@ -114,10 +114,7 @@ def main() -> None:
     logps = {}
     for key, images in (("holdout", good_images), ("synthetic", defective)):
         logps[key] = logp_maps(model, images, device)
-    test_logps = []
-    for i in range(0, len(test), 32):  # the test set is read in chunks to bound memory
-        test_logps.append(logp_maps(model, [read_image(s.image) for s in test[i : i + 32]], device))
-    logps["test"] = [torch.cat([c[s] for c in test_logps]) for s in range(len(test_logps[0]))]
+    logps["test"] = logp_maps(model, [s.image for s in test], device)  # files read a batch at a time
     for key, maps in logps.items():
         torch.save(maps, args.out / f"logps_{key}.pt")
 

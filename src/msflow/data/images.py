@@ -297,7 +297,7 @@ def to_tensor(image: ImageLike, size: int | tuple[int, int]) -> torch.Tensor:
 
     This is the official MSFlow transform (no crop; non-square images are distorted) minus the
     normalisation, which the backbone applies itself with the statistics its weights were trained
-    with (ImageNet for the ResNets, [-1, 1] for EfficientNet-Lite0); see ``backbone.py``. Each channel
+    with (ImageNet for the ResNets, [-1, 1] for the EfficientNet-Lites); see ``backbone.py``. Each channel
     is resized as a float image, so 16-bit and float inputs keep their precision, and the same
     picture gives the same tensor whatever its dtype (Lanczos overshoots at edges; the clip keeps the
     range an 8-bit resize would have).

@@ -48,7 +48,10 @@ BOOTSTRAP_MAX_IMAGES = 500
 def logp_maps(
     model: MSFlow, images: Sequence[ImageLike], device: torch.device, batch_size: int = 8
 ) -> list[Tensor]:
-    """Per-scale (N, h_s, w_s) log-likelihood maps of ``images`` (CPU float32), in input order."""
+    """Per-scale (N, h_s, w_s) log-likelihood maps of ``images`` (CPU float32), in input order.
+
+    ``images`` may be files: they are decoded a batch at a time, so a whole test set fits in memory.
+    """
     model.eval()
     out: list[list[Tensor]] = []
     for start in range(0, len(images), batch_size):
