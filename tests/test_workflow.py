@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fake_data import make_fake_category
 from PIL import Image
 
 from msflow.cli import main
-from msflow.config import Config, ModelConfig, load_yaml
+from msflow.config import BackboneName, Config, ModelConfig, load_yaml
 from msflow.data.datasets import load_dataset
 from msflow.errors import ConfigError
 from msflow.model.checkpoint import load_tensors
@@ -135,3 +136,15 @@ def test_lite0_features_need_standardising() -> None:
     assert losses["none"] > 50 * abs(losses["channel"])
     assert torch.all(scores["none"] > 0.999)  # saturated: the ranking is lost
     assert scores["channel"].std() > 1e-3
+
+
+def test_feature_norm_auto_standardises_every_lite_and_no_resnet() -> None:
+    """Lite1/Lite2 have Lite0's un-activated stage outputs, so ``auto`` must standardise them too."""
+    auto = {name: ModelConfig(backbone=name).standardize_features for name in get_args(BackboneName)}
+    assert auto == {
+        "wide_resnet50_2": False,
+        "resnet18": False,
+        "efficientnet_lite0": True,
+        "efficientnet_lite1": True,
+        "efficientnet_lite2": True,
+    }
