@@ -177,7 +177,7 @@ class ModelConfig:
     backbone: BackboneName = option(
         "efficientnet_lite0",
         "feature extractor; ours: efficientnet_lite0 ships its ImageNet weights with pip, so the default "
-        "works offline (the paper's is wide_resnet50_2)",
+        "works offline (lite1/lite2 too, with the extra msflow[lite]; the paper's is wide_resnet50_2)",
     )
     pretrained: bool = option(
         True, "ImageNet backbone weights (off: random ones); ours: never a silent fall-back to random"
