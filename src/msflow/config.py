@@ -27,6 +27,13 @@ SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be re
 BackboneName = Literal[
     "wide_resnet50_2", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
 ]
+
+
+def lite_variant(backbone: str) -> int | None:
+    """0, 1 or 2 for ``efficientnet_liteN``; None for the ResNets."""
+    return int(backbone[-1]) if backbone.startswith("efficientnet_lite") else None
+
+
 # AUPRO definitions ``msflow test --pro-mode`` offers: the usual one, and the official code's (B17).
 PRO_MODES = ("standard", "official")
 # Inference runtimes (msflow.infer.runtime); "auto" measures the others and takes the fastest.
@@ -282,7 +289,7 @@ class ModelConfig:
     @property
     def standardize_features(self) -> bool:
         if self.feature_norm == "auto":
-            return self.backbone.startswith("efficientnet_lite")
+            return lite_variant(self.backbone) is not None
         return self.feature_norm == "channel"
 
 

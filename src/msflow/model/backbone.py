@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from msflow.config import BackboneName
+from msflow.config import BackboneName, lite_variant
 from msflow.errors import WeightsError
 from msflow.model.efficientnet_lite import EfficientNetLite
 
@@ -32,11 +32,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-Lite models were trained on inputs scaled to [-1, 1] (mean 127, std 128 on 8-bit pixels).
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
-
-
-def lite_variant(name: str) -> int | None:
-    """0, 1 or 2 for ``efficientnet_liteN``; None for the ResNets."""
-    return int(name[-1]) if name.startswith("efficientnet_lite") else None
 
 
 def packaged_lite_weights(variant: int = 0) -> Path:
