@@ -34,18 +34,13 @@ from msflow.config import load_yaml
 from msflow.data.datasets import load_dataset
 from msflow.data.images import read_image, read_mask, to_tensor
 from msflow.data.synthetic import synthetic_set
-from msflow.evaluate.metrics import aupro, pixel_auroc
+from msflow.evaluate.metrics import aupro, pixel_auroc, weighted_auroc
 from msflow.model.anomaly_map import to_original_size
 from msflow.model.checkpoint import load_model, load_tensors
 from msflow.model.msflow import MSFlow
 from msflow.train.fit import split_holdout
-from msflow.train.score_selection import (
-    SYNTHETIC_PER_IMAGE,
-    candidate_scores,
-    logp_maps,
-    rank_candidates,
-    weighted_auroc,
-)
+from msflow.train.score_selection import candidate_scores, rank_candidates
+from msflow.train.synthetic_check import SYNTHETIC_PER_IMAGE, logp_maps
 
 
 def load_run(run: Path, max_train: int, train_samples: list) -> tuple[MSFlow, object, str]:
@@ -118,7 +113,7 @@ def main() -> None:
     for key, maps in logps.items():
         torch.save(maps, args.out / f"logps_{key}.pt")
 
-    scores = {key: candidate_scores(maps, model) for key, maps in logps.items()}
+    scores = {key: candidate_scores(maps, model.anomaly) for key, maps in logps.items()}
     synthetic = rank_candidates(scores["holdout"], scores["synthetic"])
     labels = np.array([s.label for s in test])
     test_auroc = rank_candidates(
@@ -137,10 +132,10 @@ def main() -> None:
             for s, (w, h) in zip(test, sizes, strict=True)
         ]
         for norm in ("per_image", "global"):
-            model.anomaly.normalization = norm
+            mapper = model.anomaly.with_settings(model.anomaly.settings.with_changes(normalization=norm))
             pixel = []
             for i in range(0, len(test), 32):
-                out = model.anomaly.from_log_likelihoods([m[i : i + 32] for m in logps["test"]])
+                out = mapper.from_log_likelihoods([m[i : i + 32] for m in logps["test"]])
                 for j, (w, h) in enumerate(sizes[i : i + 32]):
                     pixel.append(to_original_size(out.pixel_map[j], h, w))
             maps[norm] = {"pixel_auroc": pixel_auroc(masks, pixel), "aupro": aupro(masks, pixel)}

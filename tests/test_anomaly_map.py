@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from msflow.model.anomaly_map import AnomalyMapper, log_likelihood_maps, top_k_score, upsample
+from msflow.scoring import MapSettings
 
 # exp(-x) for the x that occur in the toy below, written out.
 E_05, E_1, E_15, E_2 = 0.6065306597126334, 0.36787944117144233, 0.22313016014842982, 0.1353352832366127
@@ -36,7 +37,7 @@ def test_add_and_mul_maps_per_image_hand_computed() -> None:
     # 1 lower. Per-image normalisation uses each image's own maximum, so both get the same maps.
     toy = two_scale_toy()
     zs = [torch.cat([z, torch.sqrt(z.pow(2) + 2.0)]) for z in toy]
-    out = AnomalyMapper(2, (2, 2), top_k=0.5, normalization="per_image")(zs)
+    out = AnomalyMapper(2, (2, 2), MapSettings(top_k=0.5, normalization="per_image"))(zs)
     # mul: L = logp1 + logp2 = [[-2, -0.5], [-1, -1]]; max -0.5; A_mul = 1 - exp(L + 0.5)
     #    = [[1 - e^-1.5, 0], [1 - e^-0.5, 1 - e^-0.5]]
     expected_mul = torch.tensor([[1 - E_15, 0.0], [1 - E_05, 1 - E_05]])
@@ -52,7 +53,7 @@ def test_add_and_mul_maps_per_image_hand_computed() -> None:
 
 @pytest.mark.usefixtures("float64")
 def test_add_and_mul_maps_global_hand_computed() -> None:
-    mapper = AnomalyMapper(2, (2, 2), top_k=0.5, normalization="global")
+    mapper = AnomalyMapper(2, (2, 2), MapSettings(top_k=0.5, normalization="global"))
     mapper.calibrate([log_likelihood_maps(two_scale_toy())])  # refs: max L = -0.5, max logp_s = (0, 0)
     torch.testing.assert_close(mapper.ref_mul, torch.tensor(-0.5))
     torch.testing.assert_close(mapper.ref_add, torch.tensor([0.0, 0.0]))
@@ -85,7 +86,7 @@ def test_top_k_score_matches_a_manual_sorted_mean() -> None:
 
 @pytest.mark.parametrize("normalization", ["per_image", "global"])
 def test_output_size_equals_image_size(normalization: str) -> None:
-    mapper = AnomalyMapper(3, (48, 64), normalization=normalization)
+    mapper = AnomalyMapper(3, (48, 64), MapSettings(normalization=normalization))
     zs = [torch.randn(2, 4, 6, 8), torch.randn(2, 6, 3, 4), torch.randn(2, 8, 2, 2)]
     out = mapper(zs)
     assert out.scores.shape == (2,)
@@ -100,7 +101,7 @@ def test_an_outlier_feature_vector_is_the_maximum_of_both_maps(normalization: st
     def background(batch: int) -> list[torch.Tensor]:
         return [0.01 * torch.randn(batch, c, s, s) for c, s in zip(channels, sizes, strict=True)]
 
-    mapper = AnomalyMapper(3, (64, 64), top_k=0.03, normalization=normalization)
+    mapper = AnomalyMapper(3, (64, 64), MapSettings(top_k=0.03, normalization=normalization))
     mapper.calibrate([log_likelihood_maps(background(4))])
     clean = background(1)
     zs = [z.clone() for z in clean]
@@ -130,8 +131,8 @@ def test_global_normalisation_flags_a_uniformly_off_image_per_image_does_not() -
 
     train, test = normal(8), normal(1)
     off = [torch.sign(z) * torch.sqrt(z.pow(2) + 2.0) for z in test]
-    per_image = AnomalyMapper(3, (32, 32), normalization="per_image")
-    glob = AnomalyMapper(3, (32, 32), normalization="global")
+    per_image = AnomalyMapper(3, (32, 32), MapSettings(normalization="per_image"))
+    glob = AnomalyMapper(3, (32, 32), MapSettings(normalization="global"))
     glob.calibrate([log_likelihood_maps(train)])
 
     normal_pi, off_pi = per_image(test), per_image(off)
@@ -165,14 +166,14 @@ def test_smoothing_blurs_both_maps_and_the_score_reads_the_blurred_map() -> None
 
     torch.manual_seed(0)
     zs = [torch.randn(2, 4, 12, 20), torch.randn(2, 4, 6, 10)]
-    plain = AnomalyMapper(2, (24, 40), top_k=0.03, normalization="per_image")(zs)
-    smooth = AnomalyMapper(2, (24, 40), top_k=0.03, normalization="per_image", smoothing=2.0)(zs)
+    plain = AnomalyMapper(2, (24, 40), MapSettings(top_k=0.03, normalization="per_image"))(zs)
+    smooth = AnomalyMapper(2, (24, 40), MapSettings(top_k=0.03, normalization="per_image", smoothing=2.0))(zs)
     torch.testing.assert_close(smooth.pixel_map, gaussian_smooth(plain.pixel_map, 2.0))
     torch.testing.assert_close(smooth.image_map, gaussian_smooth(plain.image_map, 2.0))
     torch.testing.assert_close(smooth.scores, top_k_score(smooth.image_map, 0.03))  # "official"
     assert not torch.allclose(smooth.scores, plain.scores)
     logps = log_likelihood_maps(zs)
-    mapper = AnomalyMapper(2, (24, 40), score="logp:0.01", smoothing=2.0)
+    mapper = AnomalyMapper(2, (24, 40), MapSettings(score="logp:0.01", smoothing=2.0))
     expected = top_k_score(gaussian_smooth(-sum(upsample(m, (24, 40)) for m in logps), 2.0), 0.01)
     torch.testing.assert_close(mapper(zs).scores, expected)
     torch.testing.assert_close(image_score("logp:0.01", logps, (24, 40), smoothing=2.0), expected)

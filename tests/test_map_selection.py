@@ -15,7 +15,7 @@ from msflow.train.map_selection import (
     candidates,
     choose_maps,
 )
-from msflow.train.score_selection import SyntheticCheck
+from msflow.train.synthetic_check import SyntheticCheck
 
 
 def test_candidates_cover_what_is_left_to_auto() -> None:
@@ -105,9 +105,9 @@ def test_fixed_settings_are_kept_and_measured() -> None:
 
 
 def test_a_large_check_is_judged_on_a_seeded_subset_and_still_finds_the_blur(monkeypatch) -> None:
-    import msflow.train.score_selection as score_selection  # the bound both choices share
+    import msflow.train.synthetic_check as synthetic_check  # the bound both choices share
 
-    monkeypatch.setattr(score_selection, "BOOTSTRAP_MAX_IMAGES", 25)
+    monkeypatch.setattr(synthetic_check, "BOOTSTRAP_MAX_IMAGES", 25)
     check, model = _check(40, defect=0.3)
     chosen, evidence = choose_maps(model, check, seed=3)
     assert evidence["good_images"] == 25 and evidence["synthetic_images"] == 50  # what was judged

@@ -27,6 +27,7 @@ from msflow.errors import ConfigError
 from msflow.model.anomaly_map import AnomalyMapper
 from msflow.model.fusion_flow import FusionFlow
 from msflow.model.parallel_flow import ParallelFlow, positional_encoding_2d
+from msflow.train.synthetic_check import MIN_EFFECT
 
 try:
     from flow_helpers import (
@@ -274,7 +275,8 @@ def test_auto_size_and_auto_score_are_resolved_and_recorded(wide_run: Path) -> N
     assert evidence["good_images"] == 2 and evidence["synthetic_images"] == 4
     # auto keeps the incumbent unless candidates beat it beyond the noise; then the best of those
     lower, auroc = evidence["difference_lower_bound"], evidence["auroc"]
-    allowed = [c for c in lower if lower[c] > 0] + [evidence["incumbent"]]
+    gain = evidence["gain_over_incumbent"]
+    allowed = [c for c in lower if lower[c] > 0 and gain[c] >= MIN_EFFECT] + [evidence["incumbent"]]
     assert auroc[evidence["chosen"]] == max(auroc[c] for c in allowed)
     assert evidence["highest_auroc"] in auroc and auroc[evidence["highest_auroc"]] == max(auroc.values())
     meta = json.loads((wide_run / "model.json").read_text())
@@ -290,7 +292,8 @@ def test_auto_maps_are_resolved_and_recorded_and_the_model_uses_them(wide_run: P
     assert saved["normalization"] in ("per_image", "global") and saved["smoothing"] in (0, 2, 4, 8)
     assert len(evidence["pixel_auroc"]) == 8 and evidence["synthetic_images"] == 4
     lower, auroc = evidence["difference_lower_bound"], evidence["pixel_auroc"]
-    allowed = [c for c in lower if lower[c] > 0] + [evidence["incumbent"]]
+    gain = evidence["gain_over_incumbent"]
+    allowed = [c for c in lower if lower[c] > 0 and gain[c] >= MIN_EFFECT] + [evidence["incumbent"]]
     chosen = f"{saved['normalization']}, smoothing {saved['smoothing']:g}"
     assert auroc[chosen] == max(auroc[c] for c in allowed)
     model, _, _ = load_model(wide_run)
@@ -300,26 +303,28 @@ def test_auto_maps_are_resolved_and_recorded_and_the_model_uses_them(wide_run: P
     )
 
 
-def test_map_study_reproduces_the_runs_own_decision(wide_run: Path, benchmark_module) -> None:
-    """benchmarks/map_study.py re-makes the run's synthetic check and map choice: the run's evidence."""
-    again = benchmark_module("map_study").study(str(wide_run))
-    recorded = json.loads((wide_run / "map_selection.json").read_text())
-    assert again["chosen"] == recorded["chosen"]
-    assert again["pixel_auroc"] == pytest.approx(recorded["pixel_auroc"], abs=1e-6)
-    report = again["test_pixel_auroc_report_only"]
-    assert list(report) == list(recorded["pixel_auroc"]) and all(0 <= v <= 100 for v in report.values())
+def test_choose_re_makes_the_runs_own_decisions(wide_run: Path, tmp_path: Path) -> None:
+    """``msflow test --choose``'s step re-makes the run's synthetic check and both choices: the same
+    held-out images, synthetic defects and rule give the run's recorded evidence."""
+    from msflow.infer.predictor import Predictor
+    from msflow.train.choice import remake_choices
 
-
-def test_auto_score_check_reproduces_the_runs_own_decision(wide_run: Path, benchmark_module) -> None:
-    """benchmarks/auto_score_check.py re-runs the synthetic check on a finished run: the same held-out
-    images, synthetic defects and rule give the run's recorded evidence."""
-    check = benchmark_module("auto_score_check").check
-    recorded = json.loads((wide_run / "score_selection.json").read_text())
-    again = check(str(wide_run))
-    assert again["chosen"] == recorded["chosen"] and again["good_images"] == recorded["good_images"]
-    for name, value in recorded["auroc"].items():
-        assert again["auroc"][name] == pytest.approx(value, abs=1e-6)
-    assert again["difference_lower_bound"] == recorded["difference_lower_bound"]
+    predictor = Predictor.load(wide_run)
+    settings = remake_choices(predictor, tmp_path / "again", log=lambda _: None)
+    saved = yaml.safe_load((wide_run / "config.yaml").read_text())["model"]
+    assert (settings.normalization, settings.smoothing, settings.score) == (
+        saved["normalization"],
+        saved["smoothing"],
+        saved["score"],
+    )
+    for name in ("map_selection.json", "score_selection.json"):
+        recorded = json.loads((wide_run / name).read_text())
+        again = json.loads((tmp_path / "again" / name).read_text())
+        assert again["chosen"] == recorded["chosen"] and again["good_images"] == recorded["good_images"]
+        key = "pixel_auroc" if name == "map_selection.json" else "auroc"
+        assert again[key] == pytest.approx(recorded[key], abs=1e-6)
+        assert again["difference_lower_bound"] == recorded["difference_lower_bound"]
+    assert predictor.config.model.score == saved["score"]  # the run's predictor is left as it was
 
 
 def test_predict_and_serve_a_rectangular_run(wide_run: Path, tmp_path: Path) -> None:

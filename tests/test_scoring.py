@@ -14,6 +14,7 @@ from msflow.config import Config, ModelConfig, parse_score
 from msflow.data.synthetic import AREA_RANGE, KINDS, add_defect, synthetic_set
 from msflow.errors import ConfigError
 from msflow.model.anomaly_map import AnomalyMapper, image_score, score_map, upsample
+from msflow.scoring import MapSettings
 from msflow.train.score_selection import INCUMBENT, difference_lower_bounds, rank_candidates
 
 SIZE = (8, 12)
@@ -74,7 +75,7 @@ def test_official_is_the_papers_score_and_other_modes_change_it() -> None:
     official = AnomalyMapper(2, SIZE)
     out = official(_zs(logps))
     torch.testing.assert_close(out.scores, image_score("mul:0.03", logps, SIZE))
-    logp = AnomalyMapper(2, SIZE, score="logp:0.03")(_zs(logps))
+    logp = AnomalyMapper(2, SIZE, MapSettings(score="logp:0.03"))(_zs(logps))
     torch.testing.assert_close(logp.pixel_map, out.pixel_map)  # the maps do not depend on the score
     assert not torch.allclose(logp.scores, out.scores)
 
@@ -84,7 +85,7 @@ def test_raw_log_likelihood_flags_a_uniformly_unlikely_image_the_official_score_
     shifted = [m - 4.0 for m in logps]  # the same image, less likely everywhere
     both = [torch.cat([a, b]) for a, b in zip(logps, shifted, strict=True)]
     official = AnomalyMapper(2, SIZE)(_zs(both)).scores
-    raw = AnomalyMapper(2, SIZE, score="logp:0.03")(_zs(both)).scores
+    raw = AnomalyMapper(2, SIZE, MapSettings(score="logp:0.03"))(_zs(both)).scores
     torch.testing.assert_close(official[0], official[1])  # per-image normalisation cancels the shift
     assert raw[1] > raw[0] + 7  # two scales, each 4 nats less likely
 
@@ -190,9 +191,9 @@ def test_bootstrap_at_unit_weights_is_the_auroc_and_equal_scores_never_win() -> 
     lower = difference_lower_bounds(good, bad, INCUMBENT, rounds=200)
     assert lower == {INCUMBENT: 0.0, "same": 0.0}  # identical scores: zero difference in every draw
     # The cluster weights with every count 1 give the plain AUROC (the matrix form of rank_candidates).
-    from msflow.train import score_selection as ss
+    from msflow.evaluate.metrics import pair_wins
 
-    auroc = 100 * ss._pair_wins(g, b).mean()
+    auroc = 100 * pair_wins(g, b).mean()
     assert auroc == pytest.approx(rank_candidates({"x": g}, {"x": b})["x"], abs=1e-3)
 
 
@@ -227,11 +228,12 @@ def test_scoring_study_bootstrap_difference_is_the_auroc_difference(benchmark_mo
 
 
 def test_a_large_check_is_bounded_on_a_subset_and_still_finds_a_clear_winner(monkeypatch) -> None:
-    from msflow.train import score_selection as ss
+    from msflow.evaluate import metrics
+    from msflow.train import synthetic_check as ss
 
     shapes = []
-    pair_wins = ss._pair_wins
-    monkeypatch.setattr(ss, "_pair_wins", lambda g, b: shapes.append((len(b), len(g))) or pair_wins(g, b))
+    pair_wins = metrics.pair_wins
+    monkeypatch.setattr(metrics, "pair_wins", lambda g, b: shapes.append((len(b), len(g))) or pair_wins(g, b))
     rng = np.random.default_rng(2)
     n = ss.BOOTSTRAP_MAX_IMAGES + 300
     g0, b0 = _scores(rng, n, 0.2)
@@ -240,3 +242,107 @@ def test_a_large_check_is_bounded_on_a_subset_and_still_finds_a_clear_winner(mon
     lower = difference_lower_bounds(good, bad, INCUMBENT, rounds=300)
     assert lower["clear"] > 0
     assert set(shapes) == {(2 * ss.BOOTSTRAP_MAX_IMAGES, ss.BOOTSTRAP_MAX_IMAGES)}  # the seeded subset
+
+
+# -- the rule: keep the incumbent unless beaten by a gain that matters (issue 20 point 1) -----------
+def test_a_gain_beyond_the_noise_but_below_the_minimum_effect_keeps_the_incumbent() -> None:
+    from msflow.train.synthetic_check import MIN_EFFECT, keep_unless_beaten
+
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=200)
+    b = rng.normal(size=400) + 1.5
+    for shift, switches in ((0.03, False), (0.13, True)):  # every pair's order kept or improved
+        good, bad = {INCUMBENT: g, "other": g}, {INCUMBENT: b, "other": b + shift}
+        aurocs = rank_candidates(good, bad)
+        lower = difference_lower_bounds(good, bad, INCUMBENT, rounds=1000)
+        gain = aurocs["other"] - aurocs[INCUMBENT]
+        assert lower["other"] > 0  # not noise in either case
+        assert (gain >= MIN_EFFECT) is switches and (0.3 < gain < 0.8 or 1.5 < gain < 2.5)
+        assert keep_unless_beaten(aurocs, lower, INCUMBENT) == ("other" if switches else INCUMBENT)
+    # the rule alone, on hand-set numbers: a bound above zero is needed too
+    assert keep_unless_beaten({"a": 90.0, "b": 95.0}, {"a": 0.0, "b": -0.1}, "a") == "a"
+    assert keep_unless_beaten({"a": 90.0, "b": 95.0, "c": 93.0}, {"a": 0, "b": 0.1, "c": 2}, "a") == "b"
+
+
+def test_map_settings_resolve_auto_to_the_incumbents_only_there() -> None:
+    from msflow.scoring import MAPS_INCUMBENT, SCORE_INCUMBENT
+
+    asked = MapSettings("auto", "auto", "auto")
+    assert asked.resolved() == MapSettings(*MAPS_INCUMBENT, SCORE_INCUMBENT)
+    assert MapSettings("global", 2, "official").resolved() == MapSettings("global", 2.0, "official")
+    assert MapSettings("global", 0, "official", top_k=0.05).score_name() == "gmul:0.05"
+    assert MapSettings().score_name("logp:max@4") == "logp:max@4"
+    # an unresolved mapper scores with the incumbent score
+    logps = _logps()
+    out = AnomalyMapper(2, SIZE, asked)(_zs(logps))
+    torch.testing.assert_close(out.scores, image_score(SCORE_INCUMBENT, logps, SIZE, area=96))
+    with pytest.raises(ConfigError, match="normalization"):
+        MapSettings("best")
+
+
+def test_with_settings_makes_a_new_mapper_and_leaves_the_old_one() -> None:
+    mapper = AnomalyMapper(2, SIZE)
+    mapper.ref_mul.fill_(-1.0)
+    other = mapper.with_settings(MapSettings("global", 1.0, "logp:max"))
+    assert (mapper.normalization, mapper.smoothing, mapper.score) == ("per_image", 0.0, "official")
+    assert (other.normalization, other.smoothing, other.score) == ("global", 1.0, "logp:max")
+    assert float(other.ref_mul) == -1.0  # the calibrated references are shared
+    with pytest.raises(AttributeError):
+        mapper.score = "logp:max"  # type: ignore[misc]  # no in-place edits
+
+
+# -- scores built on the maps (issue 20 point 2) -----------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("logp:max@4", "logp:max@4"), ("LOGP:0.010@2.0", "logp:0.01@2"), ("scales", "scales:0.03")],
+)
+def test_map_score_names(value: str, expected: str) -> None:
+    assert parse_score(value) == expected
+
+
+@pytest.mark.parametrize("value", ["logp:max@-1", "logp:max@x", "logp:max@100", "scale:max"])
+def test_bad_map_score_names(value: str) -> None:
+    with pytest.raises(ConfigError, match="score"):
+        ModelConfig(score=value)
+
+
+def test_per_scale_scores_hand_computed() -> None:
+    # two scales at the map's own size (no interpolation): -1 everywhere, one extreme cell each
+    s0, s1 = torch.full((1, 4, 4), -1.0), torch.full((1, 4, 4), -1.0)
+    s0[0, 0, 0], s1[0, 3, 3] = -5.0, -6.0
+    logps = [s0, s1]
+    assert float(image_score("logp:max", logps, (4, 4))) == 7.0  # max of 5 + 1 and 1 + 6
+    assert float(image_score("scales:max", logps, (4, 4))) == 11.0  # 5 + 6: each scale's own maximum
+    assert float(image_score("scales:0.125", logps, (4, 4))) == 6.5  # k = 2: (5 + 1) / 2 + (6 + 1) / 2
+
+
+def test_a_blurred_map_maximum_is_the_maximum_of_scipys_filter() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    logps = _logps(batch=2)
+    fused = (upsample(logps[0], SIZE) + upsample(logps[1], SIZE)).double().numpy()
+    for b in range(2):
+        expected = gaussian_filter(-fused[b], 1.5, mode="nearest", truncate=4.0).max()
+        got = image_score("logp:max@1.5", logps, SIZE)[b]
+        assert float(got) == pytest.approx(expected, abs=1e-5)
+    # its own blur replaces the run's smoothing; without one the run's smoothing is used
+    torch.testing.assert_close(
+        image_score("logp:max@1.5", logps, SIZE, smoothing=4.0),
+        image_score("logp:max", logps, SIZE, smoothing=1.5),
+    )
+    assert not torch.allclose(
+        image_score("logp:max@0", logps, SIZE), image_score("logp:max@1.5", logps, SIZE)
+    )
+
+
+def test_a_small_defect_stands_out_of_a_blurred_maximum_where_noise_does_not() -> None:
+    # Good image: isolated one-pixel noise peaks. Defective: a 5 x 5 patch, each pixel less extreme.
+    g = torch.Generator().manual_seed(0)
+    base = -0.5 - 0.1 * torch.rand(2, 32, 32, generator=g)
+    base[0, 4, 4], base[0, 20, 25] = -4.0, -4.0  # noise
+    base[1, 10:15, 10:15] -= 1.5  # the defect
+    logps = [base]
+    raw = image_score("logp:max", logps, (32, 32))
+    blurred = image_score("logp:max@2", logps, (32, 32))
+    assert raw[0] > raw[1]  # the raw maximum prefers the noise
+    assert blurred[1] > blurred[0]  # the blurred maximum (PaDiM's verdict) the defect

@@ -115,25 +115,28 @@ def cmd_test(args: argparse.Namespace) -> None:
 
     predictor = Predictor.load(args.model, args.device)
     cfg, run = predictor.config, Path(args.model)
-    if args.normalization:  # both references are calibrated at training time, so either mode works
-        predictor.model.anomaly.normalization = args.normalization
-    if args.smoothing is not None:  # a blur of the maps: nothing to recalibrate
-        from msflow.config import parse_smoothing
-
-        predictor.model.anomaly.smoothing = float(parse_smoothing(args.smoothing))
-    if args.score:  # every score reads the same latents; only the reduction to one number changes
-        from msflow.config import parse_score
-
-        predictor.model.anomaly.score = parse_score(args.score)
-        if predictor.model.anomaly.score == "auto":
-            raise MSFlowError("--score auto is decided at training time; name a score to re-score a run")
     name, _, test = load_dataset(args.data or cfg.data.dataset)
     if test:
         validate_samples(test, f"test set of '{name}'")
     # A run whose evaluation never finished (no metrics.json) is finished in place; otherwise the
-    # report goes next to it, so the training-time report is never overwritten.
-    unfinished = run.is_dir() and not (run / "metrics.json").is_file() and not args.data
-    out = Path(args.output) if args.output else run if unfinished else run / f"test-{name}"
+    # report goes next to it, so the training-time report (and its choices' evidence) is never overwritten.
+    unfinished = run.is_dir() and not (run / "metrics.json").is_file() and not (args.data or args.choose)
+    folder = f"choose-{name}" if args.choose else f"test-{name}"
+    out = Path(args.output) if args.output else run if unfinished else run / folder
+    settings = cfg.model.maps
+    if args.choose:  # today's label-free choices, re-made on the run's held-out images (no test label)
+        from msflow.train.choice import remake_choices
+
+        settings = remake_choices(predictor, out, batch_size=args.batch_size)
+    # Both references are calibrated at training time and every score reads the same latents, so any
+    # setting re-scores the run: a predictor with the new settings, the run itself left as it is.
+    settings = settings.with_changes(
+        normalization=args.normalization, smoothing=args.smoothing, score=args.score
+    )
+    if args.score and settings.score == "auto":
+        raise MSFlowError("--score auto is decided at training time; name a score, or use --choose")
+    if settings != cfg.model.maps:
+        predictor = predictor.with_settings(settings)
     metrics = evaluate_run(
         predictor,
         test,
@@ -326,7 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resolutions = get_args(get_type_hints(TrainConfig)["eval_resolution"])
     p.add_argument("--eval-resolution", choices=resolutions, help="default: the run's (original size)")
-    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01)")
+    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01, logp:max@4)")
+    p.add_argument(
+        "--choose",
+        action="store_true",
+        help="re-make the run's label-free choices (maps, score) with today's candidates and rule on its "
+        "held-out good images (no retraining, no test label), record them with the test report in "
+        "RUN/choose-DATASET, and test with them (--score/--normalization/--smoothing still override)",
+    )
     _inference_flags(p)
     p.set_defaults(func=cmd_test)
 

@@ -11,7 +11,6 @@ errors, never silently ignored.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Iterator
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +19,13 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from msflow.errors import ConfigError
+from msflow.scoring import (
+    AUTO_INCUMBENT,
+    SMOOTHING_CANDIDATES,
+    MapSettings,
+    parse_score,
+    parse_smoothing,
+)
 
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
 
@@ -88,54 +94,6 @@ def _check_literals(obj: Any) -> None:
         allowed = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else None
         if allowed and getattr(obj, f.name) not in allowed:
             raise ConfigError(f"{f.name}={getattr(obj, f.name)!r} is not one of {list(allowed)}")
-
-
-SCORE_KINDS = ("mul", "gmul", "add", "logp")  # the maps an image score can reduce; see model/anomaly_map.py
-# The score "auto" keeps unless the synthetic check shows a better one beyond its noise
-# (msflow.train.score_selection); also what an "auto" model scores with before training has chosen.
-AUTO_INCUMBENT = "logp:0.01"
-
-
-# Gaussian sigmas (model-input pixels) that --smoothing auto chooses from; 0 is the paper's maps.
-SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
-
-
-def parse_smoothing(value: Any) -> float | str:
-    """A map-smoothing setting: "auto" or a Gaussian sigma >= 0 in model-input pixels (0 = off)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        sigma = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"smoothing {value!r} is not a sigma in pixels (0 = off) or auto") from None
-    if not 0 <= sigma <= 64 or math.isnan(sigma):
-        raise ConfigError(f"smoothing must be auto or a sigma in [0, 64] pixels, got {value!r}")
-    return sigma
-
-
-def parse_score(value: Any) -> str:
-    """Canonical image-score name: "official", "auto", or "KIND:FRACTION" / "KIND:max".
-
-    KIND is one of ``SCORE_KINDS``; FRACTION in (0, 1] is the share of the map's largest values that are
-    averaged ("max" = the single largest). A bare KIND means the paper's fraction, 0.03.
-    """
-    text = str(value).strip().lower()
-    if text in ("official", "auto"):
-        return text
-    kind, _, fraction = text.partition(":")
-    if kind not in SCORE_KINDS:
-        raise ConfigError(
-            f"score {value!r} is not official, auto or one of {list(SCORE_KINDS)}[:FRACTION|max]"
-        )
-    if fraction in ("", "max"):
-        return f"{kind}:{fraction or '0.03'}"
-    try:
-        share = float(fraction)
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise ConfigError(f"score {value!r}: the fraction must be in (0, 1] or 'max'")
-    return f"{kind}:{share:g}"
 
 
 AUTO_SIZE_BUDGET = 256  # ours: the side of the square pixel budget of "auto" (a 256 x 256 input's cost)
@@ -213,21 +171,21 @@ class ModelConfig:
         "the EfficientNet-Lites (large raw stage outputs), off for the ResNets (official raw features)",
     )
     top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
-    # ours: auto = logp:0.01 (which won on held-out good images vs synthetic defects on most sets
-    # measured) unless the run's own synthetic check finds a score better beyond its sampling error. The
-    # plain "best of 21 candidates" did worse (its winner on 7-76 held-out images is often noise); the
-    # noise-aware rule kept logp:0.01 on 5 of 6 sets and took the paper's score on the one where that
-    # won on the test set (README "Image size, scoring and tiles"). No choice reads test labels.
+    # ours: auto = logp:0.01 (which beat the paper's score on every real set measured but one, by at
+    # most -0.22 there) unless the run's own synthetic check finds a score better by at least
+    # msflow.train.choice.MIN_EFFECT points and beyond its sampling error (docs/results.md "Label-free
+    # choices"). No choice reads test labels.
     score: str = option(
         "auto",
-        "image score: official (the paper: top_k of the 'mul' map), mul|gmul|add|logp[:FRACTION|max], "
-        f"or auto (train keeps {AUTO_INCUMBENT}, the top 1 percent of the raw negative log-likelihood, "
-        "unless a candidate beats it beyond the sampling error on held-out good images vs synthetic "
-        "defects; the decision is in score_selection.json); ours: auto",
+        "image score: official (the paper: top_k of the 'mul' map), "
+        "mul|gmul|add|logp|scales[:FRACTION|max][@SIGMA] (e.g. logp:max@4, the maximum of the map "
+        f"blurred with sigma 4), or auto (train keeps {AUTO_INCUMBENT}, the top 1 percent of the raw "
+        "negative log-likelihood, unless a candidate beats it by 1 point and beyond the sampling error on "
+        "held-out good images vs synthetic defects; score_selection.json); ours: auto",
     )
     # ours: auto = train keeps the paper's maps (per_image, no smoothing) unless the run's synthetic
-    # defects, whose masks are exact, localise better beyond the sampling error with global
-    # normalisation and/or a Gaussian blur (msflow.train.map_selection; decision in map_selection.json).
+    # defects, whose masks are exact, localise better by at least MIN_EFFECT points and beyond the
+    # sampling error with global normalisation and/or a Gaussian blur (msflow.train.map_selection).
     normalization: Literal["auto", "per_image", "global"] = option(
         "auto",
         "map normalisation: per_image (official), global (training statistics) or auto (train chooses "
@@ -291,6 +249,21 @@ class ModelConfig:
         if self.feature_norm == "auto":
             return lite_variant(self.backbone) is not None
         return self.feature_norm == "channel"
+
+    @property
+    def maps(self) -> MapSettings:
+        """The map and score settings (``msflow.scoring``), as the anomaly mapper takes them."""
+        return MapSettings(self.normalization, self.smoothing, self.score, self.top_k)
+
+    def with_maps(self, settings: MapSettings) -> ModelConfig:
+        """A copy whose map and score settings are ``settings``."""
+        return replace(
+            self,
+            normalization=settings.normalization,
+            smoothing=settings.smoothing,
+            score=settings.score,
+            top_k=settings.top_k,
+        )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from msflow.data.datasets import Sample
-from msflow.data.images import read_image, read_mask, to_uint8
+from msflow.data.images import read_image, read_mask, resize_mask, to_uint8
 from msflow.errors import DataError
 from msflow.evaluate import report
 from msflow.evaluate.streaming import DEFAULT_BINS, StreamingMetrics
@@ -49,11 +49,7 @@ def _mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     """The ground truth at the map's resolution (nearest resize when evaluating at model size)."""
     if sample.mask is None:
         return np.zeros(shape, bool)
-    mask = read_mask(sample.mask)
-    if mask.shape == shape:
-        return mask
-    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.NEAREST)
-    return np.asarray(resized) > 0
+    return resize_mask(read_mask(sample.mask), shape)
 
 
 class ShardMerge(Protocol):

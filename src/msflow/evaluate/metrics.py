@@ -81,6 +81,23 @@ def image_auroc(labels: Any, scores: Any) -> float:
     return _auroc(y, s, "image_auroc")
 
 
+def pair_wins(good: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """(n_bad, n_good) matrix: 1 where a defective image scores above a good one, 0.5 for a tie."""
+    return (bad[:, None] > good[None, :]) + 0.5 * (bad[:, None] == good[None, :])
+
+
+def weighted_auroc(
+    good: np.ndarray, bad: np.ndarray, good_weights: np.ndarray, bad_weights: np.ndarray
+) -> np.ndarray:
+    """Image AUROC (%) under each row of weights (how often each image was drawn): a bootstrap's AUROCs.
+
+    ``good_weights`` is (rounds, n_good), ``bad_weights`` (rounds, n_bad); rows of ones give
+    :func:`image_auroc` of the good (label 0) and defective (label 1) scores.
+    """
+    wins = bad_weights @ pair_wins(good, bad)  # (rounds, n_good)
+    return 100 * (wins * good_weights).sum(-1) / (bad_weights.sum(-1) * good_weights.sum(-1))
+
+
 def pixel_auroc(masks: MapsLike, maps: MapsLike) -> float:
     """Pixel-level AUROC in percent over the pooled pixels of all images.
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from msflow.evaluate.threshold import Threshold
 from msflow.infer.runtime import Decision, runner, select_runtime
 from msflow.model.anomaly_map import log_likelihood_maps, to_original_size, upsample
 from msflow.model.checkpoint import load_model
+from msflow.scoring import MapSettings
 
 Resolution = Literal["original", "model"]
 
@@ -132,6 +133,19 @@ class Predictor:
         predictor = cls(model, config, threshold, torch_device, runtime, meta)
         predictor.runtime_decision = decision
         return predictor
+
+    def with_settings(self, settings: MapSettings) -> Predictor:
+        """A predictor of the same trained model with other map and score settings (re-scoring a run:
+        ``msflow test --score/--normalization/--smoothing``, the label-free choices). Nothing is copied
+        and this predictor is left as it is; the threshold stays the run's (calibrated for its score).
+        """
+        if not hasattr(self.model, "with_settings"):  # an exported graph has its settings built in
+            raise MSFlowError(
+                f"other map or score settings need the torch runtime (this predictor runs {self.runtime})"
+            )
+        model = self.model.with_settings(settings)
+        config = replace(self.config, model=model.config)
+        return Predictor(model, config, self.threshold, self.device, self.runtime, self.meta)
 
     # -- the steps ---------------------------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,20 +7,28 @@ aggregations follow, both up-sampled bilinearly with align_corners=True to the m
   A_mul = 1 - exp(L - ref). The image score is the mean of the top ``top_k`` fraction of A_mul.
 - "add" (pixel map): P_s = exp(logp_s - ref_s); S = sum_s up(P_s); A_add = max - S.
 
+Each map kind has one formula, in :func:`score_map`: ``mul`` and ``add`` (per-image references),
+``gmul`` and ``gadd`` (global references), ``logp`` (no reference). What a run computes is one
+immutable :class:`msflow.scoring.MapSettings` value; :meth:`AnomalyMapper.with_settings` gives a mapper
+with other settings (sharing the calibrated references) instead of editing one in place.
+
 With ``normalization="per_image"`` (official) ref is the image's own maximum, so every image has a
 pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) ref comes from training
 images (the mean of their per-image maxima), values above it are clipped to it, and A_add = n_scales - S:
 an image that is off-distribution everywhere then scores high everywhere.
 
-The image score (``score``, ours; see :func:`image_score`) reduces one of four maps to a number, the
-mean of its ``fraction`` largest values ("max": the largest one):
+The image score (``score``, ours; see :func:`image_score` and ``msflow.scoring`` for the names) reduces
+one of these maps to a number, the mean of its ``fraction`` largest values ("max": the largest one),
+after a blur of the run's ``smoothing`` (or of the score's own ``@SIGMA``):
 
 - ``mul``  the per-image "mul" map above (``official`` = ``mul`` at top_k under ``normalization``,
   the paper's score, spec section 6);
 - ``gmul`` the "mul" map against the global reference (1 - exp(min(L - ref, 0)));
 - ``add``  the per-image "add" map;
 - ``logp`` the raw negative log-likelihood -L, no per-image reference and no exp squashing: an image
-  that is less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share.
+  that is less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share;
+- ``scales`` the sum over scales of each scale's own reduced -logp_s (up-sampled): a defect that one
+  scale sees stands out of that scale's map instead of being diluted by the others'.
 
 ``smoothing`` (ours; 0 = the paper) blurs every map with a Gaussian of that many model-input pixels
 before it is reduced to a score or returned (:func:`gaussian_smooth`). A feature vector's likelihood
@@ -46,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msflow.config import AUTO_INCUMBENT
+from msflow.scoring import MapSettings, split_score
 
 
 class AnomalyOutput(NamedTuple):
@@ -108,14 +116,27 @@ def top_k_score(anomaly_map: Tensor, top_k: float, area: int | None = None) -> T
     return torch.topk(anomaly_map.flatten(1), k, dim=1).values.mean(dim=1)
 
 
-def score_map(kind: str, logps: list[Tensor], size: tuple[int, int], ref_mul: Tensor | float = 0.0) -> Tensor:
-    """The (B, H, W) map that a score of ``kind`` (mul, gmul, add, logp) reduces; see the module doc."""
+def score_map(
+    kind: str,
+    logps: list[Tensor],
+    size: tuple[int, int],
+    ref_mul: Tensor | float = 0.0,
+    ref_add: Tensor | None = None,
+) -> Tensor:
+    """The (B, H, W) map of ``kind`` (mul, gmul, add, gadd, logp), the one formula of each (module doc).
+
+    ``ref_mul`` is the global reference of the fused map (gmul), ``ref_add`` the per-scale ones (gadd).
+    """
     if kind == "add":
         summed = sum(upsample(torch.exp(m - _image_max(m)), size) for m in logps)
         return _image_max(summed) - summed
+    if kind == "gadd":
+        assert ref_add is not None, "gadd needs the per-scale global references"
+        probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, ref_add, strict=True)]
+        return len(logps) - sum(upsample(p, size) for p in probs)
     fused = sum(upsample(m, size) for m in logps)
     if kind == "mul":
-        return 1 - torch.exp(fused - _image_max(fused))
+        return 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
     if kind == "gmul":
         return 1 - torch.exp(torch.clamp(fused - ref_mul, max=0))
     if kind == "logp":
@@ -138,11 +159,16 @@ def image_score(
     area: int | None = None,
     smoothing: float = 0.0,
 ) -> Tensor:
-    """(B,) image scores for a canonical ``KIND:FRACTION`` score name (``msflow.config.parse_score``);
-    ``area``: what the fraction is a fraction of (:func:`top_k_score`); ``smoothing``: the Gaussian
-    sigma the map is blurred with before it is reduced (:func:`gaussian_smooth`)."""
-    kind, _, fraction = score.partition(":")
-    return reduce_score(gaussian_smooth(score_map(kind, logps, size, ref_mul), smoothing), fraction, area)
+    """(B,) image scores for a canonical ``KIND:FRACTION[@SIGMA]`` name (``msflow.scoring``).
+
+    ``area``: what the fraction is a fraction of (:func:`top_k_score`); ``smoothing``: the Gaussian sigma
+    the map is blurred with before it is reduced (:func:`gaussian_smooth`), unless the name has its own.
+    """
+    kind, fraction, sigma = split_score(score)
+    sigma = smoothing if sigma is None else sigma
+    if kind == "scales":  # each scale reduced on its own, then added (a log of a product of maxima)
+        return sum(reduce_score(gaussian_smooth(-upsample(m, size), sigma), fraction, area) for m in logps)
+    return reduce_score(gaussian_smooth(score_map(kind, logps, size, ref_mul), sigma), fraction, area)
 
 
 class AnomalyMapper(nn.Module):
@@ -151,32 +177,43 @@ class AnomalyMapper(nn.Module):
     Arguments:
         num_scales: number of latent scales.
         image_size: (H, W) of the output maps (the model's input size).
-        top_k: fraction of the "mul" map averaged into the image score.
-        normalization: ``"per_image"`` (official) or ``"global"`` (``"auto"`` before training has
-            chosen: ``"per_image"``).
-        score: ``"official"`` (top_k of the "mul" map) or a ``KIND:FRACTION`` name (:func:`image_score`).
-        smoothing: Gaussian sigma in pixels applied to every map (:func:`gaussian_smooth`); 0 = off
-            (``"auto"`` before training has chosen: 0).
+        settings: normalisation, smoothing, score and top_k (``msflow.scoring.MapSettings``); an
+            unresolved ``auto`` (a model before training has chosen) means its incumbent
+            (:meth:`MapSettings.resolved`).
     """
 
     def __init__(
-        self,
-        num_scales: int,
-        image_size: tuple[int, int],
-        top_k: float = 0.03,
-        normalization: str = "per_image",
-        score: str = "official",
-        smoothing: float | str = 0.0,
+        self, num_scales: int, image_size: tuple[int, int], settings: MapSettings | None = None
     ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.top_k, self.score = top_k, score
-        # An unresolved "auto" (a model built before training has chosen) uses the paper's maps.
-        self.normalization = "per_image" if normalization == "auto" else normalization
-        self.smoothing = 0.0 if smoothing == "auto" else float(smoothing)
+        self.settings = (settings or MapSettings()).resolved()
         self.register_buffer("ref_mul", torch.zeros(()))
         self.register_buffer("ref_add", torch.zeros(num_scales))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+
+    # Read-only views of the settings: a mapper is never re-configured in place (use with_settings).
+    @property
+    def normalization(self) -> str:
+        return self.settings.normalization
+
+    @property
+    def smoothing(self) -> float:
+        return float(self.settings.smoothing)
+
+    @property
+    def score(self) -> str:
+        return self.settings.score
+
+    @property
+    def top_k(self) -> float:
+        return self.settings.top_k
+
+    def with_settings(self, settings: MapSettings) -> AnomalyMapper:
+        """A mapper with other settings that shares this one's calibrated references."""
+        other = AnomalyMapper(len(self.ref_add), self.image_size, settings)
+        other.ref_mul, other.ref_add, other.calibrated = self.ref_mul, self.ref_add, self.calibrated
+        return other
 
     @torch.no_grad()
     def calibrate(
@@ -210,21 +247,14 @@ class AnomalyMapper(nn.Module):
         """
         size = self.image_size if size is None else (int(size[0]), int(size[1]))
         area = self.image_size[0] * self.image_size[1]  # top-k fractions are of one model input
-        fused = sum(upsample(m, size) for m in logps)  # (B, H, W), log of the product
-        if self.normalization == "global":
-            image_map = 1 - torch.exp(torch.clamp(fused - self.ref_mul, max=0))
-            probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, self.ref_add, strict=True)]
-            pixel_map = len(logps) - sum(upsample(p, size) for p in probs)
-        else:
-            image_map = 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
-            probs = [torch.exp(m - _image_max(m)) for m in logps]
-            summed = sum(upsample(p, size) for p in probs)
-            pixel_map = _image_max(summed) - summed
-        image_map = gaussian_smooth(image_map, self.smoothing)
-        pixel_map = gaussian_smooth(pixel_map, self.smoothing)
-        if self.score == "official":
+        image_kind, pixel_kind = ("gmul", "gadd") if self.normalization == "global" else ("mul", "add")
+        image_map = gaussian_smooth(score_map(image_kind, logps, size, self.ref_mul), self.smoothing)
+        pixel_map = gaussian_smooth(score_map(pixel_kind, logps, size, ref_add=self.ref_add), self.smoothing)
+        kind, fraction, sigma = split_score(self.settings.score_name())
+        if self.score == "official":  # the paper's: top_k of the image map
             scores = top_k_score(image_map, self.top_k, area)
-        else:  # "auto" only before training has chosen: the score auto starts from
-            name = AUTO_INCUMBENT if self.score == "auto" else self.score
-            scores = image_score(name, logps, size, self.ref_mul, area, self.smoothing)
+        elif kind == image_kind and sigma is None:  # the image map is already there
+            scores = reduce_score(image_map, fraction, area)
+        else:
+            scores = image_score(self.settings.score_name(), logps, size, self.ref_mul, area, self.smoothing)
         return AnomalyOutput(scores, pixel_map, image_map)

@@ -14,6 +14,7 @@ un-activated stage outputs from saturating the maps (see ``ModelConfig.feature_n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ from msflow.model.backbone import FeatureExtractor
 from msflow.model.fusion_flow import FusionFlow
 from msflow.model.layout import Layout, to_layout
 from msflow.model.parallel_flow import ParallelFlow
+from msflow.scoring import MapSettings
 
 
 class FlowOutput(NamedTuple):
@@ -68,9 +70,7 @@ class MSFlow(nn.Module):
         )
         self.fusion_flow = FusionFlow(channels, config.clamp_alpha, generator)
         self.standardizers = nn.ModuleList(ChannelStandardization(c) for c in channels)
-        self.anomaly = AnomalyMapper(
-            len(channels), config.size, config.top_k, config.normalization, config.score, config.smoothing
-        )
+        self.anomaly = AnomalyMapper(len(channels), config.size, config.maps)
         # How the flows lay out their tensors: "auto" = channels-last on oneDNN CPUs (model/layout.py),
         # "contiguous" = plain NCHW. Not part of the config: it changes speed, not the model.
         self.flow_layout: Layout = "auto"
@@ -165,6 +165,15 @@ class MSFlow(nn.Module):
         :meth:`AnomalyMapper.calibrate`).
         """
         self.anomaly.calibrate((log_likelihood_maps(self.flow(f).zs) for f in feature_batches), gather)
+
+    def with_settings(self, settings: MapSettings) -> MSFlow:
+        """The same trained model (flows, backbone and references shared, nothing copied) with other
+        map and score settings; this model is left as it is."""
+        other = copy.copy(self)
+        other.__dict__["_modules"] = dict(self._modules)  # its own module table: a new mapper
+        other.anomaly = self.anomaly.with_settings(settings)
+        other.config = self.config.with_maps(settings)
+        return other
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

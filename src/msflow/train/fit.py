@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msflow.config import Config, save_yaml
+from msflow.config import Config, replace, save_yaml
 from msflow.data.datasets import Sample, load_dataset, validate_samples
 from msflow.data.images import read_image, read_mask
 from msflow.data.sizing import resolve_image_size
@@ -38,18 +38,15 @@ from msflow.errors import MSFlowError
 from msflow.evaluate import report
 from msflow.evaluate.evaluation import evaluate_stream
 from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration, Threshold
-from msflow.files import atomic_write_bytes
 from msflow.infer.evaluate_run import evaluate_run
 from msflow.infer.predictor import Predictor
 from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
 from msflow.model.msflow import MSFlow
+from msflow.train.choice import choose_settings
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
-from msflow.train.map_selection import INCUMBENT as MAPS_INCUMBENT
-from msflow.train.map_selection import choose_maps, setting_name
 from msflow.train.schedule import Plateau, total_epochs
-from msflow.train.score_selection import INCUMBENT, choose_score, synthetic_check
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -211,14 +208,13 @@ def _fit(
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    if len(calib_samples) < 2:  # nothing to judge scores or maps on: "auto" keeps where it starts
-        fallback = {"score": INCUMBENT, "normalization": MAPS_INCUMBENT[0], "smoothing": MAPS_INCUMBENT[1]}
-        fallback = {k: v for k, v in fallback.items() if getattr(cfg.model, k) == "auto"}
-        if fallback:
-            cfg = cfg.updated(model=fallback)
+    if len(calib_samples) < 2:  # nothing to judge scores or maps on: every "auto" keeps its incumbent
+        resolved = cfg.model.with_maps(cfg.model.maps.resolved())
+        if resolved != cfg.model:
+            cfg = replace(cfg, model=resolved)
             if dist.is_main:
                 save_yaml(cfg, run_dir / "config.yaml")
-            log(f"{fallback}: 'auto' needs at least 2 good images to judge the scores and maps on")
+            log(f"{resolved.maps}: 'auto' needs at least 2 good images to judge the scores and maps on")
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
         # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
         # square, so a tiled model's input is the square budget.
@@ -310,48 +306,17 @@ def _fit(
     training_rows = len(cache)
     del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
     # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
-    # held-out good images and synthetic defects drawn into them, with exact masks. It chooses the maps
-    # (normalisation and smoothing, by pixel AUROC) where they are "auto", then, under those maps, the
-    # image score where it is "auto" (each keeps the paper's / the incumbent unless a challenger is
-    # better beyond the sampling error). Data-parallel: rank 0 alone.
+    # held-out good images and synthetic defects drawn into them, with exact masks. It chooses the maps,
+    # then under them the image score, where they are "auto" (msflow.train.choice). Rank 0 alone.
     synthetic_auroc = None
-    if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer fell back to logp:0.01 above
-        check = synthetic_check(
-            model,
-            [read_image(s.image) for s in calib_samples],
-            device,
-            cfg.train.batch_size,
-            seed=cfg.train.seed,
-            log_likelihoods=predictor.log_likelihoods if cfg.model.tile else None,
+    if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer kept its incumbents above
+        source = "holdout" if holdout else "train (no hold-out: biased)"
+        images = [read_image(s.image) for s in calib_samples]
+        settings, synthetic_auroc = choose_settings(
+            predictor, images, run_dir, cfg.train.batch_size, cfg.train.seed, source=source, log=log
         )
-        (normalization, smoothing), map_evidence = choose_maps(
-            model, check, cfg.model.normalization, cfg.model.smoothing, seed=cfg.train.seed
-        )
-        cfg = cfg.updated(model={"normalization": normalization, "smoothing": smoothing})
-        model.anomaly.normalization, model.anomaly.smoothing = normalization, smoothing
-        atomic_write_bytes(run_dir / "map_selection.json", json.dumps(map_evidence, indent=2).encode())
-        log(
-            f"maps: {normalization} normalisation, smoothing {smoothing:g}: pixel AUROC "
-            f"{map_evidence['pixel_auroc'][setting_name((normalization, smoothing))]} on synthetic defects"
-        )
-        chosen, evidence = choose_score(
-            model,
-            check,
-            source="holdout" if holdout else "train (no hold-out: biased)",
-            also=None if cfg.model.score == "auto" else cfg.model.score,
-        )
-        del check
-        if cfg.model.score == "auto":
-            cfg = cfg.updated(model={"score": chosen})
+        cfg = replace(cfg, model=cfg.model.with_maps(settings))
         save_yaml(cfg, run_dir / "config.yaml")
-        evidence["used"] = cfg.model.score
-        synthetic_auroc = evidence["auroc"][cfg.model.score]
-        atomic_write_bytes(run_dir / "score_selection.json", json.dumps(evidence, indent=2).encode())
-        top = evidence["highest_auroc"]
-        log(
-            f"image score {cfg.model.score}: AUROC {synthetic_auroc} on held-out good images vs synthetic "
-            f"defects (auto's pick {evidence['chosen']}; highest {top} {evidence['auroc'][top]})"
-        )
     # Rank 0's choices reach every rank (a no-op in one process); the model uses them from here on.
     chosen_settings = ("score", "normalization", "smoothing")
     cfg = cfg.updated(
@@ -359,10 +324,9 @@ def _fit(
             {k: getattr(cfg.model, k) for k in chosen_settings} if dist.is_main else {}
         )
     )
-    # Resolved here on every rank: rank 0 chose them, or the fallback above took the paper's maps.
-    model.config, predictor.config = cfg.model, cfg
-    model.anomaly.score = cfg.model.score
-    model.anomaly.normalization, model.anomaly.smoothing = cfg.model.normalization, float(cfg.model.smoothing)
+    # A predictor of the trained model under the decided settings (nothing edited in place).
+    predictor = predictor.with_settings(cfg.model.maps)
+    predictor.config, model = cfg, predictor.model
     # Every rank calibrates on its shard of the held-out images; rank 0 gets the merged calibration.
     calibrated = _calibrate(predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress, dist)
     if calibrated is not None:

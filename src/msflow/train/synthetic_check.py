@@ -1,0 +1,199 @@
+"""The label-free evidence every automatic choice is judged on, and the one rule that judges it.
+
+The synthetic check: the good images held out from training, and defective copies of them
+(``msflow.data.synthetic``) with exact masks, run once through the trained model (through the
+:class:`~msflow.infer.predictor.Predictor`, so a tiled model judges stitched whole images, as it does at
+test time). Both choices (``msflow.train.score_selection`` for the image score,
+``msflow.train.map_selection`` for the maps), ``msflow test --choose`` and the study scripts read it.
+
+The rule, "keep the incumbent unless beaten" (:func:`keep_unless_beaten`): a challenger replaces the
+incumbent only if (1) the lower bound of a paired cluster bootstrap of its AUROC minus the incumbent's
+is above zero (95 %, Bonferroni over the challengers): the gain is not noise, and (2) the gain itself
+is at least :data:`MIN_EFFECT` AUROC points: it matters. Condition (1) alone switched a real set's maps
+for +0.31 points on the proxy (bound +0.025) and lost 21 pixel-AUROC points on its real defects; the
+proxy's synthetic defects are not real ones, so a gain smaller than the proxy's own disagreement with
+real masks is not evidence (docs/results.md "Label-free choices").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from msflow.data.images import ImageLike, decode, to_tensor
+from msflow.data.synthetic import synthetic_set
+from msflow.model.anomaly_map import log_likelihood_maps
+
+if TYPE_CHECKING:
+    from msflow.infer.predictor import Predictor
+    from msflow.model.msflow import MSFlow
+
+SYNTHETIC_PER_IMAGE = 2  # defective copies of each held-out good image
+CONFIDENCE = 0.95  # of the bootstrap's lower bound, for all challengers together (Bonferroni)
+BOOTSTRAP_ROUNDS = 4000
+# The bootstrap's cost grows with (images)^2: beyond this many held-out images it resamples a seeded
+# subset of them (the bound is already tight there), so the check stays seconds on any dataset.
+BOOTSTRAP_MAX_IMAGES = 500
+# The smallest gain (AUROC points on the synthetic check) for which a label-free choice leaves its
+# incumbent (the paper's maps, the default score). See the module doc and docs/results.md.
+MIN_EFFECT = 1.0
+
+Key = TypeVar("Key", bound=Hashable)
+# Per-scale log-likelihood maps of a set of images: batched (N, h_s, w_s) tensors when every image has the
+# model's input size, or one list of (1, h_s, w_s) maps per image (stitched from tiles: each its own size).
+Maps = list[Tensor] | list[list[Tensor]]
+
+
+@torch.no_grad()
+def logp_maps(
+    model: MSFlow, images: Sequence[ImageLike], device: torch.device, batch_size: int = 8
+) -> list[Tensor]:
+    """Per-scale (N, h_s, w_s) log-likelihood maps of ``images`` (CPU float32), in input order.
+
+    ``images`` may be files: they are decoded a batch at a time, so a whole test set fits in memory.
+    """
+    model.eval()
+    out: list[list[Tensor]] = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(
+            [to_tensor(im, model.config.image_size) for im in images[start : start + batch_size]]
+        )
+        out.append([m.float().cpu() for m in log_likelihood_maps(model(batch.to(device)).zs)])
+    return [torch.cat([b[s] for b in out]) for s in range(len(out[0]))]
+
+
+def predictor_maps(predictor: Predictor, images: Sequence[ImageLike], batch_size: int = 8) -> Maps:
+    """Per-scale maps of ``images`` as the predictor judges them: stitched whole images for a tiled
+    model (one list per image), the model's own batched maps otherwise."""
+    if predictor.tiled:
+        return predictor.log_likelihoods([decode(im) for im in images])
+    return logp_maps(predictor.model, images, predictor.device, batch_size)
+
+
+def map_batches(
+    maps: Maps, size: tuple[int, int], chunk: int = 32
+) -> Iterator[tuple[list[Tensor], tuple[int, int]]]:
+    """(per-scale maps of a few images, the size their anomaly maps have), in image order."""
+    if maps and isinstance(maps[0], list):  # one image at a time, at its own (stitched) size
+        for per_scale in maps:
+            yield per_scale, (int(per_scale[0].shape[-2]), int(per_scale[0].shape[-1]))
+        return
+    for start in range(0, int(maps[0].shape[0]), chunk):
+        yield [m[start : start + chunk] for m in maps], size
+
+
+@dataclass
+class SyntheticCheck:
+    """The labelled-by-construction set every label-free choice is judged on: the model's maps of good
+    images (held out from training) and of ``SYNTHETIC_PER_IMAGE`` defective copies of each, with the
+    copies' exact masks (original image size). Copy ``k`` is drawn into good image ``k // per_image``."""
+
+    good: Maps
+    defective: Maps
+    masks: list[np.ndarray]
+    per_image: int = SYNTHETIC_PER_IMAGE
+    seed: int = 0
+
+    @property
+    def sources(self) -> int:
+        """Number of good (source) images, each with ``per_image`` copies."""
+        return len(self.masks) // self.per_image
+
+    def subset(self, rng: np.random.Generator) -> SyntheticCheck:
+        """At most :data:`BOOTSTRAP_MAX_IMAGES` seeded source images with their copies (bounded cost)."""
+        chosen = bounded_sources(self.sources, self.per_image, rng)
+        if chosen is None:
+            return self
+        keep, copies = chosen
+
+        def pick(maps: Maps, rows: np.ndarray) -> Maps:
+            if isinstance(maps[0], list):  # one entry per image
+                return [maps[i] for i in rows]
+            index = torch.from_numpy(rows)
+            return [m[index] for m in maps]
+
+        masks = [self.masks[i] for i in copies]
+        return replace(self, good=pick(self.good, keep), defective=pick(self.defective, copies), masks=masks)
+
+
+def synthetic_check(
+    predictor: Predictor, good_images: Sequence[ImageLike], batch_size: int = 8, seed: int = 0
+) -> SyntheticCheck:
+    """Draw the synthetic defects (seeded) into ``good_images`` and run the predictor's model once over
+    both sets (tiled models: stitched, as :func:`predictor_maps`)."""
+    if len(good_images) < 2:
+        raise ValueError("a synthetic check needs at least two held-out good images")
+    synthetic = synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)
+    good = predictor_maps(predictor, good_images, batch_size)
+    defective = predictor_maps(predictor, [im for im, _ in synthetic], batch_size)
+    return SyntheticCheck(good, defective, [m for _, m in synthetic], seed=seed)
+
+
+def bounded_sources(n: int, per_image: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+    """Beyond :data:`BOOTSTRAP_MAX_IMAGES` source images, a seeded subset of them and their copies'
+    indices (copy ``k`` belongs to source ``k // per_image``); ``None`` when all of them are kept."""
+    if n <= BOOTSTRAP_MAX_IMAGES:
+        return None
+    keep = np.sort(rng.choice(n, BOOTSTRAP_MAX_IMAGES, replace=False))
+    return keep, (keep[:, None] * per_image + np.arange(per_image)).ravel()
+
+
+def bootstrap_counts(n: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
+    """(rounds, n) float counts: how often each of ``n`` source images is drawn in each bootstrap round."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)
+
+
+def lower_bounds(
+    draws: dict[Key, np.ndarray], incumbent: Key, confidence: float = CONFIDENCE
+) -> dict[Key, float]:
+    """Lower bound of each candidate's AUROC minus the incumbent's over paired bootstrap ``draws``
+    (the same rounds for every candidate): the ``(1 - confidence) / challengers`` quantile."""
+    q = (1 - confidence) / max(len(draws) - 1, 1)
+    base = draws[incumbent]
+    return {c: 0.0 if c == incumbent else float(np.quantile(d - base, q)) for c, d in draws.items()}
+
+
+def keep_unless_beaten(
+    aurocs: dict[Key, float], lower: dict[Key, float], incumbent: Key, min_effect: float = MIN_EFFECT
+) -> Key:
+    """The incumbent, unless challengers gain at least ``min_effect`` points with a lower bound above
+    zero; then the best of those (ties to the earlier in ``aurocs``' order)."""
+    order = list(aurocs)
+    gain = {c: aurocs[c] - aurocs[incumbent] for c in order}
+    winners = [c for c in order if lower[c] > 0 and gain[c] >= min_effect]
+    return max(winners or [incumbent], key=lambda c: (aurocs[c], -order.index(c)))
+
+
+def rule_text(incumbent: str, what: str, challengers: int) -> str:
+    """The rule, in words, for the evidence files."""
+    return (
+        f"{incumbent} unless candidates have a {what} on held-out good images vs synthetic defects drawn "
+        f"into them higher by at least {MIN_EFFECT:g} point(s) AND beyond the sampling error (lower bound "
+        f"of a paired cluster bootstrap of the difference > 0 at {CONFIDENCE:.0%}, Bonferroni over "
+        f"{challengers} challengers); then the best of those"
+    )
+
+
+__all__ = [
+    "BOOTSTRAP_MAX_IMAGES",
+    "BOOTSTRAP_ROUNDS",
+    "CONFIDENCE",
+    "MIN_EFFECT",
+    "SYNTHETIC_PER_IMAGE",
+    "Maps",
+    "SyntheticCheck",
+    "bootstrap_counts",
+    "bounded_sources",
+    "keep_unless_beaten",
+    "logp_maps",
+    "lower_bounds",
+    "map_batches",
+    "predictor_maps",
+    "rule_text",
+    "synthetic_check",
+]
