@@ -216,17 +216,6 @@ def test_a_clear_winner_beats_the_incumbent_and_a_lucky_one_does_not() -> None:
         difference_lower_bounds({INCUMBENT: g}, {INCUMBENT: b[:5]}, INCUMBENT)
 
 
-def test_scoring_study_bootstrap_difference_is_the_auroc_difference(benchmark_module) -> None:
-    bootstrap_difference = benchmark_module("scoring_study").bootstrap_difference
-    rng = np.random.default_rng(4)
-    labels = np.r_[np.zeros(30, int), np.ones(20, int)]
-    a, b = rng.normal(size=50) + labels, rng.normal(size=50) + 0.3 * labels
-    ranks = rank_candidates({"a": a[:30], "b": b[:30]}, {"a": a[30:], "b": b[30:]})
-    point, low, high = bootstrap_difference(a, b, labels, rounds=500)
-    assert point == pytest.approx(ranks["a"] - ranks["b"], abs=0.01) and low < point < high
-    assert bootstrap_difference(a, a.copy(), labels, rounds=50) == [0.0, 0.0, 0.0]
-
-
 def test_a_large_check_is_bounded_on_a_subset_and_still_finds_a_clear_winner(monkeypatch) -> None:
     from msflow.evaluate import metrics
     from msflow.train import synthetic_check as ss

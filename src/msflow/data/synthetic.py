@@ -1,9 +1,9 @@
 """Synthetic defects drawn into good images, so that choices can be judged without any test labels.
 
-``msflow train --score auto`` and the scoring study (benchmarks/scoring_study.py) need defective images
-to tell a good image score from a bad one, and the only images they may look at are good ones. This
-module makes defects out of them. Each call draws one of three kinds, with sizes log-uniform so that
-small defects (pits, a few hundred pixels at 256 px) are as common as large ones:
+``msflow train --score auto`` and ``msflow test --choose`` (``msflow.train.synthetic_check``) need
+defective images to tell a good image score from a bad one, and the only images they may look at are
+good ones. This module makes defects out of them. Each call draws one of three kinds, with sizes
+log-uniform so that small defects (pits, a few hundred pixels at 256 px) are as common as large ones:
 
 - ``patch``:   a piece of the same image, flipped or rotated by a multiple of 90 degrees, pasted elsewhere
                through an elliptic mask (CutPaste-like: texture that is plausible but out of place);
