@@ -327,6 +327,33 @@ def test_choose_re_makes_the_runs_own_decisions(wide_run: Path, tmp_path: Path) 
     assert predictor.config.model.score == saved["score"]  # the run's predictor is left as it was
 
 
+def test_test_command_choose_re_makes_the_choices_and_tests_with_them(wide_run: Path, tmp_path: Path) -> None:
+    from msflow.cli import main
+    from msflow.evaluate.report import read_rows
+
+    out = tmp_path / "chosen"
+    args = ["test", "--model", str(wide_run), "--quiet", "--choose", "--output", str(out)]
+    assert main(args) == 0
+    maps = json.loads((out / "map_selection.json").read_text())
+    scores = json.loads((out / "score_selection.json").read_text())
+    recorded = json.loads((wide_run / "score_selection.json").read_text())
+    assert scores["auroc"] == pytest.approx(recorded["auroc"], abs=1e-6)  # the run's own check, again
+    assert "logp:max@4" in scores["auroc"] and scores["chosen"] == recorded["chosen"]
+    assert set(scores["gain_over_incumbent"]) == set(scores["difference_lower_bound"])
+    assert len(maps["pixel_auroc"]) == 8 and (out / "metrics.json").is_file()
+    # a map-based score re-scores the run; the run's own files are left as they were
+    score = "scales:max" if recorded["used"] == "logp:max@4" else "logp:max@4"
+    rescored_dir = tmp_path / "rescored"
+    assert (
+        main(["test", "--model", str(wide_run), "--quiet", "--score", score, "--output", str(rescored_dir)])
+        == 0
+    )
+    rescored = [float(r["score"]) for r in read_rows(rescored_dir / "predictions.csv")]
+    own = [float(r["score"]) for r in read_rows(out / "predictions.csv")]
+    assert len(rescored) == len(own) and rescored != pytest.approx(own, abs=1e-6)
+    assert json.loads((wide_run / "score_selection.json").read_text()) == recorded
+
+
 def test_predict_and_serve_a_rectangular_run(wide_run: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
