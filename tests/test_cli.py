@@ -166,6 +166,11 @@ def test_predict_writes_maps_masks_and_summary(trained: tuple[Path, Path], tmp_p
     for suffix in ("overlay", "map", "mask"):
         assert Image.open(out / f"{stem}_{suffix}.png").size == size  # original resolution
     assert (out / "predictions.csv").is_file()
+    # one schema: the evaluation at the end of training wrote the same columns (label there, not here)
+    header = (out / "predictions.csv").read_text().splitlines()[0]
+    assert header == (run / "predictions.csv").read_text().splitlines()[0]
+    evaluated = read_rows(run / "predictions.csv")[0]
+    assert first["label"] == "" and evaluated["label"] in ("0", "1") and float(evaluated["threshold"]) > -1e30
 
 
 def test_predict_threshold_override_flips_decisions(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -207,3 +207,19 @@ def test_format_metrics() -> None:
     assert lines[3].split() == ["crack", "99.10"] and lines[4].split() == ["scratch", "95.00"]
     assert "pixel" not in text
     assert format_metrics({}) == "(no metrics)"
+
+
+def test_a_row_writer_never_continues_a_file_under_another_header(tmp_path: Path) -> None:
+    from msflow.errors import MSFlowError
+    from msflow.evaluate.report import RowWriter
+
+    path = tmp_path / "p.csv"
+    writer = RowWriter(path, ["image", "score"])
+    writer.write({"image": "a.png", "score": 1.0})
+    writer.close()
+    again = RowWriter(path, ["image", "score"], append=True)  # same columns: continued
+    again.write({"image": "b.png", "score": 2.0})
+    again.close()
+    with pytest.raises(MSFlowError, match="columns"):
+        RowWriter(path, ["image", "label", "score"], append=True)
+    assert path.read_text().splitlines() == ["image,score", "a.png,1.0", "b.png,2.0"]  # kept as it was

@@ -25,7 +25,7 @@ from msflow.evaluate.threshold import Threshold
 from msflow.files import atomic_write_bytes
 
 NUM_OVERLAYS = 16
-CSV_FIELDS = ["image", "label", "defect_type", "score", "normalized_score", "decision"]
+CSV_FIELDS = report.PREDICTION_FIELDS
 
 
 class ImageResult(Protocol):
@@ -159,6 +159,7 @@ def _row(sample: Sample, score: float, threshold: Threshold) -> dict[str, Any]:
         "score": score,
         "normalized_score": float(threshold.normalize(score)),
         "decision": "defective" if defective else "good",
+        "threshold": threshold.image,
     }
 
 

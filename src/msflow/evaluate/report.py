@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from msflow.errors import MSFlowError
+
 GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 0)
 MISSING = "–"  # en dash, shown for None / NaN / absent values
@@ -118,6 +120,22 @@ def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, *
     return path
 
 
+# The one schema of predictions.csv, for evaluations (``msflow test``, the end of training) and for
+# predictions (``msflow predict``): a column a writer does not know is left empty (no label when
+# predicting; no mask area or overlay when evaluating).
+PREDICTION_FIELDS = [
+    "image",
+    "label",
+    "defect_type",
+    "score",
+    "normalized_score",
+    "decision",
+    "threshold",
+    "defect_pixels",
+    "overlay",
+]
+
+
 def write_predictions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write per-image predictions as UTF-8 CSV.
 
@@ -151,6 +169,12 @@ class RowWriter:
         resume = append and self.path.is_file() and self.path.stat().st_size > 0
         if resume:
             _drop_partial_line(self.path)
+            with self.path.open(encoding="utf-8", newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if header and header != self.fields:  # appending under another header would garble rows
+                raise MSFlowError(
+                    f"'{self.path}' has the columns {header}, not {self.fields}: cannot continue it"
+                )
         self._fh = self.path.open("a" if resume else "w", encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._fh, fieldnames=self.fields, restval="", extrasaction="ignore")
         if not resume or self.path.stat().st_size == 0:

@@ -70,7 +70,7 @@ def _plan(inputs: list[str], output: Path) -> tuple[list[Path], list[str]]:
     return files, [_out_name(f, used) for f in files]
 
 
-CSV_FIELDS = ["image", "score", "normalized_score", "decision", "threshold", "defect_pixels", "overlay"]
+CSV_FIELDS = report.PREDICTION_FIELDS  # the one schema, shared with the evaluations
 
 
 def run_predict(
