@@ -109,6 +109,36 @@ def test_test_command_choose_without_two_held_out_images_is_one_line(
     assert len(err) == 1 and "at least 2" in err[0]
 
 
+def test_test_command_all_scores_reports_every_candidate_and_the_runs_own_auroc(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from msflow.scoring import SCORE_CANDIDATES
+
+    data, run = trained
+    out = tmp_path / "all"
+    assert (
+        main(
+            [
+                "test",
+                "--model",
+                str(run),
+                "--data",
+                str(data),
+                "--quiet",
+                "--all-scores",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "score_report.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(SCORE_CANDIDATES) <= set(report["image_auroc"])
+    assert report["image_auroc"][report["used"]] == pytest.approx(metrics["image_auroc"], abs=1e-3)
+    assert report["difference_to_used_95"][report["used"]] == [0.0, 0.0, 0.0]
+
+
 def test_test_command_official_pro_mode(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
     assert (

@@ -233,3 +233,15 @@ def test_bad_inputs_raise_data_error():
         per_defect_type([1, 1], [0.1, 0.2], ["hole", "hole"])
     with pytest.raises(DataError, match="label"):
         per_defect_type([0, 0, 1], [0.1, 0.2, 0.3], ["good", "hole", "hole"])
+
+
+def test_auroc_difference_interval_is_the_auroc_difference_with_its_bootstrap() -> None:
+    from msflow.evaluate.metrics import auroc_difference_interval
+
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.zeros(30, int), np.ones(20, int)]
+    a, b = rng.normal(size=50) + labels, rng.normal(size=50) + 0.3 * labels
+    point, low, high = auroc_difference_interval(a, b, labels, rounds=500)
+    assert point == pytest.approx(image_auroc(labels, a) - image_auroc(labels, b), abs=0.01)
+    assert low < point < high
+    assert auroc_difference_interval(a, a.copy(), labels, rounds=50) == [0.0, 0.0, 0.0]

@@ -149,6 +149,14 @@ def cmd_test(args: argparse.Namespace) -> None:
         run_dir=run if run.is_dir() else None,
     )
     print(format_metrics(metrics))
+    if args.all_scores:  # report only: every candidate score's test AUROC under these maps
+        from msflow.train.score_selection import candidate_report
+
+        scores = candidate_report(predictor, test, args.batch_size)
+        (out / "score_report.json").write_text(json.dumps(scores, indent=2), encoding="utf-8")
+        for name, (point, low, high) in scores["difference_to_used_95"].items():
+            auroc = scores["image_auroc"][name]
+            print(f"  {name:<14} test image AUROC {auroc:6.2f}  {point:+.2f} [{low:+.2f}, {high:+.2f}]")
     print(f"report: {out}")
 
 
@@ -336,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-make the run's label-free choices (maps, score) with today's candidates and rule on its "
         "held-out good images (no retraining, no test label), record them with the test report in "
         "RUN/choose-DATASET, and test with them (--score/--normalization/--smoothing still override)",
+    )
+    p.add_argument(
+        "--all-scores",
+        action="store_true",
+        help="also write score_report.json: every candidate image score's test AUROC under the run's maps "
+        "(one pass; report only, never used to choose) and its difference to the run's score",
     )
     _inference_flags(p)
     p.set_defaults(func=cmd_test)

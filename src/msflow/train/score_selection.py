@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msflow.data.datasets import Sample
 from msflow.data.synthetic import AREA_RANGE
-from msflow.evaluate.metrics import image_auroc, weighted_auroc
+from msflow.errors import MSFlowError
+from msflow.evaluate.metrics import auroc_difference_interval, image_auroc, weighted_auroc
+from msflow.infer.predictor import Predictor
 from msflow.model.anomaly_map import AnomalyMapper, image_score
 from msflow.scoring import SCORE_CANDIDATES, SCORE_INCUMBENT
 from msflow.train.synthetic_check import (
@@ -34,6 +37,7 @@ from msflow.train.synthetic_check import (
     keep_unless_beaten,
     lower_bounds,
     map_batches,
+    predictor_maps,
     rule_text,
 )
 
@@ -55,6 +59,33 @@ def candidate_scores(
         for c, name in names.items():
             scores[c].append(image_score(name, part, size, mapper.ref_mul, area, mapper.smoothing).cpu())
     return {c: torch.cat(v).double().numpy() for c, v in scores.items()}
+
+
+def candidate_report(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> dict:
+    """REPORT ONLY (``msflow test --all-scores``): every candidate score's image AUROC on a labelled
+    test set under the predictor's maps, from one pass over it, and the 95 % interval of each one's
+    difference to the score the predictor uses. No choice ever reads it."""
+    labels = np.array([s.label for s in samples])
+    if len(set(labels.tolist())) < 2:
+        raise MSFlowError("--all-scores needs good and defective test images")
+    mapper: AnomalyMapper = predictor.model.anomaly
+    used = mapper.score
+    candidates = CANDIDATES if used in CANDIDATES else (*CANDIDATES, used)
+    scores = candidate_scores(
+        predictor_maps(predictor, [s.image for s in samples], batch_size), mapper, candidates
+    )
+    aurocs = rank_candidates(
+        {c: v[labels == 0] for c, v in scores.items()}, {c: v[labels == 1] for c, v in scores.items()}
+    )
+    return {
+        "report_only": "test labels: never used by any choice",
+        "maps": {"normalization": mapper.normalization, "smoothing": mapper.smoothing},
+        "used": used,
+        "image_auroc": aurocs,
+        "difference_to_used_95": {
+            c: auroc_difference_interval(scores[c], scores[used], labels) for c in candidates
+        },
+    }
 
 
 def rank_candidates(good: dict[str, np.ndarray], bad: dict[str, np.ndarray]) -> dict[str, float]:
@@ -154,4 +185,5 @@ __all__ = [
     "choose_score",
     "difference_lower_bounds",
     "rank_candidates",
+    "candidate_report",
 ]
