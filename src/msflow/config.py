@@ -309,6 +309,11 @@ class TrainConfig:
         "schedule: exactly epochs epochs (official); plateau (ours, faster): the held-out good images' "
         "NLL decides where the official schedule's 70 percent mark is (epochs is then the most)",
     )
+    budget: float | None = option(
+        None,
+        "ours: minutes for the whole run; msflow times a few steps here and trains the epochs that fit "
+        "(the schedule compressed, at most --epochs), printing the expected accuracy cost",
+    )
     patience: int = option(3, "plateau: the window, in epochs, over which the improvement is judged")
     min_improvement: float = option(
         0.01,
@@ -342,6 +347,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "checkpoint_every", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget is not None and not self.budget > 0:
+            raise ConfigError(f"budget must be a positive number of minutes, got {self.budget}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ConfigError(f"lr and grad_clip must be positive, got {self.lr}, {self.grad_clip}")
         if not 0 <= self.min_improvement < 1:

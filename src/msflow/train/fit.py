@@ -42,6 +42,7 @@ from msflow.infer.evaluate_run import evaluate_run
 from msflow.infer.predictor import Predictor
 from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
 from msflow.model.msflow import MSFlow
+from msflow.train.budget import measure_epoch_cost, plan
 from msflow.train.choice import choose_settings
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
@@ -182,7 +183,10 @@ def _fit(
     log: Callable[[str], None],
     dist: Distributed,
 ) -> dict:
+    began = time.perf_counter()
     last = run_dir / "checkpoint" / "last.json"
+    if cfg.train.budget is not None and dist.enabled:
+        raise MSFlowError("--budget times this process alone; it cannot be used with torchrun (set --epochs)")
     if resume and (run_dir / "model.json").is_file():
         if not dist.is_main:  # data-parallel: rank 0 evaluates, the others wait for it in fit()
             return {}
@@ -252,6 +256,10 @@ def _fit(
             f"tiles of {cfg.model.tile} px (overlap {cfg.model.tile_overlap:g}) resized to "
             f"{cfg.model.image_size}: {len(cache)} training tiles from {len(fit_samples)} images"
         )
+    if cfg.train.budget is not None and not resume:  # a resumed run keeps the epochs it chose
+        checks = len(test) + 3 * len(calib_samples)  # test images, and the synthetic checks' images
+        extract_rate = extract_seconds / max(len(cache), 1)
+        cfg = _apply_budget(cfg, model, cache, device, began, extract_rate, checks, run_dir, log)
     optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
     state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
 
@@ -353,6 +361,39 @@ def _fit(
         decided = dist.result_from_main(predictor.threshold.to_dict() if predictor.threshold else {})
         predictor.threshold = Threshold.from_dict(decided)
     return _evaluate(predictor, run_dir, progress, name, test, dist)
+
+
+def _apply_budget(
+    cfg: Config,
+    model: MSFlow,
+    cache: FeatureCache,
+    device: torch.device,
+    began: float,
+    extract_rate: float,
+    check_images: int,
+    run_dir: Path,
+    log: Callable[[str], None],
+) -> Config:
+    """The config with the epochs that fit ``--budget`` (recorded in ``budget.json``; the budget itself
+    is then cleared from ``config.yaml``, so that a resumed run keeps these epochs)."""
+    cost = measure_epoch_cost(model, cache, cfg.train, device)
+    spent = time.perf_counter() - began  # loading, extraction and this measurement
+    decided = plan(cfg.train.budget, spent, cost, len(cache), check_images, extract_rate, cfg.train.epochs)
+    (run_dir / "budget.json").write_text(json.dumps(decided, indent=2), encoding="utf-8")
+    log(
+        f"budget {cfg.train.budget:g} min: {decided['epoch_seconds']:.1f} s per epoch here, "
+        f"{decided['spent_seconds'] / 60:.1f} min spent, ~{decided['evaluation_seconds_estimate'] / 60:.1f} "
+        f"min for the checks and the test -> {decided['epochs']} epochs "
+        f"(expected {decided['expected_total_minutes']:.1f} min"
+        + ("" if decided["fits"] else "; even one epoch exceeds the budget")
+        + ")"
+    )
+    log("expected accuracy against 100 epochs, from measured runs (msflow.train.budget):")
+    for line in decided["expected_cost"]:
+        log(f"  {line}")
+    cfg = replace(cfg, train=replace(cfg.train, epochs=decided["epochs"], budget=None))
+    save_yaml(cfg, run_dir / "config.yaml")
+    return cfg
 
 
 def _evaluate(

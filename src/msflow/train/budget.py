@@ -1,0 +1,136 @@
+"""``--budget MINUTES``: how many epochs of the official schedule fit a time budget on this machine.
+
+Before the first epoch, with the features already extracted, msflow times a few training steps of a copy
+of the flows (the model itself is not touched), separates the cost per image from the fixed cost per
+epoch (two epoch lengths, as ``benchmarks/speed.py`` does), and estimates the evaluation from the
+extraction rate. The epochs that fit what is left of the budget are the run's ``epochs``; the schedule is
+the official one compressed (``warmup`` and ``decay_at`` are fractions of ``epochs``).
+
+What fewer epochs cost in accuracy is read from :data:`ACCURACY_CURVE`: test metrics of real data sets
+with pixel masks, trained with the defaults at several epoch counts (measured, with where they came from).
+It is a guide, not a promise: another data set loses more or less.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from msflow.config import TrainConfig
+
+# Test metrics (image AUROC, pixel AUROC, AUPRO; None where the set has no masks) of `msflow train
+# --data SET --epochs N` with every other setting at its default, efficientnet_lite0 (code 6499b74 for
+# the 10 and 25 epoch runs, 1 thread on a shared 2-core machine; the 100-epoch rows are the README's
+# "defaults" rows, codes 6334b1a and 85ccb04). docs/results.md, "Accuracy against epochs", has the
+# commands.
+ACCURACY_CURVE: dict[str, dict[int, tuple[float, float | None, float | None]]] = {
+    "magnetic_tile": {10: (86.68, 76.31, 69.29), 100: (97.27, 78.48, 67.22)},
+    "elpv:mono": {10: (94.29, None, None), 25: (94.89, None, None), 100: (95.12, None, None)},
+}
+METRICS = ("image AUROC", "pixel AUROC", "AUPRO")
+EVAL_COST_FACTOR = 2.0  # a test image costs about this many extraction images (maps, metrics: rough)
+
+
+@dataclass
+class EpochCost:
+    """What one epoch costs here, measured on a few steps: seconds per image and fixed per epoch."""
+
+    per_image: float
+    fixed: float
+
+    def epoch_seconds(self, images: int) -> float:
+        return self.fixed + self.per_image * images
+
+
+def measure_epoch_cost(model, cache, cfg: TrainConfig, device: torch.device, steps: int = 2) -> EpochCost:
+    """Time ``train_flows`` over ``steps`` and ``2 * steps`` batches on a copy of the model (the model,
+    its optimizer and the global random state are left as they were)."""
+    from msflow.train.features import FeatureCache
+    from msflow.train.loop import TrainState, make_optimizer, train_flows
+
+    bs = cfg.batch_size
+    m = max(1, min(steps * bs, len(cache) // 2))
+    probe_cfg = replace(cfg, epochs=1, stop="schedule", eval_every=0)
+    with torch.random.fork_rng(devices=[]):
+        twin = copy.deepcopy(model).train()
+        optimizer = make_optimizer(twin.trainable_parameters(), cfg.lr, device)
+
+        def epoch_over(n: int) -> float:
+            part = FeatureCache([a[:n] for a in cache.arrays])
+            start = time.perf_counter()
+            train_flows(twin, part, probe_cfg, device, TrainState(), optimizer, progress=False)
+            return time.perf_counter() - start
+
+        epoch_over(min(bs, m))  # warm-up: kernels, Adam state
+        small, large = epoch_over(m), epoch_over(2 * m)
+    per_image = (large - small) / m if large > small else large / (2 * m)
+    return EpochCost(per_image, max(small - m * per_image, 0.0))
+
+
+def epochs_for_budget(seconds_left: float, epoch_seconds: float, most: int) -> int:
+    """The most whole epochs (at least 1, at most ``most``) that fit in ``seconds_left``."""
+    if epoch_seconds <= 0:
+        return most
+    return max(1, min(most, math.floor(seconds_left / epoch_seconds)))
+
+
+def _interpolate(curve: dict[int, tuple], epochs: int, metric: int) -> float | None:
+    points = sorted((e, v[metric]) for e, v in curve.items() if v[metric] is not None)
+    if not points:
+        return None
+    if epochs <= points[0][0]:
+        return points[0][1]  # below the measured range: at least the smallest run's loss
+    for (e0, v0), (e1, v1) in zip(points, points[1:], strict=False):
+        if epochs <= e1:
+            return v0 + (v1 - v0) * (epochs - e0) / (e1 - e0)
+    return points[-1][1]
+
+
+def expected_cost(epochs: int, full: int = 100) -> list[str]:
+    """One line per measured data set: its metrics at ``epochs`` against ``full`` epochs (interpolated
+    linearly between measured points; below the smallest measured count, that count's figures)."""
+    lines = []
+    for name, curve in ACCURACY_CURVE.items():
+        parts = []
+        for i, label in enumerate(METRICS):
+            at, ref = _interpolate(curve, epochs, i), _interpolate(curve, full, i)
+            if at is not None and ref is not None:
+                parts.append(f"{label} {at:.2f} vs {ref:.2f} ({at - ref:+.2f})")
+        measured = "/".join(str(e) for e in sorted(curve))
+        lines.append(f"{name} (measured at {measured} epochs): " + ", ".join(parts))
+    return lines
+
+
+def plan(
+    budget_minutes: float,
+    spent_seconds: float,
+    cost: EpochCost,
+    train_images: int,
+    test_images: int,
+    extract_per_image: float,
+    most: int,
+) -> dict:
+    """The epochs that fit the budget, and the estimate they came from (recorded in ``budget.json``)."""
+    epoch = cost.epoch_seconds(train_images)
+    evaluation = EVAL_COST_FACTOR * extract_per_image * test_images
+    left = budget_minutes * 60 - spent_seconds - evaluation
+    epochs = epochs_for_budget(left, epoch, most)
+    return {
+        "budget_minutes": budget_minutes,
+        "spent_seconds": round(spent_seconds, 2),
+        "epoch_seconds": round(epoch, 3),
+        "per_image_seconds": cost.per_image,
+        "fixed_epoch_seconds": cost.fixed,
+        "evaluation_seconds_estimate": round(evaluation, 2),
+        "epochs": epochs,
+        "expected_total_minutes": round((spent_seconds + evaluation + epochs * epoch) / 60, 2),
+        "fits": left >= epoch,
+        "expected_cost": expected_cost(epochs),
+    }
+
+
+__all__ = ["ACCURACY_CURVE", "EpochCost", "epochs_for_budget", "expected_cost", "measure_epoch_cost", "plan"]
