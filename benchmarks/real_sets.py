@@ -54,7 +54,9 @@ def polygon_mask(shapes: list[dict], size: tuple[int, int]) -> np.ndarray:
     for shape in shapes:
         points = [(float(x), float(y)) for x, y in shape["points"]]
         if shape.get("shape_type", "polygon") != "polygon" or len(points) < 3:
-            raise ValueError(f"unsupported labelme shape {shape.get('shape_type')!r} with {len(points)} points")
+            raise ValueError(
+                f"unsupported labelme shape {shape.get('shape_type')!r} with {len(points)} points"
+            )
         draw.polygon(points, fill=255, outline=255)
     return np.asarray(canvas) > 0
 
@@ -68,7 +70,10 @@ def convert_bsdata(source: Path, out: Path, seed: int = 0, train: int = 300, tes
     random.Random(seed).shuffle(good)
     if len(good) < train + test_good:
         raise ValueError(f"{source}: {len(good)} defect-free images, asked for {train} + {test_good}")
-    for split, kind, chosen in (("train", "good", good[:train]), ("test", "good", good[train : train + test_good])):
+    for split, kind, chosen in (
+        ("train", "good", good[:train]),
+        ("test", "good", good[train : train + test_good]),
+    ):
         for path in chosen:
             _save(Image.open(path).convert("RGB"), None, out, split, kind, path.stem)
     for path in bad:
@@ -93,7 +98,9 @@ def tiles(shape: tuple[int, int], crop: int, stride: int) -> Iterator[tuple[int,
             yield y, x
 
 
-def _crack_tiles(image: Image.Image, mask: np.ndarray, crop: int, stride: int, margin: int, min_defect: float):
+def _crack_tiles(
+    image: Image.Image, mask: np.ndarray, crop: int, stride: int, margin: int, min_defect: float
+):
     """(kind, y, x) for every good or clearly defective tile; tiles in between are skipped."""
     near = ndimage.binary_dilation(mask, iterations=margin) if margin > 0 else mask
     for y, x in tiles(mask.shape, crop, stride):
@@ -144,8 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-good", type=int, default=100, help="bsdata: good test images")
     parser.add_argument("--crop", type=int, default=128, help="crackforest: tile side in pixels")
     parser.add_argument("--margin", type=int, default=8, help="crackforest: crack-free margin of a good tile")
-    parser.add_argument("--min-defect", type=float, default=0.005, help="crackforest: crack share of a defect tile")
-    parser.add_argument("--train-share", type=float, default=0.6, help="crackforest: share of images for training")
+    parser.add_argument(
+        "--min-defect", type=float, default=0.005, help="crackforest: crack share of a defect tile"
+    )
+    parser.add_argument(
+        "--train-share", type=float, default=0.6, help="crackforest: share of images for training"
+    )
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} exists; remove it first (nothing is overwritten)")
