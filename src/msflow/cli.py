@@ -294,6 +294,37 @@ def _runtime_flag(p: argparse.ArgumentParser, batch: str) -> None:
     )
 
 
+def _test_flags(p: argparse.ArgumentParser) -> None:
+    """``msflow test``: the run, the data, and the settings it may be re-scored with (no retraining)."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", help="category folder (default: the run's own dataset)")
+    p.add_argument("--output")
+    p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
+    normalizations = [n for n in get_args(get_type_hints(ModelConfig)["normalization"]) if n != "auto"]
+    p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
+    p.add_argument(
+        "--smoothing", type=float, metavar="SIGMA", help="override the run's map smoothing (0 = off)"
+    )
+    resolutions = get_args(get_type_hints(TrainConfig)["eval_resolution"])
+    p.add_argument("--eval-resolution", choices=resolutions, help="default: the run's (original size)")
+    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01, logp:max@4)")
+    p.add_argument(
+        "--choose",
+        action="store_true",
+        help="re-make the run's label-free choices (maps, score) with today's candidates and rule on its "
+        "held-out good images (no retraining, no test label), record them with the test report in "
+        "RUN/choose-DATASET, and test with them (--score/--normalization/--smoothing still override)",
+    )
+    p.add_argument(
+        "--all-scores",
+        action="store_true",
+        help="also write score_report.json: every candidate image score's test AUROC under the run's maps "
+        "(one pass; report only, never used to choose) and its difference to the run's score",
+    )
+    _inference_flags(p)
+    p.set_defaults(func=cmd_test)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve"
@@ -325,34 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("test", help="evaluate a trained run on a test set")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", help="category folder (default: the run's own dataset)")
-    p.add_argument("--output")
-    p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
-    normalizations = [n for n in get_args(get_type_hints(ModelConfig)["normalization"]) if n != "auto"]
-    p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
-    p.add_argument(
-        "--smoothing", type=float, metavar="SIGMA", help="override the run's map smoothing (0 = off)"
-    )
-    resolutions = get_args(get_type_hints(TrainConfig)["eval_resolution"])
-    p.add_argument("--eval-resolution", choices=resolutions, help="default: the run's (original size)")
-    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01, logp:max@4)")
-    p.add_argument(
-        "--choose",
-        action="store_true",
-        help="re-make the run's label-free choices (maps, score) with today's candidates and rule on its "
-        "held-out good images (no retraining, no test label), record them with the test report in "
-        "RUN/choose-DATASET, and test with them (--score/--normalization/--smoothing still override)",
-    )
-    p.add_argument(
-        "--all-scores",
-        action="store_true",
-        help="also write score_report.json: every candidate image score's test AUROC under the run's maps "
-        "(one pass; report only, never used to choose) and its difference to the run's score",
-    )
-    _inference_flags(p)
-    p.set_defaults(func=cmd_test)
+    _test_flags(sub.add_parser("test", help="evaluate a trained run on a test set"))
 
     p = sub.add_parser("predict", help="judge new images: scores, maps, masks, overlays")
     p.add_argument("--model", required=True)
