@@ -714,12 +714,15 @@ def _lite0_lines(lt: dict, ceiling: float) -> list[str]:
 
 
 def format_report(res: dict) -> str:
+    from msflow.infer.runtime import describe_cpu
+
     p, tr, ce, mem, ap = (res[k] for k in ("config", "training", "ceiling", "memory", "aupro"))
     lines = [
         f"MSFlow bench: {p['backbone']} ({'ImageNet' if p['pretrained'] else 'random'} weights), "
         f"{p['image_size']} px, batch {p['batch_size']}, {p['images']} images, {p['epochs']} epochs, "
         f"{p['device_resolved']}, {p['torch_threads']} torch threads, fp32"
         + (" (+ bf16)" if p["cpu_bf16"] else ""),
+        f"CPU: {describe_cpu(p['cpu'])}",
         f"other processes kept {p['busy_cores_before']:.1f} of {p['cpu_count']} cores busy before the start, "
         f"{p['busy_cores_during']:.1f} on average during the run",
         (
@@ -850,6 +853,7 @@ def run_bench(p: SpeedSettings) -> dict:
     import torch
 
     from msflow.device import resolve_device
+    from msflow.infer.runtime import cpu_info
 
     p = replace(p, device=resolve_device(p.device).type)
     if p.device not in ("cpu", "cuda") or (p.cpu_bf16 and p.device != "cpu"):
@@ -895,6 +899,7 @@ def run_bench(p: SpeedSettings) -> dict:
             "torch_version": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_count": os.cpu_count(),
+            "cpu": cpu_info(),
             "busy_cores_before": busy,
             "busy_cores_during": _busy_cores(since=counters),
         },

@@ -6,6 +6,7 @@ The harness lives in the source checkout, beside tests/, not in the installed pa
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from msflow import (  # noqa: E402
 from msflow.cli import main  # noqa: E402
 from msflow.errors import MSFlowError  # noqa: E402
 from msflow.evaluate.metrics import aupro  # noqa: E402
+from msflow.infer.runtime import SPEED_FLAGS  # noqa: E402
 from msflow.model.coupling import AffineCouplingBlock  # noqa: E402
 from msflow.model.parallel_flow import positional_encoding_2d  # noqa: E402
 
@@ -128,6 +130,9 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
     assert "Training" in printed and "Targets (stated for" in printed and "FeatureCache.build" in printed
     res = json.loads(out.read_text())
     assert res["config"]["backbone"] == "resnet18" and res["config"]["image_size"] == 64
+    cpu = res["config"]["cpu"]  # the machine's model and the flags that decide which runtime is fast
+    assert set(cpu["features"]) == set(SPEED_FLAGS) and cpu["cores"] == os.cpu_count()
+    assert f"CPU: {cpu['model']}, {cpu['cores']} logical cores; has: " in printed
     tr = res["training"]
     _positive_numbers(
         tr["ours"],

@@ -198,3 +198,13 @@ def test_differences_are_relative_to_each_output_scale() -> None:
     assert rt.agrees(rt.differences(ref, near, 3.0))
     assert not rt.agrees(rt.differences(ref, (ref[0], ref[1], ref[2] + 0.05), 3.0))
     assert not rt.agrees(rt.differences(ref, (ref[0] * np.nan, ref[1], ref[2]), 3.0))
+
+
+def test_cpu_description_names_what_it_has_and_lacks() -> None:
+    from msflow.infer.runtime import SPEED_FLAGS, cpu_info, describe_cpu
+
+    info = {"model": "Xeon X", "cores": 2, "features": {f: f in ("avx2", "amx_int8") for f in SPEED_FLAGS}}
+    line = describe_cpu(info)
+    assert line.startswith("Xeon X, 2 logical cores; has: avx2 amx_int8; lacks: fma avx512f")
+    assert describe_cpu({**info, "features": dict.fromkeys(SPEED_FLAGS, True)}).endswith("amx_int8")
+    assert set(cpu_info()["features"]) == set(SPEED_FLAGS)

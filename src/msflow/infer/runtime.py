@@ -101,6 +101,26 @@ def _cpu() -> tuple[str, set[str]]:
     return name or platform.machine(), flags
 
 
+# CPU flags that decide which runtime is fast: vector width, int8 dot products (VNNI), bf16/int8 matrix units.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict[str, Any]:
+    """This machine's CPU for speed reports: model, logical cores, which of ``SPEED_FLAGS`` it has."""
+    name, flags = _cpu()
+    return {"model": name, "cores": os.cpu_count(), "features": {f: f in flags for f in SPEED_FLAGS}}
+
+
+def describe_cpu(info: dict[str, Any]) -> str:
+    """One line: ``model, N cores; has: ...; lacks: ...``."""
+    has = [f for f, present in info["features"].items() if present]
+    lacks = [f for f, present in info["features"].items() if not present]
+    found = " ".join(has) or "none of " + " ".join(SPEED_FLAGS)
+    return f"{info['model']}, {info['cores']} logical cores; has: {found}" + (
+        f"; lacks: {' '.join(lacks)}" if lacks else ""
+    )
+
+
 def native_bf16(device: torch.device) -> bool:
     """bfloat16 runs in hardware: CPU flags amx_bf16 or avx512_bf16, or a CUDA GPU that supports it."""
     if device.type == "cuda":
