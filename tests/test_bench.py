@@ -125,7 +125,7 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
     better = make_run(tmp_path / "better", "mtd", 100, "schedule", 97.5, 80.0)
     out = tmp_path / "bench.json"
     runs = [str(ours), str(same), str(ours), str(better)]
-    assert main(["bench", "--quick", "--skip-onnx", "--output", str(out), "--accuracy-runs", *runs]) == 0
+    assert main(["speed", "--quick", "--skip-onnx", "--output", str(out), "--accuracy-runs", *runs]) == 0
     printed = capsys.readouterr().out
     assert "Training" in printed and "Targets (stated for" in printed and "FeatureCache.build" in printed
     res = json.loads(out.read_text())
@@ -257,6 +257,6 @@ def test_bench_without_run_pairs_says_time_to_accuracy_was_not_measured() -> Non
 
 def test_bench_without_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "benchmarks")
-    assert main(["bench", "--quick"]) == 2
+    assert main(["speed", "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: ") and "source checkout" in err

@@ -16,7 +16,8 @@ try:
 except ImportError:  # tests/ became a package
     from .aupro_reference import aupro_official_reference
 
-from msflow.cli import main
+from msflow.cli import build_parser, main
+from msflow.config import SECTIONS, Config, option_fields
 from msflow.evaluate import report
 from msflow.infer.runtime import SCORE_TOLERANCE
 
@@ -283,7 +284,7 @@ def test_predict_picks_a_runtime_by_default_with_the_same_verdicts(
         out = tmp_path / (runtime or "auto")
         flags = ["--runtime", runtime] if runtime else []
         argv = ["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(out)]
-        assert main([*argv, "--batch-size", "4", *flags, "--quiet"]) == 0
+        assert main([*argv, "--batch-size", "4", *flags]) == 0  # not --quiet: the runtime line is INFO
         rows[runtime or "auto"] = read_rows(out / "predictions.csv")
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("runtime auto -> ")]
@@ -294,6 +295,42 @@ def test_predict_picks_a_runtime_by_default_with_the_same_verdicts(
     scores = {k: np.array([float(r["score"]) for r in v]) for k, v in rows.items()}
     scale = max(1.0, float(np.abs(scores["torch"]).max()))
     np.testing.assert_allclose(scores["auto"], scores["torch"], rtol=0, atol=SCORE_TOLERANCE * scale)
+
+
+def test_summary_uses_the_train_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    defaults = Config().model  # what 'msflow train' builds without flags
+    assert info["backbone"] == defaults.backbone
+    assert defaults.image_size == "auto:256" and info["image_size"] == 256  # square images at auto
+
+
+def test_every_config_option_is_declared_once() -> None:
+    """A flag named like a config option is derived from it (its dest is "section.name"), never
+    written again by hand in a command."""
+    options = {f.name: section for section, klass in SECTIONS.items() for f, _ in option_fields(klass)}
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    checked = 0
+    for command, parser in commands.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                name = flag.removeprefix("--").removeprefix("no-").replace("-", "_")
+                if name in options:
+                    assert action.dest == f"{options[name]}.{name}", f"msflow {command} {flag}"
+                    checked += 1
+    assert checked > 2 * len(options)  # train and benchmark offer every option, other commands a few
+
+
+def test_speed_is_the_benchmark_of_speed_and_bench_its_old_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert "speed" in listed and "benchmark" in listed and " bench " not in listed
+    if not (Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py").is_file():
+        pytest.skip("no benchmarks/ folder (not a source checkout)")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "'msflow bench' is now 'msflow speed'" in capsys.readouterr().err
 
 
 def test_summary_json(capsys: pytest.CaptureFixture[str]) -> None:

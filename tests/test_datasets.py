@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from msflow.config import ConfigError, DataConfig
 from msflow.data import datasets
 from msflow.data.datasets import (
     MVTEC_CATEGORIES,
@@ -17,6 +19,8 @@ from msflow.data.datasets import (
     Sample,
     elpv_samples,
     find_categories,
+    folder_samples,
+    load_data,
     load_dataset,
     parse_folder,
     validate_samples,
@@ -188,6 +192,66 @@ def test_find_categories(tmp_path: Path) -> None:
     assert str(tmp_path / "not_a_category") in _message(info)
     with pytest.raises(DataError, match="several categories"):
         load_dataset(str(tmp_path))
+
+
+def test_plain_folder_is_good_images_only(tmp_path: Path) -> None:
+    root = tmp_path / "parts"
+    _img(root / "a.png")
+    _img(root / "line 2" / "b.png")  # nested, no train/
+    _img(root / "line 2" / "deeper" / "c.jpg")
+    name, train, test = load_dataset(str(root))
+    assert name == "parts" and test == []
+    assert sorted(s.image.name for s in train) == ["a.png", "b.png", "c.jpg"]
+    assert all(s.label == 0 and s.mask is None for s in train)
+
+
+def test_plain_folder_with_test_but_no_train_is_refused(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "cat")
+    shutil.rmtree(root / "train")  # an MVTec category missing train/: its defects must not be trained on
+    with pytest.raises(DataError, match="no train/good/") as info:
+        load_dataset(str(root))
+    assert str(root) in _message(info)
+
+
+@pytest.mark.parametrize("suffix", ["", "_mask", "-mask", "_gt"])
+def test_folder_layout_matches_masks_by_stem(tmp_path: Path, suffix: str) -> None:
+    normal, abnormal, masks = tmp_path / "ok", tmp_path / "nok", tmp_path / "masks"
+    for i in range(10):
+        _img(normal / f"{i:02d}.png")
+    _img(abnormal / "crack" / "x1.png", value=30)
+    _img(abnormal / "hole" / "x1.png", value=30)  # the same stem in two defect types
+    _mask(masks / "crack" / f"x1{suffix}.png")
+    _mask(masks / "hole" / f"x1{suffix}.png")
+    train, test = folder_samples(str(normal), str(abnormal), str(masks), test_fraction=0.2)
+    assert len(train) == 8 and [s.label for s in test] == [0, 0, 1, 1]
+    assert not {s.image for s in train} & {s.image for s in test}  # held-out good images never train
+    assert [(s.defect_type, s.mask) for s in test[2:]] == [
+        ("crack", masks / "crack" / f"x1{suffix}.png"),
+        ("hole", masks / "hole" / f"x1{suffix}.png"),
+    ]
+    validate_samples(train + test)
+    name, train2, test2 = load_data(DataConfig(normal_dir=str(normal), abnormal_dir=str(abnormal)))
+    assert name == "ok" and train2 == train and all(s.mask is None for s in test2)  # the same split
+
+
+def test_folder_layout_names_the_first_image_without_a_mask(tmp_path: Path) -> None:
+    normal, abnormal, masks = tmp_path / "ok", tmp_path / "nok", tmp_path / "masks"
+    for i in range(4):
+        _img(normal / f"{i}.png")
+    _img(abnormal / "a.png")
+    _img(abnormal / "b.png")
+    _mask(masks / "a_mask.png")
+    with pytest.raises(DataError) as info:
+        folder_samples(str(normal), str(abnormal), str(masks), 0.2)
+    assert len(_message(info).splitlines()) == 1
+    assert f"'{abnormal / 'b.png'}' has no mask in '{masks}'" in _message(info)
+
+
+def test_folder_layout_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="needs normal_dir"):
+        DataConfig(abnormal_dir="x")
+    with pytest.raises(ConfigError, match="needs abnormal_dir"):
+        DataConfig(normal_dir="x", mask_dir="y")
 
 
 def test_validate_samples_reports_all_problems(tmp_path: Path) -> None:

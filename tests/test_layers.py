@@ -1,6 +1,6 @@
 """The package's layering: a module imports only from its own layer or lower ones.
 
-    basics (errors, config, files, device, _version, cluster, scoring) < model, data < evaluate < infer
+    basics (errors, config, files, device, _version, cluster, scoring, logs) < model, data < evaluate < infer
     < train < detector < cli
 
 ``model`` and ``data`` share a rank and do not import each other, so the graph between sub-packages
@@ -25,7 +25,7 @@ RANK = {
     "detector": 5,
     "cli": 6,
 }
-BASICS = {"errors", "config", "files", "device", "_version", "cluster", "scoring"}
+BASICS = {"errors", "config", "files", "device", "_version", "cluster", "scoring", "logs"}
 # Known violations, each to be removed by the change that fixes it (an entry that no longer occurs
 # fails the test, so the list cannot go stale). None left: the service and batch prediction run the
 # infer layer's Predictor.

@@ -9,24 +9,22 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import Field
+from collections.abc import Callable, Iterator
+from dataclasses import Field, replace
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args
 
 from msflow.config import (
     PRO_MODES,
     SECTIONS,
-    BackboneName,
     Config,
-    ModelConfig,
     RuntimeName,
-    TrainConfig,
     add_option_argument,
     load_yaml,
     option_fields,
 )
 from msflow.errors import MSFlowError
+from msflow.logs import LEVELS, configure, log
 
 
 def _config_flags() -> Iterator[tuple[str, Field, Any]]:
@@ -42,6 +40,19 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         add_option_argument(p, f, hint, dest=f"{section}.{f.name}")
 
 
+def _config_option(p: argparse.ArgumentParser, key: str, **kwargs: Any) -> None:
+    """The config option ``key`` ("section.name") as a flag of a command other than ``train``.
+
+    Type, choices and help come from its one declaration in ``msflow.config``; ``kwargs`` (``default``,
+    ``help``, ``shown``) adapt it to the command, e.g. ``demo``'s shorter default schedule.
+    """
+    section, name = key.split(".")
+    for f, hint in option_fields(SECTIONS[section]):
+        if f.name == name:
+            return add_option_argument(p, f, hint, dest=key, **kwargs)
+    raise KeyError(f"{key} is not a command-line option of the config")
+
+
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
     """The YAML file (if any), then every flag that was given, then ``dataset``; validated once."""
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
@@ -52,15 +63,35 @@ def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Co
     return cfg.updated(**sections)
 
 
+def _result(args: argparse.Namespace, text: str, summary: dict[str, Any]) -> None:
+    """A command's result: ``text`` for people on stdout, or with ``--json`` one JSON line instead."""
+    if getattr(args, "json", False):
+        print(json.dumps({"command": args.command, **summary}, default=str, allow_nan=False))
+    else:
+        print(text)
+
+
+def _run_decisions(run: Path) -> dict[str, Any]:
+    """What training decided (size, score, maps, threshold), read from the run folder's model.json."""
+    try:
+        meta = json.loads((run / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    model = meta.get("config", {}).get("model", {})
+    keys = ("image_size", "score", "normalization", "smoothing")
+    return {**{k: model.get(k) for k in keys}, "threshold": meta.get("threshold")}
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
-    from msflow.config import ModelConfig
     from msflow.model.msflow import MSFlow
 
-    config = ModelConfig(backbone=args.backbone, image_size=args.image_size, pretrained=False)
-    model = MSFlow(config)
+    config = config_from_args(args).model
+    if isinstance(config.image_size, str):  # "auto:N" depends on the images; square ones give N x N
+        config = replace(config, image_size=int(config.image_size.partition(":")[2]))
+    model = MSFlow(replace(config, pretrained=False, weights=None))
     height, width = config.size
     info = {
-        "backbone": args.backbone,
+        "backbone": config.backbone,
         "image_size": config.image_size,
         "feature_shapes": [list(s) for s in model.feature_shapes],
         "num_blocks": list(model.config.num_blocks),
@@ -69,7 +100,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"MSFlow with {args.backbone} at {height}x{width}")
+    print(f"MSFlow with {config.backbone} at {height}x{width}")
     for level, ((c, h, w), n) in enumerate(zip(model.feature_shapes, model.config.num_blocks, strict=True)):
         print(f"  scale {level + 1}: features {c} x {h} x {w}, {n} coupling blocks")
     for part, count in info["trainable_parameters"].items():
@@ -82,40 +113,73 @@ def cmd_train(args: argparse.Namespace) -> None:
     from msflow.train.fit import fit
 
     cfg = config_from_args(args, args.data)
-    metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation, progress=not args.quiet)
+    if args.data and cfg.data.normal_dir:
+        raise MSFlowError("give --data or --normal-dir, not both")
+    if not (args.data or cfg.data.normal_dir or args.config or args.resume):
+        raise MSFlowError("--data (a folder, or elpv:mono / elpv:poly) or --normal-dir is required")
+    metrics = fit(cfg, args.output, resume=args.resume, validation=args.validation)
     if not Distributed.from_environment().is_main:  # torchrun: rank 0 reports
         return
-    print(format_metrics(metrics))
-    print(f"run folder: {args.output} (overlays in {Path(args.output) / 'overlays'})")
+    run = Path(args.output)
+    text = f"{format_metrics(metrics)}\nrun folder: {run} (overlays in {run / 'overlays'})"
+    _result(args, text, {"run_dir": str(run), "metrics": metrics, "decisions": _run_decisions(run)})
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from msflow.evaluate.report import format_metrics
     from msflow.train.fit import fit
 
-    cfg = Config().updated(
-        model={"backbone": "efficientnet_lite0", "image_size": args.image_size},
-        data={"dataset": "elpv:mono"},
-        train={"epochs": args.epochs, "device": "cpu"},
+    cfg = config_from_args(args, "elpv:mono").updated(train={"device": "cpu"})
+    log.info(
+        f"demo: {cfg.model.backbone} on the built-in ELPV solar cells (mono), {cfg.model.image_size} px, "
+        f"{cfg.train.epochs} epochs, on the CPU"
     )
-    print(
-        f"demo: efficientnet_lite0 on the built-in ELPV solar cells (mono), {args.image_size} px, "
-        f"{args.epochs} epochs, on the CPU"
-    )
-    metrics = fit(cfg, args.output, progress=not args.quiet)
+    metrics = fit(cfg, args.output)
     print(format_metrics(metrics))
     print(f"overlays: {Path(args.output) / 'overlays'}   model: {args.output}")
 
 
+def _test_settings(predictor: Any, args: argparse.Namespace, out: Path) -> Any:
+    """``msflow test``'s maps and score: the run's, re-made (``--choose``) and/or overridden by flags."""
+    cfg = predictor.config
+    settings = cfg.model.maps
+    if args.choose:  # today's label-free choices, re-made on the run's held-out images (no test label)
+        from msflow.train.choice import remake_choices
+
+        settings = remake_choices(predictor, out, batch_size=getattr(args, "train.batch_size"))
+    # Both references are calibrated at training time and every score reads the same latents, so any
+    # setting re-scores the run: a predictor with the new settings, the run itself left as it is.
+    score = getattr(args, "model.score")
+    settings = settings.with_changes(
+        normalization=getattr(args, "model.normalization"),
+        smoothing=getattr(args, "model.smoothing"),
+        score=score,
+    )
+    if score and settings.score == "auto":
+        raise MSFlowError("--score auto is decided at training time; name a score, or use --choose")
+    return predictor.with_settings(settings) if settings != cfg.model.maps else predictor
+
+
+def _print_all_scores(predictor: Any, test: list, out: Path, batch_size: int) -> None:
+    """``--all-scores`` (report only): every candidate score's test AUROC under these maps."""
+    from msflow.train.score_selection import candidate_report
+
+    scores = candidate_report(predictor, test, batch_size)
+    (out / "score_report.json").write_text(json.dumps(scores, indent=2), encoding="utf-8")
+    for name, (point, low, high) in scores["difference_to_used_95"].items():
+        auroc = scores["image_auroc"][name]
+        print(f"  {name:<14} test image AUROC {auroc:6.2f}  {point:+.2f} [{low:+.2f}, {high:+.2f}]")
+
+
 def cmd_test(args: argparse.Namespace) -> None:
-    from msflow.data.datasets import load_dataset, validate_samples
+    from msflow.data.datasets import load_data, load_dataset, validate_samples
     from msflow.evaluate.report import format_metrics
     from msflow.infer.evaluate_run import evaluate_run
     from msflow.infer.predictor import Predictor
 
-    predictor = Predictor.load(args.model, args.device)
+    predictor = Predictor.load(args.model, getattr(args, "train.device"))
     cfg, run = predictor.config, Path(args.model)
-    name, _, test = load_dataset(args.data or cfg.data.dataset)
+    name, _, test = load_dataset(args.data) if args.data else load_data(cfg.data)
     if test:
         validate_samples(test, f"test set of '{name}'")
     # A run whose evaluation never finished (no metrics.json) is finished in place; otherwise the
@@ -123,40 +187,24 @@ def cmd_test(args: argparse.Namespace) -> None:
     unfinished = run.is_dir() and not (run / "metrics.json").is_file() and not (args.data or args.choose)
     folder = f"choose-{name}" if args.choose else f"test-{name}"
     out = Path(args.output) if args.output else run if unfinished else run / folder
-    settings = cfg.model.maps
-    if args.choose:  # today's label-free choices, re-made on the run's held-out images (no test label)
-        from msflow.train.choice import remake_choices
-
-        settings = remake_choices(predictor, out, batch_size=args.batch_size)
-    # Both references are calibrated at training time and every score reads the same latents, so any
-    # setting re-scores the run: a predictor with the new settings, the run itself left as it is.
-    settings = settings.with_changes(
-        normalization=args.normalization, smoothing=args.smoothing, score=args.score
-    )
-    if args.score and settings.score == "auto":
-        raise MSFlowError("--score auto is decided at training time; name a score, or use --choose")
-    if settings != cfg.model.maps:
-        predictor = predictor.with_settings(settings)
+    predictor = _test_settings(predictor, args, out)
+    batch_size = getattr(args, "train.batch_size")
     metrics = evaluate_run(
         predictor,
         test,
         out,
         name,
         pro_mode=args.pro_mode,
-        resolution=args.eval_resolution or cfg.train.eval_resolution,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
+        resolution=getattr(args, "train.eval_resolution") or cfg.train.eval_resolution,
+        batch_size=batch_size,
         run_dir=run if run.is_dir() else None,
     )
+    if args.json:
+        _result(args, "", {"report_dir": str(out), "metrics": metrics})
+        return
     print(format_metrics(metrics))
-    if args.all_scores:  # report only: every candidate score's test AUROC under these maps
-        from msflow.train.score_selection import candidate_report
-
-        scores = candidate_report(predictor, test, args.batch_size)
-        (out / "score_report.json").write_text(json.dumps(scores, indent=2), encoding="utf-8")
-        for name, (point, low, high) in scores["difference_to_used_95"].items():
-            auroc = scores["image_auroc"][name]
-            print(f"  {name:<14} test image AUROC {auroc:6.2f}  {point:+.2f} [{low:+.2f}, {high:+.2f}]")
+    if args.all_scores:
+        _print_all_scores(predictor, test, out, batch_size)
     print(f"report: {out}")
 
 
@@ -164,14 +212,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from msflow.infer.predict import run_predict, run_predict_on_ray
     from msflow.infer.predictor import Predictor
 
+    device, batch_size = getattr(args, "train.device"), getattr(args, "train.batch_size")
     if _ray_executor(args):
         summary = run_predict_on_ray(
             args.model,
             args.input,
             args.output,
-            args.batch_size,
-            progress=not args.quiet,
-            device=args.device,
+            batch_size,
+            device=device,
             runtime=args.runtime,
             threshold=args.threshold,
             address=args.address,
@@ -179,20 +227,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             gpus_per_task=args.gpus_per_task or 0.0,
         )
     else:
-        predictor = Predictor.load(args.model, args.device, args.runtime, args.batch_size)
+        predictor = Predictor.load(args.model, device, args.runtime, batch_size)
         if args.threshold is not None:
             predictor.threshold = predictor.threshold.with_image_threshold(args.threshold)
-        summary = run_predict(
-            predictor, args.input, args.output, args.batch_size, progress=not args.quiet, resume=args.resume
-        )
+        summary = run_predict(predictor, args.input, args.output, batch_size, resume=args.resume)
+    for failure in summary["failures"]:
+        log.error(f"failed: {failure['error']}")
     skipped = f", {summary['skipped']} already done" if summary.get("skipped") else ""
-    print(
+    text = (
         f"{summary['predicted']} images judged: {summary['defective']} defective, "
         f"{summary['predicted'] - summary['defective']} good; {summary['failed']} failed{skipped}; "
         f"{summary['images_per_second']} img/s. Results in {args.output}"
     )
-    for failure in summary["failures"]:
-        print(f"failed: {failure['error']}", file=sys.stderr)
+    _result(args, text, {"output_dir": str(args.output), **summary})
     return 1 if summary["failed"] else 0
 
 
@@ -220,7 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         runtime=args.runtime,
         max_upload_mb=args.max_upload_mb,
-        device=args.device,
+        device=getattr(args, "train.device"),
     )
 
 
@@ -228,17 +275,54 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     from msflow.train.benchmark import run_benchmark
 
     _ray_executor(args)
+    if getattr(args, "data.normal_dir"):
+        raise MSFlowError("msflow benchmark reads category folders from --data; --normal-dir is for train")
     run_benchmark(
         args.data,
         args.output,
         config_from_args(args),
         args.categories,
-        progress=not args.quiet,
         executor=args.executor,
         address=args.address,
         cpus_per_task=args.cpus_per_task or 1,
         gpus_per_task=args.gpus_per_task or 0.0,
     )
+
+
+# The speed harness lives in the source checkout's benchmarks/ folder, not in the installed package.
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        log.warning("'msflow bench' is now 'msflow speed' (the old name goes in a later release)")
+    if not (BENCHMARKS / "speed.py").is_file():
+        raise MSFlowError(
+            f"'msflow speed' runs benchmarks/speed.py of a source checkout, and there is none at "
+            f"'{BENCHMARKS}' (the harness is not installed with the package): run it in a git clone of msflow"
+        )
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.speed import main as speed_main
+
+    return speed_main(args.speed_args)
+
+
+# ----------------------------------------------------------------------------- the parser
+# One function per command declares its flags; the flags of several commands are declared once below.
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    """Flags of every command (argparse parent): how it reports."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quiet", action="store_true", help="no progress and no messages but warnings on stderr")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS, help="(default: INFO)")
+    p.add_argument("--log-file", metavar="PATH", help="also append every message, time-stamped, to PATH")
+    return p
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="the result as one JSON line on stdout, for scripts")
 
 
 def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
@@ -260,28 +344,10 @@ def _ray_executor(args: argparse.Namespace) -> bool:
     return args.executor == "ray"
 
 
-# The speed harness lives in the source checkout's benchmarks/ folder, not in the installed package.
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if not (BENCHMARKS / "speed.py").is_file():
-        raise MSFlowError(
-            f"'msflow bench' runs benchmarks/speed.py of a source checkout, and there is none at "
-            f"'{BENCHMARKS}' (the harness is not installed with the package): run it in a git clone of msflow"
-        )
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    from benchmarks.speed import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def _inference_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that run a trained model over many images."""
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    _config_option(p, "train.batch_size", default=8, help="images per inference batch")
+    _config_option(p, "train.device", default="auto", help="where the model runs")
 
 
 def _runtime_flag(p: argparse.ArgumentParser, batch: str) -> None:
@@ -294,20 +360,44 @@ def _runtime_flag(p: argparse.ArgumentParser, batch: str) -> None:
     )
 
 
-def _test_flags(p: argparse.ArgumentParser) -> None:
-    """``msflow test``: the run, the data, and the settings it may be re-scored with (no retraining)."""
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", help="category folder (default: the run's own dataset)")
-    p.add_argument("--output")
-    p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
-    normalizations = [n for n in get_args(get_type_hints(ModelConfig)["normalization"]) if n != "auto"]
-    p.add_argument("--normalization", choices=normalizations, help="override the run normalisation")
+def _summary_parser(p: argparse.ArgumentParser) -> None:
+    _config_option(p, "model.backbone")
+    _config_option(p, "model.image_size", help="input size: N or HxW (auto: N x N pixels, N=256)")
+    p.add_argument("--json", action="store_true")
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--smoothing", type=float, metavar="SIGMA", help="override the run's map smoothing (0 = off)"
+        "--data",
+        help="category folder (MVTec/VisA layout), plain folder of good images, or elpv:mono / elpv:poly",
     )
-    resolutions = get_args(get_type_hints(TrainConfig)["eval_resolution"])
-    p.add_argument("--eval-resolution", choices=resolutions, help="default: the run's (original size)")
-    p.add_argument("--score", help="override the run's image score (e.g. official, logp:0.01, logp:max@4)")
+    p.add_argument("--output", required=True, help="run folder")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    p.add_argument("--validation", help="labelled folder (MVTec layout) for F1-optimal thresholds")
+    _json_flag(p)
+    _train_flags(p)
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
+    _config_option(p, "train.epochs", default=20)
+    _config_option(p, "model.image_size", default=256)
+
+
+def _test_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run folder (or model file) to evaluate")
+    p.add_argument("--data", help="category or plain folder (default: the run's own data)")
+    p.add_argument("--output", help="report folder (default: <run>/test-<dataset>)")
+    p.add_argument("--pro-mode", default="standard", choices=PRO_MODES)
+    the_runs = "the run's"
+    _config_option(p, "model.normalization", help="override the run's map normalisation", shown=the_runs)
+    _config_option(p, "model.smoothing", help="override the run's map smoothing (0 = off)", shown=the_runs)
+    _config_option(
+        p, "model.score", help="override the run's image score (e.g. official, logp:max@4)", shown=the_runs
+    )
+    _config_option(p, "train.eval_resolution", help="where maps meet masks", shown=the_runs)
     p.add_argument(
         "--choose",
         action="store_true",
@@ -322,7 +412,64 @@ def _test_flags(p: argparse.ArgumentParser) -> None:
         "(one pass; report only, never used to choose) and its difference to the run's score",
     )
     _inference_flags(p)
-    p.set_defaults(func=cmd_test)
+    _json_flag(p)
+
+
+def _predict_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run folder (or model file)")
+    p.add_argument("--input", required=True, nargs="+", help="image files and/or folders (recursive)")
+    p.add_argument("--output", required=True, help="results folder")
+    p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
+    _runtime_flag(p, "--batch-size")
+    p.add_argument("--resume", action="store_true", help="skip images already in --output/predictions.csv")
+    _inference_flags(p)
+    _ray_flags(p, "chunks of files")
+    _json_flag(p)
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run folder (or model file)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (ONNX is the only one)")
+    p.add_argument("--output", help="default: <run>/model.<format>")
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run folder (or model file)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key (header X-API-Key); default: $MSFLOW_API_KEY if set")
+    _runtime_flag(p, "batch 1 (one image per request)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    _config_option(p, "train.device", default="auto", help="where the model runs")
+
+
+def _benchmark_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="root holding category folders, or one category")
+    p.add_argument("--output", required=True, help="folder of the runs and the results table")
+    p.add_argument("--categories", nargs="+", help="subset of categories (default: all found)")
+    _ray_flags(p, "each category")
+    _train_flags(p)
+
+
+# name: (help, its flags, what it runs). "speed" is added apart: its flags are benchmarks/speed.py's.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., Any]]] = {
+    "summary": ("feature shapes and parameter counts of a model", _summary_parser, cmd_summary),
+    "train": (
+        "train on a folder of images (MVTec, VisA, plain, or --normal-dir ...) or elpv:mono|poly",
+        _train_parser,
+        cmd_train,
+    ),
+    "demo": ("train the offline default on built-in data (~minutes on a CPU)", _demo_parser, cmd_demo),
+    "test": ("evaluate a trained run on a test set", _test_parser, cmd_test),
+    "predict": ("judge new images: scores, maps, masks, overlays", _predict_parser, cmd_predict),
+    "export": ("export a run to ONNX (backbone, flows and maps in one graph)", _export_parser, cmd_export),
+    "serve": ("HTTP service with a web page", _serve_parser, cmd_serve),
+    "benchmark": (
+        "accuracy over many categories: train and test each; a table with a mean row",
+        _benchmark_parser,
+        cmd_benchmark,
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,111 +477,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="msflow", description="MSFlow anomaly detection: train, test, predict, serve"
     )
     parser.add_argument("--version", action="version", version=f"msflow {__import__('msflow').__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("summary", help="feature shapes and parameter counts of a model")
-    p.add_argument("--backbone", default="wide_resnet50_2", choices=get_args(BackboneName))
-    p.add_argument("--image-size", default="512", help="N or HxW (e.g. 208x512)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_summary)
-
-    p = sub.add_parser("train", help="train on a category folder (MVTec/VisA layout) or elpv:mono|poly")
-    p.add_argument("--data", required=True, help="category folder, or elpv:mono / elpv:poly")
-    p.add_argument("--output", required=True, help="run folder")
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
-    )
-    p.add_argument("--validation", help="labelled folder (MVTec layout) for F1-optimal thresholds")
-    p.add_argument("--quiet", action="store_true")
-    _train_flags(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("demo", help="train the offline default on built-in data (~minutes on a CPU)")
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
-
-    _test_flags(sub.add_parser("test", help="evaluate a trained run on a test set"))
-
-    p = sub.add_parser("predict", help="judge new images: scores, maps, masks, overlays")
-    p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, nargs="+", help="image files and/or folders (recursive)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
-    _runtime_flag(p, "--batch-size")
-    p.add_argument("--resume", action="store_true", help="skip images already in --output/predictions.csv")
-    _inference_flags(p)
-    _ray_flags(p, "chunks of files")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("export", help="export a run to ONNX (backbone, flows and maps in one graph)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="file format (ONNX is the only one)")
-    p.add_argument("--output", help="default: <run>/model.<format>")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("serve", help="HTTP service with a web page")
-    p.add_argument("--model", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this key (header X-API-Key); default: $MSFLOW_API_KEY if set")
-    _runtime_flag(p, "batch 1 (one image per request)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("benchmark", help="train and test many categories; a table with a mean row")
-    p.add_argument("--data", required=True, help="root holding category folders, or one category")
-    p.add_argument("--output", required=True)
-    p.add_argument("--categories", nargs="+", help="subset of categories (default: all found)")
-    _ray_flags(p, "each category")
-    p.add_argument("--quiet", action="store_true")
-    _train_flags(p)
-    p.set_defaults(func=cmd_benchmark)
-
-    # Its flags belong to benchmarks/speed.py (see 'msflow bench --help'); they are passed through.
-    p = sub.add_parser(
-        "bench", help="speed against the official-style reference path (source checkout)", add_help=False
-    )
-    p.set_defaults(func=cmd_bench)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_flags()
+    for name, (text, add_flags, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, parents=[common])
+        add_flags(p)
+        p.set_defaults(func=func)
+    # Its flags belong to benchmarks/speed.py ('msflow speed --help'); they are passed through.
+    speed = "speed of training and inference against the official-style reference path (source checkout)"
+    sub.add_parser("speed", help=speed, add_help=False).set_defaults(func=cmd_speed)
+    sub.add_parser("bench", add_help=False).set_defaults(func=cmd_speed)  # the old name; not listed
     return parser
 
 
-def _log_to_stderr() -> None:
-    """msflow's own log lines (e.g. which runtime ``auto`` picked) as plain lines on stderr."""
-    import logging
-
-    class ToStderr(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            print(self.format(record), file=sys.stderr)  # whatever sys.stderr is now
-
-    logger = logging.getLogger("msflow")
-    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
-        logger.addHandler(ToStderr())
-        logger.setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _log_to_stderr()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = rest
+    if args.command in ("speed", "bench"):
+        args.speed_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        configure(
+            getattr(args, "log_level", "INFO"), getattr(args, "log_file", None), getattr(args, "quiet", False)
+        )
         return int(args.func(args) or 0)
     except MSFlowError as err:
-        print(f"error: {err}", file=sys.stderr)
+        log.error(f"error: {err}")
         if "TORCHELASTIC_ERROR_FILE" in os.environ:  # a torchrun rank: its summary shows this line too
             from msflow.train.distributed import report_to_launcher
 
             report_to_launcher(f"error: {err}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.error("interrupted")
         return 130
 
 

@@ -59,22 +59,34 @@ def option_fields(klass: type) -> Iterator[tuple[Field, Any]]:
             yield f, hints[f.name]
 
 
-def add_option_argument(parser: argparse.ArgumentParser, f: Field, hint: Any, dest: str) -> None:
+def add_option_argument(
+    parser: argparse.ArgumentParser,
+    f: Field,
+    hint: Any,
+    dest: str,
+    help: str | None = None,  # noqa: A002 - argparse's word
+    default: Any = None,
+    shown: str | None = None,
+) -> None:
     """One command-line flag from one settings field: name, type, choices, default and help come from it.
 
-    A flag left out stays None, so a YAML file's value (or the field's default) holds. Booleans become
-    ``--name`` when they default to False and ``--no-name`` when they default to True.
+    A flag left out stays None (or ``default``, for a command with its own default), so a YAML file's
+    value (or the field's default) holds. ``help`` replaces the field's text and ``shown`` the default
+    the help names, for a command that uses the option differently (e.g. "the run's" when overriding a
+    trained run). Booleans become ``--name`` when they default to False and ``--no-name`` when True.
     """
-    name, text = f.name.replace("_", "-"), f.metadata.get("help", "")
-    default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    name, text = f.name.replace("_", "-"), help or f.metadata.get("help", "")
+    value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
     if hint is bool:
-        flag, const = (f"--no-{name}", False) if default else (f"--{name}", True)
+        flag, const = (f"--no-{name}", False) if value else (f"--{name}", True)
         parser.add_argument(
             flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
         )
         return
+    shown = shown or str(value if default is None else default)
     args = get_args(hint)
-    kwargs: dict[str, Any] = {"dest": dest, "help": f"{text} (default: {default})", "metavar": f.name.upper()}
+    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": f"{text} (default: {shown})"}
+    kwargs["metavar"] = f.name.upper()
     if get_origin(hint) is Literal:
         kwargs.update(choices=list(args), metavar=None)
     elif get_origin(hint) is tuple:
@@ -268,10 +280,29 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from."""
+    """Where the images come from: ``dataset`` (the ``--data`` flag), or three folders as anomalib's
+    ``Folder`` takes them (``normal_dir``, ``abnormal_dir``, ``mask_dir``)."""
 
     dataset: str = option(
-        "elpv:mono", "a category folder in MVTec/VisA layout, or elpv:mono / elpv:poly", cli=False
+        "elpv:mono",
+        "a category folder in MVTec/VisA layout, a plain folder of good images, or elpv:mono / elpv:poly",
+        cli=False,
+    )
+    normal_dir: str | None = option(
+        None, "folder of good images (sub-folders too); instead of --data; ours: anomalib's Folder layout"
+    )
+    abnormal_dir: str | None = option(
+        None, "with --normal-dir: folder of defective images (sub-folders are defect types), for the test set"
+    )
+    mask_dir: str | None = option(
+        None,
+        "with --abnormal-dir: their masks (sub-folders as there), matched by file stem: NAME.png or "
+        "NAME_mask.png (also -mask, _gt, _label)",
+    )
+    test_fraction: float = option(
+        0.2,
+        "with --abnormal-dir: share of the good images kept for the test set (never trained on); "
+        "ours: anomalib's normal split ratio",
     )
     holdout_fraction: float = option(
         0.1, "ours: good training images held out (never trained on) to calibrate the threshold"
@@ -281,8 +312,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.holdout_fraction < 0.9:
             raise ConfigError(f"holdout_fraction must be in [0, 0.9), got {self.holdout_fraction}")
+        if not 0 < self.test_fraction < 0.9:
+            raise ConfigError(f"test_fraction must be in (0, 0.9), got {self.test_fraction}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.abnormal_dir and not self.normal_dir:
+            raise ConfigError("abnormal_dir needs normal_dir (the good images to train on)")
+        if self.mask_dir and not self.abnormal_dir:
+            raise ConfigError("mask_dir needs abnormal_dir (the images the masks belong to)")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Datasets: MVTec-style folders (MVTec AD, VisA 1cls, custom data), the built-in ELPV set, a torch Dataset.
+"""Datasets: the layouts people keep images in, the built-in ELPV set, a torch Dataset.
 
-Folder layout (one *category*)::
+MVTec layout (one *category*; MVTec AD, VisA 1cls, custom data)::
 
     <category>/train/good/*.png                     defect-free training images
     <category>/test/good/*.png                      defect-free test images (label 0; test/ is optional)
@@ -10,6 +10,11 @@ Folder layout (one *category*)::
 Without a ``ground_truth`` folder only image-level metrics are possible (all masks None).
 With one, every defective image must have exactly one mask and every mask an image, so
 that pixel metrics never silently treat an unannotated defect as defect-free.
+
+A plain folder (images in it or in sub-folders, no ``train/``) is good images only: a model, no test
+metrics. anomalib's ``Folder`` layout (``normal_dir``, ``abnormal_dir``, ``mask_dir`` in the config)
+adds a test set of defective images and held-out good ones (:func:`folder_samples`). Whatever the
+layout, training holds out a share of its good images for the threshold (``msflow.train.fit``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from msflow.config import DataConfig
 from msflow.data.images import image_size, list_images, read_image, read_mask, to_tensor
 from msflow.errors import DataError
 
@@ -59,28 +65,52 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _match_masks(images: list[Path], gt_dir: Path) -> list[Path]:
-    """Return the mask of each image in ``images`` (same order), matched by file stem."""
-    by_stem: dict[str, Path] = {}
-    for mask in list_images(gt_dir):
-        key = mask.stem.removesuffix("_mask")
-        if key in by_stem:
-            raise DataError(f"two masks for the same image: '{by_stem[key]}' and '{mask}'")
-        by_stem[key] = mask
+# Mask file names: the image's stem, or the stem with one of these suffixes (MVTec writes "_mask").
+MASK_SUFFIXES = ("_mask", "-mask", "_gt", "-gt", "_label")
+
+
+def _mask_key(mask: Path, root: Path) -> str:
+    stem = mask.stem
+    for suffix in MASK_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem.removesuffix(suffix)
+            break
+    return (mask.parent.relative_to(root) / stem).as_posix()
+
+
+def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = None) -> list[Path]:
+    """Return the mask of each image in ``images`` (same order), matched by file stem.
+
+    A mask sits at the image's path relative to ``image_root`` (default: the images' folder) inside
+    ``gt_dir``, or anywhere in ``gt_dir`` when its stem is unique there.
+    """
+    by_path: dict[str, Path] = {}
+    for mask in list_images(gt_dir, recursive=True):
+        key = _mask_key(mask, gt_dir)
+        if key in by_path:
+            raise DataError(f"two masks for the same image: '{by_path[key]}' and '{mask}'")
+        by_path[key] = mask
+    stems: dict[str, list[str]] = {}
+    for key in by_path:
+        stems.setdefault(key.rpartition("/")[2], []).append(key)
 
     masks: list[Path] = []
     for image in images:
-        mask = by_stem.pop(image.stem, None)
+        key = (image.parent.relative_to(image_root or image.parent) / image.stem).as_posix()
+        if key not in by_path and len(stems.get(image.stem, ())) == 1:
+            key = stems[image.stem][0]
+        mask = by_path.pop(key, None)
         if mask is None:
             raise DataError(
                 f"image '{image}' has no mask in '{gt_dir}' "
-                f"(expected {image.stem}_mask.png or {image.stem}.png)"
+                f"(expected {image.stem}.png or {image.stem}_mask.png)"
             )
         masks.append(mask)
-    if by_stem:
-        extra = sorted(by_stem.values())
+    if by_path:
+        extra = sorted(by_path.values())
         raise DataError(
-            f"mask '{extra[0]}' has no matching image in '{images[0].parent}' ({len(extra)} unmatched)"
+            f"mask '{extra[0]}' has no matching image in '{image_root or images[0].parent}' "
+            f"({len(extra)} unmatched)"
         )
     return masks
 
@@ -145,11 +175,11 @@ def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], li
     return train, test
 
 
-def find_categories(root: str | os.PathLike[str]) -> list[Path]:
+def find_categories(root: str | os.PathLike[str], strict: bool = True) -> list[Path]:
     """Return ``[root]`` if root is a category (has ``train/``), else its category sub-folders, sorted.
 
     Raises:
-        DataError: If ``root`` is missing or holds no category.
+        DataError: If ``root`` is missing, or (``strict``) holds no category.
     """
     base = Path(root)
     if not base.is_dir():
@@ -157,7 +187,7 @@ def find_categories(root: str | os.PathLike[str]) -> list[Path]:
     if (base / "train").is_dir():
         return [base]
     found = [p for p in _subfolders(base) if (p / "train").is_dir()]
-    if not found:
+    if not found and strict:
         raise DataError(f"'{base}' is not a category folder (no train/) and has no category sub-folders")
     return found
 
@@ -280,7 +310,8 @@ def elpv_samples(category: Literal["mono", "poly"], seed: int = 0) -> tuple[list
 
 
 def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
-    """Load a dataset from ``elpv:mono``, ``elpv:poly`` or the path of one category folder.
+    """Load a dataset from ``elpv:mono``, ``elpv:poly``, the path of one category folder or of a plain
+    folder of good images.
 
     Returns:
         (name, train, test); the name is ``elpv-mono``/``elpv-poly`` or the folder name.
@@ -296,12 +327,80 @@ def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
         train, test = elpv_samples(category)  # type: ignore[arg-type]
         return f"elpv-{category}", train, test
     folder = Path(text)
+    if folder.is_dir() and not (folder / "train").is_dir() and not find_categories(folder, strict=False):
+        return folder.resolve().name, plain_folder(folder), []
     categories = find_categories(folder)
     if categories != [folder]:
         names = ", ".join(p.name for p in categories[:5]) + (", ..." if len(categories) > 5 else "")
         raise DataError(f"'{folder}' holds several categories ({names}); pass one of them")
     train, test = parse_folder(folder)
     return folder.resolve().name, train, test
+
+
+def plain_folder(folder: str | os.PathLike[str]) -> list[Sample]:
+    """Every image in ``folder`` and its sub-folders, as good training images (no test set).
+
+    A folder with ``test/`` or ``ground_truth/`` is an MVTec category missing its ``train/good/``, not a
+    folder of good images: training on it would learn its defects, so it is refused.
+    """
+    root = Path(folder)
+    for name in ("test", "ground_truth"):
+        if (root / name).is_dir():
+            raise DataError(
+                f"'{root}' has {name}/ but no train/good/: an MVTec-layout category needs train/good/ "
+                "with the defect-free images (a plain folder of good images has no test/ or ground_truth/)"
+            )
+    images = list_images(root, recursive=True)
+    if not images:
+        raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{root}' or its sub-folders")
+    return [Sample(p, 0, "good", None) for p in images]
+
+
+# The good images an --abnormal-dir test set takes are drawn with this seed: fixed, so that
+# ``msflow test`` on a run sees the same test set as its training did.
+FOLDER_SPLIT_SEED = 0
+
+
+def folder_samples(
+    normal_dir: str, abnormal_dir: str | None, mask_dir: str | None, test_fraction: float
+) -> tuple[list[Sample], list[Sample]]:
+    """anomalib's ``Folder`` layout: (train, test) from a folder of good images, optionally with a folder
+    of defective ones and their masks.
+
+    Without ``abnormal_dir`` every good image trains (no test set). With it, ``test_fraction`` of the
+    good images (seeded draw) joins the defective ones in the test set and is never trained on. A
+    defective image's defect type is its sub-folder in ``abnormal_dir`` (the folder's name if flat).
+    """
+    normal = plain_folder(normal_dir)
+    if not abnormal_dir:
+        return normal, []
+    root = Path(abnormal_dir)
+    images = list_images(root, recursive=True)
+    if not images:
+        raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{root}' or its sub-folders")
+    masks = _match_masks(images, Path(mask_dir), root) if mask_dir else [None] * len(images)
+    kinds = [p.relative_to(root).parts[0] if p.parent != root else root.resolve().name for p in images]
+    if len(normal) < 2:
+        raise DataError(f"'{normal_dir}' needs at least 2 good images: some train, some test")
+    n_test = min(max(1, round(test_fraction * len(normal))), len(normal) - 1)
+    order = np.random.default_rng(FOLDER_SPLIT_SEED).permutation(len(normal))
+    held = set(order[:n_test].tolist())
+    train = [s for i, s in enumerate(normal) if i not in held]
+    test = [s for i, s in enumerate(normal) if i in held]
+    test += [Sample(p, 1, k, m) for p, k, m in sorted(zip(images, kinds, masks, strict=True), key=_by_kind)]
+    return train, test
+
+
+def _by_kind(row: tuple[Path, str, Path | None]) -> tuple[str, str]:
+    return row[1], str(row[0])
+
+
+def load_data(data: DataConfig) -> tuple[str, list[Sample], list[Sample]]:
+    """(name, train, test) of a run's data section: its three folders if given, else ``dataset``."""
+    if not data.normal_dir:
+        return load_dataset(data.dataset)
+    train, test = folder_samples(data.normal_dir, data.abnormal_dir, data.mask_dir, data.test_fraction)
+    return Path(data.normal_dir).resolve().name, train, test
 
 
 class ImageDataset(Dataset):

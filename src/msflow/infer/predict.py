@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from msflow.cluster import require_ray, run_tasks
 from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uint8
@@ -28,6 +27,7 @@ from msflow.errors import DataError, MSFlowError
 from msflow.evaluate import report
 from msflow.files import atomic_write_bytes
 from msflow.infer.predictor import Predictor
+from msflow.logs import Progress
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -109,7 +109,7 @@ def run_predict(
 
     todo = [(f, n) for f, n in zip(files, names, strict=True) if str(f) not in done]
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
+    bar = Progress(desc="predict", total=len(todo), unit="images", enabled=progress)
     try:
         _, failures = predict_files(
             predictor,
@@ -239,7 +239,7 @@ def run_predict_on_ray(
         for i in cuts
     ]  # fmt: skip
     parts: list[tuple[list[dict], list[dict]]] = [([], []) for _ in jobs]
-    bar = tqdm(total=len(files), desc="predict (ray)", unit="img", disable=not progress)
+    bar = Progress(desc="predict (ray)", total=len(files), unit="images", enabled=progress)
     for index, result, error in run_tasks(_predict_task, jobs, address, cpus_per_task, gpus_per_task):
         if error is None:
             parts[index] = result

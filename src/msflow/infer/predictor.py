@@ -26,7 +26,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from msflow.config import Config
 from msflow.data.datasets import ImageDataset, Sample
@@ -36,6 +35,7 @@ from msflow.device import resolve_device
 from msflow.errors import MSFlowError
 from msflow.evaluate.threshold import Threshold
 from msflow.infer.runtime import Decision, runner, select_runtime
+from msflow.logs import Progress
 from msflow.model.anomaly_map import log_likelihood_maps, to_original_size, upsample
 from msflow.model.checkpoint import load_model
 from msflow.scoring import MapSettings
@@ -274,16 +274,22 @@ class Predictor:
             grids = grids_for(samples, self.config.model.tile, self.config.model.tile_overlap)
             tiles = TileDataset(samples, grids, self.image_size)
             loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers)
-            bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
-            yield from self._tiled_iter_maps(grids, bar, resolution)
-            return
-        loader = DataLoader(
-            ImageDataset(samples, self.image_size), batch_size=batch_size, num_workers=workers
-        )
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            sizes = [(int(w), int(h)) for w, h in batch["original_size"].tolist()]
-            yield from self._maps(batch["image"], sizes, resolution)
+            maps = self._tiled_iter_maps(grids, loader, resolution)
+        else:
+            loader = DataLoader(
+                ImageDataset(samples, self.image_size), batch_size=batch_size, num_workers=workers
+            )
+            maps = (m for batch in loader for m in self._maps(batch["image"], _sizes(batch), resolution))
+        bar = Progress(desc=desc, total=len(samples), unit="images", enabled=progress)
+        for m in maps:
+            bar.update()  # before the yield: the phase is reported when its last image is out
+            yield m
 
     def iter_samples(self, samples: list[Sample], **kwargs: Any) -> Iterator[Prediction]:
         """Verdicts on ``samples``, in order, batch by batch (arguments as :meth:`iter_maps`)."""
         return (self.judge(m) for m in self.iter_maps(samples, **kwargs))
+
+
+def _sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:
+    """The original (width, height) of each image of an :class:`ImageDataset` batch."""
+    return [(int(w), int(h)) for w, h in batch["original_size"].tolist()]

@@ -16,10 +16,10 @@ import numpy as np
 import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from msflow.data.datasets import ImageDataset, Sample
 from msflow.data.tiles import TileDataset, training_grids
+from msflow.logs import Progress
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
 
@@ -120,16 +120,14 @@ class FeatureCache:
             num_workers=workers,
         )
         start = rows.start
-        for batch in tqdm(
-            loader,
-            desc="extract features" if fit_statistics else "extract held-out features",
-            disable=not progress,
-            leave=False,
-        ):
-            feats = model.extract(batch["image"].to(device))
-            for a, f in zip(arrays, feats, strict=True):
-                a[start : start + len(f)] = f.float().cpu().numpy()
-            start += len(batch["image"])
+        desc = "extract features" if fit_statistics else "extract held-out features"
+        with Progress(desc=desc, total=len(rows), unit="images", enabled=progress) as bar:
+            for batch in loader:
+                feats = model.extract(batch["image"].to(device))
+                for a, f in zip(arrays, feats, strict=True):
+                    a[start : start + len(f)] = f.float().cpu().numpy()
+                start += len(batch["image"])
+                bar.update(len(batch["image"]))
         cache = cls(arrays, folder)
         if fit_statistics:
             model.fit_standardization(cache.batches(64, rows), reduce=dist.all_sum)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from msflow.config import Config, replace, save_yaml
-from msflow.data.datasets import Sample, load_dataset, validate_samples
+from msflow.data.datasets import Sample, load_data, load_dataset, validate_samples
 from msflow.data.images import read_image, read_mask
 from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
@@ -40,6 +40,7 @@ from msflow.evaluate.evaluation import evaluate_stream
 from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration, Threshold
 from msflow.infer.evaluate_run import evaluate_run
 from msflow.infer.predictor import Predictor
+from msflow.logs import log as logger
 from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
 from msflow.model.msflow import MSFlow
 from msflow.train.budget import measure_epoch_cost, plan
@@ -59,6 +60,17 @@ def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list
     hold = sorted(order[:n_hold].tolist())
     keep = sorted(order[n_hold:].tolist())
     return [train[i] for i in keep], [train[i] for i in hold]
+
+
+def _holdout_line(held: int, good: int, test: int) -> str:
+    """What the hold-out is for, in one line (and what a run without a test set will not report)."""
+    use = "the threshold and the label-free check of scores and maps"
+    line = (
+        f"held out {held} of {good} good training images (never trained on) for {use}"
+        if held
+        else f"no hold-out ({good} good images): the training images set {use} (biased low)"
+    )
+    return line if test else f"{line}; no test set, so no test metrics"
 
 
 def _save_training_state(
@@ -148,7 +160,7 @@ def fit(
     validation: str | None = None,
     progress: bool = True,
     step_hook: StepHook | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = logger.info,
 ) -> dict:
     """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
 
@@ -205,12 +217,13 @@ def _fit(
     device = dist.setup(resolve_device(cfg.train.device), cfg.train.batch_size)
     seed_everything(cfg.train.seed)
 
-    name, train, test = load_dataset(cfg.data.dataset)
-    log(f"dataset {name}: {len(train)} training images, {len(test)} test images")
+    name, train, test = load_data(cfg.data)
+    log(f"dataset {name}: {len(train)} good training images, {len(test)} test images")
     validate_samples(train, f"training set of '{name}'")  # refuse bad data before any work
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    log(_holdout_line(len(holdout), len(train), len(test)))
     calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
     if len(calib_samples) < 2:  # nothing to judge scores or maps on: every "auto" keeps its incumbent
         resolved = cfg.model.with_maps(cfg.model.maps.resolved())
@@ -408,7 +421,7 @@ def _evaluate(
     Data-parallel (``dist``), every rank calls this and evaluates its shard; rank 0 writes the report."""
     cfg = predictor.config
     if test is None:
-        name, _, test = load_dataset(cfg.data.dataset)
+        name, _, test = load_data(cfg.data)
         if test:
             validate_samples(test, f"test set of '{name}'")
     return evaluate_run(

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from msflow.config import TrainConfig
 from msflow.errors import TrainingError
+from msflow.logs import Progress, duration, log
 from msflow.model.loss import nll
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
@@ -91,12 +91,9 @@ def train_flows(
         # A generator per epoch: the order depends only on (seed, epoch), so a resumed run is identical.
         order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         batches = order.split(cfg.batch_size)
-        bar = tqdm(
-            batches,
-            desc=f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}",
-            disable=not progress,
-            leave=False,
-        )
+        # A bar within the epoch on a terminal; the epoch's own line below, wherever the output goes.
+        bar = Progress(batches, f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}", unit="batches",
+                       enabled=progress, summary=False)  # fmt: skip
         total, count, start, rolled_back = 0.0, 0, time.perf_counter(), False
         for step, idx in enumerate(bar):
             feats = [f.to(device, non_blocking=True) for f in cache.batch(dist.split_batch(idx))]
@@ -144,10 +141,23 @@ def train_flows(
         entry["seconds"] = time.perf_counter() - start
         state.history.append(entry)
         state.epoch += 1
+        if progress:
+            _log_epoch(entry, count, total_epochs(cfg, state.plateau), state.history)
         good = _snapshot(model, optimizer)
         if on_epoch_end is not None:
             on_epoch_end(state)
     return state
+
+
+def _log_epoch(entry: dict, images: int, epochs: int, history: list[dict]) -> None:
+    """One line per epoch: loss, speed and the time left at the mean pace of the last epochs."""
+    recent = [e["seconds"] for e in history[-5:]]
+    left = (epochs - entry["epoch"]) * sum(recent) / len(recent)
+    held_out = f", held-out NLL {entry['holdout_nll']:.4g}" if "holdout_nll" in entry else ""
+    log.info(
+        f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4g}{held_out}, "
+        f"{images / max(entry['seconds'], 1e-9):.1f} images/s, {duration(left)} left"
+    )
 
 
 @torch.no_grad()
@@ -207,4 +217,4 @@ def _bad_event(
     model.load_state_dict(good[0], strict=False)
     optimizer.load_state_dict(good[1])
     state.lr_scale *= 0.5
-    tqdm.write(f"warning: {what}; restored the last good state, learning rate x{state.lr_scale:g}")
+    log.warning(f"{what}; restored the last good state, learning rate x{state.lr_scale:g}")
