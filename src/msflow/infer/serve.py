@@ -410,19 +410,18 @@ def serve(
     app = create_app(predictor, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     mc = predictor.config.model
-    print(
+    log.info(
         f"msflow serve: model '{model}' ({mc.backbone}, {'x'.join(map(str, mc.size))} px, "
         f"runtime {predictor.runtime}, device {predictor.device})"
     )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    print(
-        f"open http://{_url_host(shown)}:{port}/ in a browser (API: POST /predict, GET /model, GET /health)"
-    )
+    api = "API: POST /predict, GET /model, GET /health"
+    log.info(f"open http://{_url_host(shown)}:{port}/ in a browser ({api})")
     if api_key:
-        print(f"an API key is required: header {API_KEY_HEADER} (the web page has a field for it)")
+        log.info(f"an API key is required: header {API_KEY_HEADER} (the web page has a field for it)")
     elif not loopback:
-        print(
-            f"warning: listening on {host} without an API key; anyone who can reach it can use it "
+        log.warning(
+            f"listening on {host} without an API key; anyone who can reach it can use it "
             f"(set --api-key or ${API_KEY_ENV})"
         )
     uvicorn.run(app, host=host, port=port, log_level="info")
