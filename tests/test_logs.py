@@ -25,7 +25,6 @@ def restore_logging() -> Iterator[None]:
 
 
 def test_progress_off_a_terminal_is_one_line_per_phase(caplog: pytest.LogCaptureFixture) -> None:
-    logs.log.propagate = True  # caplog listens at the root logger
     with caplog.at_level(logging.INFO, logger="msflow"):
         assert list(logs.Progress(range(5), "extract features", unit="images")) == list(range(5))
         bar = logs.Progress(desc="predict", total=4, unit="images", summary=True)

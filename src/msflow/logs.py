@@ -49,8 +49,8 @@ def configure(level: str = "INFO", log_file: str | Path | None = None, quiet: bo
     for handler in [h for h in log.handlers if getattr(h, "_msflow", False)]:
         log.removeHandler(handler)
         handler.close()
-    stderr = _Stderr(logging.WARNING if quiet else level)
-    handlers: list[logging.Handler] = [stderr]
+    _bars = not quiet
+    _add(_Stderr(logging.WARNING if quiet else level))  # first: a bad log file is reported here
     if log_file:
         try:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -59,13 +59,13 @@ def configure(level: str = "INFO", log_file: str | Path | None = None, quiet: bo
             raise MSFlowError(f"cannot write the log file '{log_file}': {err.strerror or err}") from None
         to_file.setLevel(level)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        handlers.append(to_file)
-    for handler in handlers:
-        handler._msflow = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-    log.setLevel(min(h.level for h in handlers))
-    log.propagate = False  # msflow's lines once, not again through the root logger
-    _bars = not quiet
+        _add(to_file)
+
+
+def _add(handler: logging.Handler) -> None:
+    handler._msflow = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(min(h.level for h in log.handlers if getattr(h, "_msflow", False)))
 
 
 def bars_on_stderr() -> bool:
