@@ -204,6 +204,19 @@ def test_predict_writes_maps_masks_and_summary(trained: tuple[Path, Path], tmp_p
     assert first["label"] == "" and evaluated["label"] in ("0", "1") and float(evaluated["threshold"]) > -1e30
 
 
+def test_predict_json_is_one_line_for_scripts(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, run = trained
+    argv = ["predict", "--model", str(run), "--input", str(data / "test"), "--output", str(tmp_path)]
+    assert main([*argv, "--runtime", "torch", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    result = json.loads(line)
+    assert result["command"] == "predict" and result["predicted"] == 6
+    assert result["output_dir"] == str(tmp_path)
+    assert result["defective"] == json.loads((tmp_path / "summary.json").read_text())["defective"]
+
+
 def test_predict_threshold_override_flips_decisions(trained: tuple[Path, Path], tmp_path: Path) -> None:
     data, run = trained
     assert (
