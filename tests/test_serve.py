@@ -326,3 +326,137 @@ def test_decode_upload_rules():
     Image.fromarray(arr).save(buf, "PNG")
     img = decode_upload(buf.getvalue())
     assert img.shape == (4, 4, 3) and img[0, 0].tolist() == [np.float32(1000) / np.float32(65535)] * 3
+
+
+# --- hardening: the key never from argv, no paths in /model, limits answered with 429 ---------------------
+def test_serve_reads_key_from_file_and_refuses_it_on_the_command_line(tmp_path, monkeypatch, run_dir, capsys):  # noqa: F811
+    import uvicorn
+
+    from msflow.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    monkeypatch.setenv("MSFLOW_API_KEY", "from-env")  # the file wins over the environment
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    key_file.chmod(0o600)
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(run_dir),
+                "--device",
+                "cpu",
+                "--runtime",
+                "torch",
+                "--api-key-file",
+                str(key_file),
+            ]
+        )
+        == 0
+    )
+    c = TestClient(seen["app"])
+    assert c.get("/model", headers={"X-API-Key": "from-env"}).status_code == 401
+    assert c.get("/model", headers={"X-API-Key": "from-file"}).status_code == 200
+
+    seen.clear()
+    capsys.readouterr()
+    assert main(["serve", "--model", str(run_dir), "--api-key", "in-argv"]) == 2
+    err = capsys.readouterr().err
+    assert "MSFLOW_API_KEY" in err and "--api-key-file" in err and len(err.strip().splitlines()) == 1
+    assert not seen  # nothing was served
+    assert main(["serve", "--model", str(run_dir), "--api-key-file", str(tmp_path / "none")]) == 2
+    assert "none" in capsys.readouterr().err
+
+
+def test_model_shows_no_filesystem_paths(detector):  # noqa: F811
+    import copy
+
+    predictor = copy.copy(detector.predictor)
+    predictor.config = predictor.config.updated(data={"dataset": "/home/alice/secret-data/bottle"})
+    predictor.meta = {**predictor.meta, "dataset": "/home/alice/secret-data/bottle"}
+    predictor.meta["metrics"] = {"image_auroc": 99.0, "dataset": "C:\\Users\\alice\\bottle"}
+    body = TestClient(create_app(predictor)).get("/model")
+    assert body.status_code == 200
+    assert "alice" not in body.text and "secret" not in body.text
+    assert body.json()["dataset"] == "bottle" and body.json()["config"]["data"]["dataset"] == "bottle"
+    assert body.json()["metrics"] == {"image_auroc": 99.0, "dataset": "bottle"}
+
+
+def test_rate_limit_is_429_per_client(detector, image):  # noqa: F811
+    c = TestClient(create_app(detector.predictor, rate=0.5, burst=2))
+    assert [c.get("/model").status_code for _ in range(2)] == [200, 200]
+    refused = c.get("/model")
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert "too many requests" in refused.json()["detail"]
+    assert post(c, image).status_code == 429  # every API path shares the client's bucket
+    assert c.get("/health").status_code == 200  # health checks and the page stay open
+    assert c.get("/").status_code == 200
+    other = TestClient(create_app(detector.predictor, rate=0.5, burst=2), client=("10.0.0.2", 5000))
+    assert other.get("/model").status_code == 200  # a different app, a different client: its own bucket
+
+
+def test_token_buckets_refill_at_the_rate():
+    from msflow.infer.serve import TokenBuckets
+
+    now = [0.0]
+    buckets = TokenBuckets(rate=2.0, burst=3, clock=lambda: now[0], max_clients=2)
+    assert [buckets.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("a") == pytest.approx(0.5)  # empty: one token comes in 1/rate s
+    assert buckets.take("b") == 0.0  # another client has its own bucket
+    now[0] = 0.5
+    assert buckets.take("a") == 0.0 and buckets.take("a") > 0
+    now[0] = 100.0
+    assert buckets.take("c") == 0.0  # a third client: the full buckets are forgotten, memory stays bounded
+    assert len(buckets.buckets) <= 2
+
+
+def test_concurrency_limit_is_429_while_busy():
+    import asyncio
+
+    from msflow.infer.serve import GuardMiddleware, Limits
+
+    async def scenario() -> list[int]:
+        gate = asyncio.Event()
+
+        async def slow_app(scope, receive, send):
+            await gate.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        guard = GuardMiddleware(slow_app, api_key=None, limits=Limits(max_concurrent=2))
+
+        async def call(path: str) -> int:
+            statuses = []
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {"type": "http", "path": path, "headers": [], "client": ("1.2.3.4", 1)}
+            await guard(scope, receive, send)
+            return statuses[0]
+
+        busy = [asyncio.create_task(call("/predict")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await call("/predict")  # answered at once, while two are in progress
+        health = asyncio.create_task(call("/health"))  # open paths do not count and are not refused
+        await asyncio.sleep(0.05)
+        gate.set()
+        done = [await t for t in busy]
+        after = await call("/predict")  # the two finished: room again
+        return [*done, refused, await health, after]
+
+    assert asyncio.run(scenario()) == [200, 200, 429, 200, 200]
+
+
+def test_bad_limits_are_one_line_errors(detector):  # noqa: F811
+    from msflow.errors import MSFlowError
+
+    for kw in ({"max_concurrent": 0}, {"rate": -1.0}, {"burst": 0}, {"max_upload_bytes": 0}):
+        with pytest.raises(MSFlowError):
+            create_app(detector.predictor, **kw)

@@ -258,16 +258,24 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if args.api_key is not None:  # refused: every user of the machine can read it in the process list
+        raise MSFlowError(
+            "--api-key is no longer read from the command line, where every user of the machine can see it: "
+            "set $MSFLOW_API_KEY or use --api-key-file FILE"
+        )
     from msflow.infer.serve import serve
 
     serve(
         args.model,
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
         runtime=args.runtime,
         max_upload_mb=args.max_upload_mb,
         device=getattr(args, "train.device"),
+        api_key_file=args.api_key_file,
+        max_concurrent=args.max_concurrent or None,
+        rate=args.rate_limit or None,
+        burst=args.burst,
     )
 
 
@@ -437,10 +445,26 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="run folder (or model file)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this key (header X-API-Key); default: $MSFLOW_API_KEY if set")
+    p.add_argument("--api-key", help=argparse.SUPPRESS)  # refused with a pointer to the two ways below
+    p.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="require the key in FILE's first line (header X-API-Key); default: $MSFLOW_API_KEY if set",
+    )
     _runtime_flag(p, "batch 1 (one image per request)")
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     _config_option(p, "train.device", default="auto", help="where the model runs")
+    p.add_argument(
+        "--max-concurrent", type=int, default=8, metavar="N", help="requests in progress at once, beyond: 429"
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=10.0,
+        metavar="R",
+        help="requests/s per client, beyond: 429 (0: off)",
+    )
+    p.add_argument("--burst", type=int, metavar="N", help="requests a client may make at once (default: R)")
 
 
 def _benchmark_parser(p: argparse.ArgumentParser) -> None:

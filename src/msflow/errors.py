@@ -36,3 +36,21 @@ class ImageTooLargeError(DataError):
 
 class DistributedError(MSFlowError, RuntimeError):
     """A data-parallel job cannot go on: another rank died or a collective timed out."""
+
+
+def missing_extra(module: str, extra: str, feature: str) -> MSFlowError:
+    """The one-line error for an optional part that is not installed: it names the ``pip install``."""
+    return MSFlowError(
+        f'{feature} needs {module.split(".")[0]}, which is not installed: pip install "msflow[{extra}]"'
+    )
+
+
+def require_extra(module: str, extra: str, feature: str):
+    """``module`` imported, or :func:`missing_extra`'s error (the optional parts of msflow, the HTTP
+    service and ONNX, are pip extras; ``feature`` says what needed the missing one, e.g. "msflow serve")."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_extra(module, extra, feature) from None

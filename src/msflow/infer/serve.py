@@ -5,7 +5,8 @@ Endpoints
 ``GET /``             the web page (drop or pick an image; shows the overlay, score and decision)
 ``GET /static/<f>``   the page's own CSS/JS, from a fixed in-memory allow-list (never a filesystem lookup)
 ``GET /health``       ``{"status": "ok"}`` (always open, also with an API key)
-``GET /model``        ``{config, metrics, threshold, dataset, msflow_version}``
+``GET /model``        ``{config, metrics, threshold, dataset, msflow_version}``, with every filesystem path
+                      cut to its last part (the training data's folders are nobody's business)
 ``POST /predict``     multipart field ``file`` (an image). JSON ``{score, normalized_score, decision,
                       threshold, defect_pixels, width, height, timing_ms}``; ``?overlay=true`` adds
                       ``overlay_png`` (base64 PNG: jet heat map of the image map with the predicted
@@ -22,9 +23,13 @@ Limits and errors (every error is JSON ``{"detail": "..."}``; bad input never gi
   :data:`ALLOWED_FORMATS`.
 * 400: a malformed multipart body (no boundary, garbage, too many parts).
 * 422: no ``file`` field, or a bad query parameter.
-* 401: an API key is configured (``--api-key`` or ``$MSFLOW_API_KEY``) and the ``X-API-Key`` header is
-  missing or wrong (compared in constant time). ``/health``, the page and its static files stay open
-  (the page is where a person types the key).
+* 401: an API key is configured (``$MSFLOW_API_KEY`` or ``--api-key-file``; never the command line, which
+  every user of the machine can read) and the ``X-API-Key`` header is missing or wrong (compared in
+  constant time). ``/health``, the page and its static files stay open (the page is where a person
+  types the key).
+* 429: a client went over its request rate (a token bucket per client address: ``burst`` requests at
+  once, ``rate`` per second on average), or ``max_concurrent`` requests are already in progress. The
+  answer carries ``Retry-After``. Checked before the API key, so guessing keys is rate-limited too.
 
 Predictions run in a worker thread (the event loop stays responsive); the :class:`Predictor` serialises
 forward passes with its own lock, so concurrent requests are safe.
@@ -41,23 +46,33 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from msflow.errors import missing_extra
+
+try:
+    from fastapi import FastAPI, HTTPException, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as missing:  # the service is the extra "serve"
+    raise missing_extra(missing.name or "fastapi", "serve", "msflow serve") from None
 
 from msflow._version import __version__
 from msflow.data.images import decode, image_size, to_uint8
-from msflow.errors import DataError, ImageTooLargeError, MSFlowError
+from msflow.errors import DataError, ImageTooLargeError, MSFlowError, require_extra
+from msflow.files import without_paths
 from msflow.infer.predictor import Predictor
 
 log = logging.getLogger("msflow.serve")
@@ -65,6 +80,8 @@ log = logging.getLogger("msflow.serve")
 API_KEY_HEADER = "X-API-Key"
 API_KEY_ENV = "MSFLOW_API_KEY"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+DEFAULT_MAX_CONCURRENT = 8  # msflow serve's default: requests in progress at once, beyond which 429
+DEFAULT_RATE = 10.0  # msflow serve's default: requests per second per client (burst: one second's worth)
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 8000 x 5000; a bigger image needs GBs for its full-resolution maps
 # Decoders a request may reach. Image.open would otherwise try every Pillow plugin (EPS even runs
 # Ghostscript); camera images come in these.
@@ -102,17 +119,86 @@ def _json_error(
     return {"type": "http.response.start", "status": status, "headers": headers}, body
 
 
-class GuardMiddleware:
-    """Pure ASGI middleware: API key, body-size cap (header and counted bytes), security headers.
+@dataclass(frozen=True)
+class Limits:
+    """What one client, and all of them together, may ask of the service (``None``: no limit).
 
-    It runs before any routing or body parsing, so an unauthenticated or oversized request is refused
-    without reading its body.
+    ``max_body``: bytes in a request body; ``max_concurrent``: requests in progress at once (the open
+    paths excepted), beyond which a request is answered 429 at once rather than queued; ``rate`` and
+    ``burst``: each client address may make ``burst`` requests at once and ``rate`` per second on
+    average (a token bucket), beyond which it is answered 429.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
+    max_body: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_concurrent: int | None = None
+    rate: float | None = None
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_body <= 0:
+            raise MSFlowError(f"max_upload_bytes must be positive, got {self.max_body}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise MSFlowError(f"the concurrent request limit must be at least 1, got {self.max_concurrent}")
+        if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
+            raise MSFlowError(f"the request rate limit must be a positive number, got {self.rate}")
+        if self.burst is not None and self.burst < 1:
+            raise MSFlowError(f"the request burst must be at least 1, got {self.burst}")
+
+
+class TokenBuckets:
+    """One token bucket per client: ``burst`` tokens at most, refilled at ``rate`` per second; a request
+    takes one. Buckets that have refilled completely are forgotten when there are too many clients, so
+    memory stays bounded under a flood of addresses."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000
+    ) -> None:
+        self.rate, self.burst, self.clock, self.max_clients = float(rate), float(burst), clock, max_clients
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+
+    def take(self, client: str) -> float:
+        """0 when ``client`` may go on (a token is taken), else the seconds until it may."""
+        now = self.clock()
+        tokens, then = self.buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            self.buckets[client] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if client not in self.buckets and len(self.buckets) >= self.max_clients:
+            self._forget_full(now)
+        self.buckets[client] = (tokens - 1.0, now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        full = [c for c, (t, when) in self.buckets.items() if t + (now - when) * self.rate >= self.burst]
+        for client in full or list(self.buckets)[: len(self.buckets) // 2]:
+            del self.buckets[client]
+
+
+def _is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith("/static/")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((v for k, v in scope.get("headers", []) if k.lower() == name), None)
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware: rate and concurrency limits, API key, body-size cap (header and counted
+    bytes), security headers.
+
+    It runs before any routing or body parsing, so a refused request (limited, unauthenticated or
+    oversized) is answered without reading its body.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, limits: Limits) -> None:
         self.app = app
         self.api_key = api_key.encode("utf-8") if api_key else None
-        self.max_body = int(max_body)
+        self.limits = limits
+        self.max_body = int(limits.max_body)
+        rate, burst = limits.rate, limits.burst
+        self.buckets = TokenBuckets(rate, burst or max(1, math.ceil(rate))) if rate else None
+        self.active = 0  # requests in progress (one event loop: no lock needed)
 
     async def _reply(
         self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
@@ -127,36 +213,53 @@ class GuardMiddleware:
     def _authorised(self, scope: Scope) -> bool:
         if self.api_key is None:
             return True
-        path = scope.get("path", "")
-        if path in OPEN_PATHS or path.startswith("/static/"):
-            return True
-        wanted = API_KEY_HEADER.lower().encode()
-        given = next((v for k, v in scope.get("headers", []) if k.lower() == wanted), None)
+        given = _header(scope, API_KEY_HEADER.lower().encode())
         return given is not None and hmac.compare_digest(given, self.api_key)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+        """Why a request to the API is refused before anything is read, or ``None`` to let it in."""
+        wait = self.buckets.take((scope.get("client") or ("?",))[0]) if self.buckets else 0.0
+        if wait > 0:
+            return 429, "too many requests from this client; retry later", _retry_after(wait)
+        if not self._authorised(scope):
+            why = f"missing or invalid API key (send it in the {API_KEY_HEADER} header)"
+            return 401, why, [(b"www-authenticate", API_KEY_HEADER.encode())]
+        limit = self.limits.max_concurrent
+        if limit is not None and self.active >= limit:
+            return 429, f"the service is busy ({limit} requests in progress); retry later", _retry_after(1)
+        return None
+
+    def _declared_size_refusal(self, scope: Scope) -> tuple[int, str] | None:
+        declared = _header(scope, b"content-length")
+        if declared is None:
+            return None
+        try:
+            size = int(declared)
+        except ValueError:
+            return 400, "invalid Content-Length header"
+        return (413, self._too_large_message()) if size > self.max_body else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorised(scope):
-            await self._reply(
-                send,
-                401,
-                f"missing or invalid API key (send it in the {API_KEY_HEADER} header)",
-                [(b"www-authenticate", API_KEY_HEADER.encode())],
-            )
+        api = not _is_open(scope.get("path", ""))
+        refusal = self._refusal(scope) if api else None
+        if refusal is not None:
+            await self._reply(send, *refusal)
             return
-        for key, value in scope.get("headers", []):
-            if key.lower() == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await self._reply(send, 400, "invalid Content-Length header")
-                    return
-                if declared > self.max_body:
-                    await self._reply(send, 413, self._too_large_message())
-                    return
+        size_refusal = self._declared_size_refusal(scope)
+        if size_refusal is not None:
+            await self._reply(send, *size_refusal)
+            return
+        self.active += api
+        try:
+            await self._pass_on(scope, receive, send)
+        finally:
+            self.active -= api
 
+    async def _pass_on(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app, counting the body bytes as they come and adding the security headers."""
         received = 0
         started = False
 
@@ -185,6 +288,10 @@ class GuardMiddleware:
     def _too_large_message(self) -> str:
         mib = self.max_body / 2**20
         return f"request body too large: the limit is {self.max_body:,} bytes ({mib:.3g} MiB)"
+
+
+def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
 
 
 def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -235,19 +342,29 @@ def create_app(
     api_key: str | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_concurrent: int | None = None,
+    rate: float | None = None,
+    burst: int | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``predictor`` (see the module docstring for the API)."""
-    if max_upload_bytes <= 0:
-        raise MSFlowError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
+    """The FastAPI application serving ``predictor`` (see the module docstring for the API).
+
+    ``max_concurrent``, ``rate`` and ``burst`` are the :class:`Limits` (``None``: none; ``msflow serve``
+    sets them); ``burst`` defaults to one second's worth of ``rate``.
+    """
+    limits = Limits(max_upload_bytes, max_concurrent, rate, burst)
     app = FastAPI(
         title="MSFlow anomaly detection", version=__version__, docs_url=None, redoc_url=None
     )  # the interactive docs load assets from a CDN
     app.state.predictor = predictor
-    assets = _static_assets()
-    # Decoding, the forward pass (serialised by the predictor's lock anyway) and the overlay of at most
-    # this many requests at once: it bounds the memory that big images can take, not the throughput.
-    heavy = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
+    _add_error_handlers(app)
+    _add_page_routes(app, _static_assets())
+    _add_model_route(app, predictor)
+    _add_predict_route(app, predictor, max_pixels)
+    app.add_middleware(GuardMiddleware, api_key=api_key, limits=limits)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
@@ -264,8 +381,11 @@ def create_app(
         log.exception("internal error while handling %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
-    # The small endpoints are coroutines: they never wait for a worker thread, so /health answers at
-    # once even when every worker thread is busy with predictions.
+
+def _add_page_routes(app: FastAPI, assets: dict[str, tuple[bytes, str]]) -> None:
+    """The web page, its static files and /health. They are coroutines: they never wait for a worker
+    thread, so /health answers at once even when every worker thread is busy with predictions."""
+
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         body, media = assets["index.html"]
@@ -282,111 +402,151 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/model")
-    async def model_info() -> JSONResponse:
-        meta = predictor.meta or {}
-        return JSONResponse(
-            _finite(
-                {
-                    "config": predictor.config.to_dict(),
-                    "metrics": meta.get("metrics"),
-                    "threshold": predictor.threshold.to_dict(),
-                    "dataset": meta.get("dataset"),
-                    "msflow_version": meta.get("msflow_version", __version__),
-                    "runtime": predictor.runtime,
-                }
-            )
-        )
 
-    upload_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary", "description": "the image"}
-                        },
-                    }
-                }
-            },
-        }
+def model_info(predictor: Predictor) -> dict[str, Any]:
+    """What ``GET /model`` shows: the run's settings and figures, without any filesystem path."""
+    meta = predictor.meta or {}
+    info = {
+        "config": predictor.config.to_dict(),
+        "metrics": meta.get("metrics"),
+        "threshold": predictor.threshold.to_dict(),
+        "dataset": meta.get("dataset"),
+        "msflow_version": meta.get("msflow_version", __version__),
+        "runtime": predictor.runtime,
     }
+    return _finite(without_paths(info))
 
-    @app.post("/predict", openapi_extra=upload_schema)
+
+def _add_model_route(app: FastAPI, predictor: Predictor) -> None:
+    info = model_info(predictor)
+
+    @app.get("/model")
+    async def model() -> JSONResponse:
+        return JSONResponse(info)
+
+
+UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "the image"}
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+async def _read_upload(request: Request) -> bytes:
+    """The bytes of the multipart field ``file``; a malformed body is a 4xx with its reason."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
+    try:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+    except (StarletteHTTPException, BodyTooLarge):  # starlette's 400s carry a useful message
+        raise
+    except ClientDisconnect:
+        raise HTTPException(400, "client disconnected while sending the body") from None
+    except Exception as exc:  # noqa: BLE001 - python-multipart raises assorted errors on garbage
+        raise HTTPException(400, f"malformed multipart body ({type(exc).__name__})") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "no complete form field 'file' (an image upload) in the request")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def _judge(
+    predictor: Predictor, data: bytes, max_pixels: int, want_overlay: bool
+) -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
+    """Decode, predict and (if wanted) draw one upload: (summary, overlay PNG, seconds per step)."""
+    t1 = time.perf_counter()
+    image = decode_upload(data, max_pixels)
+    t2 = time.perf_counter()
+    try:
+        pred = predictor.predict_images([image])[0]
+    except DataError as exc:
+        raise HTTPException(415, str(exc)) from None
+    t3 = time.perf_counter()
+    png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
+    t4 = time.perf_counter()
+    summary = pred.summary()
+    summary.update(zip(("width", "height"), image_size(image), strict=True))
+    return summary, png, {"decode": t2 - t1, "predict": t3 - t2, "overlay": t4 - t3}
+
+
+def _answer(summary: dict[str, Any], png: bytes | None, timing: dict[str, float], as_png: bool) -> Response:
+    total_ms = round(timing.pop("total") * 1000.0, 2)
+    if as_png:
+        headers = {
+            "X-MSFlow-Score": repr(summary["score"]),
+            "X-MSFlow-Decision": summary["decision"],
+            "X-MSFlow-Normalized-Score": repr(summary["normalized_score"]),
+            "X-MSFlow-Timing-Ms": str(total_ms),
+        }
+        return Response(png, media_type="image/png", headers=headers)
+    result = _finite({**summary, "timing_ms": total_ms})
+    result["timing_detail_ms"] = {k: round(v * 1000.0, 2) for k, v in timing.items()}
+    if png is not None:
+        result["overlay_png"] = base64.b64encode(png).decode("ascii")
+    return JSONResponse(result)
+
+
+def _add_predict_route(app: FastAPI, predictor: Predictor, max_pixels: int) -> None:
+    # Decoding, the forward pass (serialised by the predictor's lock anyway) and the overlay of at most
+    # this many requests at once: it bounds the memory that big images can take, not the throughput.
+    heavy = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
+
+    @app.post("/predict", openapi_extra=UPLOAD_SCHEMA)
     async def predict(
         request: Request,
         overlay: bool = Query(False, description="add overlay_png (base64)"),
         format: Literal["json", "png"] = Query("json", description="png: answer the overlay PNG itself"),
     ) -> Response:
         t0 = time.perf_counter()
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media != "multipart/form-data":
-            raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
-        try:
-            form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
-        except (StarletteHTTPException, BodyTooLarge):  # starlette's 400s carry a useful message
-            raise
-        except ClientDisconnect:
-            raise HTTPException(400, "client disconnected while sending the body") from None
-        except Exception as exc:  # noqa: BLE001 - python-multipart raises assorted errors on garbage
-            raise HTTPException(400, f"malformed multipart body ({type(exc).__name__})") from None
-        try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(422, "no complete form field 'file' (an image upload) in the request")
-            data = await upload.read()
-        finally:
-            await form.close()
+        data = await _read_upload(request)
         t_read = time.perf_counter()
-        want_overlay = overlay or format == "png"
 
         def work() -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
             with heavy:
-                return judge()
-
-        def judge() -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
-            t1 = time.perf_counter()
-            image = decode_upload(data, max_pixels)
-            t2 = time.perf_counter()
-            try:
-                pred = predictor.predict_images([image])[0]
-            except DataError as exc:
-                raise HTTPException(415, str(exc)) from None
-            t3 = time.perf_counter()
-            png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
-            t4 = time.perf_counter()
-            summary = pred.summary()
-            summary.update(zip(("width", "height"), image_size(image), strict=True))
-            return summary, png, {"decode": t2 - t1, "predict": t3 - t2, "overlay": t4 - t3}
+                return _judge(predictor, data, max_pixels, overlay or format == "png")
 
         summary, png, parts = await run_in_threadpool(work)
-        total_ms = round((time.perf_counter() - t0) * 1000.0, 2)
-        result = _finite({**summary, "timing_ms": total_ms})
-        result["timing_detail_ms"] = {
-            "read": round((t_read - t0) * 1000.0, 2),
-            **{k: round(v * 1000.0, 2) for k, v in parts.items()},
-        }
-        if format == "png":
-            headers = {
-                "X-MSFlow-Score": repr(summary["score"]),
-                "X-MSFlow-Decision": summary["decision"],
-                "X-MSFlow-Normalized-Score": repr(summary["normalized_score"]),
-                "X-MSFlow-Timing-Ms": str(total_ms),
-            }
-            return Response(png, media_type="image/png", headers=headers)
-        if png is not None:
-            result["overlay_png"] = base64.b64encode(png).decode("ascii")
-        return JSONResponse(result)
-
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body=max_upload_bytes)
-    return app
+        timing = {"read": t_read - t0, **parts, "total": time.perf_counter() - t0}
+        return _answer(summary, png, timing, format == "png")
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def read_api_key(api_key_file: str | None = None) -> str | None:
+    """The service's key: the first line of ``api_key_file`` if given, else ``$MSFLOW_API_KEY``, else
+    none. Never a command-line value, which every user of the machine can read in the process list."""
+    if api_key_file is None:
+        return os.environ.get(API_KEY_ENV) or None
+    path = Path(api_key_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise MSFlowError(
+            f"cannot read the API key file '{path}': {getattr(err, 'strerror', None) or err}"
+        ) from None
+    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not key:
+        raise MSFlowError(f"the API key file '{path}' is empty")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        log.warning("the API key file '%s' is readable by other users (chmod 600 it)", path)
+    return key
 
 
 def serve(
@@ -397,18 +557,28 @@ def serve(
     runtime: str = "auto",
     max_upload_mb: float = 20.0,
     device: str = "auto",
+    api_key_file: str | None = None,
+    max_concurrent: int | None = DEFAULT_MAX_CONCURRENT,
+    rate: float | None = DEFAULT_RATE,
+    burst: int | None = None,
 ) -> None:
-    """Load the run ``model`` and serve it with uvicorn until interrupted (``msflow serve``)."""
-    import uvicorn
+    """Load the run ``model`` and serve it with uvicorn until interrupted (``msflow serve``).
 
-    if api_key is None:
-        api_key = os.environ.get(API_KEY_ENV) or None
-    api_key = api_key or None  # an empty key means no key
+    The key is ``api_key`` (from Python), else :func:`read_api_key` (the file, else the environment).
+    """
+    uvicorn = require_extra("uvicorn", "serve", "msflow serve")
+    api_key = (api_key or None) if api_key is not None else read_api_key(api_key_file)  # "" means none
     if not (max_upload_mb > 0 and math.isfinite(max_upload_mb)):
         raise MSFlowError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
+    limits = {"max_concurrent": max_concurrent, "rate": rate, "burst": burst}
+    Limits(1, **limits)  # a bad limit is refused before the model loads
     predictor = Predictor.load(model, device, runtime, batch_size=1)  # a request is one image
-    app = create_app(predictor, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20))
-    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    app = create_app(predictor, api_key=api_key, max_upload_bytes=int(max_upload_mb * 2**20), **limits)
+    _announce(model, predictor, host, port, api_key is not None)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _announce(model: str, predictor: Predictor, host: str, port: int, keyed: bool) -> None:
     mc = predictor.config.model
     log.info(
         f"msflow serve: model '{model}' ({mc.backbone}, {'x'.join(map(str, mc.size))} px, "
@@ -417,11 +587,11 @@ def serve(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     api = "API: POST /predict, GET /model, GET /health"
     log.info(f"open http://{_url_host(shown)}:{port}/ in a browser ({api})")
-    if api_key:
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if keyed:
         log.info(f"an API key is required: header {API_KEY_HEADER} (the web page has a field for it)")
     elif not loopback:
         log.warning(
             f"listening on {host} without an API key; anyone who can reach it can use it "
-            f"(set --api-key or ${API_KEY_ENV})"
+            f"(set ${API_KEY_ENV} or --api-key-file)"
         )
-    uvicorn.run(app, host=host, port=port, log_level="info")
