@@ -225,12 +225,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             address=args.address,
             cpus_per_task=args.cpus_per_task or 1,
             gpus_per_task=args.gpus_per_task or 0.0,
+            images=args.images,
         )
     else:
         predictor = Predictor.load(args.model, device, args.runtime, batch_size)
         if args.threshold is not None:
             predictor.threshold = predictor.threshold.with_image_threshold(args.threshold)
-        summary = run_predict(predictor, args.input, args.output, batch_size, resume=args.resume)
+        summary = run_predict(
+            predictor, args.input, args.output, batch_size, images=args.images, resume=args.resume
+        )
     for failure in summary["failures"]:
         log.error(f"failed: {failure['error']}")
     skipped = f", {summary['skipped']} already done" if summary.get("skipped") else ""
@@ -244,6 +247,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from msflow.evaluate.threshold import Threshold
     from msflow.infer.export import export_onnx
     from msflow.model.checkpoint import load_model
 
@@ -253,8 +257,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     if out.suffix != f".{args.format}":
         raise MSFlowError(f"--output '{out}' must end in '.{args.format}' for --format {args.format}")
     # The checkpoint's digest lets `--runtime onnx` refuse an export of another (older) model.
-    exporters[args.format](model, out, metadata={"checkpoint_sha256": meta["sha256"]})
-    print(f"exported {out}")
+    # The run's decision goes with the file, so that it can be deployed without msflow.
+    threshold = Threshold.from_dict(meta["threshold"]) if meta.get("threshold") else None
+    exporters[args.format](model, out, metadata={"checkpoint_sha256": meta["sha256"]}, threshold=threshold)
+    decided = f" with its threshold {threshold.image:.6g} (normalized_score: 0.5)" if threshold else ""
+    print(f"exported {out}{decided}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -430,6 +437,16 @@ def _predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help="raw image-score threshold (overrides the calibrated one)")
     _runtime_flag(p, "--batch-size")
     p.add_argument("--resume", action="store_true", help="skip images already in --output/predictions.csv")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--images",
+        choices=["all", "overlay"],
+        default="all",
+        help="per image: overlay, 16-bit map and mask PNGs (all, the default) or the overlay only",
+    )
+    shown.add_argument(
+        "--no-images", dest="images", action="store_const", const="none", help="no PNGs: predictions.csv only"
+    )
     _inference_flags(p)
     _ray_flags(p, "chunks of files")
     _json_flag(p)

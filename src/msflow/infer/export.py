@@ -7,13 +7,19 @@ feature standardisation, parallel and fusion flows, and the anomaly maps.
     outputs scores     (B,)         image anomaly scores
             pixel_map  (B, S, S)    the "add" map
             image_map  (B, S, S)    the "mul" map
+            normalized_score (B,)   only in exports given the run's threshold: the score mapped so that
+                                    the threshold is at 0.5 (see :data:`NORMALIZED_RULE`)
 
 The batch axis is dynamic; the image size S is fixed at export time (TF "SAME" padding, pooling to the
 coarsest grid and the top-k count are all computed from it and baked into the graph).
 
-The file carries ``metadata_props``: the msflow version, the image size, the model config as JSON and a
-SHA-256 over the graph and the other metadata, so that :class:`OnnxModel` can reject a truncated or
-altered file with one :class:`~msflow.errors.CheckpointError` line instead of wrong scores.
+The file carries ``metadata_props``: the msflow version, the image size, how to prepare the input
+(``preprocess``), the maps' and the score's settings, the model config as JSON (filesystem paths cut to
+their last part) and a SHA-256 over the graph and the other metadata, so that :class:`OnnxModel` can
+reject a truncated or altered file with one :class:`~msflow.errors.CheckpointError` line instead of wrong
+scores. ``msflow export`` also writes the run's decision (``threshold_image``, ``threshold_pixel``,
+``score_min``, ``score_max``, the rules in words): with onnxruntime alone, reading
+``InferenceSession.get_modelmeta().custom_metadata_map``, a user decides exactly as msflow does.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from msflow._version import __version__
-from msflow.errors import CheckpointError, DataError
-from msflow.files import atomic_write_bytes
+from msflow.errors import CheckpointError, DataError, require_extra
+from msflow.evaluate.threshold import Threshold
+from msflow.files import atomic_write_bytes, without_paths
 from msflow.model.msflow import MSFlow
 
 INPUT_NAME = "images"
@@ -45,27 +52,50 @@ _HASH_KEY = "msflow_sha256"
 # metadata_props keys that export_onnx writes itself
 _RESERVED_KEYS = frozenset(
     "format format_version msflow_version image_size image_height image_width batch_dynamic inputs outputs "
-    f"normalization smoothing config {_HASH_KEY}".split()
+    "preprocess normalization smoothing score config threshold_image threshold_pixel score_min score_max "
+    f"threshold_method decision normalized_score {_HASH_KEY}".split()
+)
+NORMALIZED_SCORE = "normalized_score"  # the optional fourth output (exports that carry a threshold)
+PREPROCESS = (
+    "RGB float32 in [0, 1] (8-bit values / 255), each channel resized to image_height x image_width as a "
+    "float image with Pillow's Lanczos filter (mode 'F') and clipped to [0, 1]; NCHW; no mean/std "
+    "(the graph normalises)"
+)
+DECISION_RULE = (
+    "an image is defective when scores >= threshold_image; in a defective image, the defect is where "
+    "pixel_map >= threshold_pixel"
+)
+NORMALIZED_RULE = (
+    "normalized_score = clip(0.5 + (scores - threshold_image) / (score_max - score_min), 0, 1): monotone "
+    "in the score, 0.5 at the threshold (score_max - score_min <= 0 counts as 1)"
 )
 
 
 class _PredictGraph(nn.Module):
-    """``MSFlow.predict`` as a module whose forward returns a plain tuple (what the exporter wants)."""
+    """``MSFlow.predict`` as a module whose forward returns a plain tuple (what the exporter wants); with
+    a threshold, also the normalised score (see :data:`NORMALIZED_SCORE`)."""
 
-    def __init__(self, model: MSFlow) -> None:
+    def __init__(self, model: MSFlow, threshold: Threshold | None = None) -> None:
         super().__init__()
         self.model = model
+        self.threshold = threshold
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.model.predict(images)
-        return out.scores, out.pixel_map, out.image_map
+        if self.threshold is None:
+            return out.scores, out.pixel_map, out.image_map
+        t = self.threshold
+        spread = t.score_max - t.score_min
+        spread = spread if spread > 0 else 1.0  # as Threshold.normalize
+        normalized = torch.clamp(0.5 + (out.scores - t.image) / spread, 0.0, 1.0)
+        return out.scores, out.pixel_map, out.image_map, normalized
 
 
 def _config_json(model: MSFlow) -> str | None:
     config = getattr(model, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return None
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    return json.dumps(without_paths(dataclasses.asdict(config)), sort_keys=True)
 
 
 def _digest(model_proto: Any) -> str:
@@ -85,6 +115,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     batch_size_dynamic: bool = True,
     metadata: Mapping[str, str] | None = None,
+    threshold: Threshold | None = None,
 ) -> Path:
     """Export ``model.predict`` to one ONNX file at ``path``; returns the path.
 
@@ -96,24 +127,40 @@ def export_onnx(
         batch_size_dynamic: a dynamic batch axis; ``False`` fixes the batch size to 1.
         metadata: extra string entries for ``metadata_props`` (e.g. the digest of the checkpoint the
             export came from), covered by the file's checksum and readable as ``OnnxModel.metadata``.
+        threshold: the run's decision; the file then carries it in its metadata and has a fourth
+            output, ``normalized_score``, so that it can be deployed without msflow.
     """
-    import onnx
-
+    onnx = require_extra("onnx", "onnx", "ONNX export")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     clash = sorted(set(extra) & _RESERVED_KEYS)
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved by msflow")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = OUTPUT_NAMES + ((NORMALIZED_SCORE,) if threshold is not None else ())
+    graph = _trace(_PredictGraph(model, threshold), outputs, opset, batch_size_dynamic)
+    proto = onnx.load_from_string(graph)
+    props = {**_model_props(model, batch_size_dynamic, outputs), **_decision_props(threshold)}
+    assert _RESERVED_KEYS >= set(props), "keep _RESERVED_KEYS in step with the entries written here"
+    del proto.metadata_props[:]
+    for key, value in {**props, **extra}.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.metadata_props.add(key=_HASH_KEY, value=_digest(proto))  # last: a cut file loses it first
+    proto.producer_name, proto.producer_version = "msflow", __version__
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def _trace(graph: _PredictGraph, outputs: Sequence[str], opset: int, batch_dynamic: bool) -> bytes:
+    """The ONNX bytes of ``graph`` traced on a random batch, in eval mode (the model's mode is kept)."""
+    model = graph.model
     height, width = model.anomaly.image_size
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
     # Trace with a batch of 2, not 1, so that no size-1 batch gets specialised into the graph.
-    example = torch.rand(2 if batch_size_dynamic else 1, 3, height, width, device=device)
-    dynamic_axes = None
-    if batch_size_dynamic:
-        dynamic_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
-
+    example = torch.rand(2 if batch_dynamic else 1, 3, height, width, device=device)
+    dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)} if batch_dynamic else None
     was_training = model.training
     model.eval()
     buffer = io.BytesIO()
@@ -129,11 +176,11 @@ def export_onnx(
             # Harmless: a strided Slice is left for onnxruntime to run instead of being folded.
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(
-                _PredictGraph(model),
+                graph,
                 (example,),
                 buffer,
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(outputs),
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
@@ -141,8 +188,12 @@ def export_onnx(
             )
     finally:
         model.train(was_training)
+    return buffer.getvalue()
 
-    proto = onnx.load_from_string(buffer.getvalue())
+
+def _model_props(model: MSFlow, batch_dynamic: bool, outputs: Sequence[str]) -> dict[str, str]:
+    """The metadata that describes the graph: sizes, inputs and outputs, the maps' settings, the config."""
+    height, width = model.anomaly.image_size
     props = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -150,24 +201,33 @@ def export_onnx(
         "image_size": str(height) if height == width else f"{height}x{width}",  # as --image-size reads
         "image_height": str(height),
         "image_width": str(width),
-        "batch_dynamic": str(bool(batch_size_dynamic)).lower(),
+        "batch_dynamic": str(bool(batch_dynamic)).lower(),
         "inputs": INPUT_NAME,
-        "outputs": ",".join(OUTPUT_NAMES),
+        "outputs": ",".join(outputs),
+        "preprocess": PREPROCESS,
         "normalization": str(model.anomaly.normalization),
         "smoothing": f"{model.anomaly.smoothing:g}",
+        "score": str(model.anomaly.score),
     }
     config = _config_json(model)
     if config is not None:
         props["config"] = config
-    assert _RESERVED_KEYS >= set(props), "keep _RESERVED_KEYS in step with the entries written here"
-    del proto.metadata_props[:]
-    for key, value in {**props, **extra}.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.metadata_props.add(key=_HASH_KEY, value=_digest(proto))  # last: a cut file loses it first
-    proto.producer_name, proto.producer_version = "msflow", __version__
-    onnx.checker.check_model(proto)
-    atomic_write_bytes(path, proto.SerializeToString())
-    return path
+    return props
+
+
+def _decision_props(threshold: Threshold | None) -> dict[str, str]:
+    """The metadata that lets a user decide without msflow (none without a threshold)."""
+    if threshold is None:
+        return {}
+    return {
+        "threshold_image": repr(float(threshold.image)),
+        "threshold_pixel": repr(float(threshold.pixel)),
+        "score_min": repr(float(threshold.score_min)),
+        "score_max": repr(float(threshold.score_max)),
+        "threshold_method": str(threshold.method),
+        "decision": DECISION_RULE,
+        "normalized_score": NORMALIZED_RULE,
+    }
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -197,8 +257,8 @@ class OnnxModel:
     def __init__(
         self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None
     ) -> None:
-        import onnx
-        import onnxruntime as ort
+        onnx = require_extra("onnx", "onnx", "the ONNX runtime")
+        ort = require_extra("onnxruntime", "onnx", "the ONNX runtime")
 
         self.path = Path(path)
         if not self.path.exists():
@@ -259,7 +319,7 @@ class OnnxModel:
                 f"onnxruntime cannot load exported model '{self.path}': {_one_line(err)}"
             ) from err
         names = [o.name for o in self.session.get_outputs()]
-        if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names != list(OUTPUT_NAMES):
+        if [i.name for i in self.session.get_inputs()] != [INPUT_NAME] or names[:3] != list(OUTPUT_NAMES):
             raise CheckpointError(f"exported model '{self.path}' does not have msflow's inputs and outputs")
         self.providers = self.session.get_providers()
         batch = self.session.get_inputs()[0].shape[0]

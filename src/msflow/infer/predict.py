@@ -1,8 +1,10 @@
 """``msflow predict``: judge image files and folders with a trained run, write maps, masks and a summary.
 
-Per image (all at the image's original resolution): ``<name>_overlay.png`` (jet heatmap of the "mul"
-map with the predicted contour), ``<name>_map.png`` (the "add" map as 16-bit grey, scaled to [0, 1]
-by its maximum possible value 3) and ``<name>_mask.png`` (0/255). For the whole call: ``predictions.csv``
+Per image (all at the image's original resolution), as ``images`` says (``msflow predict --images``):
+``"all"`` (the default) writes ``<name>_overlay.png`` (jet heatmap of the "mul" map with the predicted
+contour), ``<name>_map.png`` (the "add" map as 16-bit grey, scaled to [0, 1] by its maximum possible
+value 3) and ``<name>_mask.png`` (0/255); ``"overlay"`` only the first; ``"none"`` (``--no-images``)
+none, the CSV only. For the whole call: ``predictions.csv``
 (written row by row as batches finish, flushed, so a crash keeps every finished row; ``--resume``
 continues it and skips the images already there) and ``summary.json`` (counts and failures, not the
 rows). A file that cannot be read is listed as failed; the others carry on.
@@ -17,6 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -26,7 +29,7 @@ from msflow.data.images import IMAGE_EXTENSIONS, list_images, read_image, to_uin
 from msflow.errors import DataError, MSFlowError
 from msflow.evaluate import report
 from msflow.files import atomic_write_bytes
-from msflow.infer.predictor import Predictor
+from msflow.infer.predictor import Prediction, Predictor
 from msflow.logs import Progress
 
 
@@ -70,6 +73,9 @@ def _plan(inputs: list[str], output: Path) -> tuple[list[Path], list[str]]:
     return files, [_out_name(f, used) for f in files]
 
 
+ImageOutputs = Literal["all", "overlay", "none"]  # what predict writes per image besides its CSV row
+IMAGE_OUTPUTS: tuple[str, ...] = get_args(ImageOutputs)
+
 CSV_FIELDS = report.PREDICTION_FIELDS  # the one schema, shared with the evaluations
 
 
@@ -79,7 +85,7 @@ def run_predict(
     output: str | Path,
     batch_size: int = 8,
     progress: bool = True,
-    save_images: bool = True,
+    images: ImageOutputs = "all",
     resume: bool = False,
 ) -> dict:
     """Predict every input; returns the summary (also written to ``output/summary.json``).
@@ -117,7 +123,7 @@ def run_predict(
             [n for _, n in todo],
             output,
             batch_size,
-            save_images,
+            images,
             bar.update,
             write,
         )
@@ -135,7 +141,7 @@ def predict_files(
     names: list[str],
     output: Path,
     batch_size: int = 8,
-    save_images: bool = True,
+    images: ImageOutputs = "all",
     done: Callable[[int], object] | None = None,
     on_row: Callable[[dict], object] | None = None,
 ) -> tuple[list[dict], list[dict]]:
@@ -143,30 +149,21 @@ def predict_files(
 
     With ``on_row`` every row goes to it as soon as it exists and none is kept (rows returned empty).
     """
+    if images not in IMAGE_OUTPUTS:
+        raise MSFlowError(f"images must be one of {', '.join(IMAGE_OUTPUTS)}, got {images!r}")
     rows, failures = [], []
     for i in range(0, len(files), batch_size):
         chunk = list(zip(files[i : i + batch_size], names[i : i + batch_size], strict=True))
-        images = []
+        loaded = []
         for f, name in chunk:  # read first, so one bad file does not sink its batch
             try:
-                images.append((f, name, read_image(f)))
+                loaded.append((f, name, read_image(f)))
             except DataError as err:
                 failures.append({"image": str(f), "error": str(err)})
-        if images:
-            results = predictor.predict_images([arr for _, _, arr in images])
-            for (f, name, arr), res in zip(images, results, strict=True):
-                row = {"image": str(f), **res.summary()}
-                if save_images:
-                    report.save_overlay(
-                        output / f"{name}_overlay.png",
-                        to_uint8(arr),
-                        res.image_map,
-                        pred_mask=res.mask if res.is_defective else None,
-                    )
-                    grey = (np.clip(res.anomaly_map / 3.0, 0, 1) * 65535).astype(np.uint16)
-                    Image.fromarray(grey).save(output / f"{name}_map.png")
-                    Image.fromarray((res.mask * 255).astype(np.uint8)).save(output / f"{name}_mask.png")
-                    row["overlay"] = f"{name}_overlay.png"
+        if loaded:
+            results = predictor.predict_images([arr for _, _, arr in loaded])
+            for (f, name, arr), res in zip(loaded, results, strict=True):
+                row = {"image": str(f), **res.summary(), **_write_images(output, name, arr, res, images)}
                 if on_row is not None:
                     on_row(row)
                 else:
@@ -174,6 +171,19 @@ def predict_files(
         if done is not None:
             done(len(chunk))
     return rows, failures
+
+
+def _write_images(output: Path, name: str, image: np.ndarray, res: Prediction, images: ImageOutputs) -> dict:
+    """One image's files, as ``images`` says; the CSV's ``overlay`` entry (empty without one)."""
+    if images == "none":
+        return {}
+    mask = res.mask if res.is_defective else None
+    report.save_overlay(output / f"{name}_overlay.png", to_uint8(image), res.image_map, pred_mask=mask)
+    if images == "all":
+        grey = (np.clip(res.anomaly_map / 3.0, 0, 1) * 65535).astype(np.uint16)
+        Image.fromarray(grey).save(output / f"{name}_map.png")
+        Image.fromarray((res.mask * 255).astype(np.uint8)).save(output / f"{name}_mask.png")
+    return {"overlay": f"{name}_overlay.png"}
 
 
 def _write_summary(
@@ -210,7 +220,7 @@ def run_predict_on_ray(
     output: str | Path,
     batch_size: int = 8,
     progress: bool = True,
-    save_images: bool = True,
+    images: ImageOutputs = "all",
     device: str = "auto",
     runtime: str = "torch",
     threshold: float | None = None,
@@ -235,7 +245,7 @@ def run_predict_on_ray(
     cuts = range(0, len(files), max(1, chunk_size))
     jobs = [
         (str(model), device, runtime, threshold, files[i : i + chunk_size], names[i : i + chunk_size], output,
-         batch_size, save_images)
+         batch_size, images)
         for i in cuts
     ]  # fmt: skip
     parts: list[tuple[list[dict], list[dict]]] = [([], []) for _ in jobs]
@@ -270,10 +280,10 @@ def _predict_task(
     names: list[str],
     output: Path,
     batch_size: int,
-    save_images: bool,
+    images: ImageOutputs,
 ) -> tuple[list[dict], list[dict]]:
     """One Ray task: load the model, judge a chunk of files."""
     predictor = Predictor.load(model, device=device, runtime=runtime)
     if threshold is not None:
         predictor.threshold = predictor.threshold.with_image_threshold(threshold)
-    return predict_files(predictor, files, names, output, batch_size, save_images)
+    return predict_files(predictor, files, names, output, batch_size, images)
