@@ -242,6 +242,41 @@ def _default_providers() -> list[str]:
     return [*providers, "CPUExecutionProvider"]
 
 
+def _read_checked(path: Path) -> tuple[bytes, dict[str, str]]:
+    """The bytes and metadata of an msflow export, refused with one line when it is not one or not whole."""
+    onnx = require_extra("onnx", "onnx", "the ONNX runtime")
+    if not path.exists():
+        raise CheckpointError(f"exported model '{path}' does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"exported model '{path}' is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read exported model '{path}': {err}") from err
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as err:  # protobuf's DecodeError, or onnx's own errors
+        raise CheckpointError(
+            f"exported model '{path}' is not a readable ONNX file (truncated or corrupt): {_one_line(err)}"
+        ) from err
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"'{path}' is not an msflow ONNX export (truncated, or written by something else)"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"exported model '{path}' has format version {metadata.get('format_version')!r}; "
+            f"this msflow reads {FORMAT_VERSION}"
+        )
+    expected = metadata.get(_HASH_KEY)
+    if expected is None:
+        raise CheckpointError(f"exported model '{path}' has no checksum (truncated?)")
+    if _digest(proto) != expected:
+        raise CheckpointError(f"exported model '{path}' fails its checksum (altered or corrupt)")
+    return data, metadata
+
+
 class OnnxModel:
     """Runs a model written by :func:`export_onnx` with onnxruntime.
 
@@ -257,40 +292,9 @@ class OnnxModel:
     def __init__(
         self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None
     ) -> None:
-        onnx = require_extra("onnx", "onnx", "the ONNX runtime")
         ort = require_extra("onnxruntime", "onnx", "the ONNX runtime")
-
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"exported model '{self.path}' does not exist")
-        if not self.path.is_file():
-            raise CheckpointError(f"exported model '{self.path}' is not a file")
-        try:
-            data = self.path.read_bytes()
-        except OSError as err:
-            raise CheckpointError(f"cannot read exported model '{self.path}': {err}") from err
-        try:
-            proto = onnx.load_from_string(data)
-        except Exception as err:  # protobuf's DecodeError, or onnx's own errors
-            raise CheckpointError(
-                f"exported model '{self.path}' is not a readable ONNX file (truncated or corrupt): "
-                f"{_one_line(err)}"
-            ) from err
-        self.metadata = {p.key: p.value for p in proto.metadata_props}
-        if self.metadata.get("format") != FORMAT:
-            raise CheckpointError(
-                f"'{self.path}' is not an msflow ONNX export (truncated, or written by something else)"
-            )
-        if self.metadata.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"exported model '{self.path}' has format version {self.metadata.get('format_version')!r}; "
-                f"this msflow reads {FORMAT_VERSION}"
-            )
-        expected = self.metadata.get(_HASH_KEY)
-        if expected is None:
-            raise CheckpointError(f"exported model '{self.path}' has no checksum (truncated?)")
-        if _digest(proto) != expected:
-            raise CheckpointError(f"exported model '{self.path}' fails its checksum (altered or corrupt)")
+        data, self.metadata = _read_checked(self.path)
         try:
             self.image_shape = (int(self.metadata["image_height"]), int(self.metadata["image_width"]))
             # A side when square (as before), else (height, width): what to_tensor and the config take.
@@ -302,7 +306,6 @@ class OnnxModel:
                 f"exported model '{self.path}' has no valid image size in its metadata"
             ) from err
         self.msflow_version = self.metadata.get("msflow_version")
-        del proto
 
         options = ort.SessionOptions()
         if threads is not None:
