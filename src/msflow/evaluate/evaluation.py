@@ -138,16 +138,58 @@ def evaluate_stream(
     metrics["eval_resolution"] = resolution
     scores = np.frombuffer(acc.scores, dtype=np.float64)
     labels = np.frombuffer(acc.labels, dtype=np.int8)
-    if threshold is not None and (labels == 0).any():
-        flagged = sum(threshold.is_defective(float(s)) for s in scores[labels == 0])
-        metrics["false_positive_rate"] = round(100.0 * flagged / int((labels == 0).sum()), 4)
+    if threshold is not None:
+        metrics.update(decision_rates(scores, labels, threshold))
     if per_rank is not None:
         metrics["test_images_per_rank"] = per_rank
     if out_dir is not None:
         report.plot_score_histogram(
             out_dir / "score_histogram.png", scores, labels, threshold.image if threshold else None
         )
+        if threshold is not None:
+            _write_report_data(out_dir, acc, samples, threshold, redraw)
     return metrics
+
+
+def decision_rates(scores: np.ndarray, labels: np.ndarray, threshold: Threshold) -> dict[str, float]:
+    """At the threshold, in percent: good test images judged defective (``false_positive_rate``) and
+    defective ones judged good (``miss_rate``); a class the test set lacks gives no rate."""
+    judged = np.array([threshold.is_defective(float(s)) for s in scores], bool)
+    rates = {}
+    if (labels == 0).any():
+        rates["false_positive_rate"] = round(100.0 * float(judged[labels == 0].mean()), 4)
+    if (labels == 1).any():
+        rates["miss_rate"] = round(100.0 * float((~judged[labels == 1]).mean()), 4)
+    return rates
+
+
+def _write_report_data(
+    out_dir: Path,
+    acc: StreamingMetrics,
+    samples: list[Sample],
+    threshold: Threshold,
+    redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None,
+) -> None:
+    """``report_data.json`` for report.html: the ROC/PR curves (image level from the scores, pixel
+    level from the histograms already accumulated) and the gallery, whose few images ``redraw``
+    predicts again (no gallery without it)."""
+    scores = np.frombuffer(acc.scores, dtype=np.float64)
+    labels = np.frombuffer(acc.labels, dtype=np.int8).astype(np.int64)
+    curves = {"image": report.image_curves(labels, scores)}
+    if acc.map_images:
+        curves["pixel"] = report.histogram_curves(acc.pix_pos, acc.pix_neg)
+    picks = report.gallery_picks(scores, labels, threshold.image) if redraw is not None else []
+    gallery = []
+    chosen = [samples[i] for i, _ in picks]
+    for (i, kind), res in zip(picks, redraw(chosen) if picks and redraw else (), strict=True):
+        name = f"gallery/{kind}_{i:04d}.png"
+        gt = _mask_at(samples[i], res.anomaly_map.shape)
+        _draw_overlay(out_dir, i, samples[i], res, gt, threshold, out_dir / name)
+        decision = "defective" if threshold.is_defective(float(scores[i])) else "good"
+        entry = {"kind": kind, "file": name, "name": samples[i].image.name, "label": int(labels[i])}
+        gallery.append({**entry, "score": float(scores[i]), "decision": decision})
+    data = {"threshold": threshold.image, "curves": curves, "gallery": gallery}
+    atomic_write_bytes(out_dir / "report_data.json", json.dumps(data).encode())
 
 
 def _row(sample: Sample, score: float, threshold: Threshold) -> dict[str, Any]:
@@ -164,7 +206,13 @@ def _row(sample: Sample, score: float, threshold: Threshold) -> dict[str, Any]:
 
 
 def _draw_overlay(
-    out_dir: Path, i: int, sample: Sample, res: ImageResult, gt: np.ndarray | None, threshold: Threshold
+    out_dir: Path,
+    i: int,
+    sample: Sample,
+    res: ImageResult,
+    gt: np.ndarray | None,
+    threshold: Threshold,
+    path: Path | None = None,
 ) -> None:
     image = to_uint8(read_image(sample.image))
     h, w = res.anomaly_map.shape
@@ -172,7 +220,7 @@ def _draw_overlay(
         image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
     defective = threshold.is_defective(res.score)
     report.save_overlay(
-        out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png",
+        path or out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png",
         image,
         res.image_map,
         gt_mask=gt if sample.mask is not None else None,

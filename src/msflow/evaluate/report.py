@@ -6,7 +6,9 @@ importing ``pyplot`` or switching the process-wide backend (no global figure reg
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import json
 import math
@@ -35,6 +37,7 @@ _METRIC_LABELS = (
     ("image_f1_max", "image F1-max"),
     ("pixel_f1_max", "pixel F1-max"),
     ("false_positive_rate", "test FPR %"),  # good test images judged defective
+    ("miss_rate", "test miss rate %"),  # defective test images judged good
     ("holdout_false_positive_rate", "held-out FPR %"),  # the calibration images
 )
 
@@ -393,3 +396,226 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
         width = max(12, *(len(str(name)) for name in per_type))
         lines += [f"  {str(name):<{width}} {num(value):>6}" for name, value in per_type.items()]
     return "\n".join(lines) if lines else "(no metrics)"
+
+
+# --- the run's report page: report.html, self-contained (every figure inline, no network) -------------------
+CURVE_POINTS = 512
+GALLERY = (  # (kind, title, how many)
+    ("miss", "Worst misses: defective images judged good, lowest scores first", 4),
+    ("false_alarm", "Worst false alarms: good images judged defective, highest scores first", 4),
+    ("typical_defective", "Typical defective images (correctly found, scores near their median)", 2),
+    ("typical_good", "Typical good images (correctly passed, scores near their median)", 2),
+)
+_ERROR_BOUNDS = {"pixel_auroc": "pixel_auroc_error_bound", "aupro": "aupro_error_bound"}
+_ERROR_BOUNDS["pixel_f1_max"] = "pixel_f1_error_bound"
+
+
+def image_curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, list[float]]]:
+    """Image-level ROC and PR curves (sklearn) from per-image labels and scores; empty with one class."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64)
+    if labels.min(initial=0) == labels.max(initial=0):
+        return {}
+    fpr, tpr, _ = roc_curve(labels, scores)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return {
+        "roc": {"x": fpr.tolist(), "y": tpr.tolist()},
+        "pr": {"x": recall.tolist(), "y": precision.tolist()},
+    }
+
+
+def histogram_curves(pos: np.ndarray, neg: np.ndarray, points: int = CURVE_POINTS) -> dict[str, Any]:
+    """Pixel-level ROC and PR curves from the evaluation's per-bin counts of defect (``pos``) and
+    defect-free (``neg``) pixels, at ``points`` thresholds spread by pixel mass (no second pass)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    p, n = pos.sum(), neg.sum()
+    if not (p and n):
+        return {}
+    tp = np.concatenate((np.cumsum(pos[::-1])[::-1], [0.0]))  # pixels at or above each bin edge
+    fp = np.concatenate((np.cumsum(neg[::-1])[::-1], [0.0]))
+    mass = np.cumsum(pos + neg)
+    edges = np.unique(np.searchsorted(mass, np.linspace(0, mass[-1], points), side="left"))
+    edges = np.unique(np.concatenate(([0], edges, [pos.size])))
+    tpr, fpr = tp[edges] / p, fp[edges] / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp[edges] + fp[edges] > 0, tp[edges] / (tp[edges] + fp[edges]), 1.0)
+    return {"roc": {"x": fpr.tolist(), "y": tpr.tolist()}, "pr": {"x": tpr.tolist(), "y": precision.tolist()}}
+
+
+def gallery_picks(scores: np.ndarray, labels: np.ndarray, threshold: float) -> list[tuple[int, str]]:
+    """(image index, kind) for the report's gallery, kinds as in :data:`GALLERY`."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(int)
+    judged = scores >= threshold
+    picks: list[tuple[int, str]] = []
+    groups = {
+        "miss": (np.flatnonzero((labels == 1) & ~judged), lambda i: scores[i]),
+        "false_alarm": (np.flatnonzero((labels == 0) & judged), lambda i: -scores[i]),
+    }
+    for kind, positive in (("typical_defective", 1), ("typical_good", 0)):
+        found = np.flatnonzero((labels == positive) & (judged == bool(positive)))
+        median = float(np.median(scores[found])) if found.size else 0.0
+        groups[kind] = (found, lambda i, m=median: abs(scores[i] - m))
+    for kind, _, count in GALLERY:
+        found, key = groups[kind]
+        picks += [(int(i), kind) for i in sorted(found, key=key)[:count]]
+    return picks
+
+
+def _png_data_uri(fig: Figure) -> str:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _curve_figure(curves: Mapping[str, Any], which: str, metrics: Mapping[str, Any]) -> str | None:
+    """ROC or PR ("roc"/"pr") of the image and pixel levels in one plot, as a data URI."""
+    levels = [(name, curves.get(name, {}).get(which)) for name in ("image", "pixel")]
+    levels = [(name, c) for name, c in levels if c]
+    if not levels:
+        return None
+    fig = Figure(figsize=(5, 4.2))
+    ax = fig.add_subplot()
+    for name, c in levels:
+        key = f"{name}_auroc" if which == "roc" else None
+        label = f"{name} (AUROC {metrics[key]:.2f})" if key and _is_number(metrics.get(key)) else name
+        ax.plot(c["x"], c["y"], label=label, drawstyle="steps-post" if which == "roc" else "default")
+    if which == "roc":
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false-positive rate" if which == "roc" else "recall")
+    ax.set_ylabel("true-positive rate" if which == "roc" else "precision")
+    ax.set_title("ROC curve" if which == "roc" else "Precision-recall curve")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right" if which == "roc" else "lower left")
+    return _png_data_uri(fig)
+
+
+def _histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None, rates: str) -> str:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 5))) if scores.size else 10
+    for value, name, colour in ((0, "good", "tab:blue"), (1, "defective", "tab:red")):
+        subset = scores[labels == value]
+        if subset.size:
+            ax.hist(subset, bins=bins, alpha=0.5, color=colour, label=f"{name} (n={subset.size})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("image anomaly score")
+    ax.set_ylabel("number of images")
+    ax.set_title(f"Test image scores: {rates}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    return _png_data_uri(fig)
+
+
+def _loss_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
+    points = [(float(h["epoch"]), float(h["loss"])) for h in history if _is_number(h.get("loss"))]
+    points = [p for p in points if math.isfinite(p[1])]
+    if not points:
+        return None
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(*zip(*sorted(points), strict=True), marker="o", markersize=3)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.grid(True, alpha=0.3)
+    return _png_data_uri(fig)
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+    ".figs img{max-width:49%}.gallery{display:flex;flex-wrap:wrap;gap:12px}"
+    "figure{margin:0;width:250px}figure img{width:250px}figcaption{font-size:13px}"
+    ".defective{color:#b00;font-weight:bold}.good{color:#070;font-weight:bold}"
+)
+
+
+def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for key, label in _METRIC_LABELS:
+        if key in metrics:
+            bound = metrics.get(_ERROR_BOUNDS.get(key, ""))
+            shown = _cell(metrics[key]) + (f" ± {float(bound):.2g}" if _is_number(bound) else "")
+        elif key in (metrics.get("not_available") or {}):
+            shown = f"n/a ({metrics['not_available'][key]})"
+        else:
+            continue
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(shown)}</td></tr>")
+    for name, value in (metrics.get("per_defect_type") or {}).items():
+        rows.append(f"<tr><td>image AUROC: {html.escape(str(name))}</td><td>{_cell(value)}</td></tr>")
+    return rows
+
+
+def _gallery_html(out_dir: Path, entries: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for kind, title, _ in GALLERY:
+        mine = [e for e in entries if e["kind"] == kind]
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        if not mine:
+            parts.append("<p>none</p>")
+            continue
+        figures = []
+        for e in mine:
+            data = base64.b64encode((out_dir / e["file"]).read_bytes()).decode("ascii")
+            truth = "defective" if e["label"] else "good"
+            figures.append(
+                f'<figure><img alt="{html.escape(e["name"])}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(e['name'])}<br>score {e['score']:.4g}: judged "
+                f'<span class="{e["decision"]}">{e["decision"]}</span>, truly {truth}</figcaption></figure>'
+            )
+        parts.append('<div class="gallery">' + "".join(figures) + "</div>")
+    return "\n".join(parts)
+
+
+def write_html_report(out_dir: str | Path, history: Sequence[Mapping[str, Any]] | None = None) -> Path:
+    """``out_dir/report.html``, one self-contained page (figures inline, no network) from what the
+    evaluation wrote there: ``metrics.json``, ``predictions.csv`` and ``report_data.json`` (curves,
+    threshold, gallery); ``history`` (the training log) adds the loss curve."""
+    out_dir = Path(out_dir)
+    metrics = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+    data = json.loads((out_dir / "report_data.json").read_text(encoding="utf-8"))
+    rows = list(read_rows(out_dir / "predictions.csv"))
+    scores = np.array([float(r["score"]) for r in rows], np.float64)
+    labels = np.array([int(r["label"] or 0) for r in rows], np.int64)
+    threshold = data.get("threshold")
+    rates = ", ".join(
+        f"{label} {_cell(metrics[key])} %"
+        for key, label in (("false_positive_rate", "false alarms"), ("miss_rate", "misses"))
+        if key in metrics
+    )
+    figures = [_curve_figure(data["curves"], "roc", metrics), _curve_figure(data["curves"], "pr", metrics)]
+    loss = _loss_figure(history or [])
+    histogram = _histogram_figure(scores, labels, threshold, rates)
+    body = [
+        f"<h1>msflow report: {html.escape(str(metrics.get('dataset', out_dir.name)))}</h1>",
+        f"<p>{len(rows)} test images; image threshold {threshold:.6g} "
+        f"({html.escape(rates or 'no rates: one class only')}).</p>"
+        if threshold is not None
+        else "",
+        '<h2>Metrics</h2><table id="metrics"><tr><th>metric</th><th>value (%)</th></tr>'
+        + "".join(_metric_rows(metrics))
+        + "</table>",
+        "<p>± : the bound on the error of the streamed pixel metrics against the exact computation.</p>",
+        '<h2>ROC and precision-recall curves</h2><div class="figs">'
+        + "".join(f'<img alt="curve" src="{f}">' for f in figures if f)
+        + "</div>",
+        f'<h2>Score histogram</h2><img alt="histogram" src="{histogram}">',
+        f'<h2>Training loss</h2><img alt="loss" src="{loss}">' if loss else "",
+        "<h2>Gallery</h2><p>Heat map of the image map; green: the true defect, red: the predicted one.</p>",
+        _gallery_html(out_dir, data.get("gallery", [])),
+    ]
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>msflow report</title>'
+        f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

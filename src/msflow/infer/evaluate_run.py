@@ -7,11 +7,13 @@ killed loses nothing: ``msflow test --model RUN`` (or ``msflow train --resume``)
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from msflow.data.datasets import Sample
+from msflow.evaluate import report
 from msflow.evaluate.evaluation import ShardMerge, evaluate_stream, write_metrics
 from msflow.infer.predictor import Predictor, Resolution
 from msflow.model.checkpoint import update_meta
@@ -72,6 +74,21 @@ def evaluate_run(
     if run_dir is not None:
         metrics.update(predictor.meta.get("training") or {})
     write_metrics(out_dir / "metrics.json", metrics)
+    if predictor.threshold is not None:  # report.html needs the decision (report_data.json)
+        report.write_html_report(out_dir, _training_log(Path(run_dir)) if run_dir is not None else None)
     if run_dir is not None and Path(run_dir).resolve() == out_dir.resolve():
         update_meta(Path(run_dir) / "model", metrics=metrics)
     return metrics
+
+
+def _training_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's per-epoch log (``train_log.jsonl``) for the report's loss curve; lines that do not
+    parse (a crash cut one short) are skipped."""
+    path = run_dir / "train_log.jsonl"
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [e for e in entries if isinstance(e, dict) and "epoch" in e]
