@@ -143,11 +143,7 @@ def evaluate_stream(
     if per_rank is not None:
         metrics["test_images_per_rank"] = per_rank
     if out_dir is not None:
-        report.plot_score_histogram(
-            out_dir / "score_histogram.png", scores, labels, threshold.image if threshold else None
-        )
-        if threshold is not None:
-            _write_report_data(out_dir, acc, samples, threshold, redraw)
+        _write_figures(out_dir, acc, samples, threshold, redraw)
     return metrics
 
 
@@ -161,6 +157,23 @@ def decision_rates(scores: np.ndarray, labels: np.ndarray, threshold: Threshold)
     if (labels == 1).any():
         rates["miss_rate"] = round(100.0 * float((~judged[labels == 1]).mean()), 4)
     return rates
+
+
+def _write_figures(
+    out_dir: Path,
+    acc: StreamingMetrics,
+    samples: list[Sample],
+    threshold: Threshold | None,
+    redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None,
+) -> None:
+    """``score_histogram.png`` and, with a threshold, what report.html shows (``report_data.json``)."""
+    scores = np.frombuffer(acc.scores, dtype=np.float64)
+    labels = np.frombuffer(acc.labels, dtype=np.int8)
+    report.plot_score_histogram(
+        out_dir / "score_histogram.png", scores, labels, threshold.image if threshold else None
+    )
+    if threshold is not None:
+        _write_report_data(out_dir, acc, samples, threshold, redraw)
 
 
 def _write_report_data(
