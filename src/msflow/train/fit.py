@@ -333,6 +333,8 @@ def _fit(
     if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer kept its incumbents above
         source = "holdout" if holdout else "train (no hold-out: biased)"
         images = [read_image(s.image) for s in calib_samples]
+        which = "held-out" if holdout else "training"
+        log(f"synthetic check: synthetic defects drawn into {len(images)} {which} good images")
         settings, synthetic_auroc = choose_settings(
             predictor, images, run_dir, cfg.train.batch_size, cfg.train.seed, source=source, log=log
         )
