@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -56,13 +57,20 @@ def difference_interval(
     return out
 
 
-def real_mask_report(run: str, data: str | None = None, batch_size: int = 8) -> dict:
-    """Pixel AUROC of every map setting on the run's real test masks (model resolution), with intervals."""
+def real_mask_report(
+    run: str, data: str | None = None, batch_size: int = 8, limit: tuple[int, int] | None = None
+) -> dict:
+    """Pixel AUROC of every map setting on the run's real test masks (model resolution), with intervals.
+    ``limit`` = (good, defective): at most that many test images of each kind, a seeded draw (cost)."""
     start = time.perf_counter()
     predictor = Predictor.load(run, device="cpu")
     _, _, test = load_dataset(data or predictor.config.data.dataset)
     good = [s.image for s in test if s.label == 0]
     bad = [s for s in test if s.label == 1 and s.mask is not None]
+    if limit is not None:
+        rng = random.Random(0)
+        good = sorted(rng.sample(good, min(limit[0], len(good))))
+        bad = sorted(rng.sample(bad, min(limit[1], len(bad))), key=lambda s: str(s.image))
     if not bad:
         raise SystemExit(f"{run}: the test set has no defective image with a mask")
     check = SyntheticCheck(
@@ -90,6 +98,7 @@ def real_mask_report(run: str, data: str | None = None, batch_size: int = 8) -> 
         },
         "good_images": len(good),
         "defective_images": len(bad),
+        "limit": limit,
         "bootstrap_rounds": ROUNDS,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -109,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run")
     parser.add_argument("--data", default=None, help="category folder (default: the run's own dataset)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--limit", type=int, nargs=2, metavar=("GOOD", "DEFECTIVE"), default=None)
     args = parser.parse_args(argv)
-    report = real_mask_report(args.run, args.data)
+    report = real_mask_report(args.run, args.data, limit=args.limit)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
