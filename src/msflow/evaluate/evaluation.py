@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,73 +78,179 @@ def evaluate_stream(
     num_overlays: int = NUM_OVERLAYS,
     sharding: ShardMerge | None = None,
     redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None = None,
+    replay: Callable[[], Iterable[ImageResult]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``results`` (one per sample, same order); with ``out_dir`` also the report.
 
     The report is ``predictions.csv`` (written row by row), ``overlays/*.png`` for a sample of images
     and ``score_histogram.png``. Pixel metrics and AUPRO need masks; metrics the test set cannot give
     (one class only, no defect pixels) are listed under ``not_available`` with the reason. With a
-    threshold, ``false_positive_rate`` is the share of good test images judged defective.
+    threshold, ``false_positive_rate`` is the share of good test images judged defective. Results that
+    also carry their maps at the model's resolution (``model_anomaly_map``, ``model_image_map``) get the
+    pixel metrics at that resolution too, under ``model_resolution``.
+
+    ``replay`` gives the same results again: when a metric's error bound is above
+    ``streaming.BOUND_TARGET``, the maps are streamed again into finer bins (up to ``MAX_PASSES`` passes
+    in all), so every bound reported meets it unless the passes run out.
 
     With ``sharding`` (data-parallel), ``results`` are those of this rank's shard of ``samples`` only;
     rank 0 gets the merged metrics and writes the same report as one process (its rows are rebuilt
     from the merged scores, its overlays from ``redraw``, which predicts the few images to draw) plus
-    ``test_images_per_rank``; the other ranks return ``{}``.
+    ``test_images_per_rank``; the other ranks return ``{}`` (no refinement, no model resolution).
     """
-    acc = StreamingMetrics(pixel_range=pixel_range, bins=bins, pro_mode=pro_mode)
-    with_masks = any(s.mask is not None for s in samples)
+    acc = _Accumulators.empty(pixel_range, bins, pro_mode)
     mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))
     draw = overlay_indices(samples, num_overlays) if out_dir is not None else set()
     report_here = out_dir is not None and threshold is not None and sharding is None  # else after the merge
-    writer = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS) if report_here else None
+    _first_pass(acc, samples, results, mine, threshold if report_here else None, out_dir, draw)
+    per_rank: list[int] | None = None
+    if sharding is not None:
+        merged = sharding.merge_to_main(acc.main)
+        if merged is None:
+            return {}
+        acc, per_rank = _Accumulators(merged[0], None), merged[1]
+        if out_dir is not None and threshold is not None:
+            _report_after_merge(acc.main, samples, threshold, out_dir, draw, redraw)
+    elif replay is not None:
+        acc = _refine(acc, samples, replay)
+    metrics = _summary(acc, samples, resolution, threshold, per_rank)
+    if out_dir is not None:
+        _write_figures(out_dir, acc.main, samples, threshold, redraw)
+    return metrics
+
+
+MAX_PASSES = 4  # over the maps, the first included: each refinement splits the bins that err most
+
+
+@dataclass
+class _Accumulators:
+    """What one pass over the maps fills: the evaluation resolution's metrics and, when the results carry
+    them, the model resolution's (``None`` until a result does)."""
+
+    main: StreamingMetrics
+    model: StreamingMetrics | None
+
+    @classmethod
+    def empty(cls, pixel_range: tuple[float, float], bins: int, pro_mode: str) -> _Accumulators:
+        return cls(StreamingMetrics(pixel_range=pixel_range, bins=bins, pro_mode=pro_mode), None)
+
+    def add_maps(self, sample: Sample, res: ImageResult) -> None:
+        """One image's maps (and its maps at model resolution, when it has them and they differ)."""
+        self.main.add_maps(_mask_at(sample, res.anomaly_map.shape), res.anomaly_map, res.image_map)
+        small = getattr(res, "model_anomaly_map", None)
+        if small is None or small.shape == res.anomaly_map.shape:
+            return
+        if self.model is None:
+            if self.main.map_images > 1:
+                raise DataError("only some results carry maps at the model resolution")
+            self.model = self.main.empty_copy()
+        self.model.add_maps(_mask_at(sample, small.shape), small, res.model_image_map)
+
+
+def _first_pass(
+    acc: _Accumulators,
+    samples: list[Sample],
+    results: Iterable[ImageResult],
+    mine: range,
+    threshold: Threshold | None,
+    out_dir: Path | None,
+    draw: set[int],
+) -> None:
+    """Stream this process's results into ``acc``; with a ``threshold`` also write the CSV rows and
+    overlays (then ``out_dir`` is set)."""
+    with_masks = any(s.mask is not None for s in samples)
+    writer = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS) if threshold and out_dir else None
     seen = 0
     try:
         for i, res in zip(mine, results, strict=False):
             sample = samples[i]
             seen += 1
-            acc.add_image(res.score, sample.label, sample.defect_type)
-            gt = _mask_at(sample, res.anomaly_map.shape) if with_masks or i in draw else None
+            acc.main.add_image(res.score, sample.label, sample.defect_type)
             if with_masks:
-                acc.add_maps(gt, res.anomaly_map, res.image_map)
+                acc.add_maps(sample, res)
             if writer is not None and threshold is not None:
                 writer.write(_row(sample, res.score, threshold))
-            if report_here and i in draw and out_dir is not None and threshold is not None:
-                _draw_overlay(out_dir, i, sample, res, gt, threshold)
+                if i in draw and out_dir is not None:
+                    _draw_overlay(out_dir, i, sample, res, _mask_at(sample, res.anomaly_map.shape), threshold)
     finally:
         if writer is not None:
             writer.close()
     if seen != len(mine):
         raise DataError(f"evaluation got {seen} predictions for {len(mine)} test images")
-    per_rank: list[int] | None = None
-    if sharding is not None:
-        merged = sharding.merge_to_main(acc)
-        if merged is None:
-            return {}
-        acc, per_rank = merged
-        if out_dir is not None and threshold is not None:
-            rows = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS)
-            try:
-                for sample, score in zip(samples, acc.scores, strict=True):
-                    rows.write(_row(sample, score, threshold))
-            finally:
-                rows.close()
-            if draw and redraw is None:
-                raise DataError("a sharded evaluation needs redraw() to draw its overlays")
-            chosen = sorted(draw)
-            for i, res in zip(chosen, redraw([samples[i] for i in chosen]) if draw else (), strict=True):
-                gt = _mask_at(samples[i], res.anomaly_map.shape)
-                _draw_overlay(out_dir, i, samples[i], res, gt, threshold)
-    metrics = acc.result()
+
+
+def _report_after_merge(
+    acc: StreamingMetrics,
+    samples: list[Sample],
+    threshold: Threshold,
+    out_dir: Path,
+    draw: set[int],
+    redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None,
+) -> None:
+    """Rank 0 of a sharded evaluation: the CSV rows from the merged scores, the overlays redrawn."""
+    rows = report.RowWriter(out_dir / "predictions.csv", CSV_FIELDS)
+    try:
+        for sample, score in zip(samples, acc.scores, strict=True):
+            rows.write(_row(sample, score, threshold))
+    finally:
+        rows.close()
+    if draw and redraw is None:
+        raise DataError("a sharded evaluation needs redraw() to draw its overlays")
+    chosen = sorted(draw)
+    for i, res in zip(chosen, redraw([samples[i] for i in chosen]) if draw else (), strict=True):
+        gt = _mask_at(samples[i], res.anomaly_map.shape)
+        _draw_overlay(out_dir, i, samples[i], res, gt, threshold)
+
+
+def _refine(
+    acc: _Accumulators, samples: list[Sample], replay: Callable[[], Iterable[ImageResult]]
+) -> _Accumulators:
+    """Stream the maps again into finer bins while a bound is above target (see ``streaming``)."""
+    for _ in range(MAX_PASSES - 1):
+        main = acc.main.refined()
+        model = acc.model.refined() if acc.model is not None else None
+        if main is None and model is None:
+            break
+        replayed = 0
+        for sample, res in zip(samples, replay(), strict=False):
+            if main is not None:
+                main.add_maps(_mask_at(sample, res.anomaly_map.shape), res.anomaly_map, res.image_map)
+            if model is not None:
+                small = getattr(res, "model_anomaly_map")  # noqa: B009 (not in the ImageResult protocol)
+                model.add_maps(_mask_at(sample, small.shape), small, getattr(res, "model_image_map"))  # noqa: B009
+            replayed += 1
+        if replayed != len(samples):
+            raise DataError(f"the refinement pass got {replayed} predictions for {len(samples)} test images")
+        for finer, first in ((main, acc.main), (model, acc.model)):
+            if finer is not None and first is not None:
+                finer.check_same_maps(first)
+        acc = _Accumulators(main or acc.main, model or acc.model)
+    return acc
+
+
+def _scores_labels(acc: StreamingMetrics) -> tuple[np.ndarray, np.ndarray]:
+    return np.frombuffer(acc.scores, dtype=np.float64), np.frombuffer(acc.labels, dtype=np.int8)
+
+
+def _summary(
+    acc: _Accumulators,
+    samples: list[Sample],
+    resolution: str,
+    threshold: Threshold | None,
+    per_rank: list[int] | None,
+) -> dict[str, Any]:
+    """The metrics dictionary: the accumulated metrics, the test set's size and the decision figures."""
+    metrics = acc.main.result()
     metrics["test_images"] = len(samples)
     metrics["eval_resolution"] = resolution
-    scores = np.frombuffer(acc.scores, dtype=np.float64)
-    labels = np.frombuffer(acc.labels, dtype=np.int8)
+    if acc.model is not None:
+        model, missing = acc.model.pixel_metrics()
+        metrics["model_resolution"] = model or {"not_available": missing}
+    scores, labels = _scores_labels(acc.main)
     if threshold is not None:
         metrics.update(decision_rates(scores, labels, threshold))
     if per_rank is not None:
         metrics["test_images_per_rank"] = per_rank
-    if out_dir is not None:
-        _write_figures(out_dir, acc, samples, threshold, redraw)
     return metrics
 
 
@@ -167,8 +274,7 @@ def _write_figures(
     redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None,
 ) -> None:
     """``score_histogram.png`` and, with a threshold, what report.html shows (``report_data.json``)."""
-    scores = np.frombuffer(acc.scores, dtype=np.float64)
-    labels = np.frombuffer(acc.labels, dtype=np.int8)
+    scores, labels = _scores_labels(acc)
     report.plot_score_histogram(
         out_dir / "score_histogram.png", scores, labels, threshold.image if threshold else None
     )

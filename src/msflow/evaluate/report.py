@@ -372,6 +372,19 @@ def write_table(
     return paths
 
 
+def _other_resolution_lines(metrics: Mapping[str, Any], num: Any) -> list[str]:
+    """The pixel metrics at both resolutions, when one differs by more than a point between them."""
+    other = metrics.get("model_resolution") or {}
+    keys = [(k, label) for k, label in _METRIC_LABELS if k.startswith("pixel") or k == "aupro"]
+    keys = [(k, label) for k, label in keys if _is_number(metrics.get(k)) and _is_number(other.get(k))]
+    if not any(abs(float(metrics[k]) - float(other[k])) > 1.0 for k, _ in keys):
+        return []
+    headline = metrics.get("eval_resolution", "original")
+    lines = [f"pixel metrics differ by more than a point between resolutions (headline above: {headline}):"]
+    lines.append(f"  {'':<14} {'original':>8} {'model':>8}")
+    return lines + [f"  {label:<14} {num(metrics[k]):>8} {num(other[k]):>8}" for k, label in keys]
+
+
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """Short terminal summary of evaluation metrics (values already in percent).
 
@@ -390,6 +403,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
             lines.append(f"{label:<14} {num(metrics[key]):>6}")
         elif key in missing:
             lines.append(f"{label:<14} {'n/a':>6}  ({missing[key]})")
+    lines += _other_resolution_lines(metrics, num)
     per_type = metrics.get("per_defect_type")
     if per_type:
         lines.append("per defect type (image AUROC):")

@@ -3,32 +3,39 @@
 Why histograms: the maps have a known range (model/anomaly_map.py): the "add" map lies in
 [0, number of scales] and the "mul" map in [0, 1), in both normalisations, and the bilinear resize to
 the original size keeps them there (it only takes convex combinations). So every pixel can be counted
-into one of ``bins`` equal-width bins over that range; the curves (ROC, PR, PRO) then have a point at
-every bin edge. Per-pixel state is a few fixed arrays (``bins`` int64/float64 each, 8 MiB per array
-at 2^20 bins); image scores and labels are O(N) plain floats, as the exact image metrics need.
+into one of ``bins`` bins over that range; the curves (ROC, PR, PRO) then have a point at every bin
+edge. Each bin also keeps the smallest and the largest value counted in it: a bin whose pixels all
+share one value (the clipped zeros of a "global" map, a saturated plateau) is an exact tie, exactly
+what the exact metrics see, and adds no error. Per-pixel state is a few fixed arrays (``bins`` int64
+or float64 each, 8 MiB per array at 2^20 bins); image scores and labels are O(N) plain floats, as the
+exact image metrics need.
 
 Error against the exact computation (evaluate/metrics.py), each computed from the histograms and
-returned next to the metric (``*_error_bound``, in the metric's percent units):
+returned next to the metric (``*_error_bound``, in the metric's percent units). Only bins holding more
+than one distinct value ("open" bins) can err:
 
 * **Pixel AUROC.** Pairs (positive, negative) in different bins are ordered exactly; pairs in the same
-  bin are counted as ties (1/2). So |streamed - exact| <= 1/2 * sum_b pos_b * neg_b / (P * N), half the
-  fraction of positive-negative pairs that share a bin.
-* **Pixel F1-max.** A threshold at a bin edge predicts exactly what some exact threshold predicts, so
-  the streamed maximum is never above the exact one; the exact optimum lies inside one bin b, and moving
-  the threshold to that bin's edge changes TP by at most pos_b and FP by at most neg_b. Since
-  F1 = 2TP / (TP + FP + P), |dF1/dTP| <= 2/P and |dF1/dFP| <= 1/(2P), hence
-  0 <= exact - streamed <= max_b (2 pos_b + neg_b / 2) / P.
-* **AUPRO, standard mode.** Every bin edge gives a point of the exact PRO curve (PRO and FPR at
-  threshold e equal those at the smallest score >= e), so the streamed curve is the exact one sampled
-  at fewer points. Both are non-decreasing, so between two neighbouring streamed points the exact
+  bin are counted as ties (1/2). So |streamed - exact| <= 1/2 * sum_open pos_b * neg_b / (P * N).
+* **Pixel F1-max.** Selecting every bin >= b is the exact threshold "score >= smallest value of bin b",
+  so the streamed maximum is an exact F1 and never above the exact maximum. A threshold inside an open
+  bin b selects at most TP(>= b) true and at least FP(> b) false positives, so its F1 is at most
+  2 TP(>= b) / (TP(>= b) + FP(> b) + P): the bound is the largest of these over the open bins, minus
+  the streamed maximum (0 if none is larger).
+* **AUPRO, standard mode.** Every bin edge gives a point of the exact PRO curve, so the streamed curve
+  is the exact one sampled at fewer points. Both are non-decreasing, so across an open bin the exact
   curve stays in the box dFPR_b x dPRO_b, and the trapezoid over the chord differs from the exact area
-  there by at most half that box: |streamed - exact| <= sum_b dFPR_b * dPRO_b / 2 / fpr_limit over
-  the bins up to the FPR limit.
-* **AUPRO, official mode** (800 thresholds between the exact min and max, prediction score > θ):
-  a threshold falls inside a bin, whose pixels are split linearly (as if spread evenly in the bin).
-  Each curve point is then off by at most that bin's share of negatives and of region weight; the
-  bound reported is the largest such share (no closed form survives the official min-max rescaling
-  of the FPR axis). Tests check the result against the exact official number.
+  there by at most half that box. The segment cut at the FPR limit (a fraction t of its box's width
+  w) can differ by w * t * dPRO_b * (1 - t / 2).
+* **AUPRO, official mode** (800 thresholds between the exact min and max, prediction score > θ): a
+  threshold inside an open bin splits it linearly (as if spread evenly). The figure reported is the
+  largest share of negatives or region weight in such a bin (no closed form survives the official
+  min-max rescaling of the FPR axis); a refinement (below) puts every threshold on a bin edge, which
+  makes the result exact (0).
+
+**Refinement** (:meth:`StreamingMetrics.refined`): when a bound is above ``BOUND_TARGET`` (0.1 points),
+the open bins that carry the error are split into sub-bins between their smallest and largest value,
+and the maps are streamed again into the finer bins (:func:`msflow.evaluate.evaluation.evaluate_stream`
+does it when it can get the maps a second time). Memory stays that of the bins, ``MAX_BINS`` at most.
 
 Regions for AUPRO are the 8-connected components of each image's mask, found per image; each region
 pixel carries the weight 1 / (area * R), R = regions in all images, so a weight histogram gives PRO.
@@ -46,6 +53,8 @@ from msflow.errors import DataError
 from msflow.evaluate.metrics import _OFFICIAL_STEPS, f1_max, image_auroc, per_defect_type, pro_curve_up_to
 
 DEFAULT_BINS = 2**20
+MAX_BINS = 2**21  # per map, after refinement (5 arrays of 16 MiB each)
+BOUND_TARGET = 0.1  # percent points: a refinement pass is worth it above this
 
 
 class Binning:
@@ -76,69 +85,189 @@ class Binning:
         """Lower edge of bin ``b``."""
         return self.lo + np.asarray(b) * self.width
 
+    def edges(self) -> np.ndarray:
+        """All ``bins + 1`` edges (float64)."""
+        return self.edge(np.arange(self.bins + 1))
+
+    def settings(self) -> tuple:
+        return (self.lo, self.hi, self.bins)
+
+
+class EdgeBinning(Binning):
+    """Bins between given increasing edges (a refinement's uneven bins); values outside go to the end bins."""
+
+    def __init__(self, edges: np.ndarray) -> None:
+        self._edges = np.asarray(edges, dtype=np.float64)
+        if self._edges.ndim != 1 or self._edges.size < 3 or not (np.diff(self._edges) > 0).all():
+            raise DataError(f"bin edges must increase strictly, got {self._edges.size} edges")
+        self.lo, self.hi, self.bins = float(self._edges[0]), float(self._edges[-1]), self._edges.size - 1
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        # bin b holds edges[b] <= x < edges[b + 1]: the count of inner edges <= x
+        return np.searchsorted(self._edges[1:-1], np.asarray(values, dtype=np.float64), side="right")
+
+    def edge(self, b: int | np.ndarray) -> Any:
+        return self._edges[np.asarray(b)]
+
+    def edges(self) -> np.ndarray:
+        return self._edges
+
+    def settings(self) -> tuple:
+        return (self.bins, float(self._edges.sum()), self.lo, self.hi)
+
+
+class BinStats:
+    """Per-bin counts of defect and defect-free pixels of one map kind, with each bin's smallest and
+    largest value (``low``, ``high``; +inf, -inf while empty)."""
+
+    def __init__(self, binning: Binning) -> None:
+        self.binning = binning
+        n = binning.bins
+        self.pos, self.neg = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.low, self.high = np.full(n, np.inf), np.full(n, -np.inf)
+        self.checksum = 0.0  # sums of the values and of the defect pixels' values: tells maps apart
+
+    def add(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Count one image; returns the bin of each defect pixel (in ``values[mask]`` order).
+
+        The values are sorted once (float32 sorts fast): bins are then runs, whose lengths are the counts
+        and whose ends are the smallest and largest values, without a scatter over every pixel.
+        """
+        xs = np.sort(values, axis=None)
+        b = self.binning.index(xs)
+        cut = np.flatnonzero(b[1:] != b[:-1]) + 1
+        starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [xs.size]))
+        run = b[starts]  # distinct bins, increasing
+        self.neg[run] += ends - starts
+        self.low[run] = np.minimum(self.low[run], xs[starts])
+        self.high[run] = np.maximum(self.high[run], xs[ends - 1])
+        self.checksum += float(xs.sum(dtype=np.float64)) + float(values[mask].sum(dtype=np.float64))
+        inside = self.binning.index(values[mask])
+        hit, count = np.unique(inside, return_counts=True)
+        self.pos[hit] += count
+        self.neg[hit] -= count
+        return inside
+
+    def open_bins(self) -> np.ndarray:
+        """True where a bin holds more than one distinct value (only those can make a metric err)."""
+        return self.high > self.low
+
+    def merge_ranges(self, low: np.ndarray, high: np.ndarray) -> None:
+        np.minimum(self.low, low, out=self.low)
+        np.maximum(self.high, high, out=self.high)
+
 
 def _suffix(counts: np.ndarray) -> np.ndarray:
     """``out[b]`` = sum of counts[b:], length bins + 1 (out[bins] = 0)."""
     return np.concatenate((np.cumsum(counts[::-1], dtype=np.float64)[::-1], [0.0]))
 
 
-def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def auroc_from_histograms(
+    pos: np.ndarray, neg: np.ndarray, open_bins: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(AUROC in percent, error bound in percent) from per-bin positive and negative counts.
 
     Bins run along the last axis; leading axes are independent histograms (the map choice's bootstrap
     draws are rows), each with its own AUROC. A tie within a bin counts 1/2, so the error bound is half
-    the tied share of the pairs.
+    the share of the pairs tied in ``open_bins`` (all bins if not given).
     """
     pos64, neg64 = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
     pairs = pos64.sum(axis=-1) * neg64.sum(axis=-1)
     below = np.cumsum(neg64, axis=-1) - neg64  # negatives in lower bins
-    tied = (pos64 * neg64).sum(axis=-1)
-    auc = ((pos64 * below).sum(axis=-1) + 0.5 * tied) / pairs
-    return auc * 100.0, 0.5 * tied / pairs * 100.0
+    tied = pos64 * neg64
+    auc = ((pos64 * below).sum(axis=-1) + 0.5 * tied.sum(axis=-1)) / pairs
+    err = (tied if open_bins is None else tied * open_bins).sum(axis=-1)
+    return auc * 100.0, 0.5 * err / pairs * 100.0
 
 
-def f1_max_from_histograms(pos: np.ndarray, neg: np.ndarray, binning: Binning) -> tuple[float, float, float]:
-    """(best F1 in percent, its threshold = a bin's lower edge, error bound in percent)."""
+def _f1_curves(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(F1 selecting every bin >= b, the most F1 a threshold inside bin b can reach), per bin."""
     p = float(pos.sum())
-    tp, fp = _suffix(pos)[:-1], _suffix(neg)[:-1]  # predicted positive: every bin >= b
-    f1 = 2 * tp / (tp + fp + p)
+    tp, fp = _suffix(pos), _suffix(neg)
+    f1 = 2 * tp[:-1] / (tp[:-1] + fp[:-1] + p)
+    inside = 2 * tp[:-1] / (tp[:-1] + fp[1:] + p)  # all of the bin's positives, none of its negatives
+    return f1, inside
+
+
+def f1_max_from_histograms(
+    pos: np.ndarray, neg: np.ndarray, binning: Binning, stats: BinStats | None = None
+) -> tuple[float, float, float]:
+    """(best F1 in percent, its threshold, error bound in percent).
+
+    The threshold is the smallest value of the best bin when ``stats`` are given (what the exact F1
+    reports), else the bin's lower edge; without ``stats`` every bin counts as open.
+    """
+    f1, inside = _f1_curves(pos, neg)
     # Edges with equal F1 next to each other select the same pixels (empty bins between): take the
     # highest, the one closest to the lowest selected score (what the exact threshold is).
     best = f1.size - 1 - int(np.argmax(f1[::-1]))
-    bound = float(np.max(2 * pos + neg / 2)) / p
-    return float(f1[best]) * 100.0, float(binning.edge(best)), min(bound, 1.0) * 100.0
+    reach = inside if stats is None else inside[stats.open_bins()]
+    bound = max(0.0, float(reach.max(initial=0.0)) - float(f1[best]))
+    threshold = float(binning.edge(best) if stats is None else stats.low[best])
+    return float(f1[best]) * 100.0, threshold, bound * 100.0
 
 
-def aupro_from_histograms(weight: np.ndarray, neg: np.ndarray, fpr_limit: float = 0.3) -> tuple[float, float]:
+def _pro_points(weight: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at the edges from the top bin down, (0, 0) first: point k selects the top k bins."""
+    return _suffix(neg)[::-1] / float(neg.sum()), _suffix(weight)[::-1]
+
+
+def _pro_segment_errors(
+    fpr: np.ndarray, pro: np.ndarray, open_bins: np.ndarray | None, fpr_limit: float
+) -> np.ndarray:
+    """Each bin's largest possible error of the trapezoid area below ``fpr_limit`` (unnormalised), in
+    bin order; the segment from point k to k + 1 is bin ``bins - 1 - k``."""
+    x0, x1, dy = fpr[:-1], fpr[1:], pro[1:] - pro[:-1]
+    full = (x1 - x0) * dy / 2.0
+    w = np.clip(fpr_limit - x0, 0.0, None)
+    t = np.divide(w, x1 - x0, out=np.ones_like(w), where=x1 > x0)
+    partial = w * dy * (1.0 - t / 2.0)
+    err = np.where(x1 <= fpr_limit, full, np.where(x0 < fpr_limit, partial, 0.0))[::-1]
+    return err if open_bins is None else err * open_bins
+
+
+def aupro_from_histograms(
+    weight: np.ndarray, neg: np.ndarray, fpr_limit: float = 0.3, open_bins: np.ndarray | None = None
+) -> tuple[float, float]:
     """Standard AUPRO (percent) and its error bound from per-bin PRO weight and negative counts.
 
-    ``weight`` sums to 1 (each region pixel weighs 1 / (area * regions)). Curve points sit at the bin
-    edges, from the top bin down, with (0, 0) first; integrated as :func:`metrics.aupro` does.
+    ``weight`` sums to 1 (each region pixel weighs 1 / (area * regions)); integrated as
+    :func:`metrics.aupro` does. Without ``open_bins`` every bin counts as open.
     """
-    n_neg = float(neg.sum())
-    fpr = _suffix(neg)[::-1] / n_neg  # threshold at edges bins, bins-1, ..., 0: non-decreasing
-    pro = _suffix(weight)[::-1]
+    fpr, pro = _pro_points(weight, neg)
     x, y = pro_curve_up_to(fpr, pro, fpr_limit)
     area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0)
-    bound = float(np.sum((x[1:] - x[:-1]) * (y[1:] - y[:-1])) / 2.0)
+    bound = float(_pro_segment_errors(fpr, pro, open_bins, fpr_limit).sum())
     return area / fpr_limit * 100.0, bound / fpr_limit * 100.0
 
 
-def official_aupro_from_histograms(
-    weight: np.ndarray, neg: np.ndarray, binning: Binning, lo: float, hi: float, fpr_limit: float = 0.3
-) -> tuple[float, float]:
-    """Official MSFlow PRO (percent, see :func:`metrics.aupro`) and the largest per-point error share."""
-    from sklearn.metrics import auc
-
+def official_thresholds(lo: Any, hi: Any) -> np.ndarray:
+    """The official evaluation's 800 thresholds, computed as it does (``lo``, ``hi`` in the maps' dtype)."""
     if hi == lo:
         raise DataError(f"aupro(official): all map values equal {lo}, no thresholds can be built")
-    thresholds = np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
+    return np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
+
+
+def official_aupro_from_histograms(
+    weight: np.ndarray, neg: np.ndarray, binning: Binning, lo: Any, hi: Any, fpr_limit: float = 0.3,
+    stats: BinStats | None = None,
+) -> tuple[float, float]:  # fmt: skip
+    """Official MSFlow PRO (percent, see :func:`metrics.aupro`) and the largest share of an open bin
+    that a threshold splits (0: exact)."""
+    from sklearn.metrics import auc
+
+    thresholds = official_thresholds(lo, hi)
     n_neg = float(neg.sum())
     neg_above, w_above = _suffix(neg), _suffix(weight)
-    # Pixels > θ: whole bins above θ's bin, plus the part of θ's bin above θ (spread evenly).
-    pos = (np.asarray(thresholds, dtype=np.float64) - binning.lo) / binning.width
-    b = np.clip(np.floor(pos).astype(np.int64), 0, binning.bins - 1)
-    frac_above = np.clip(b + 1 - pos, 0.0, 1.0)
+    # Pixels > θ: whole bins above θ's bin, plus the part of θ's bin above θ: all of it when its
+    # smallest value is above θ, none when its largest is not, else a linear share (spread evenly).
+    b = binning.index(thresholds)
+    left, right = binning.edge(b), binning.edge(b + 1)
+    if stats is not None:
+        left, right = np.maximum(left, stats.low[b]), np.minimum(right, stats.high[b])
+    span = np.maximum(right - left, 1e-300)
+    frac_above = np.where(thresholds < left, 1.0, np.clip((right - thresholds) / span, 0.0, 1.0))
+    split = (thresholds >= left) & (thresholds < right)
     fpr = (neg_above[b + 1] + frac_above * neg[b]) / n_neg
     pro = w_above[b + 1] + frac_above * weight[b]
     keep = fpr < fpr_limit
@@ -146,8 +275,8 @@ def official_aupro_from_histograms(
     if np.unique(f).size < 2:
         raise DataError(f"aupro(official): need 2 distinct FPRs < {fpr_limit}, got {np.unique(f).tolist()}")
     f = (f - f.min()) / (f.max() - f.min())
-    share = float(max(np.max(neg[b] / n_neg), np.max(weight[b])))
-    return float(auc(f, pro[keep]) * 100.0), share * 100.0
+    share = np.maximum(neg[b] / n_neg, weight[b]) * split
+    return float(auc(f, pro[keep]) * 100.0), float(share.max(initial=0.0)) * 100.0
 
 
 class Mergeable(Protocol):
@@ -172,15 +301,49 @@ def add_histograms(into: list[np.ndarray], histograms: list[np.ndarray]) -> None
         mine += theirs
 
 
+def _worst_until(errors: np.ndarray, bound: float, target: float) -> np.ndarray:
+    """Priorities (0 = leave) of the bins to split so that the errors of the bins left sum to at most
+    a quarter of ``target``: the largest first; nothing when ``bound`` already meets ``target``."""
+    if bound <= target:
+        return np.zeros_like(errors)
+    order = np.argsort(errors)  # ascending: the smallest are left alone while they fit
+    left = np.cumsum(errors[order]) <= target / 4
+    out = errors.copy()
+    out[order[left]] = 0.0
+    return out
+
+
+def _split_binning(stats: BinStats, priority: np.ndarray, max_bins: int, extra: np.ndarray) -> EdgeBinning:
+    """Finer bins for another pass: empty bins merged away, each bin with ``priority`` > 0 split evenly
+    between its smallest and largest value (the highest priorities first while ``max_bins`` allows),
+    and the ``extra`` edges added."""
+    edges = stats.binning.edges()
+    filled = np.flatnonzero(stats.pos + stats.neg)
+    kept = np.concatenate(([edges[0]], edges[filled[filled > 0]], [edges[-1]]))
+    flagged = np.flatnonzero(priority > 0)
+    flagged = flagged[np.argsort(-priority[flagged], kind="stable")]
+    room = max_bins - kept.size - extra.size
+    parts = [kept, extra]
+    if flagged.size and room > flagged.size:
+        k = min(4096, room // flagged.size + 1)
+        low, high = stats.low[flagged], stats.high[flagged]
+        parts.append((low[:, None] + (high - low)[:, None] * (np.arange(1, k) / k)[None, :]).ravel())
+    elif flagged.size and room > 0:
+        top = flagged[:room]
+        parts.append((stats.low[top] + stats.high[top]) / 2)
+    return EdgeBinning(np.unique(np.concatenate(parts)))
+
+
 class StreamingMetrics:
     """All test metrics of :func:`metrics.evaluate`, fed one image at a time.
 
     Arguments:
         pixel_range: the range of the "add" (pixel) map, (0, number of scales).
         pro_range: the range of the "mul" map used for PRO, (0, 1).
-        bins: histogram bins per map (2^20: 32 MiB of state in all).
+        bins: histogram bins per map (2^20: 72 MiB of state in all).
         pro_mode: "standard" or "official" AUPRO.
         fpr_limit: upper FPR bound of the AUPRO integration.
+        binnings: (pixel, PRO) bins to use instead (a refinement's, see :meth:`refined`).
     """
 
     def __init__(
@@ -190,20 +353,28 @@ class StreamingMetrics:
         bins: int = DEFAULT_BINS,
         pro_mode: str = "standard",
         fpr_limit: float = 0.3,
+        binnings: tuple[Binning, Binning] | None = None,
     ) -> None:
         if pro_mode not in ("standard", "official"):
             raise DataError(f"aupro: mode must be 'standard' or 'official', got {pro_mode!r}")
-        self.pixel_bins, self.pro_bins = Binning(*pixel_range, bins), Binning(*pro_range, bins)
+        if binnings is None:
+            binnings = (Binning(*pixel_range, bins), Binning(*pro_range, bins))
+        self.pixel, self.pro = BinStats(binnings[0]), BinStats(binnings[1])
         self.pro_mode, self.fpr_limit = pro_mode, fpr_limit
         self.scores, self.labels, self.type_ids = array("d"), array("b"), array("i")
         self.types: dict[str, int] = {}
-        self.pix_pos = np.zeros(bins, np.int64)
-        self.pix_neg = np.zeros(bins, np.int64)
-        self.pro_neg = np.zeros(bins, np.int64)
-        self.pro_weight = np.zeros(bins, np.float64)  # sum of 1 / region area; divided by R at the end
+        self.pro_weight = np.zeros(binnings[1].bins, np.float64)  # sum of 1 / region area; / R at the end
         self.regions = 0
-        self.pro_min, self.pro_max = math.inf, -math.inf
+        self.pro_min, self.pro_max, self.pro_dtype = math.inf, -math.inf, "float64"
         self.map_images = 0
+        self.passes = 1
+
+    # the histograms under the names they had before BinStats
+    pixel_bins = property(lambda self: self.pixel.binning)
+    pro_bins = property(lambda self: self.pro.binning)
+    pix_pos = property(lambda self: self.pixel.pos)
+    pix_neg = property(lambda self: self.pixel.neg)
+    pro_neg = property(lambda self: self.pro.neg)
 
     def add_image(self, score: float, label: int, defect_type: str) -> None:
         if not math.isfinite(score):
@@ -224,33 +395,34 @@ class StreamingMetrics:
             )
         if not (np.isfinite(pixel_map).all() and np.isfinite(pro_map).all()):
             raise DataError(f"image {self.map_images}: map contains NaN or infinity")
-        pos, neg = self.pixel_bins.joint_counts(pixel_map, mask)
-        self.pix_pos += pos
-        self.pix_neg += neg
-        self.pro_neg += self.pro_bins.joint_counts(pro_map, mask)[1]
-        if mask.any():
+        self.pixel.add(pixel_map, mask)
+        inside = self.pro.add(pro_map, mask)
+        if inside.size:
             regions, n = label(mask, connectivity=2, return_num=True)  # 8-connected components
-            inside = regions[mask]
-            area = np.bincount(inside, minlength=n + 1)
-            idx = self.pro_bins.index(pro_map[mask])
-            self.pro_weight += np.bincount(idx, weights=1.0 / area[inside], minlength=self.pro_bins.bins)
+            of_pixel = regions[mask]
+            area = np.bincount(of_pixel, minlength=n + 1)
+            hit, where = np.unique(inside, return_inverse=True)
+            self.pro_weight[hit] += np.bincount(where, weights=1.0 / area[of_pixel])
             self.regions += n
         self.pro_min = min(self.pro_min, float(pro_map.min()))
         self.pro_max = max(self.pro_max, float(pro_map.max()))
+        self.pro_dtype = str(pro_map.dtype)
         self.map_images += 1
 
     # -- merging (data-parallel evaluation: each rank feeds its shard, msflow.train.distributed merges) --
     def histograms(self) -> list[np.ndarray]:
-        """The per-bin state, merged by summation: pixel positives, negatives (int64), PRO negatives
-        (int64), PRO weights (float64). Integer sums are exact in any order; the float64 weights are sums
-        of 1 / region area, so a different grouping can change their last bit only."""
-        return [self.pix_pos, self.pix_neg, self.pro_neg, self.pro_weight]
+        """The per-bin state merged by summation: pixel positives, negatives (int64), PRO negatives
+        (int64), PRO weights (float64), PRO positives (int64). Integer sums are exact in any order; the
+        float64 weights are sums of 1 / region area, so a different grouping can change their last bit
+        only. (Each bin's smallest and largest value merge by min and max: see :meth:`image_state`.)"""
+        return [self.pixel.pos, self.pixel.neg, self.pro.neg, self.pro_weight, self.pro.pos]
 
     def add_histograms(self, histograms: list[np.ndarray]) -> None:
         add_histograms(self.histograms(), histograms)
 
     def image_state(self) -> dict[str, Any]:
-        """Everything but the histograms, as plain values (small: O(images) floats, picklable)."""
+        """Everything but the summed histograms, as plain values (picklable): O(images) floats and the
+        bins' value ranges."""
         names = {i: t for t, i in self.types.items()}
         return {
             "scores": self.scores.tolist(),
@@ -259,7 +431,9 @@ class StreamingMetrics:
             "regions": self.regions,
             "pro_min": self.pro_min,
             "pro_max": self.pro_max,
+            "pro_dtype": self.pro_dtype,
             "map_images": self.map_images,
+            "ranges": [self.pixel.low, self.pixel.high, self.pro.low, self.pro.high],
         }
 
     def add_image_state(self, state: dict[str, Any]) -> None:
@@ -269,16 +443,20 @@ class StreamingMetrics:
         self.regions += int(state["regions"])
         self.pro_min = min(self.pro_min, float(state["pro_min"]))
         self.pro_max = max(self.pro_max, float(state["pro_max"]))
+        if state["map_images"]:
+            self.pro_dtype = state["pro_dtype"]
         self.map_images += int(state["map_images"])
+        pixel_low, pixel_high, pro_low, pro_high = state["ranges"]
+        self.pixel.merge_ranges(pixel_low, pixel_high)
+        self.pro.merge_ranges(pro_low, pro_high)
 
     def empty_copy(self) -> StreamingMetrics:
         """A fresh accumulator with the same settings (bins, ranges, AUPRO mode)."""
-        p, q = self.pixel_bins, self.pro_bins
-        return StreamingMetrics((p.lo, p.hi), (q.lo, q.hi), p.bins, self.pro_mode, self.fpr_limit)
+        binnings = (self.pixel.binning, self.pro.binning)
+        return StreamingMetrics(pro_mode=self.pro_mode, fpr_limit=self.fpr_limit, binnings=binnings)
 
     def _settings(self) -> tuple:
-        p, q = self.pixel_bins, self.pro_bins
-        return (p.lo, p.hi, p.bins, q.lo, q.hi, q.bins, self.pro_mode, self.fpr_limit)
+        return (self.pixel.binning.settings(), self.pro.binning.settings(), self.pro_mode, self.fpr_limit)
 
     def merge(self, other: StreamingMetrics) -> None:
         """Add ``other``'s images after this one's: the same state as one accumulator fed this one's
@@ -288,43 +466,127 @@ class StreamingMetrics:
         self.add_histograms(other.histograms())
         self.add_image_state(other.image_state())
 
-    def result(self) -> dict[str, Any]:
-        """Metrics in percent; those the data cannot give are listed in ``not_available`` with the reason."""
-        out: dict[str, Any] = {}
-        missing: dict[str, str] = {}
+    # -- results ----------------------------------------------------------------------------------
+    def image_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Image AUROC, F1-max and per-defect-type AUROC (exact), and the reasons for those missing."""
         labels = np.frombuffer(self.labels, dtype=np.int8).astype(np.int64)
         scores = np.frombuffer(self.scores, dtype=np.float64)
         n_bad = int(labels.sum())
         n_good = labels.size - n_bad
-        if n_bad and n_good:
-            names = {i: t for t, i in self.types.items()}
-            types = [names[i] for i in self.type_ids]
-            out["image_auroc"] = image_auroc(labels, scores)
-            out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
-            out["per_defect_type"] = per_defect_type(labels, scores, types)
-        else:
+        if not (n_bad and n_good):
             why = f"needs good and defective test images, got {n_good} good and {n_bad} defective"
-            missing.update(image_auroc=why, image_f1_max=why, per_defect_type=why)
-        if self.map_images:
-            p, n = int(self.pix_pos.sum()), int(self.pix_neg.sum())
-            if p and n:
-                auc, bound = auroc_from_histograms(self.pix_pos, self.pix_neg)
-                out["pixel_auroc"], out["pixel_auroc_error_bound"] = float(auc), float(bound)
-                f1, thr, bound = f1_max_from_histograms(self.pix_pos, self.pix_neg, self.pixel_bins)
-                out["pixel_f1_max"], out["pixel_f1_threshold"], out["pixel_f1_error_bound"] = f1, thr, bound
-                weight = self.pro_weight / self.regions
-                if self.pro_mode == "standard":
-                    out["aupro"], out["aupro_error_bound"] = aupro_from_histograms(
-                        weight, self.pro_neg, self.fpr_limit
-                    )
-                else:
-                    out["aupro"], out["aupro_error_bound"] = official_aupro_from_histograms(
-                        weight, self.pro_neg, self.pro_bins, self.pro_min, self.pro_max, self.fpr_limit
-                    )
-                out["pro_mode"] = self.pro_mode
-            else:
-                why = f"needs defect and defect-free pixels in the masks, got {p} defect and {n} defect-free"
-                missing.update(pixel_auroc=why, pixel_f1_max=why, aupro=why)
+            return {}, {"image_auroc": why, "image_f1_max": why, "per_defect_type": why}
+        names = {i: t for t, i in self.types.items()}
+        out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
+        out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
+        out["per_defect_type"] = per_defect_type(labels, scores, [names[i] for i in self.type_ids])
+        return out, {}
+
+    def pixel_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Pixel AUROC, F1-max and AUPRO with their error bounds, and the reasons for those missing."""
+        if not self.map_images:
+            return {}, {}
+        p, n = int(self.pixel.pos.sum()), int(self.pixel.neg.sum())
+        if not (p and n):
+            why = f"needs defect and defect-free pixels in the masks, got {p} defect and {n} defect-free"
+            return {}, {"pixel_auroc": why, "pixel_f1_max": why, "aupro": why}
+        px, out = self.pixel, {}
+        auc, bound = auroc_from_histograms(px.pos, px.neg, px.open_bins())
+        out["pixel_auroc"], out["pixel_auroc_error_bound"] = float(auc), float(bound)
+        f1, thr, bound = f1_max_from_histograms(px.pos, px.neg, px.binning, px)
+        out["pixel_f1_max"], out["pixel_f1_threshold"], out["pixel_f1_error_bound"] = f1, thr, bound
+        weight = self.pro_weight / self.regions
+        if self.pro_mode == "standard":
+            aupro = aupro_from_histograms(weight, self.pro.neg, self.fpr_limit, self.pro.open_bins())
+        else:
+            lo, hi = self._pro_extremes()
+            aupro = official_aupro_from_histograms(
+                weight, self.pro.neg, self.pro.binning, lo, hi, self.fpr_limit, self.pro
+            )
+        out["aupro"], out["aupro_error_bound"] = aupro
+        out["pro_mode"] = self.pro_mode
+        out["metric_passes"] = self.passes
+        return out, {}
+
+    def _pro_extremes(self) -> tuple[Any, Any]:
+        """The PRO maps' min and max in their own dtype, so the official thresholds are the exact ones."""
+        kind = np.dtype(self.pro_dtype).type
+        return kind(self.pro_min), kind(self.pro_max)
+
+    def result(self) -> dict[str, Any]:
+        """Metrics in percent; those the data cannot give are listed in ``not_available`` with the reason."""
+        out, missing = self.image_metrics()
+        pixel, missing_pixel = self.pixel_metrics()
+        out.update(pixel)
+        missing.update(missing_pixel)
         if missing:
             out["not_available"] = missing
         return out
+
+    # -- refinement: a second pass over the same maps in finer bins where the error is ----------------
+    def bounds(self) -> dict[str, float]:
+        """The error bound of each pixel metric (percent points); empty when there are none."""
+        pixel, _ = self.pixel_metrics()
+        return {k: float(v) for k, v in pixel.items() if k.endswith("_error_bound")}
+
+    def _pixel_priorities(self, target: float) -> np.ndarray:
+        """Which pixel-map bins to split (priority > 0) for the pixel AUROC and F1 bounds."""
+        px = self.pixel
+        is_open = px.open_bins()
+        pos, neg = px.pos.astype(np.float64), px.neg.astype(np.float64)
+        tied = 50.0 * pos * neg * is_open / (pos.sum() * neg.sum())
+        priority = _worst_until(tied, float(tied.sum()), target)
+        f1, inside = _f1_curves(px.pos, px.neg)
+        excess = np.clip(inside - f1.max(), 0.0, None) * 100.0 * is_open
+        if excess.max(initial=0.0) > target:
+            priority = np.maximum(priority, np.where(excess > target / 4, excess, 0.0))
+        return priority
+
+    def _pro_priorities(self, target: float) -> tuple[np.ndarray, np.ndarray]:
+        """Which PRO-map bins to split, and the edges to add (the official thresholds, just above each
+        one: a pixel is then above θ exactly when its bin is)."""
+        weight, pro = self.pro_weight / self.regions, self.pro
+        if self.pro_mode == "official":
+            thresholds = official_thresholds(*self._pro_extremes()).astype(np.float64)
+            return np.zeros(pro.binning.bins), np.nextafter(thresholds, np.inf)
+        fpr, curve = _pro_points(weight, pro.neg)
+        errors = _pro_segment_errors(fpr, curve, pro.open_bins(), self.fpr_limit) / self.fpr_limit * 100
+        return _worst_until(errors, float(errors.sum()), target), np.zeros(0)
+
+    def refined(self, target: float = BOUND_TARGET, max_bins: int = MAX_BINS) -> StreamingMetrics | None:
+        """An empty accumulator with finer bins where this one's bounds exceed ``target``, sharing this
+        one's image scores: feed it the same maps again (:meth:`add_maps` only), check it with
+        :meth:`check_same_maps`, and take its :meth:`result`. ``None`` when every bound meets ``target``
+        (or the data have no pixel metrics)."""
+        bounds = self.bounds()
+        if not bounds or max(bounds.values()) <= target:
+            return None
+        pixel = _split_binning(self.pixel, self._pixel_priorities(target), max_bins, np.zeros(0))
+        priority, extra = self._pro_priorities(target)
+        pro = _split_binning(self.pro, priority, max_bins, extra)
+        finer = StreamingMetrics(pro_mode=self.pro_mode, fpr_limit=self.fpr_limit, binnings=(pixel, pro))
+        finer.scores, finer.labels, finer.type_ids, finer.types = (
+            self.scores,
+            self.labels,
+            self.type_ids,
+            self.types,
+        )
+        finer.passes = self.passes + 1
+        return finer
+
+    def check_same_maps(self, first: StreamingMetrics) -> None:
+        """Refuse a refinement pass that did not see the maps of the pass it refines (other images, or
+        maps that changed between the passes)."""
+        seen = (self.map_images, self.regions, int(self.pixel.pos.sum()), int(self.pixel.neg.sum()))
+        before = (first.map_images, first.regions, int(first.pixel.pos.sum()), int(first.pixel.neg.sum()))
+        same = (self.pro_min, self.pro_max, self.pixel.checksum, self.pro.checksum) == (
+            first.pro_min,
+            first.pro_max,
+            first.pixel.checksum,
+            first.pro.checksum,
+        )
+        if seen != before or not same:
+            raise DataError(
+                f"the refinement pass saw other maps than the first one (images, regions, defect and "
+                f"defect-free pixels: {seen} vs {before}; same map values: {same})"
+            )

@@ -64,6 +64,11 @@ def evaluate_run(
         redraw=lambda chosen: predictor.iter_maps(
             chosen, batch_size=batch_size, resolution=resolution, progress=False
         ),
+        # a second pass (only when a metric's error bound needs it) predicts the maps again: cheaper in
+        # memory and disk than keeping a test set's full-size maps
+        replay=lambda: predictor.iter_maps(
+            samples, batch_size=batch_size, resolution=resolution, progress=progress, desc="test, finer bins"
+        ),
     )
     if sharding is not None and not metrics:
         return {}  # not rank 0: it writes the report

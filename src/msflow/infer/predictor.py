@@ -50,6 +50,9 @@ class Maps:
     score: float  # image score (as the run's ModelConfig.score says)
     anomaly_map: np.ndarray  # (H, W) float32, the "add" map (localisation)
     image_map: np.ndarray  # (H, W) float32, the "mul" map (heatmaps, PRO)
+    # at the original resolution: the same maps before the resize (evaluation reports both resolutions)
+    model_anomaly_map: np.ndarray | None = None
+    model_image_map: np.ndarray | None = None
 
 
 @dataclass
@@ -165,8 +168,9 @@ class Predictor:
         scores, pixel_maps, image_maps = self.forward(batch)
         for (w, h), score, pmap, imap in zip(sizes, scores, pixel_maps, image_maps, strict=True):
             if resolution == "original":
-                pmap, imap = self._resize(pmap, h, w), self._resize(imap, h, w)
-            yield Maps(float(score), pmap, imap)
+                yield Maps(float(score), self._resize(pmap, h, w), self._resize(imap, h, w), pmap, imap)
+            else:
+                yield Maps(float(score), pmap, imap)
 
     # -- tiles (ModelConfig.tile) -------------------------------------------------------------------
     @property
@@ -191,7 +195,7 @@ class Predictor:
         pmap, imap = out.pixel_map[0].float().cpu().numpy(), out.image_map[0].float().cpu().numpy()
         if resolution == "original":
             h, w = stitcher.grid.height, stitcher.grid.width
-            pmap, imap = self._resize(pmap, h, w), self._resize(imap, h, w)
+            return Maps(float(out.scores[0]), self._resize(pmap, h, w), self._resize(imap, h, w), pmap, imap)
         return Maps(float(out.scores[0]), pmap, imap)
 
     def _stitch_image(self, image: np.ndarray) -> Stitcher:
