@@ -1,10 +1,10 @@
 """Data-parallel training with torchrun (gloo on the CPU): 2 ranks reproduce 1 process.
 
-Tolerances: the per-epoch loss within 1e-6 relative; standardisation statistics, global-normalisation
-references and thresholds within 1e-5 relative; final weights within rtol 1e-3 / atol 1e-4. The two runs
-differ only in float32 summation order (two half-batch gradient sums all-reduced instead of one batch
-sum), and Adam's per-parameter normalisation amplifies those last-bit differences in the weights whose
-gradients are tiny, so the weights get the looser bound.
+Tolerances (``run_checks.py``): the per-epoch loss within 1e-6 relative; standardisation statistics,
+global-normalisation references and thresholds within 1e-5 relative; final weights within rtol 1e-3 /
+atol 1e-4. The two runs differ only in float32 summation order (two half-batch gradient sums
+all-reduced instead of one batch sum), and Adam's per-parameter normalisation amplifies those last-bit
+differences in the weights whose gradients are tiny, so the weights get the looser bound.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from fake_data import make_fake_category
+from run_checks import assert_same_model, free_port, losses
 
 from msflow.config import Config
 from msflow.errors import MSFlowError
@@ -70,27 +70,6 @@ def torchrun(data: Path, run: Path, *extra: str, env: dict | None = None) -> sub
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
-
-
-def assert_same_model(run: Path, reference: Path) -> None:
-    got, meta = load_tensors(run / "model")
-    want, ref_meta = load_tensors(reference / "model")
-    assert got.keys() == want.keys()
-    exact_ish = ("standardizers.", "anomaly.ref_")
-    for key in want:
-        if any(tag in key for tag in exact_ish):
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
-        elif want[key].is_floating_point():
-            torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4, msg=key)
-        else:
-            assert torch.equal(got[key], want[key]), key
-    assert got["standardizers.1.std"].flatten().std() > 0  # the statistics really were fitted
-    for name in ("image", "pixel", "score_min", "score_max"):
-        assert meta["threshold"][name] == pytest.approx(ref_meta["threshold"][name], rel=1e-5)
-
-
 def test_two_ranks_reproduce_one_process(data: Path, reference: Path, tmp_path: Path) -> None:
     run = tmp_path / "two"
     done = torchrun(data, run)
@@ -103,7 +82,38 @@ def test_two_ranks_reproduce_one_process(data: Path, reference: Path, tmp_path: 
     assert chosen[0] == chosen[1] != "auto"
 
 
-TIMINGS = {"test_images_per_second", "train_seconds", "feature_extraction_seconds"}
+def test_two_nodes_meeting_by_rendezvous_reproduce_one_process(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Two torchrun "nodes" of one process each, joined by the c10d rendezvous as on a cluster (here
+    both on localhost): the job trains the model one process trains."""
+    run, port = tmp_path / "nodes", free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "msflow-test"]
+    train = ["-m", "msflow", "train", "--data", str(data), "--output", str(run), *CLI_FLAGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [*launch, "--node-rank", str(r), *train],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-6)
+    assert_same_model(run, reference)
+    assert sum(out.count("run folder:") for out, _ in outputs) == 1  # one rank 0 over both nodes
+
+
+TIMINGS = {"test_images_per_second", "train_seconds", "feature_extraction_seconds", "model_build_seconds"}
 
 
 def assert_same_value(got: object, want: object, where: str) -> None:
@@ -162,7 +172,7 @@ def test_a_killed_rank_ends_the_job_cleanly_and_resume_completes_it(
     data: Path, reference: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "killed"
-    failed = torchrun(data, run, env={KILL_SEAM_ENV: "1:1"})  # rank 1 dies after epoch 1's checkpoint
+    failed = torchrun(data, run, env={KILL_SEAM_ENV: "1:1:0:KILL"})  # rank 1 dies after epoch 1's checkpoint
     assert failed.returncode != 0
     ours = [line for line in failed.stderr.splitlines() if line.startswith(("error: rank", "rank 1/2"))]
     assert any(line.startswith("rank 1/2: test seam") for line in ours), failed.stderr[-3000:]
@@ -215,9 +225,7 @@ def test_a_non_finite_loss_on_one_rank_rolls_back_every_rank(data: Path, tmp_pat
     _poisoned.clear()
     fit(cfg, tmp_path / "one", progress=False, step_hook=poison_once_on_rank(-1), log=lambda _: None)
     assert _poisoned
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(_spawned_rank, args=(port, str(data), str(tmp_path / "two")), nprocs=2)
     for run in ("one", "two"):
         _, meta = load_tensors(tmp_path / run / "checkpoint" / "last")

@@ -19,6 +19,7 @@ from msflow.config import Config
 from msflow.infer.predict import run_predict, run_predict_on_ray
 from msflow.infer.predictor import Predictor
 from msflow.train.benchmark import COLUMNS, run_benchmark
+from msflow.train.distributed import KILL_SEAM_ENV, KILL_SEAM_ONCE_ENV
 from msflow.train.fit import fit
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -40,10 +41,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
+def seam_fired(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Created by the one Ray worker that the fault seam kills (see the worker-death test)."""
+    return tmp_path_factory.mktemp("seam") / "fired"
+
+
+@pytest.fixture(scope="module")
+def local_ray(seam_fired: Path) -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # The first task to finish its first epoch of two SIGKILLs its own worker, once per module (the
+    # tests that train one epoch never reach the seam).
+    seam = {KILL_SEAM_ENV: "0:1:0:KILL", KILL_SEAM_ONCE_ENV: str(seam_fired)}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": seam})
     try:
         yield
     finally:
@@ -73,6 +83,29 @@ def test_ray_tasks_reproduce_the_sequential_table_and_rerun_skips_finished_categ
     assert "cannot be used" in again[2]["error"]  # the failed category was tried again, and failed again
     saved = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert [r["category"] for r in saved] == ["alpha", "beta", "broken", "mean"]
+
+
+@needs_ray
+def test_a_category_whose_worker_dies_is_retried_from_its_checkpoint(
+    root: Path, local_ray: None, seam_fired: Path, tmp_path: Path
+) -> None:
+    """A Ray worker killed in the middle of a category (after its first epoch's checkpoint): Ray runs
+    the task again (max_retries), the category continues from its checkpoint, the table is complete
+    and equals an uninterrupted run's."""
+    two_epochs, names = CFG.updated(train={"epochs": 2}), ["alpha", "beta"]
+    uninterrupted = run_benchmark(root, tmp_path / "local", two_epochs, names, progress=False)
+    assert not seam_fired.exists()  # the seam lives in the Ray workers only
+    on_ray = run_benchmark(root, tmp_path / "ray", two_epochs, names, executor="ray", cpus_per_task=1)
+    assert seam_fired.exists()  # one worker died mid-category
+    same = [c for c in COLUMNS if c != "train_seconds"]
+    assert [{c: r.get(c) for c in same} for r in on_ray] == [
+        {c: r.get(c) for c in same} for r in uninterrupted
+    ]
+    assert all(r.get("error") is None and r["image_auroc"] is not None for r in on_ray)
+    for name in names:  # the killed category's second epoch was logged once, by the retry
+        assert [
+            json.loads(line)["epoch"] for line in (tmp_path / "ray" / name / "train_log.jsonl").open()
+        ] == [1, 2]
 
 
 @needs_ray

@@ -21,7 +21,7 @@ from msflow.model.checkpoint import load_model, load_tensors
 from msflow.train.fit import fit
 from msflow.train.loop import lr_factor
 
-TIMING_KEYS = {"train_seconds", "feature_extraction_seconds", "test_images_per_second"}
+TIMING_KEYS = {"train_seconds", "feature_extraction_seconds", "test_images_per_second", "model_build_seconds"}
 
 
 def tiny_config(data: Path, epochs: int = 3, **train: object) -> Config:

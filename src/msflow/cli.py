@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             from msflow.train.distributed import report_to_launcher
 
             report_to_launcher(f"error: {err}")
-        return 2
+        return getattr(err, "exit_code", 2)  # 2, or 143 for a run stopped by SIGTERM (StoppedError)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

@@ -7,6 +7,10 @@ in the order the tasks finish; a task that fails is reported with its error and 
 
 Tasks write their outputs where the driver said, so on a cluster those paths (and the inputs) must be
 on a filesystem that every node mounts at the same path (NFS, a cloud file share).
+
+A task whose worker process or node dies (out of memory, a preempted node) is run again, up to
+:data:`TASK_RETRIES` times; a retried benchmark category continues from its own checkpoint
+(``fit(resume="auto")``), so a retry costs at most the epoch that was interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from msflow.errors import MSFlowError
+
+# Runs of a task after its worker died (Ray's own default is 3): one retry rides out a lost worker or
+# node; a task that kills its worker twice (out of memory, say) is reported as failed instead.
+TASK_RETRIES = 1
 
 
 def require_ray() -> Any:
@@ -41,7 +49,7 @@ def run_tasks(
     ``error`` is None on success, else one line (the result is then None). The driver joins the cluster
     at ``address`` (or ``$RAY_ADDRESS``, set inside ``ray job submit``), else starts a local instance,
     unless Ray is already initialised; an instance started here is shut down at the end. A task is
-    retried once if its worker or node dies, so jobs must be safe to repeat.
+    retried (:data:`TASK_RETRIES` times) if its worker or node dies, so jobs must be safe to repeat.
     """
     if cpus_per_task < 1 or gpus_per_task < 0:
         raise MSFlowError(
@@ -67,7 +75,9 @@ def run_tasks(
                 f"each task asks for {cpus_per_task} CPU(s) and {gpus_per_task:g} GPU(s) but the Ray cluster "
                 f"has {total.get('CPU', 0):g} CPU(s) and {total.get('GPU', 0):g} GPU(s)"
             )
-        task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=1)(msflow_task)
+        task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=TASK_RETRIES)(
+            msflow_task
+        )
         pending = {task.remote(fn, cpus_per_task, *job): i for i, job in enumerate(jobs)}
         try:
             while pending:

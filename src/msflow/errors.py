@@ -54,3 +54,9 @@ def require_extra(module: str, extra: str, feature: str):
         return importlib.import_module(module)
     except ImportError:
         raise missing_extra(module, extra, feature) from None
+
+
+class StoppedError(MSFlowError):
+    """The run was asked to stop (SIGTERM); its checkpoint is on disk and ``--resume`` continues it."""
+
+    exit_code = 143  # 128 + SIGTERM: what a process ended by SIGTERM reports, so launchers restart it

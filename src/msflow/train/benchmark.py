@@ -9,7 +9,8 @@ Categories run one after the other in this process (``executor="local"``), or ea
 (``executor="ray"``, :mod:`msflow.cluster`). Either way each row is printed as its category
 finishes, and the final table lists the categories in the same order. Re-running the same command
 skips the categories whose run folder is finished (model and metrics written) and resumes the ones
-that were interrupted after a checkpoint.
+that were interrupted after a checkpoint (of the same configuration: another one is reported as the
+category's error, never continued or overwritten).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def run_category(name: str, cfg: Config, run_dir: Path, progress: bool = True) -
     """One category's fit as a table row; a user-fixable failure becomes the row's error."""
     row: dict = {"category": name}
     try:
-        resume = (run_dir / "checkpoint" / "last.json").is_file()  # interrupted earlier: continue it
-        metrics = fit(cfg, run_dir, resume=resume, progress=progress)
+        # Interrupted earlier (a rerun, or a Ray retry after its worker died): continue its checkpoint.
+        metrics = fit(cfg, run_dir, resume="auto", progress=progress)
         row.update({k: metrics.get(k) for k in COLUMNS[1:-1]})
     except MSFlowError as err:
         row["error"] = str(err).splitlines()[0]

@@ -32,7 +32,14 @@ How the work is shared, and why the result equals a single-process run with the 
 Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
 end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
 ``--resume`` makes every rank load the same one (on several nodes the run folder must be on a shared
-filesystem).
+filesystem). Under ``torchrun --max-restarts N`` a restarted job continues from that checkpoint by
+itself (:attr:`Distributed.restarts`, read by :mod:`msflow.train.resume`).
+
+Stopping: SIGTERM (what schedulers and torchrun send first) during training only raises a flag. The
+flag travels with each step's loss all-reduce, so every rank stops after the same step; the run then
+writes a checkpoint of that step and ends with :class:`StoppedError` (exit code 143). Outside the
+training loop (extraction, evaluation) SIGTERM ends the run at once, keeping the last checkpoint.
+This holds in a single process too (``Distributed()``), where the flag is simply this process's.
 """
 
 from __future__ import annotations
@@ -43,18 +50,20 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from types import FrameType, TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from msflow.errors import DistributedError, MSFlowError
+from msflow.errors import DistributedError, MSFlowError, StoppedError
 from msflow.evaluate.streaming import Mergeable
 from msflow.model.msflow import FlowOutput, MSFlow
 
@@ -63,10 +72,17 @@ DEFAULT_TIMEOUT_S = 1800
 # The other ranks wait for rank 0's evaluation (as long as the test set takes) in a separate group;
 # a rank 0 that dies still ends the wait at once (its connections close).
 FINAL_WAIT = timedelta(hours=24)
-# ---- test seam (tests/test_distributed.py): "RANK:EPOCH" makes that rank SIGKILL itself after that
-# epoch's checkpoint, to show that the job ends cleanly and --resume continues it. Read only here. ----
+# ---- test seam (tests/test_distributed.py, tests/test_restart.py): "RANK:EPOCHS:STEP:SIGNAL" makes that
+# rank send itself SIGNAL (KILL or TERM) when EPOCHS epochs are complete, just before step STEP of the
+# next one (each epoch's checkpoint precedes its step 0). With KILL_SEAM_ONCE_ENV naming a file, the seam
+# fires only where it can create that file (once per job, across torchrun restarts and Ray retries).
+# Read only here. ----
 KILL_SEAM_ENV = "MSFLOW_TEST_KILL_RANK"
+KILL_SEAM_ONCE_ENV = "MSFLOW_TEST_KILL_ONCE"
+# How many times the job was restarted: torchrun --max-restarts, or a requeued Slurm job.
+RESTART_ENVS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 M = TypeVar("M", bound=Mergeable)
+R = TypeVar("R")
 _SHARE_ROWS = 64  # rows per broadcast when the shards are shared: bounded memory for any cache size
 
 
@@ -87,13 +103,17 @@ class _Flows(nn.Module):
 class Distributed:
     """Where this process stands in a data-parallel job; ``Distributed()`` is the single process."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, restarts: int = 0) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.restarts = restarts  # > 0: this job was restarted (it continues its run folder by itself)
         self.comm_device = torch.device("cpu")  # where collective tensors live (CUDA for nccl)
+        self.stop_requested = False  # SIGTERM arrived during training: stop after the current step
         self._owns_group = False
         self._failing = False
-        self._previous_sigterm: object = signal.SIG_DFL
+        self._at_safe_points = False
+        self._previous_sigterm: object = None  # None: no handler of ours installed
         self._wait_group: object = None
+        self._seam = _parse_seam(os.environ.get(KILL_SEAM_ENV, ""), rank)
 
     @classmethod
     def from_environment(cls) -> Distributed:
@@ -106,7 +126,8 @@ class Distributed:
             raise MSFlowError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {err}") from err
         if world < 1 or not 0 <= rank < world:
             raise MSFlowError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
-        return cls(rank, world, local)
+        counts = [os.environ.get(k, "").strip() for k in RESTART_ENVS]
+        return cls(rank, world, local, max((int(c) for c in counts if c.isdigit()), default=0))
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +140,18 @@ class Distributed:
     @property
     def tag(self) -> str:
         return f"rank {self.rank}/{self.world_size}"
+
+    def main_only(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """``log`` on rank 0, silence on the others (one voice per job)."""
+        return log if self.is_main else _silent
+
+    def on_main(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
+        """``fn(*args, **kwargs)`` on rank 0 alone (it writes the run folder); None on the others."""
+        return fn(*args, **kwargs) if self.is_main else None
+
+    def from_main(self, decide: Callable[[], dict]) -> dict:
+        """Rank 0 alone runs ``decide`` (it writes the run folder); every rank gets its result."""
+        return self.result_from_main(decide() if self.is_main else {})
 
     # -- life cycle ----------------------------------------------------------------------------------
     def setup(self, device: torch.device, batch_size: int) -> torch.device:
@@ -153,18 +186,21 @@ class Distributed:
         return device
 
     def __enter__(self) -> Distributed:
-        if self.enabled:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._failing = err is not None
+        if self._previous_sigterm is not None:
+            # After a failure torchrun SIGTERMs the survivors: let this one finish printing its own message.
+            failing_rank = self._failing and self.enabled
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if failing_rank else self._previous_sigterm)  # type: ignore[arg-type]
+            self._previous_sigterm = None
         if not self.enabled:
             return
-        self._failing = err is not None
-        # After a failure torchrun SIGTERMs the survivors: let this one finish printing its own message.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if self._failing else self._previous_sigterm)
         if self._owns_group and tdist.is_initialized():
             if err is None:
                 tdist.destroy_process_group()
@@ -183,10 +219,36 @@ class Distributed:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if self._failing:
             return  # already ending with our own message
+        if self._at_safe_points and not self.stop_requested:
+            self.stop_requested = True  # the training loop stops after this step, with a checkpoint
+            return
         self._failing = True
-        raise DistributedError(
-            f"{self.tag}: stopped by the launcher because another rank failed; continue with --resume"
+        who = "the launcher (another rank failed?) or the scheduler" if self.enabled else "the system"
+        raise StoppedError(
+            f"stopped by SIGTERM from {who}; the last checkpoint is kept: continue with --resume"
         )
+
+    @contextmanager
+    def stopping_at_safe_points(self) -> Iterator[None]:
+        """While inside, SIGTERM only sets :attr:`stop_requested` (the training loop's steps)."""
+        self._at_safe_points = True
+        try:
+            yield
+        finally:
+            self._at_safe_points = False
+
+    def fire_test_seam(self, epochs_done: int, step: int) -> None:
+        """The fault-injection seam of the tests (see KILL_SEAM_ENV); nothing without it."""
+        if self._seam is None or self._seam[:2] != (epochs_done, step):
+            return
+        once = os.environ.get(KILL_SEAM_ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # fired already in an earlier attempt of this job
+        print(f"{self.tag}: test seam {KILL_SEAM_ENV}: SIG{self._seam[2]}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), getattr(signal, f"SIG{self._seam[2]}"))
 
     # -- collectives ----------------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -294,20 +356,40 @@ class Distributed:
             return losses.mean()
         return losses.sum() * (self.world_size / global_batch)
 
-    def batch_sum(self, losses: Tensor) -> Tensor:
-        """Sum of the per-image losses of the whole global batch, the same on every rank."""
+    def step_totals(self, losses: Tensor) -> tuple[Tensor, bool]:
+        """(sum of the per-image losses of the whole global batch, whether any rank was asked to stop),
+        the same on every rank: one all-reduce, so every rank decides alike after every step."""
         total = losses.detach().sum()
         if not self.enabled:
-            return total
-        return self.all_sum([total.to(self.comm_device, torch.float64)])[0]  # no float64 on MPS: not here
+            return total, self.stop_requested
+        both = torch.stack(
+            [total.to(torch.float64), torch.tensor(float(self.stop_requested), dtype=torch.float64)]
+        )
+        summed = self.all_sum([both.to(self.comm_device)])[0]  # no float64 on MPS: not here
+        return summed[0], bool(summed[1] > 0)
 
-    def end_of_epoch(self, epoch: int) -> None:
-        """Called by every rank after rank 0 wrote the epoch's checkpoint."""
+    def any_stop_requested(self) -> bool:
+        """Whether any rank was asked to stop (the same answer on every rank)."""
+        if not self.enabled:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], dtype=torch.float64)
+        return bool(self.all_sum([flag.to(self.comm_device)])[0].item() > 0)
+
+    def wait_for_main(self) -> None:
+        """Every rank waits here until rank 0 has written (a checkpoint, say)."""
         self.barrier()
-        seam = os.environ.get(KILL_SEAM_ENV)
-        if seam and self.enabled and seam == f"{self.rank}:{epoch}":
-            print(f"{self.tag}: test seam {KILL_SEAM_ENV}={seam}: SIGKILL", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _parse_seam(value: str, rank: int) -> tuple[int, int, str] | None:
+    """This rank's (epochs done, step, signal name) from KILL_SEAM_ENV, or None."""
+    parts = value.split(":")
+    if len(parts) != 4 or parts[0] != str(rank):
+        return None
+    return int(parts[1]), int(parts[2]), parts[3].upper()
 
 
 def report_to_launcher(message: str) -> None:

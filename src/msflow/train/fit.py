@@ -1,5 +1,11 @@
 """``fit``: from a config to a finished run folder (the job behind ``msflow train`` and ``Detector.fit``).
 
+A run is a sequence of named steps, each a function below: open the run folder (fresh, resumed or
+restarted: :mod:`msflow.train.resume`), load the data, resolve the settings, extract the features,
+train, choose the label-free settings, calibrate the threshold, save the model, evaluate. Under
+torchrun every rank runs the same steps; what differs between ranks (who writes, who waits, what is
+sharded) is :class:`~msflow.train.distributed.Distributed`'s business.
+
 Run folder::
 
     config.yaml              the resolved configuration (an "auto" image size, score or maps as decided)
@@ -10,7 +16,8 @@ Run folder::
                              one used (no test label is read)
     model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
                              before the test evaluation, which then adds its metrics to model.json
-    checkpoint/last.*        training state after the last completed epoch (for --resume)
+    checkpoint/last.*        training state after the last completed epoch, or the step a SIGTERM
+                             stopped at (for --resume and restarts: msflow.train.resume)
     metrics.json             test-set metrics of the LAST epoch (never test-selected, B14);
                              missing if the evaluation died: ``msflow test --model RUN`` writes it
     predictions.csv          per-image score, normalised score, decision, label, defect type
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +49,22 @@ from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration,
 from msflow.infer.evaluate_run import evaluate_run
 from msflow.infer.predictor import Predictor
 from msflow.logs import log as logger
-from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_model, save_tensors
+from msflow.model.checkpoint import save_model
 from msflow.model.msflow import MSFlow
 from msflow.train.budget import measure_epoch_cost, plan
 from msflow.train.choice import choose_settings
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
-from msflow.train.schedule import Plateau, total_epochs
+from msflow.train.resume import (
+    Opening,
+    Resume,
+    load_training_state,
+    open_run,
+    save_training_state,
+    trim_train_log,
+)
+from msflow.train.schedule import total_epochs
 
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -62,6 +78,105 @@ def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list
     return [train[i] for i in keep], [train[i] for i in hold]
 
 
+@dataclass
+class Run:
+    """A training run's surroundings: its folder, its place in a (data-parallel) job, how it reports."""
+
+    folder: Path
+    dist: Distributed
+    log: Callable[[str], None]
+    progress: bool
+    step_hook: StepHook | None = None
+
+    def save_config(self, cfg: Config) -> None:
+        self.dist.on_main(save_yaml, cfg, self.folder / "config.yaml")
+
+
+@dataclass
+class TrainingData:
+    name: str
+    fit: list[Sample]  # the good images the flows learn
+    holdout: list[Sample]  # good images held out: threshold, label-free choices, plateau rule
+    test: list[Sample]
+
+    @property
+    def calibration(self) -> list[Sample]:
+        return self.holdout or self.fit  # with no hold-out, training images stand in (biased low)
+
+
+@dataclass
+class Features:
+    cache: FeatureCache
+    holdout: FeatureCache | None  # for the plateau rule only
+    seconds: float
+
+
+def fit(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: Resume = False,
+    validation: str | None = None,
+    progress: bool = True,
+    step_hook: StepHook | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> dict:
+    """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
+
+    The finished model (with its threshold) is written before the test evaluation starts, so nothing
+    trained is lost if the evaluation fails: ``resume=True`` on such a run only evaluates. ``resume="auto"``
+    continues a checkpoint of the same configuration if there is one (a retried job), and so does a
+    restarted torchrun or Slurm job without being told (:mod:`msflow.train.resume`). SIGTERM during
+    training writes a checkpoint of the current step and raises :class:`~msflow.errors.StoppedError`.
+    Returns the test metrics (see :func:`msflow.evaluate.evaluation.evaluate_stream`). Under torchrun
+    every rank calls this (data-parallel training, see :mod:`msflow.train.distributed`); rank 0 writes
+    the run folder, the others wait for it, and all return its metrics.
+    """
+    with Distributed.from_environment() as dist:
+        run = Run(Path(run_dir), dist, dist.main_only(log), progress and dist.is_main, step_hook)
+        metrics = _fit(cfg, run, resume, validation)
+        return dist.result_from_main(metrics)  # after _fit returned: the waiting ranks hold no features
+
+
+def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
+    """The steps of a training run, in order."""
+    began = time.perf_counter()
+    if cfg.train.budget is not None and run.dist.enabled:
+        raise MSFlowError("--budget times this process alone; it cannot be used with torchrun (set --epochs)")
+    opening = open_run(cfg, run.folder, resume, run.dist.restarts, run.log)
+    if opening.finished:
+        run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
+        return run.dist.on_main(_evaluate_saved, opening.cfg, run) or {}
+    device = run.dist.setup(resolve_device(opening.cfg.train.device), opening.cfg.train.batch_size)
+    seed_everything(opening.cfg.train.seed)
+    data = load_training_data(opening.cfg, run.log)
+    cfg = resolve_settings(opening.cfg, data, run)
+    built = time.perf_counter()
+    model = MSFlow(cfg.model).to(device)
+    build_seconds = round(time.perf_counter() - built, 2)
+    features = extract(model, cfg, data, device, run)
+    if cfg.train.budget is not None and not opening.resume:  # a resumed run keeps the epochs it chose
+        cfg = apply_budget(cfg, model, features, data, device, began, run)
+    state, timings = train(model, features, cfg, opening, device, run, data.test)
+    del features  # the features are no longer needed (a disk cache deletes its files)
+    predictor, synthetic_auroc = choose(Predictor(model, cfg, None, device), data, run)
+    predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
+    record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
+    save(predictor, data, state, {**record, **calib_info}, run)
+    return _evaluate(predictor, run.folder, run.progress, data.name, data.test, run.dist)
+
+
+def load_training_data(cfg: Config, log: Callable[[str], None]) -> TrainingData:
+    """The dataset, refused before any work if an image cannot be used, with the seeded hold-out split."""
+    name, train, test = load_data(cfg.data)
+    log(f"dataset {name}: {len(train)} good training images, {len(test)} test images")
+    validate_samples(train, f"training set of '{name}'")
+    if test:  # a folder of good images only may have no test set: the model is still made
+        validate_samples(test, f"test set of '{name}'")
+    fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    log(_holdout_line(len(holdout), len(train), len(test)))
+    return TrainingData(name, fit_samples, holdout, test)
+
+
 def _holdout_line(held: int, good: int, test: int) -> str:
     """What the hold-out is for, in one line (and what a run without a test set will not report)."""
     use = "the threshold and the label-free check of scores and maps"
@@ -73,329 +188,74 @@ def _holdout_line(held: int, good: int, test: int) -> str:
     return line if test else f"{line}; no test set, so no test metrics"
 
 
-def _save_training_state(
-    run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer, cfg: Config, state: TrainState
-) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    opt = optimizer.state_dict()
-    for i, s in opt["state"].items():
-        for key, value in s.items():
-            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-    meta = {
-        "config": cfg.to_dict(),
-        "param_groups": opt["param_groups"],
-        "epoch": state.epoch,
-        "lr_scale": state.lr_scale,
-        "bad_events": state.bad_events,
-        "history": state.history,
-        "plateau": state.plateau.to_dict(),
-    }
-    if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
-        raise MSFlowError("refusing to write a checkpoint that holds NaN or inf")
-    save_tensors(tensors, meta, run_dir / "checkpoint" / "last")
-
-
-def _load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer) -> TrainState:
-    tensors, meta = load_tensors(run_dir / "checkpoint" / "last")
-    model_state = migrate_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    model.load_state_dict(model_state, strict=False)
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return TrainState(
-        meta["epoch"],
-        meta["lr_scale"],
-        meta["bad_events"],
-        meta["history"],
-        Plateau.from_dict(meta.get("plateau")),
-    )
-
-
-def _calibrate(
-    predictor: Predictor,
-    holdout: list[Sample],
-    fit_samples: list[Sample],
-    validation: str | None,
-    batch_size: int,
-    progress: bool,
-    dist: Distributed,
-) -> tuple[Threshold, dict[str, Any]] | None:
-    """Thresholds from the held-out good images (or a labelled folder), and how they do on the hold-out.
-
-    Data-parallel, each rank predicts its shard of the good images and rank 0 merges the calibrations
-    (quantiles do not depend on the order of the scores, the pixel counts add exactly), then alone
-    reads the labelled folder; the other ranks return ``None``.
-    """
-    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    mine = dist.shard(len(calib_samples))
-    calib = GoodImageCalibration(predictor.pixel_range)
-    for maps in predictor.iter_maps(
-        calib_samples[mine.start : mine.stop], batch_size=batch_size, progress=progress, desc="calibrate"
-    ):
-        calib.add(maps.score, maps.anomaly_map)
-    merged = dist.merge_to_main(calib)
-    if merged is None:
-        return None
-    calib = merged[0]
-    threshold = calib.threshold("holdout" if holdout else "train")
-    if validation:
-        threshold = calibrate_on_folder(predictor, validation, batch_size, threshold, progress)
-    flagged = sum(threshold.is_defective(s) for s in calib.scores)
-    info = {
-        "holdout_images" if holdout else "calibration_training_images": len(calib.scores),
-        "holdout_false_positive_rate" if holdout else "train_false_positive_rate": round(
-            100.0 * flagged / len(calib.scores), 4
-        ),
-    }
-    return threshold, info
-
-
-def fit(
-    cfg: Config,
-    run_dir: str | Path,
-    resume: bool = False,
-    validation: str | None = None,
-    progress: bool = True,
-    step_hook: StepHook | None = None,
-    log: Callable[[str], None] = logger.info,
-) -> dict:
-    """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
-
-    The finished model (with its threshold) is written before the test evaluation starts, so nothing
-    trained is lost if the evaluation fails: ``resume=True`` on such a run only evaluates. Returns the
-    test metrics (see :func:`msflow.evaluate.evaluation.evaluate_stream`). Under torchrun every rank
-    calls this (data-parallel training, see :mod:`msflow.train.distributed`); rank 0 writes the run
-    folder, the others wait for it, and all return its metrics.
-    """
-    with Distributed.from_environment() as dist:
-        quiet = not dist.is_main
-        metrics = _fit(
-            cfg,
-            Path(run_dir),
-            resume,
-            validation,
-            progress and not quiet,
-            step_hook,
-            (lambda _: None) if quiet else log,
-            dist,
-        )
-        return dist.result_from_main(metrics)  # after _fit returned: the waiting ranks hold no features
-
-
-def _fit(
-    cfg: Config,
-    run_dir: Path,
-    resume: bool,
-    validation: str | None,
-    progress: bool,
-    step_hook: StepHook | None,
-    log: Callable[[str], None],
-    dist: Distributed,
-) -> dict:
-    began = time.perf_counter()
-    last = run_dir / "checkpoint" / "last.json"
-    if cfg.train.budget is not None and dist.enabled:
-        raise MSFlowError("--budget times this process alone; it cannot be used with torchrun (set --epochs)")
-    if resume and (run_dir / "model.json").is_file():
-        if not dist.is_main:  # data-parallel: rank 0 evaluates, the others wait for it in fit()
-            return {}
-        log(f"'{run_dir}' holds a finished model: evaluating it (no training)")
-        return _evaluate(Predictor.load(run_dir, cfg.train.device), run_dir, progress)
-    if resume:
-        if not last.is_file():
-            raise MSFlowError(f"nothing to resume: '{last}' does not exist")
-        _, meta = load_tensors(last.with_suffix(""))
-        cfg = Config.from_dict(meta["config"])  # the run's own config, not today's flags
-    elif last.exists() or (run_dir / "model.json").exists():
-        raise MSFlowError(f"run folder '{run_dir}' already holds a run; use --resume or another --output")
-    if dist.is_main:  # data-parallel: rank 0 alone writes the run folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-    device = dist.setup(resolve_device(cfg.train.device), cfg.train.batch_size)
-    seed_everything(cfg.train.seed)
-
-    name, train, test = load_data(cfg.data)
-    log(f"dataset {name}: {len(train)} good training images, {len(test)} test images")
-    validate_samples(train, f"training set of '{name}'")  # refuse bad data before any work
-    if test:  # a folder of good images only may have no test set: the model is still made
-        validate_samples(test, f"test set of '{name}'")
-    fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-    log(_holdout_line(len(holdout), len(train), len(test)))
-    calib_samples = holdout or fit_samples  # with no hold-out, training images stand in (biased low)
-    if len(calib_samples) < 2:  # nothing to judge scores or maps on: every "auto" keeps its incumbent
+def resolve_settings(cfg: Config, data: TrainingData, run: Run) -> Config:
+    """Settings that depend on the data, decided before training ("auto" image size, fallbacks of the
+    label-free choices); the run folder's config.yaml says what was decided. Every rank decides alike."""
+    if len(data.calibration) < 2:  # nothing to judge scores or maps on: every "auto" keeps its incumbent
         resolved = cfg.model.with_maps(cfg.model.maps.resolved())
         if resolved != cfg.model:
             cfg = replace(cfg, model=resolved)
-            if dist.is_main:
-                save_yaml(cfg, run_dir / "config.yaml")
-            log(f"{resolved.maps}: 'auto' needs at least 2 good images to judge the scores and maps on")
+            run.log(f"{resolved.maps}: 'auto' needs at least 2 good images to judge the scores and maps on")
     if isinstance(cfg.model.image_size, str):  # "auto:N": the training images' aspect ratio
-        # Every rank resolves the same size from the same files; rank 0 alone writes it down. Tiles are
-        # square, so a tiled model's input is the square budget.
+        # Tiles are square, so a tiled model's input is the square budget.
         size = cfg.model.image_size
-        size = int(size.partition(":")[2]) if cfg.model.tile else resolve_image_size(size, fit_samples)
+        size = int(size.partition(":")[2]) if cfg.model.tile else resolve_image_size(size, data.fit)
         cfg = cfg.updated(model={"image_size": size})
-        if dist.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
-        log(f"image size {cfg.model.image_size} (auto: the training images' median aspect ratio)")
+        run.log(f"image size {cfg.model.image_size} (auto: the training images' median aspect ratio)")
+    run.dist.on_main(run.folder.mkdir, parents=True, exist_ok=True)
+    run.save_config(cfg)
+    return cfg
 
-    model = MSFlow(cfg.model).to(device)
-    predictor = Predictor(model, cfg, None, device)
+
+def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device, run: Run) -> Features:
+    """The frozen backbone's features of the training images, once (each rank extracts its shard)."""
     start = time.perf_counter()
+    t = cfg.train
     cache = FeatureCache.build(
-        model, fit_samples, device, cfg.train.batch_size, cfg.train.cache, cfg.data.workers, progress, dist
+        model, data.fit, device, t.batch_size, t.cache, cfg.data.workers, run.progress, run.dist
     )
     # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
     # training statistics; never a test image).
-    holdout_cache = None
-    if cfg.train.stop == "plateau" and holdout:
-        holdout_cache = FeatureCache.build(
+    holdout = None
+    if t.stop == "plateau" and data.holdout:
+        holdout = FeatureCache.build(
             model,
-            holdout,
+            data.holdout,
             device,
-            cfg.train.batch_size,
-            cfg.train.cache,
+            t.batch_size,
+            t.cache,
             cfg.data.workers,
-            progress,
-            dist,
+            run.progress,
+            run.dist,
             fit_statistics=False,
         )
-    extract_seconds = time.perf_counter() - start
     if cfg.model.tile:
-        log(
+        run.log(
             f"tiles of {cfg.model.tile} px (overlap {cfg.model.tile_overlap:g}) resized to "
-            f"{cfg.model.image_size}: {len(cache)} training tiles from {len(fit_samples)} images"
+            f"{cfg.model.image_size}: {len(cache)} training tiles from {len(data.fit)} images"
         )
-    if cfg.train.budget is not None and not resume:  # a resumed run keeps the epochs it chose
-        checks = len(test) + 3 * len(calib_samples)  # test images, and the synthetic checks' images
-        extract_rate = extract_seconds / max(len(cache), 1)
-        cfg = _apply_budget(cfg, model, cache, device, began, extract_rate, checks, run_dir, log)
-    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
-    state = _load_training_state(run_dir, model, optimizer) if resume else TrainState()
-
-    def on_epoch_end(state: TrainState) -> None:
-        if dist.is_main:
-            _end_epoch_on_main(state)
-        dist.end_of_epoch(state.epoch)  # the others wait until the checkpoint is written
-
-    def _end_epoch_on_main(state: TrainState) -> None:
-        entry = state.history[-1]
-        if (
-            cfg.train.eval_every
-            and state.epoch % cfg.train.eval_every == 0
-            and state.epoch < total_epochs(cfg.train, state.plateau)
-        ):
-            # Logged only, never used to pick a checkpoint (B14).
-            results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
-            entry["test"] = evaluate_stream(test, results, pixel_range=predictor.pixel_range)
-            model.train()
-        with (run_dir / "train_log.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
-        if "plateau_at" in entry:
-            log(
-                f"held-out NLL plateau after epoch {state.epoch}: the learning rate decays from here, "
-                f"training ends after epoch {entry['schedule_epochs']}"
-            )
-        if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == total_epochs(
-            cfg.train, state.plateau
-        ):
-            _save_training_state(run_dir, model, optimizer, cfg, state)
-
-    model.train()
-    train_flows(
-        model,
-        cache,
-        cfg.train,
-        device,
-        state,
-        optimizer,
-        on_epoch_end,
-        step_hook,
-        progress,
-        dist,
-        holdout_cache,
-    )
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    model.calibrate_global_normalization(
-        ([f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, dist.shard(len(cache)))),
-        gather=dist.gather_rows,
-    )
-    training_rows = len(cache)
-    del cache, holdout_cache  # the features are no longer needed (a disk cache deletes its files)
-    # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
-    # held-out good images and synthetic defects drawn into them, with exact masks. It chooses the maps,
-    # then under them the image score, where they are "auto" (msflow.train.choice). Rank 0 alone.
-    synthetic_auroc = None
-    if dist.is_main and len(calib_samples) >= 2:  # "auto" with fewer kept its incumbents above
-        source = "holdout" if holdout else "train (no hold-out: biased)"
-        images = [read_image(s.image) for s in calib_samples]
-        which = "held-out" if holdout else "training"
-        log(f"synthetic check: synthetic defects drawn into {len(images)} {which} good images")
-        settings, synthetic_auroc = choose_settings(
-            predictor, images, run_dir, cfg.train.batch_size, cfg.train.seed, source=source, log=log
-        )
-        cfg = replace(cfg, model=cfg.model.with_maps(settings))
-        save_yaml(cfg, run_dir / "config.yaml")
-    # Rank 0's choices reach every rank (a no-op in one process); the model uses them from here on.
-    chosen_settings = ("score", "normalization", "smoothing")
-    cfg = cfg.updated(
-        model=dist.result_from_main(
-            {k: getattr(cfg.model, k) for k in chosen_settings} if dist.is_main else {}
-        )
-    )
-    # A predictor of the trained model under the decided settings (nothing edited in place).
-    predictor = predictor.with_settings(cfg.model.maps)
-    predictor.config, model = cfg, predictor.model
-    # Every rank calibrates on its shard of the held-out images; rank 0 gets the merged calibration.
-    calibrated = _calibrate(predictor, holdout, fit_samples, validation, cfg.train.batch_size, progress, dist)
-    if calibrated is not None:
-        threshold, calib_info = calibrated
-        training = {
-            "epochs": state.epoch,
-            "stop": cfg.train.stop,
-            "synthetic_auroc": synthetic_auroc,
-            **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
-            "train_seconds": round(train_seconds, 2),
-            "feature_extraction_seconds": round(extract_seconds, 2),
-            "train_images": len(fit_samples),
-            **({"training_tiles": training_rows} if cfg.model.tile else {}),
-            **calib_info,
-        }
-        # Saved before the test evaluation: from here on, nothing trained can be lost.
-        save_model(
-            model, cfg, run_dir / "model", threshold=threshold.to_dict(), dataset=name, training=training
-        )
-        report.plot_loss_curve(run_dir / "loss_curve.png", state.history)
-        predictor.threshold, predictor.meta = threshold, {"training": training}
-    # The other ranks wait for the threshold; then every rank evaluates its shard of the test set.
-    if dist.enabled:
-        decided = dist.result_from_main(predictor.threshold.to_dict() if predictor.threshold else {})
-        predictor.threshold = Threshold.from_dict(decided)
-    return _evaluate(predictor, run_dir, progress, name, test, dist)
+    return Features(cache, holdout, time.perf_counter() - start)
 
 
-def _apply_budget(
+def apply_budget(
     cfg: Config,
     model: MSFlow,
-    cache: FeatureCache,
+    features: Features,
+    data: TrainingData,
     device: torch.device,
     began: float,
-    extract_rate: float,
-    check_images: int,
-    run_dir: Path,
-    log: Callable[[str], None],
+    run: Run,
 ) -> Config:
     """The config with the epochs that fit ``--budget`` (recorded in ``budget.json``; the budget itself
-    is then cleared from ``config.yaml``, so that a resumed run keeps these epochs)."""
+    is then cleared from ``config.yaml``, so that a resumed run keeps these epochs). One process only."""
+    cache = features.cache
     cost = measure_epoch_cost(model, cache, cfg.train, device)
     spent = time.perf_counter() - began  # loading, extraction and this measurement
-    decided = plan(cfg.train.budget, spent, cost, len(cache), check_images, extract_rate, cfg.train.epochs)
-    (run_dir / "budget.json").write_text(json.dumps(decided, indent=2), encoding="utf-8")
-    log(
+    checks = len(data.test) + 3 * len(data.calibration)  # test images, and the synthetic checks' images
+    extract_rate = features.seconds / max(len(cache), 1)
+    decided = plan(cfg.train.budget, spent, cost, len(cache), checks, extract_rate, cfg.train.epochs)
+    (run.folder / "budget.json").write_text(json.dumps(decided, indent=2), encoding="utf-8")
+    run.log(
         f"budget {cfg.train.budget:g} min: {decided['epoch_seconds']:.1f} s per epoch here, "
         f"{decided['spent_seconds'] / 60:.1f} min spent, ~{decided['evaluation_seconds_estimate'] / 60:.1f} "
         f"min for the checks and the test -> {decided['epochs']} epochs "
@@ -403,12 +263,200 @@ def _apply_budget(
         + ("" if decided["fits"] else "; even one epoch exceeds the budget")
         + ")"
     )
-    log("expected accuracy against 100 epochs, from measured runs (msflow.train.budget):")
+    run.log("expected accuracy against 100 epochs, from measured runs (msflow.train.budget):")
     for line in decided["expected_cost"]:
-        log(f"  {line}")
+        run.log(f"  {line}")
     cfg = replace(cfg, train=replace(cfg.train, epochs=decided["epochs"], budget=None))
-    save_yaml(cfg, run_dir / "config.yaml")
+    run.save_config(cfg)
     return cfg
+
+
+def train(
+    model: MSFlow,
+    features: Features,
+    cfg: Config,
+    opening: Opening,
+    device: torch.device,
+    run: Run,
+    test: list[Sample],
+) -> tuple[TrainState, dict]:
+    """Train the flows (from the checkpoint when the run continues), checkpointing as configured, then
+    calibrate the global normalisation on the training features. Returns the state and the timings."""
+    start = time.perf_counter() - features.seconds
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
+    state = load_training_state(run.folder, model, optimizer) if opening.resume else TrainState()
+    run.dist.on_main(trim_train_log, run.folder, state.epoch)  # lines past the checkpoint are redone
+
+    def checkpoint(state: TrainState) -> None:
+        run.dist.on_main(save_training_state, run.folder, model, optimizer, cfg, state, opening.requested)
+        run.dist.wait_for_main()
+
+    def on_epoch_end(state: TrainState) -> None:
+        run.dist.on_main(_log_epoch, state, model, cfg, test, run.folder, run.log)
+        due = state.epoch % cfg.train.checkpoint_every == 0
+        if due or state.epoch == total_epochs(cfg.train, state.plateau):
+            checkpoint(state)
+
+    model.train()
+    train_flows(
+        model,
+        features.cache,
+        cfg.train,
+        device,
+        state,
+        optimizer,
+        on_epoch_end,
+        run.step_hook,
+        run.progress,
+        run.dist,
+        features.holdout,
+        on_stop=checkpoint,
+    )
+    model.eval()
+    cache = features.cache
+    model.calibrate_global_normalization(
+        ([f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, run.dist.shard(len(cache)))),
+        gather=run.dist.gather_rows,
+    )
+    return state, {
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "feature_extraction_seconds": round(features.seconds, 2),
+        **({"training_tiles": len(cache)} if cfg.model.tile else {}),
+    }
+
+
+def _log_epoch(
+    state: TrainState,
+    model: MSFlow,
+    cfg: Config,
+    test: list[Sample],
+    folder: Path,
+    log: Callable[[str], None],
+) -> None:
+    """The epoch's line in train_log.jsonl, with a test evaluation every ``eval_every`` epochs."""
+    entry = state.history[-1]
+    if (
+        cfg.train.eval_every
+        and state.epoch % cfg.train.eval_every == 0
+        and state.epoch < total_epochs(cfg.train, state.plateau)
+    ):
+        # Logged only, never used to pick a checkpoint (B14).
+        predictor = Predictor(model, cfg, None, next(model.parameters()).device)
+        results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
+        entry["test"] = evaluate_stream(test, results, pixel_range=predictor.pixel_range)
+        model.train()
+    with (folder / "train_log.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    if "plateau_at" in entry:
+        log(
+            f"held-out NLL plateau after epoch {state.epoch}: the learning rate decays from here, "
+            f"training ends after epoch {entry['schedule_epochs']}"
+        )
+
+
+def choose(predictor: Predictor, data: TrainingData, run: Run) -> tuple[Predictor, float | None]:
+    """The label-free choices where the settings say "auto" (the maps, then under them the image score:
+    :mod:`msflow.train.choice`), made by rank 0 on the synthetic check; every rank gets them. Returns
+    a predictor of the trained model under the decided settings, and the score's synthetic AUROC."""
+    decided: dict = {"model": {}, "synthetic_auroc": None}
+    if len(data.calibration) >= 2:  # "auto" with fewer kept its incumbents in resolve_settings
+        decided = run.dist.from_main(lambda: _choose_on_main(predictor, data, run))
+    cfg = predictor.config.updated(model=decided["model"])
+    chosen = predictor.with_settings(cfg.model.maps)  # nothing edited in place
+    chosen.config = cfg
+    return chosen, decided["synthetic_auroc"]
+
+
+def _choose_on_main(predictor: Predictor, data: TrainingData, run: Run) -> dict:
+    # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
+    # held-out good images and synthetic defects drawn into them, with exact masks.
+    cfg = predictor.config
+    source = "holdout" if data.holdout else "train (no hold-out: biased)"
+    images = [read_image(s.image) for s in data.calibration]
+    which = "held-out" if data.holdout else "training"
+    run.log(f"synthetic check: synthetic defects drawn into {len(images)} {which} good images")
+    settings, auroc = choose_settings(
+        predictor, images, run.folder, cfg.train.batch_size, cfg.train.seed, source=source, log=run.log
+    )
+    cfg = replace(cfg, model=cfg.model.with_maps(settings))
+    save_yaml(cfg, run.folder / "config.yaml")
+    return {
+        "model": {k: getattr(cfg.model, k) for k in ("score", "normalization", "smoothing")},
+        "synthetic_auroc": auroc,
+    }
+
+
+def calibrate(
+    predictor: Predictor, data: TrainingData, validation: str | None, run: Run
+) -> tuple[Threshold, dict[str, Any]]:
+    """The threshold from the held-out good images (or a labelled folder), and how it does on them.
+
+    Data-parallel, each rank predicts its shard of the good images and rank 0 merges the calibrations
+    (quantiles do not depend on the order of the scores, the pixel counts add exactly), then alone
+    reads the labelled folder; every rank gets the threshold.
+    """
+    mine = run.dist.shard(len(data.calibration))
+    calib = GoodImageCalibration(predictor.pixel_range)
+    batch_size = predictor.config.train.batch_size
+    for maps in predictor.iter_maps(
+        data.calibration[mine.start : mine.stop],
+        batch_size=batch_size,
+        progress=run.progress,
+        desc="calibrate",
+    ):
+        calib.add(maps.score, maps.anomaly_map)
+    merged = run.dist.merge_to_main(calib)
+    decided: dict = {}
+    if merged is not None:
+        calib = merged[0]
+        threshold = calib.threshold("holdout" if data.holdout else "train")
+        if validation:
+            threshold = calibrate_on_folder(predictor, validation, batch_size, threshold, run.progress)
+        flagged = sum(threshold.is_defective(s) for s in calib.scores)
+        where = "holdout" if data.holdout else "train"
+        decided = {
+            "threshold": threshold.to_dict(),
+            "info": {
+                "holdout_images" if data.holdout else "calibration_training_images": len(calib.scores),
+                f"{where}_false_positive_rate": round(100.0 * flagged / len(calib.scores), 4),
+            },
+        }
+    decided = run.dist.result_from_main(decided)  # the other ranks wait for rank 0's threshold
+    return Threshold.from_dict(decided["threshold"]), decided["info"]
+
+
+def save(predictor: Predictor, data: TrainingData, state: TrainState, record: dict, run: Run) -> None:
+    """The model with its threshold and training record (rank 0), before the test evaluation: from
+    here on, nothing trained can be lost. ``record``: timings, synthetic AUROC, calibration figures."""
+    cfg = predictor.config
+    training = {
+        "epochs": state.epoch,
+        "stop": cfg.train.stop,
+        "synthetic_auroc": record.pop("synthetic_auroc"),
+        **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
+        "train_images": len(data.fit),
+        **record,
+    }
+    predictor.meta = {"training": training}
+
+    def write() -> None:
+        threshold = predictor.threshold.to_dict()
+        save_model(
+            predictor.model,
+            cfg,
+            run.folder / "model",
+            threshold=threshold,
+            dataset=data.name,
+            training=training,
+        )
+        report.plot_loss_curve(run.folder / "loss_curve.png", state.history)
+
+    run.dist.on_main(write)
+
+
+def _evaluate_saved(cfg: Config, run: Run) -> dict:
+    """The test evaluation of a run whose model is already saved."""
+    return _evaluate(Predictor.load(run.folder, cfg.train.device), run.folder, run.progress)
 
 
 def _evaluate(

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from msflow.config import TrainConfig
-from msflow.errors import TrainingError
 from msflow.logs import Progress, duration, log
+from msflow.errors import StoppedError, TrainingError
 from msflow.model.loss import nll
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
@@ -48,8 +48,11 @@ class TrainState:
     bad_events: int = 0
     history: list[dict] = field(default_factory=list)  # one entry per epoch: loss, lr, seconds
     plateau: Plateau = field(default_factory=Plateau)  # the plateau rule's state (stop="plateau")
+    # Stopped (SIGTERM) inside epoch ``epoch + 1``: {"step": steps done, "loss_sum", "images", "seconds"}.
+    in_epoch: dict | None = None
 
 
+RESUME_HINT = "continue with --resume (torchrun restarts and Slurm requeues continue on their own)"
 StepHook = Callable[[int, int, list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -65,6 +68,7 @@ def train_flows(
     progress: bool = True,
     dist: Distributed | None = None,
     holdout: FeatureCache | None = None,
+    on_stop: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Train the flows from cached features for epochs ``state.epoch`` to the end of the schedule.
 
@@ -75,77 +79,34 @@ def train_flows(
             gradients averaged by DDP, so the steps are those of one process (see ``distributed.py``).
         holdout: features of the good images held out from training; with ``stop="plateau"`` their
             NLL after each epoch decides the schedule's length (without them, the training loss does).
+        on_stop: on SIGTERM, called (every rank, same step) with the state after the current step,
+            to write a checkpoint; then :class:`StoppedError` ends the run.
     """
     dist = dist or Distributed()
-    flow = dist.wrap_flows(model)
-    use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
-    use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    params = model.trainable_parameters()
+    step = _Step(model, optimizer, cfg, device, dist)
     good = _snapshot(model, optimizer)
-    while state.epoch < total_epochs(cfg, state.plateau):
-        epoch = state.epoch
-        lr = cfg.lr * lr_factor(epoch, cfg, state.plateau) * state.lr_scale
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # A generator per epoch: the order depends only on (seed, epoch), so a resumed run is identical.
-        order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        batches = order.split(cfg.batch_size)
-        # A bar within the epoch on a terminal; the epoch's own line below, wherever the output goes.
-        bar = Progress(batches, f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}", unit="batches",
-                       enabled=progress, summary=False)  # fmt: skip
-        total, count, start, rolled_back = 0.0, 0, time.perf_counter(), False
-        for step, idx in enumerate(bar):
-            feats = [f.to(device, non_blocking=True) for f in cache.batch(dist.split_batch(idx))]
-            if step_hook is not None:
-                feats = step_hook(epoch, step, feats)
-            with torch.autocast(
-                device.type, dtype=torch.bfloat16 if use_bf16 else None, enabled=use_amp or use_bf16
-            ):
-                out = flow(feats)
-            # The loss is summed over ~10^5-10^6 dims: compute it in float32 even under AMP.
-            losses = nll([z.float() for z in out.zs], out.log_det.float())
-            batch_sum = dist.batch_sum(losses)  # whole global batch: every rank decides the same
-            loss = dist.batch_loss(losses, len(idx))
-            if not torch.isfinite(batch_sum):
-                _bad_event(
-                    model, optimizer, good, state, cfg, f"non-finite loss at epoch {epoch + 1}, step {step}"
+    with dist.stopping_at_safe_points():
+        while state.epoch < total_epochs(cfg, state.plateau):
+            entry = _run_epoch(step, cache, state, step_hook, progress, on_stop)
+            if isinstance(entry, str):  # redo this epoch from the last good state, lower learning rate
+                _bad_event(model, optimizer, good, state, cfg, entry)
+                continue
+            if cfg.stop == "plateau":
+                entry.update(
+                    _plateau_step(model, holdout, entry["loss"], state.epoch + 1, cfg, state, device)
                 )
-                rolled_back = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not torch.isfinite(grad_norm) and not use_amp:  # under AMP the scaler skips the step itself
-                _bad_event(
-                    model,
-                    optimizer,
-                    good,
-                    state,
-                    cfg,
-                    f"non-finite gradient at epoch {epoch + 1}, step {step}",
-                )
-                rolled_back = True
-                break
-            scaler.step(optimizer)
-            scaler.update()
-            total += batch_sum.item()
-            count += len(idx)
-            bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
-        if rolled_back:
-            continue  # redo this epoch from the restored state with the lowered learning rate
-        entry = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr}
-        if cfg.stop == "plateau":
-            entry.update(_plateau_step(model, holdout, entry["loss"], epoch + 1, cfg, state, device))
-        entry["seconds"] = time.perf_counter() - start
-        state.history.append(entry)
-        state.epoch += 1
-        if progress:
-            _log_epoch(entry, count, total_epochs(cfg, state.plateau), state.history)
-        good = _snapshot(model, optimizer)
-        if on_epoch_end is not None:
-            on_epoch_end(state)
+            entry["seconds"] = time.perf_counter() - entry.pop("started")
+            state.history.append(entry)
+            state.epoch += 1
+            if progress:
+                _log_epoch(entry, len(cache), total_epochs(cfg, state.plateau), state.history)
+            good = _snapshot(model, optimizer)
+            if on_epoch_end is not None:
+                on_epoch_end(state)
+        if dist.any_stop_requested():  # SIGTERM after the last step: the final checkpoint is written
+            raise StoppedError(
+                "stopped by SIGTERM after the last epoch, whose checkpoint is written: " + RESUME_HINT
+            )
     return state
 
 
@@ -158,6 +119,96 @@ def _log_epoch(entry: dict, images: int, epochs: int, history: list[dict]) -> No
         f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4g}{held_out}, "
         f"{images / max(entry['seconds'], 1e-9):.1f} images/s, {duration(left)} left"
     )
+
+
+class _Step:
+    """One optimisation step on a (shard of a) global batch: forward, loss, backward, clip, update."""
+
+    def __init__(
+        self,
+        model: MSFlow,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        device: torch.device,
+        dist: Distributed,
+    ) -> None:
+        self.model, self.optimizer, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist
+        self.flow = dist.wrap_flows(model)
+        self.use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
+        self.use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.params = model.trainable_parameters()
+
+    def __call__(self, feats: list[torch.Tensor], global_batch: int) -> tuple[float, bool] | str:
+        """(the global batch's loss sum, whether to stop after it), or what went non-finite."""
+        with torch.autocast(
+            self.device.type,
+            dtype=torch.bfloat16 if self.use_bf16 else None,
+            enabled=self.use_amp or self.use_bf16,
+        ):
+            out = self.flow(feats)
+        # The loss is summed over ~10^5-10^6 dims: compute it in float32 even under AMP.
+        losses = nll([z.float() for z in out.zs], out.log_det.float())
+        batch_sum, stop = self.dist.step_totals(losses)  # whole global batch: every rank decides the same
+        if not torch.isfinite(batch_sum):
+            return "non-finite loss"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(self.dist.batch_loss(losses, global_batch)).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        if not torch.isfinite(grad_norm) and not self.use_amp:  # under AMP the scaler skips the step itself
+            return "non-finite gradient"
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return batch_sum.item(), stop
+
+
+def _run_epoch(
+    step: _Step,
+    cache: FeatureCache,
+    state: TrainState,
+    step_hook: StepHook | None,
+    progress: bool,
+    on_stop: Callable[[TrainState], None] | None,
+) -> dict | str:
+    """Epoch ``state.epoch + 1`` (from where a stopped run left it): its log entry, or what went wrong."""
+    cfg, epoch = step.cfg, state.epoch
+    lr = cfg.lr * lr_factor(epoch, cfg, state.plateau) * state.lr_scale
+    for group in step.optimizer.param_groups:
+        group["lr"] = lr
+    # A generator per epoch: the order depends only on (seed, epoch), so a resumed run is identical.
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    batches = order.split(cfg.batch_size)
+    done = state.in_epoch or {"step": 0, "loss_sum": 0.0, "images": 0, "seconds": 0.0}
+    state.in_epoch = None
+    total, count, start = done["loss_sum"], done["images"], time.perf_counter() - done["seconds"]
+    # A bar within the epoch on a terminal; the epoch's own line (train_flows), wherever the output goes.
+    bar = Progress(batches[done["step"] :], f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}",
+                   unit="batches", enabled=progress, summary=False)  # fmt: skip
+    for i, idx in enumerate(bar, start=done["step"]):
+        step.dist.fire_test_seam(epoch, i)
+        feats = [f.to(step.device, non_blocking=True) for f in cache.batch(step.dist.split_batch(idx))]
+        if step_hook is not None:
+            feats = step_hook(epoch, i, feats)
+        outcome = step(feats, len(idx))
+        if isinstance(outcome, str):
+            return f"{outcome} at epoch {epoch + 1}, step {i}"
+        total, count = total + outcome[0], count + len(idx)
+        bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
+        if outcome[1]:
+            state.in_epoch = {
+                "step": i + 1,
+                "loss_sum": total,
+                "images": count,
+                "seconds": time.perf_counter() - start,
+            }
+            if on_stop is not None:
+                on_stop(state)
+            raise StoppedError(
+                f"stopped by SIGTERM at epoch {epoch + 1}, step {i + 1} of {len(batches)}; its checkpoint "
+                f"is written: {RESUME_HINT}"
+            )
+    return {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr, "started": start}
 
 
 @torch.no_grad()
