@@ -34,6 +34,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+TASK_FIGURES = (
+    "fit_s",
+    "import_s",
+    "model_build_s",
+    "extraction_s",
+    "train_s",
+    "after_train_s",
+    "peak_rss_mb",
+)
+
 
 def write_category(root: Path, index: int, seed: int, images: int, size: int) -> Path:
     """Category ``index``: ``images`` good training images, ``images // 4`` good and as many defective

@@ -178,12 +178,24 @@ class Distributed:
             except ValueError as err:
                 raise MSFlowError(f"{TIMEOUT_ENV} must be a number of seconds: {err}") from err
             backend = "nccl" if device.type == "cuda" else "gloo"
-            tdist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+            wait = timedelta(seconds=timeout)
+            tdist.init_process_group(backend, timeout=wait, **self._store_of_this_attempt(wait))
             self._owns_group = True
         self._wait_group = tdist.new_group(backend="gloo", timeout=FINAL_WAIT)
         if tdist.get_world_size() != self.world_size or tdist.get_rank() != self.rank:
             raise MSFlowError(f"{self.tag}: the process group does not match RANK/WORLD_SIZE")
         return device
+
+    def _store_of_this_attempt(self, timeout: timedelta) -> dict:
+        """A restarted torchrun job reuses the launcher's store, which still holds the previous attempt's
+        keys (the dead ranks' addresses: a rank that reads one fails to connect). Each attempt keeps
+        its keys under its own prefix; the first attempt uses the store as it is."""
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip()
+        if attempt in ("", "0"):
+            return {}
+        store, _, _ = next(tdist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
+        prefixed = tdist.PrefixStore(f"msflow/attempt_{attempt}", store)
+        return {"store": prefixed, "rank": self.rank, "world_size": self.world_size}
 
     def __enter__(self) -> Distributed:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
