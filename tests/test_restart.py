@@ -103,10 +103,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_restart_c
     seam = {KILL_SEAM_ENV: "1:1:1:TERM", KILL_SEAM_ONCE_ENV: str(tmp_path / "fired")}
     done = train(data, run, launcher=["--nproc-per-node", "2", "--max-restarts", "1"], env=seam)
     assert done.returncode == 0, done.stderr[-3000:]
-    stops = [
-        line for line in done.stderr.splitlines() if "stopped by SIGTERM at epoch 2, step 2 of 3" in line
-    ]
-    assert len(stops) == 2, done.stderr[-3000:]  # both ranks, after the same step
+    # both ranks, after the same step (their lines may interleave on the shared stderr)
+    assert done.stderr.count("stopped by SIGTERM at epoch 2, step 2 of 3") == 2, done.stderr[-3000:]
     assert "(restart 1): continuing it" in done.stdout
     assert losses(run) == pytest.approx(losses(reference), rel=1e-6)  # resumed inside epoch 2
     assert_same_model(run, reference)
