@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from msflow.config import TrainConfig
-from msflow.logs import Progress, duration, log
 from msflow.errors import StoppedError, TrainingError
+from msflow.logs import Progress, duration, log
 from msflow.model.loss import nll
 from msflow.model.msflow import MSFlow
 from msflow.train.distributed import Distributed
