@@ -91,7 +91,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_continues_from_the_checkpoin
     done = train(data, run, launcher=["--nproc-per-node", "2", "--max-restarts", "1"], env=seam)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "fired").exists() and done.stderr.count("test seam") == 1  # killed once
-    assert "(restart 1): continuing it" in done.stdout  # no --resume was typed
+    assert "(restart 1): continuing it" in done.stderr  # no --resume was typed (a warning, on stderr)
     assert losses(run) == pytest.approx(losses(reference), rel=1e-6)  # epoch 1 kept, epoch 2 redone once
     assert_same_model(run, reference)
 
@@ -105,7 +105,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_restart_c
     assert done.returncode == 0, done.stderr[-3000:]
     # both ranks, after the same step (their lines may interleave on the shared stderr)
     assert done.stderr.count("stopped by SIGTERM at epoch 2, step 2 of 3") == 2, done.stderr[-3000:]
-    assert "(restart 1): continuing it" in done.stdout
+    assert "(restart 1): continuing it" in done.stderr
     assert losses(run) == pytest.approx(losses(reference), rel=1e-6)  # resumed inside epoch 2
     assert_same_model(run, reference)
 

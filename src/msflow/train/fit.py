@@ -142,7 +142,8 @@ def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
     began = time.perf_counter()
     if cfg.train.budget is not None and run.dist.enabled:
         raise MSFlowError("--budget times this process alone; it cannot be used with torchrun (set --epochs)")
-    opening = open_run(cfg, run.folder, resume, run.dist.restarts, run.log)
+    # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
+    opening = open_run(cfg, run.folder, resume, run.dist.restarts, logger.warning)
     if opening.finished:
         run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
         return run.dist.on_main(_evaluate_saved, opening.cfg, run) or {}
