@@ -144,15 +144,7 @@ def summary(runs: list[dict]) -> list[dict]:
             "wall_s": round(run["wall_s"], 1),
             "efficiency": round(first["wall_s"] * first["workers"] / (run["workers"] * run["wall_s"]), 3),
         }
-        for key in (
-            "fit_s",
-            "import_s",
-            "model_build_s",
-            "extraction_s",
-            "train_s",
-            "after_train_s",
-            "peak_rss_mb",
-        ):
+        for key in TASK_FIGURES:
             values = [t[key] for t in tasks]
             row[f"{key}_median"] = round(statistics.median(values), 2)
             row[f"{key}_max"] = round(max(values), 2)
