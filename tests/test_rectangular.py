@@ -27,6 +27,7 @@ from msflow.errors import ConfigError
 from msflow.model.anomaly_map import AnomalyMapper
 from msflow.model.fusion_flow import FusionFlow
 from msflow.model.parallel_flow import ParallelFlow, positional_encoding_2d
+from msflow.scoring import MapSettings
 from msflow.train.synthetic_check import MIN_EFFECT
 
 try:
@@ -252,13 +253,19 @@ def _wide_category(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-epoch run folder (random resnet18) on 48 x 96 images, size and score both "auto"."""
+    """A one-epoch run folder (random resnet18) on 48 x 96 images, size, score and maps all "auto"."""
     from msflow.train.fit import fit
 
     data = _wide_category(tmp_path_factory.mktemp("wide") / "part")
     run = tmp_path_factory.mktemp("runs") / "wide"
     cfg = Config().updated(
-        model={"backbone": "resnet18", "pretrained": False, "image_size": "auto:64", "score": "auto"},
+        model={
+            "backbone": "resnet18",
+            "pretrained": False,
+            "image_size": "auto:64",
+            "score": "auto",
+            "smoothing": "auto",  # opt-in: the whole map choice is what these tests check
+        },
         data={"dataset": str(data), "holdout_fraction": 0.25},
         train={"epochs": 1, "batch_size": 4, "device": "cpu"},
     )
@@ -310,7 +317,8 @@ def test_choose_re_makes_the_runs_own_decisions(wide_run: Path, tmp_path: Path) 
     from msflow.train.choice import remake_choices
 
     predictor = Predictor.load(wide_run)
-    settings = remake_choices(predictor, tmp_path / "again", log=lambda _: None)
+    asked = MapSettings("auto", "auto", "auto", predictor.config.model.top_k)  # as the run was asked
+    settings = remake_choices(predictor, tmp_path / "again", log=lambda _: None, asked=asked)
     saved = yaml.safe_load((wide_run / "config.yaml").read_text())["model"]
     assert (settings.normalization, settings.smoothing, settings.score) == (
         saved["normalization"],
@@ -340,7 +348,9 @@ def test_test_command_choose_re_makes_the_choices_and_tests_with_them(wide_run: 
     assert scores["auroc"] == pytest.approx(recorded["auroc"], abs=1e-6)  # the run's own check, again
     assert "logp:max@4" in scores["auroc"] and scores["chosen"] == recorded["chosen"]
     assert set(scores["gain_over_incumbent"]) == set(scores["difference_lower_bound"])
-    assert len(maps["pixel_auroc"]) == 8 and (out / "metrics.json").is_file()
+    # today's defaults: the normalisation is chosen, the blur stays the paper's (0)
+    assert set(maps["pixel_auroc"]) == {"per_image, smoothing 0", "global, smoothing 0"}
+    assert (out / "metrics.json").is_file()
     # a map-based score re-scores the run; the run's own files are left as they were
     score = "scales:max" if recorded["used"] == "logp:max@4" else "logp:max@4"
     rescored_dir = tmp_path / "rescored"

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from msflow.config import ModelConfig
 from msflow.data.datasets import load_dataset
 from msflow.data.images import ImageLike, read_image
 from msflow.errors import MSFlowError
@@ -85,11 +86,13 @@ def remake_choices(
     data: str | None = None,
     batch_size: int = 8,
     log: Callable[[str], None] = print,
+    asked: MapSettings | None = None,
 ) -> MapSettings:
     """Re-make a finished run's label-free choices with today's candidates and rule (no retraining):
-    every map and score setting is left to ``auto``, judged on the run's own held-out good images (the
-    same seeded split and synthetic defects as training; ``data`` when the dataset has moved). The
-    evidence goes to ``out_dir``; returns the settings chosen. No test image is read."""
+    the settings ``asked`` (by default today's defaults: the score and the normalisation ``auto``, the
+    paper's smoothing) are judged on the run's own held-out good images (the same seeded split and
+    synthetic defects as training; ``data`` when the dataset has moved). The evidence goes to
+    ``out_dir``; returns the settings chosen. No test image is read."""
     from msflow.train.fit import split_holdout  # fit calls this module: imported when needed
 
     cfg = predictor.config
@@ -98,7 +101,9 @@ def remake_choices(
     good = holdout or fit_samples
     if len(good) < 2:
         raise MSFlowError(f"the run's dataset has {len(good)} good images to judge on; at least 2 are needed")
-    asked = MapSettings("auto", "auto", "auto", cfg.model.top_k)
+    if asked is None:
+        default = ModelConfig()
+        asked = MapSettings(default.normalization, default.smoothing, "auto", cfg.model.top_k)
     source = "holdout" if holdout else "train (no hold-out: biased)"
     images = [read_image(s.image) for s in good]
     settings, _ = choose_settings(
