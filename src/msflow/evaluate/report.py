@@ -245,11 +245,19 @@ def plot_score_histogram(
     if scores.shape != labels.shape:
         raise ValueError(f"{scores.size} scores but {labels.size} labels")
     finite = np.isfinite(scores)
-    scores, labels = scores[finite], labels[finite]
-    bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 5))) if scores.size else 10
-
     fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
+    _draw_score_histogram(
+        fig.add_subplot(), scores[finite], labels[finite], threshold, "Image score distribution"
+    )
+    return _save_figure(fig, path)
+
+
+def _draw_score_histogram(
+    ax: Any, scores: np.ndarray, labels: np.ndarray, threshold: float | None, title: str
+) -> None:
+    """Good (label 0) and defective (label 1) scores over shared bins, the threshold dashed; one drawing
+    for the run folder's PNG and report.html."""
+    bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 5))) if scores.size else 10
     for value, name, colour in ((0, "good", "tab:blue"), (1, "defective", "tab:red")):
         subset = scores[labels == value]
         if subset.size:
@@ -258,10 +266,9 @@ def plot_score_histogram(
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold = {threshold:.4g}")
     ax.set_xlabel("image anomaly score")
     ax.set_ylabel("number of images")
-    ax.set_title("Image score distribution")
+    ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return _save_figure(fig, path)
 
 
 def plot_loss_curve(path: str | Path, history: Sequence[Mapping[str, Any]]) -> Path | None:
@@ -509,19 +516,7 @@ def _curve_figure(curves: Mapping[str, Any], which: str, metrics: Mapping[str, A
 
 def _histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None, rates: str) -> str:
     fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 5))) if scores.size else 10
-    for value, name, colour in ((0, "good", "tab:blue"), (1, "defective", "tab:red")):
-        subset = scores[labels == value]
-        if subset.size:
-            ax.hist(subset, bins=bins, alpha=0.5, color=colour, label=f"{name} (n={subset.size})")
-    if threshold is not None:
-        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
-    ax.set_xlabel("image anomaly score")
-    ax.set_ylabel("number of images")
-    ax.set_title(f"Test image scores: {rates}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    _draw_score_histogram(fig.add_subplot(), scores, labels, threshold, f"Test image scores: {rates}")
     return _png_data_uri(fig)
 
 
