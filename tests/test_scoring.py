@@ -178,7 +178,7 @@ def test_auto_score_and_maps_without_two_good_images_fall_back_to_where_they_sta
     lines: list[str] = []
     fit(cfg, tmp_path / "run", progress=False, log=lines.append)
     saved = load_yaml(tmp_path / "run" / "config.yaml").model
-    assert (saved.score, saved.normalization, saved.smoothing) == ("logp:0.01", "per_image", 0.0)
+    assert (saved.score, saved.normalization, saved.smoothing) == ("logp:0.03", "per_image", 0.0)
     assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["model"]["smoothing"] == 0.0
     assert any("needs at least 2 good images" in line for line in lines)
     assert not (tmp_path / "run" / "map_selection.json").exists()
