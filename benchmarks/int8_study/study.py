@@ -61,8 +61,8 @@ def make(opt):
              "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}[parts[2]]
     n = int(parts[3]); src = parts[5] if len(parts) > 5 else "holdout"
     x = D[src][:n] if src != "both" else np.concatenate([D["holdout"], D["fit"]])[:n]
-    act = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[parts[4]]
-    extra = {"ActivationSymmetric": act == QuantType.QInt8}
+    act = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8, "s16": QuantType.QInt16}[parts[4]]
+    extra = {"ActivationSymmetric": act in (QuantType.QInt8, QuantType.QInt16)}
     if parts[2] == "percentile": extra["CalibPercentile"] = 99.99
     quantize_static(PRE, out, Reader(x), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                     nodes_to_quantize=nodes, per_channel=True, activation_type=act,
