@@ -40,6 +40,7 @@ def select(model, which):
     if which == "backbone": return bb
     if which == "flows": return flows
     if which == "all": return bb + flows
+    if which == "depthwise": return [n for n in bb if convs[n] > 1]
     if which == "pointwise": return [n for n in bb if convs[n] == 1 and "stem" not in n]
     if which == "safe":  # no stem, no depthwise, not the last block of each stage
         last = {"stages.0.2", "stages.1.1", "stages.2.5"}  # the blocks whose outputs are pooled into the three feature maps
@@ -53,6 +54,17 @@ def make(opt):
     parts = opt.split(":")
     model = onnx.load(PRE)
     nodes = select(model, parts[1])
+    if parts[0] == "wonly":  # weights rounded to per-channel symmetric int8 and back; activations float
+        from onnx import numpy_helper
+        inits = {i.name: i for i in model.graph.initializer}
+        for n in model.graph.node:
+            if n.name in nodes:
+                w = numpy_helper.to_array(inits[n.input[1]])
+                scale = np.abs(w).reshape(len(w), -1).max(1).reshape(-1, *[1] * (w.ndim - 1)) / 127
+                q = np.round(w / np.where(scale > 0, scale, 1)) * scale
+                inits[n.input[1]].CopyFrom(numpy_helper.from_array(q.astype(np.float32), n.input[1]))
+        onnx.save(model, out)
+        return out
     if parts[0] == "dynamic":
         quantize_dynamic(PRE, out, op_types_to_quantize=["Conv"], nodes_to_quantize=nodes,
                          per_channel=True, weight_type=QuantType.QInt8)
