@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if not (ROOT / "benchmarks" / "speed.py").is_file():
+if not (ROOT / "benchmarks" / "speed" / "__init__.py").is_file():
     pytest.skip("no benchmarks/ folder (not a source checkout)", allow_module_level=True)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -26,7 +26,8 @@ from benchmarks.reference import (  # noqa: E402 - needs the checkout on sys.pat
     one_hot_permutation,
     reference_block_forward,
 )
-from benchmarks.speed import SpeedSettings, synthetic_maps  # noqa: E402
+from benchmarks.speed.aupro import synthetic_maps  # noqa: E402
+from benchmarks.speed.settings import SpeedSettings  # noqa: E402
 from msflow import (  # noqa: E402
     ModelConfig,
     MSFlow,
@@ -200,7 +201,7 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
 
 
 def test_auto_pick_follows_the_measured_speeds_and_the_agreement(monkeypatch) -> None:
-    from benchmarks import speed
+    from benchmarks.speed.inference import auto_pick
     from msflow.infer import runtime as rt
 
     monkeypatch.setattr(rt, "candidates", lambda device: ["torch", "torch-bf16", "onnx"])
@@ -214,20 +215,21 @@ def test_auto_pick_follows_the_measured_speeds_and_the_agreement(monkeypatch) ->
         }
 
     cpu = torch.device("cpu")
-    assert speed._auto_pick(measured(True), cpu) | {"considered": 0} == {
+    assert auto_pick(measured(True), cpu) | {"considered": 0} == {
         **{"batch": "onnx", "single": "onnx", "rejected": {}, "not_offered": [], "considered": 0}
     }
-    pick = speed._auto_pick(measured(False), cpu)
+    pick = auto_pick(measured(False), cpu)
     assert pick["batch"] == "torch_bf16" and pick["single"] == "torch" and list(pick["rejected"]) == ["onnx"]
     monkeypatch.setattr(rt, "candidates", lambda device: ["torch", "onnx"])  # bf16 not native here
-    pick = speed._auto_pick(measured(False), cpu)
+    pick = auto_pick(measured(False), cpu)
     assert pick["batch"] == pick["single"] == "torch" and pick["not_offered"] == ["torch_bf16"]
 
 
 def test_inference_phase_runs_efficientnet_lite0(one_thread) -> None:
     from dataclasses import replace
 
-    from benchmarks.speed import QUICK, phase_inference
+    from benchmarks.speed.inference import phase_inference
+    from benchmarks.speed.settings import QUICK
 
     settings = replace(SpeedSettings(), **QUICK)
     settings = replace(settings, backbone="efficientnet_lite0", skip_onnx=True, batch_size=2)
@@ -250,9 +252,9 @@ def test_settings_are_typed_and_checked() -> None:
 
 
 def test_bench_without_run_pairs_says_time_to_accuracy_was_not_measured() -> None:
-    from benchmarks.speed import _time_to_accuracy_lines
+    from benchmarks.speed.tables import time_to_accuracy_lines
 
-    assert _time_to_accuracy_lines(None)[0].startswith("Time to accuracy: not measured in this run")
+    assert time_to_accuracy_lines(None)[0].startswith("Time to accuracy: not measured in this run")
 
 
 def test_bench_without_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
