@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from benchmarks.speed.inference import REFERENCE, RUNTIME_ROWS
+from benchmarks.speed import inference
+from benchmarks.speed.inference import REFERENCE
 from benchmarks.speed.machine import GB
 
 
@@ -71,8 +72,8 @@ def time_to_accuracy_lines(tta: dict | None) -> list[str]:
 
 
 def timed_runtimes(inf: dict) -> list[str]:
-    """float32 torch, the reference, then every other runtime that ran, in :data:`RUNTIME_ROWS` order."""
-    first, *others = (r.key for r in RUNTIME_ROWS)
+    """float32 torch, the reference, then every other runtime that ran, in ``RUNTIME_ROWS`` order."""
+    first, *others = (r.key for r in inference.RUNTIME_ROWS)
     return [first, REFERENCE, *(k for k in others if inf.get(k))]
 
 
@@ -106,7 +107,7 @@ def inference_lines(inf: dict) -> list[str]:
         "  same scores, max |difference| to torch: "
         + ", ".join(f"{k.replace('_', ' ')} {inf[k + '_max_score_difference']:.1e}" for k in names[1:]),
     ]
-    for r in RUNTIME_ROWS[1:]:
+    for r in inference.RUNTIME_ROWS[1:]:
         if inf.get(f"{r.key}_note"):
             lines.append(f"  {r.key.replace('_', ' ')}: {inf[r.key + '_note']}")
         elif f"{r.key}_open_seconds" in inf:
@@ -158,7 +159,7 @@ def ceiling_lines(ce: dict) -> list[str]:
         *(
             f"  {k:<9} inference: {ce[f'{k}_achieved_gflops']:.1f} GFLOP/s = "
             f"{100 * ce[f'{k}_fraction_of_ceiling']:.0f} % of the matmul ceiling"
-            for k in [*(r.key for r in RUNTIME_ROWS), REFERENCE]
+            for k in [*(r.key for r in inference.RUNTIME_ROWS), REFERENCE]
             if f"{k}_achieved_gflops" in ce
         ),
     ]
