@@ -312,3 +312,17 @@ def test_thread_counts_default_to_one_and_all_cores() -> None:
     assert settings_from_args(args).thread_counts() == (2, 1)
     with pytest.raises(MSFlowError, match="--threads"):
         SpeedSettings(threads=(0,))
+
+
+def test_batch1_times_torch_its_old_input_layout_and_the_reference(tmp_path, capsys) -> None:
+    from benchmarks.speed import batch1
+
+    out = tmp_path / "batch1.json"
+    argv = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--threads", "1", "--rounds", "2"]
+    assert batch1.main([*argv, "--batch-size", "2", "--gap", "0", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for path in ("torch ", "torch NCHW input", "reference"):
+        assert f"1 thr, batch 1, {path}" in printed and f"1 thr, batch 2, {path}" in printed
+    results = json.loads(out.read_text())["results"]
+    assert [(r["threads"], r["batch"]) for r in results] == [(1, 1), (1, 2)]
+    assert all(len(t["cpu_ms"]) == 2 for r in results for t in r["times"].values())

@@ -9,6 +9,11 @@ the path before the backbone ran channels-last: the before/after of that change 
 a quiet gap, so that load from other processes hits every path alike; the minimum of the rounds is the
 figure (the median beside it), in wall and in CPU time (CPU time is the latency at 1 thread on a busy
 machine). The load average is printed with every thread count.
+
+``--onnx`` adds onnxruntime on the model's export as a fourth path, timed last in each round;
+``--gap 0`` drops the quiet gap. Both together time torch right after onnxruntime, as ``msflow bench``
+did before the gap: onnxruntime's worker threads keep spinning for ~20 ms after a run, and at 2
+threads on 2 cores the next path shares its cores with them.
 """
 
 from __future__ import annotations
@@ -21,10 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-GAP_SECONDS = 0.1  # before every timed call: nothing of the previous call still runs
 
-
-def paths(backbone: str, image_size: int) -> dict:
+def paths(backbone: str, image_size: int, onnx: bool = False) -> dict:
     """name -> fn(batch) of the three paths over one random model."""
     import torch
 
@@ -47,17 +50,35 @@ def paths(backbone: str, image_size: int) -> dict:
     def reference(x):  # numpy outputs too, so that both pay the same copies
         return tuple(t.float().cpu().numpy() for t in ref.predict(x))
 
-    return {"torch": run, "torch NCHW input": nchw_input, "reference": reference}
+    fns = {"torch": run, "torch NCHW input": nchw_input, "reference": reference}
+    if onnx:
+        fns["onnx"] = _onnx_runner(model)
+    return fns
 
 
-def measure(fns: dict, x, rounds: int) -> dict:
+def _onnx_runner(model):
+    """onnxruntime on the model's export, at torch's thread count when it is opened."""
+    import tempfile
+
+    import torch
+
+    from msflow.infer.export import OnnxModel, export_onnx
+    from msflow.infer.runtime import runner
+
+    with tempfile.TemporaryDirectory(prefix="msflow-batch1-") as folder:
+        path = export_onnx(model, Path(folder) / "model.onnx")
+        session = OnnxModel(path, threads=torch.get_num_threads())
+    return runner("onnx", session, torch.device("cpu"))
+
+
+def measure(fns: dict, x, rounds: int, gap: float) -> dict:
     """{path: {wall_ms, cpu_ms: [per round]}}, interleaved rounds after a warm-up."""
     for fn in fns.values():
         fn(x)
     out = {k: {"wall_ms": [], "cpu_ms": []} for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            time.sleep(GAP_SECONDS)
+            time.sleep(gap)
             cpu, wall = time.process_time(), time.perf_counter()
             fn(x)
             out[name]["wall_ms"].append(1000 * (time.perf_counter() - wall))
@@ -90,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=8, help="the throughput batch (default: 8)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default: 15)")
+    parser.add_argument(
+        "--gap", type=float, default=0.1, help="quiet seconds before each call (default: 0.1)"
+    )
+    parser.add_argument("--onnx", action="store_true", help="also onnxruntime, last in each round")
     parser.add_argument("--output", default=None, help="JSON file for every round's times")
     args = parser.parse_args(argv)
-    fns = paths(args.backbone, args.image_size)
     g = torch.Generator().manual_seed(1)
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     print(
@@ -102,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in args.threads:
         torch.set_num_threads(n)
+        fns = paths(args.backbone, args.image_size, args.onnx)  # onnxruntime takes its threads when opened
         for x in (images[:1], images):
-            times = measure(fns, x, args.rounds)
+            times = measure(fns, x, args.rounds, args.gap)
             load = os.getloadavg()[0]
             print("\n".join(summary_lines(n, len(x), times)) + f"\n    (load average {load:.2f})")
             results.append({"threads": n, "batch": len(x), "load_average": load, "times": times})
