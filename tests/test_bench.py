@@ -283,7 +283,9 @@ def test_a_runtime_row_is_one_line_and_appears_in_the_table(one_thread, monkeypa
     # A runtime the harness did not know: one row, here float32 torch again under another name.
     extra = inference.RuntimeRow("torch_again", "torch", asked=lambda p: True)
     monkeypatch.setattr(inference, "RUNTIME_ROWS", (*inference.RUNTIME_ROWS, extra))
-    settings = replace(SpeedSettings(), **QUICK, skip_onnx=True, batch_size=2, inference_repeats=1)
+    settings = replace(
+        SpeedSettings(), **{**QUICK, "skip_onnx": True, "batch_size": 2, "inference_repeats": 1}
+    )
     inf = inference.phase_inference(settings)
     _positive_numbers(inf["torch_again"], ["img_per_s", "latency_ms"])
     assert inf["torch_again_agrees"] and inf["torch_again_max_score_difference"] == 0.0
