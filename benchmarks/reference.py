@@ -1,4 +1,4 @@
-"""The official code's way of running MSFlow, for the speed harness (``benchmarks/speed.py``).
+"""The official code's way of running MSFlow, for the speed harness (``benchmarks/speed/``).
 
 It runs an :class:`~msflow.model.msflow.MSFlow`'s own weights the way the official code (cool-xuan/msflow)
 runs them (``docs/official-code-differences.md``, B8 and B10):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if not (ROOT / "benchmarks" / "speed.py").is_file():
+if not (ROOT / "benchmarks" / "speed" / "__init__.py").is_file():
     pytest.skip("no benchmarks/ folder (not a source checkout)", allow_module_level=True)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -26,7 +26,8 @@ from benchmarks.reference import (  # noqa: E402 - needs the checkout on sys.pat
     one_hot_permutation,
     reference_block_forward,
 )
-from benchmarks.speed import SpeedSettings, synthetic_maps  # noqa: E402
+from benchmarks.speed.aupro import synthetic_maps  # noqa: E402
+from benchmarks.speed.settings import SpeedSettings  # noqa: E402
 from msflow import (  # noqa: E402
     ModelConfig,
     MSFlow,
@@ -197,10 +198,19 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
             row["comparison"], row["measured"] <= row["bound"]
         )
         assert row["pass"] is expected and row["at_target_setting"] is False
+    assert res["by_threads"][0]["threads"] == 1 and res["config"]["threads"] == [1]
+    assert "=== 1 thread (torch and onnxruntime) ===" in printed and "By thread count" not in printed
+    # Two thread counts: each one's tables, then the headline figures side by side.
+    from benchmarks.speed.report import format_report
+
+    two = {**res, "by_threads": [res["by_threads"][0], {**res["by_threads"][0], "threads": 2}]}
+    text = format_report(two)
+    assert "=== 2 threads (torch and onnxruntime) ===" in text and "By thread count" in text
+    assert "timed at 1, 2 thread(s)" in text
 
 
 def test_auto_pick_follows_the_measured_speeds_and_the_agreement(monkeypatch) -> None:
-    from benchmarks import speed
+    from benchmarks.speed.inference import auto_pick
     from msflow.infer import runtime as rt
 
     monkeypatch.setattr(rt, "candidates", lambda device: ["torch", "torch-bf16", "onnx"])
@@ -214,20 +224,21 @@ def test_auto_pick_follows_the_measured_speeds_and_the_agreement(monkeypatch) ->
         }
 
     cpu = torch.device("cpu")
-    assert speed._auto_pick(measured(True), cpu) | {"considered": 0} == {
+    assert auto_pick(measured(True), cpu) | {"considered": 0} == {
         **{"batch": "onnx", "single": "onnx", "rejected": {}, "not_offered": [], "considered": 0}
     }
-    pick = speed._auto_pick(measured(False), cpu)
+    pick = auto_pick(measured(False), cpu)
     assert pick["batch"] == "torch_bf16" and pick["single"] == "torch" and list(pick["rejected"]) == ["onnx"]
     monkeypatch.setattr(rt, "candidates", lambda device: ["torch", "onnx"])  # bf16 not native here
-    pick = speed._auto_pick(measured(False), cpu)
+    pick = auto_pick(measured(False), cpu)
     assert pick["batch"] == pick["single"] == "torch" and pick["not_offered"] == ["torch_bf16"]
 
 
 def test_inference_phase_runs_efficientnet_lite0(one_thread) -> None:
     from dataclasses import replace
 
-    from benchmarks.speed import QUICK, phase_inference
+    from benchmarks.speed.inference import phase_inference
+    from benchmarks.speed.settings import QUICK
 
     settings = replace(SpeedSettings(), **QUICK)
     settings = replace(settings, backbone="efficientnet_lite0", skip_onnx=True, batch_size=2)
@@ -250,9 +261,9 @@ def test_settings_are_typed_and_checked() -> None:
 
 
 def test_bench_without_run_pairs_says_time_to_accuracy_was_not_measured() -> None:
-    from benchmarks.speed import _time_to_accuracy_lines
+    from benchmarks.speed.tables import time_to_accuracy_lines
 
-    assert _time_to_accuracy_lines(None)[0].startswith("Time to accuracy: not measured in this run")
+    assert time_to_accuracy_lines(None)[0].startswith("Time to accuracy: not measured in this run")
 
 
 def test_bench_without_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch, capsys) -> None:
@@ -260,3 +271,60 @@ def test_bench_without_a_source_checkout_is_one_clear_line(tmp_path, monkeypatch
     assert main(["speed", "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: ") and "source checkout" in err
+
+
+def test_a_runtime_row_is_one_line_and_appears_in_the_table(one_thread, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from benchmarks.speed import inference
+    from benchmarks.speed.settings import QUICK
+    from benchmarks.speed.tables import inference_lines
+
+    # A runtime the harness did not know: one row, here float32 torch again under another name.
+    extra = inference.RuntimeRow("torch_again", "torch", asked=lambda p: True)
+    monkeypatch.setattr(inference, "RUNTIME_ROWS", (*inference.RUNTIME_ROWS, extra))
+    settings = replace(
+        SpeedSettings(), **{**QUICK, "skip_onnx": True, "batch_size": 2, "inference_repeats": 1}
+    )
+    inf = inference.phase_inference(settings)
+    _positive_numbers(inf["torch_again"], ["img_per_s", "latency_ms"])
+    assert inf["torch_again_agrees"] and inf["torch_again_max_score_difference"] == 0.0
+    assert inf["onnx"] is None and inf["onnx_note"] == "skipped (--skip-onnx)"
+    header = inference_lines(inf)[0].split()
+    assert header[:3] == ["Inference", "torch", "reference"] and header[-2:] == ["torch", "again"]
+
+
+def test_every_timed_call_starts_after_a_quiet_gap(monkeypatch) -> None:
+    from benchmarks.speed import inference
+
+    slept: list[float] = []
+    monkeypatch.setattr(inference.time, "sleep", slept.append)
+    calls: list[str] = []
+    runners = {k: (lambda x, k=k: calls.append(k)) for k in ("torch", "reference", "onnx")}
+    inference.time_rounds(runners, torch.zeros(2, 3, 4, 4), torch.zeros(1, 3, 4, 4), 2, torch.device("cpu"))
+    # 2 batch rounds and 3 batch-1 rounds of 3 runtimes, each after onnxruntime's spinning has stopped
+    assert len(calls) == 15 and slept == [inference.SETTLE_SECONDS] * 15 and inference.SETTLE_SECONDS >= 0.05
+
+
+def test_thread_counts_default_to_one_and_all_cores() -> None:
+    from benchmarks.speed.settings import build_parser, settings_from_args
+
+    assert SpeedSettings().thread_counts() == tuple(dict.fromkeys((1, os.cpu_count())))
+    args = build_parser("speed").parse_args(["--threads", "2", "1", "2"])
+    assert settings_from_args(args).thread_counts() == (2, 1)
+    with pytest.raises(MSFlowError, match="--threads"):
+        SpeedSettings(threads=(0,))
+
+
+def test_batch1_times_torch_its_old_input_layout_and_the_reference(tmp_path, capsys) -> None:
+    from benchmarks.speed import batch1
+
+    out = tmp_path / "batch1.json"
+    argv = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--threads", "1", "--rounds", "2"]
+    assert batch1.main([*argv, "--batch-size", "2", "--gap", "0", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for path in ("torch ", "torch NCHW input", "reference"):
+        assert f"1 thr, batch 1, {path}" in printed and f"1 thr, batch 2, {path}" in printed
+    results = json.loads(out.read_text())["results"]
+    assert [(r["threads"], r["batch"]) for r in results] == [(1, 1), (1, 2)]
+    assert all(len(t["cpu_ms"]) == 2 for r in results for t in r["times"].values())

@@ -125,3 +125,26 @@ def test_make_optimizer_is_foreach_adam_and_steps_like_plain_adam() -> None:
     for a, b in zip(params, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         assert not torch.equal(a, torch.zeros_like(a))
+
+
+def _stem_input_is_channels_last(backbone, images: torch.Tensor) -> bool:
+    seen: list[bool] = []
+    hook = backbone.stem[0].register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=CL))
+    )
+    try:
+        feats = backbone(images)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(feats, backbone.raw_features(images), rtol=1e-4, atol=1e-5)  # same numbers
+    return seen[0]
+
+
+@needs_onednn
+def test_a_lite_backbone_takes_its_input_channels_last_where_it_pays() -> None:
+    backbone = small_model().backbone
+    images = torch.rand(2, 3, 64, 64)
+    assert backbone.input_layout == "auto" and _stem_input_is_channels_last(backbone, images)
+    assert not _stem_input_is_channels_last(backbone.double(), images.double())  # parity: plain path
+    resnet = MSFlow(ModelConfig(backbone="resnet18", pretrained=False, image_size=64)).backbone
+    assert resnet.input_layout == "contiguous" and not _stem_input_is_channels_last(resnet, images)

@@ -311,9 +311,9 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 def cmd_speed(args: argparse.Namespace) -> int:
     if args.command == "bench":
         log.warning("'msflow bench' is now 'msflow speed' (the old name goes in a later release)")
-    if not (BENCHMARKS / "speed.py").is_file():
+    if not (BENCHMARKS / "speed" / "__init__.py").is_file():
         raise MSFlowError(
-            f"'msflow speed' runs benchmarks/speed.py of a source checkout, and there is none at "
+            f"'msflow speed' runs benchmarks/speed/ of a source checkout, and there is none at "
             f"'{BENCHMARKS}' (the harness is not installed with the package): run it in a git clone of msflow"
         )
     if str(BENCHMARKS.parent) not in sys.path:
@@ -492,7 +492,7 @@ def _benchmark_parser(p: argparse.ArgumentParser) -> None:
     _train_flags(p)
 
 
-# name: (help, its flags, what it runs). "speed" is added apart: its flags are benchmarks/speed.py's.
+# name: (help, its flags, what it runs). "speed" is added apart: its flags are benchmarks/speed's.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., Any]]] = {
     "summary": ("feature shapes and parameter counts of a model", _summary_parser, cmd_summary),
     "train": (
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text, parents=[common])
         add_flags(p)
         p.set_defaults(func=func)
-    # Its flags belong to benchmarks/speed.py ('msflow speed --help'); they are passed through.
+    # Its flags belong to benchmarks/speed/ ('msflow speed --help'); they are passed through.
     speed = "speed of training and inference against the official-style reference path (source checkout)"
     sub.add_parser("speed", help=speed, add_help=False).set_defaults(func=cmd_speed)
     sub.add_parser("bench", add_help=False).set_defaults(func=cmd_speed)  # the old name; not listed

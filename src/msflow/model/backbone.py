@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from msflow.config import BackboneName, lite_variant
 from msflow.errors import WeightsError
 from msflow.model.efficientnet_lite import EfficientNetLite
+from msflow.model.layout import Layout, to_layout
 
 BACKBONES = get_args(BackboneName)  # declared once, as the config's Literal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,6 +149,9 @@ class FeatureExtractor(nn.Module):
                 ]
             )
             mean, std = LITE_MEAN, LITE_STD
+            # Channels-last input where oneDNN runs the convolutions (model/layout.py): its depthwise
+            # convolutions then need no reorders; 1.3x the backbone at batch 1 and 8 (docs/results.md).
+            self.input_layout: Layout = "auto"
         else:
             net = _build_resnet(name, pretrained, weights)
             if reflect_padding:
@@ -155,6 +159,7 @@ class FeatureExtractor(nn.Module):
             self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
             self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3])
             mean, std = IMAGENET_MEAN, IMAGENET_STD
+            self.input_layout = "contiguous"  # WideResNet-50-2: no clear gain at batch 1 (docs/results.md)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -190,7 +195,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         """(B, 3, H, W) RGB in [0, 1] -> three pooled maps (B, C_l, H/(2*stride_l), W/(2*stride_l))."""
         with torch.no_grad():
-            return self.raw_features(images)
+            return self.raw_features(to_layout([images], self.input_layout)[0])
 
     def feature_shapes(self, image_size: int | tuple[int, int]) -> list[tuple[int, int, int]]:
         """(C, H, W) of each pooled feature map for an input of ``image_size`` (side or (H, W)) pixels."""
