@@ -2,7 +2,7 @@
 
 Before the first epoch, with the features already extracted, msflow times a few training steps of a copy
 of the flows (the model itself is not touched), separates the cost per image from the fixed cost per
-epoch (two epoch lengths, as ``benchmarks/speed.py`` does), and estimates the evaluation from the
+epoch (two epoch lengths, as the speed harness ``benchmarks/speed/`` does), and estimates the evaluation from the
 extraction rate. The epochs that fit what is left of the budget are the run's ``epochs``; the schedule is
 the official one compressed (``warmup`` and ``decay_at`` are fractions of ``epochs``).
 
