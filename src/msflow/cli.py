@@ -228,9 +228,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             images=args.images,
         )
     else:
-        predictor = Predictor.load(args.model, device, args.runtime, batch_size)
-        if args.threshold is not None:
-            predictor.threshold = predictor.threshold.with_image_threshold(args.threshold)
+        predictor = Predictor.load(args.model, device, args.runtime, batch_size, args.threshold)
         summary = run_predict(
             predictor, args.input, args.output, batch_size, images=args.images, resume=args.resume
         )
