@@ -113,25 +113,6 @@ PREDICTION_FIELDS = [
 ]  # fmt: skip
 
 
-def write_predictions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write per-image predictions as UTF-8 CSV.
-
-    The header is the keys of the first row; keys that only appear in later rows are
-    appended after them, and values a row lacks are left empty. No rows → empty file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for row in rows:
-        fields.extend(k for k in row if k not in fields)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-    return path
-
-
 class RowWriter:
     """CSV rows written as they come and flushed, so a crash keeps every finished row.
 
