@@ -362,6 +362,15 @@ def load_data(data: DataConfig) -> tuple[str, list[Sample], list[Sample]]:
     return Path(data.normal_dir).resolve().name, train, test
 
 
+def load_test_set(data: DataConfig | str) -> tuple[str, list[Sample]]:
+    """(name, test samples) of a run's data section or of a dataset (:func:`load_dataset`), every file
+    checked; a folder of good images only has none."""
+    name, _, test = load_data(data) if isinstance(data, DataConfig) else load_dataset(data)
+    if test:
+        validate_samples(test, f"test set of '{name}'")
+    return name, test
+
+
 class ImageDataset(Dataset):
     """Samples as model inputs (the official transform, see :func:`msflow.data.images.to_tensor`):
     items ``image`` (3, H, W) float32, ``label``, ``index`` and ``original_size`` (the file's (width,

@@ -297,10 +297,6 @@ class Predictor:
             bar.update()  # before the yield: the phase is reported when its last image is out
             yield m
 
-    def iter_samples(self, samples: list[Sample], **kwargs: Any) -> Iterator[Prediction]:
-        """Verdicts on ``samples``, in order, batch by batch (arguments as :meth:`iter_maps`)."""
-        return (self.judge(m) for m in self.iter_maps(samples, **kwargs))
-
 
 def _sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:
     """The original (width, height) of each image of an :class:`ImageDataset` batch."""

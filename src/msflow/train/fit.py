@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from msflow.config import Config, replace, save_yaml
-from msflow.data.datasets import Sample, load_data, load_dataset, validate_samples
+from msflow.data.datasets import Sample, load_data, load_dataset, load_test_set, validate_samples
 from msflow.data.images import read_image, read_mask
 from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
@@ -434,9 +434,7 @@ def _evaluate(
     Data-parallel (``dist``), every rank calls this and evaluates its shard; rank 0 writes the report."""
     cfg = predictor.config
     if test is None:
-        name, _, test = load_data(cfg.data)
-        if test:
-            validate_samples(test, f"test set of '{name}'")
+        name, test = load_test_set(cfg.data)
     return evaluate_run(
         predictor,
         test,
