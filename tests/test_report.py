@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from msflow.errors import MSFlowError
 from msflow.evaluate.report import (
+    PREDICTION_FIELDS,
+    RowWriter,
     format_metrics,
     jet_overlay,
     metrics_table,
     plot_loss_curve,
     plot_score_histogram,
+    read_rows,
     save_overlay,
     with_mean_row,
-    write_predictions_csv,
     write_table,
 )
 
@@ -122,15 +125,25 @@ def test_save_overlay(tmp_path: Path, image: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- CSV / plots
 def test_predictions_csv_round_trip(tmp_path: Path) -> None:
     rows = [
-        {"path": "good/000.png", "score": 0.125, "label": 0},
-        {"path": "crack/ä 001.png", "score": 3.5, "label": 1, "note": "x,y"},
+        {"image": "good/000.png", "score": 0.125, "label": 0},
+        {"image": "crack/ä 001.png", "score": 3.5, "label": 1, "defect_type": "x,y", "unknown": 1},
     ]
-    path = write_predictions_csv(tmp_path / "sub" / "pred.csv", rows)
-    with path.open(encoding="utf-8", newline="") as fh:
-        back = list(csv.DictReader(fh))
-    assert list(back[0]) == ["path", "score", "label", "note"]
-    assert back[0] == {"path": "good/000.png", "score": "0.125", "label": "0", "note": ""}
-    assert back[1] == {"path": "crack/ä 001.png", "score": "3.5", "label": "1", "note": "x,y"}
+    path = tmp_path / "sub" / "pred.csv"
+    writer = RowWriter(path, PREDICTION_FIELDS)
+    writer.write(rows[0])
+    writer.close()
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write("cut,short")  # a crash in the middle of a row: dropped when the file is continued
+    writer = RowWriter(path, PREDICTION_FIELDS, append=True)
+    writer.write(rows[1])
+    writer.close()
+    back = list(read_rows(path))
+    assert list(back[0]) == PREDICTION_FIELDS
+    assert back[0]["image"] == "good/000.png" and back[0]["score"] == "0.125" and back[0]["overlay"] == ""
+    assert back[1]["image"] == "crack/ä 001.png" and back[1]["defect_type"] == "x,y"
+    assert len(back) == 2
+    with pytest.raises(MSFlowError, match="cannot continue"):
+        RowWriter(path, ["image", "score"], append=True)
 
 
 def test_score_histogram(tmp_path: Path) -> None:

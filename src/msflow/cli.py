@@ -172,16 +172,14 @@ def _print_all_scores(predictor: Any, test: list, out: Path, batch_size: int) ->
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from msflow.data.datasets import load_data, load_dataset, validate_samples
+    from msflow.data.datasets import load_test_set
     from msflow.evaluate.report import format_metrics
     from msflow.infer.evaluate_run import evaluate_run
     from msflow.infer.predictor import Predictor
 
     predictor = Predictor.load(args.model, getattr(args, "train.device"))
     cfg, run = predictor.config, Path(args.model)
-    name, _, test = load_dataset(args.data) if args.data else load_data(cfg.data)
-    if test:
-        validate_samples(test, f"test set of '{name}'")
+    name, test = load_test_set(args.data or cfg.data)
     # A run whose evaluation never finished (no metrics.json) is finished in place; otherwise the
     # report goes next to it, so the training-time report (and its choices' evidence) is never overwritten.
     unfinished = run.is_dir() and not (run / "metrics.json").is_file() and not (args.data or args.choose)
@@ -228,9 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             images=args.images,
         )
     else:
-        predictor = Predictor.load(args.model, device, args.runtime, batch_size)
-        if args.threshold is not None:
-            predictor.threshold = predictor.threshold.with_image_threshold(args.threshold)
+        predictor = Predictor.load(args.model, device, args.runtime, batch_size, args.threshold)
         summary = run_predict(
             predictor, args.input, args.output, batch_size, images=args.images, resume=args.resume
         )

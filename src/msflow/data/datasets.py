@@ -46,19 +46,16 @@ ELPV_TRAIN_PERCENT = 70  # of the defect-free cells; integer maths, no float rou
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of a dataset.
-
-    Attributes:
-        image: Image file.
-        label: 0 for good, 1 for defective.
-        defect_type: "good" for good images, else the defect folder name ("defect" for ELPV).
-        mask: Ground-truth mask file, or None (good images, or no annotations).
-    """
+    """One image of a dataset."""
 
     image: Path
-    label: int
-    defect_type: str
-    mask: Path | None = None
+    label: int  # 0 good, 1 defective
+    defect_type: str  # "good", else the defect folder's name ("defect" for ELPV)
+    mask: Path | None = None  # None for good images, or without annotations
+
+
+def _no_images(folder: Path, where: str = " or its sub-folders") -> DataError:
+    return DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{folder}'{where}")
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -79,7 +76,7 @@ def _mask_key(mask: Path, root: Path) -> str:
 
 
 def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = None) -> list[Path]:
-    """Return the mask of each image in ``images`` (same order), matched by file stem.
+    """The mask of each image in ``images`` (same order), matched by file stem.
 
     A mask sits at the image's path relative to ``image_root`` (default: the images' folder) inside
     ``gt_dir``, or anywhere in ``gt_dir`` when its stem is unique there.
@@ -116,22 +113,12 @@ def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = Non
 
 
 def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], list[Sample]]:
-    """Parse one MVTec-style category folder (MVTec AD, VisA 1cls or custom data).
+    """(train, test) of one MVTec-style category folder (MVTec AD, VisA 1cls or custom data).
 
-    Files are sorted, so the result is deterministic. Only image extensions are listed
-    (``.txt``, ``.DS_Store``... are ignored); whether the files decode is checked later by
-    :func:`validate_samples`. Empty ``test/<type>`` folders are skipped.
-
-    Args:
-        category_dir: Folder holding ``train/``, ``test/`` and optionally ``ground_truth/``.
-
-    Returns:
-        (train, test) sample lists. Train samples are all good; test samples are sorted by
-        defect type ("good" first), then by file name. Without a ``test/`` folder the test list is
-        empty (a folder of good images only still trains a model).
-
-    Raises:
-        DataError: Missing or empty folders, masks without images, images without masks.
+    Deterministic: files sorted, test samples by defect type ("good" first), then by name. Only image
+    extensions are listed; whether they decode is :func:`validate_samples`'s check. Empty
+    ``test/<type>`` folders are skipped; without ``test/`` the test list is empty (a folder of good
+    images only still trains a model).
     """
     root = Path(category_dir)
     if not root.is_dir():
@@ -141,7 +128,7 @@ def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], li
         raise DataError(f"'{train_dir}' is missing: a category needs train/good/ with defect-free images")
     train = [Sample(p, 0, "good", None) for p in list_images(train_dir)]
     if not train:
-        raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{train_dir}'")
+        raise _no_images(train_dir, "")
 
     test_root = root / "test"
     if not test_root.is_dir():  # good images only (a new inspection project): a model, no test metrics
@@ -176,11 +163,8 @@ def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], li
 
 
 def find_categories(root: str | os.PathLike[str], strict: bool = True) -> list[Path]:
-    """Return ``[root]`` if root is a category (has ``train/``), else its category sub-folders, sorted.
-
-    Raises:
-        DataError: If ``root`` is missing, or (``strict``) holds no category.
-    """
+    """``[root]`` if root is a category (has ``train/``), else its category sub-folders, sorted
+    (none is an error if ``strict``)."""
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"dataset folder '{base}' does not exist or is not a folder")
@@ -193,19 +177,8 @@ def find_categories(root: str | os.PathLike[str], strict: bool = True) -> list[P
 
 
 def validate_samples(samples: list[Sample], what: str = "training set", max_listed: int = 5) -> None:
-    """Decode every image and mask fully and check mask sizes; report all problems at once.
-
-    Meant to run before training, so a bad file stops the run before any work is done.
-
-    Args:
-        samples: Samples to check.
-        what: Name of the set, used in the message.
-        max_listed: How many bad files the message lists.
-
-    Raises:
-        DataError: First line ``<what>: N of M files cannot be used``, then one line per
-            listed file with its reason.
-    """
+    """Decode every image and mask fully and check mask sizes, before any work is done; all problems
+    in one DataError: ``<what>: N of M samples cannot be used``, then one line per listed file."""
     if not samples:
         raise DataError(f"{what} is empty")
     problems: list[str] = []
@@ -275,13 +248,6 @@ def elpv_samples(category: Literal["mono", "poly"], seed: int = 0) -> tuple[list
     Labels are image-level only (mask None). The package's PNG files are used in place
     when it is installed as plain files; otherwise (e.g. zipped) they are copied once to
     ``$MSFLOW_CACHE/elpv/<category>/`` (default ``~/.cache/msflow``).
-
-    Args:
-        category: "mono" (monocrystalline) or "poly" (polycrystalline) cells.
-        seed: Seed of the train/test permutation.
-
-    Returns:
-        (train, test), each sorted by file name within good/defect.
     """
     if category not in ("mono", "poly"):
         raise DataError(f"elpv category must be 'mono' or 'poly', not {category!r}")
@@ -310,15 +276,8 @@ def elpv_samples(category: Literal["mono", "poly"], seed: int = 0) -> tuple[list
 
 
 def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
-    """Load a dataset from ``elpv:mono``, ``elpv:poly``, the path of one category folder or of a plain
-    folder of good images.
-
-    Returns:
-        (name, train, test); the name is ``elpv-mono``/``elpv-poly`` or the folder name.
-
-    Raises:
-        DataError: Unknown spec, or a folder that is not exactly one category.
-    """
+    """(name, train, test) of ``elpv:mono``, ``elpv:poly`` (named ``elpv-mono``...), one category
+    folder or a plain folder of good images (named after the folder)."""
     text = str(spec)
     if text.lower().startswith("elpv:") or text.lower() == "elpv":
         category = text.partition(":")[2].strip().lower()
@@ -352,7 +311,7 @@ def plain_folder(folder: str | os.PathLike[str]) -> list[Sample]:
             )
     images = list_images(root, recursive=True)
     if not images:
-        raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{root}' or its sub-folders")
+        raise _no_images(root)
     return [Sample(p, 0, "good", None) for p in images]
 
 
@@ -377,7 +336,7 @@ def folder_samples(
     root = Path(abnormal_dir)
     images = list_images(root, recursive=True)
     if not images:
-        raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{root}' or its sub-folders")
+        raise _no_images(root)
     masks = _match_masks(images, Path(mask_dir), root) if mask_dir else [None] * len(images)
     kinds = [p.relative_to(root).parts[0] if p.parent != root else root.resolve().name for p in images]
     if len(normal) < 2:
@@ -403,14 +362,19 @@ def load_data(data: DataConfig) -> tuple[str, list[Sample], list[Sample]]:
     return Path(data.normal_dir).resolve().name, train, test
 
 
-class ImageDataset(Dataset):
-    """Samples as model inputs (the official transform, see :func:`msflow.data.images.to_tensor`).
+def load_test_set(data: DataConfig | str) -> tuple[str, list[Sample]]:
+    """(name, test samples) of a run's data section or of a dataset (:func:`load_dataset`), every file
+    checked; a folder of good images only has none."""
+    name, _, test = load_data(data) if isinstance(data, DataConfig) else load_dataset(data)
+    if test:
+        validate_samples(test, f"test set of '{name}'")
+    return name, test
 
-    ``image_size`` is a side S or (H, W). Each item is a dict with ``image`` (3, H, W) float32,
-    ``label`` and ``index`` ints, and
-    ``original_size`` (2,) int64 tensor holding (width, height) of the file. Masks are not read here:
-    metrics compare the maps with the masks at their original resolution.
-    """
+
+class ImageDataset(Dataset):
+    """Samples as model inputs (the official transform, see :func:`msflow.data.images.to_tensor`):
+    items ``image`` (3, H, W) float32, ``label``, ``index`` and ``original_size`` (the file's (width,
+    height), int64). Masks are not read here: metrics compare maps and masks at the original size."""
 
     def __init__(self, samples: list[Sample], image_size: int | tuple[int, int]) -> None:
         self.samples = list(samples)

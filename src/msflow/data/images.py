@@ -53,17 +53,8 @@ _OPEN_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 def _open_decoded(
     source: Path | bytes, max_pixels: int, what: str, formats: tuple[str, ...] | None = None
 ) -> Image.Image:
-    """Open a file or encoded bytes and decode it completely, or raise one DataError line.
-
-    Args:
-        source: Image file, or the bytes of one (an upload).
-        max_pixels: Largest accepted width*height, checked on the header before decoding.
-        what: Names the source in the message ("image 'x.png'", "mask 'm.png'", "upload").
-        formats: Pillow format names to try; None tries every one Pillow knows.
-
-    Returns:
-        The fully loaded Pillow image (file handle already closed).
-    """
+    """A file or encoded bytes, decoded completely (file closed), or one DataError line naming ``what``
+    ("image 'x.png'", "upload"); ``max_pixels`` is checked on the header, ``formats`` None tries all."""
 
     def fail(reason: str, error: type[DataError] = DataError) -> DataError:
         return error(f"bad {what}: {reason}")
@@ -161,24 +152,12 @@ def decode(
     formats: tuple[str, ...] | None = None,
     what: str | None = None,
 ) -> np.ndarray:
-    """Decode any accepted image to float32 RGB (H, W, 3) in [0, 1] (rules in the module notes).
+    """Any :data:`ImageLike` as C-contiguous float32 RGB (H, W, 3) in [0, 1] (rules in the module notes).
 
-    Args:
-        image: A file path, the bytes of an encoded file (an upload), a PIL image, or a numpy array of
-            shape (H, W) or (H, W, 1|2|3|4) and dtype uint8, uint16, int32 or float. An already decoded
-            image decodes to itself.
-        max_pixels: Files and bytes with more pixels are refused from their header, before decoding.
-            Pillow itself refuses images above ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (about 179 M pixels).
-        formats: Pillow format names a file or bytes may have (None: any).
-        what: How messages name the input (default: the file name, or "upload" for bytes).
-
-    Returns:
-        A C-contiguous float32 array (H, W, 3) with values in [0, 1]: new, except for an image that is
-        already decoded, which comes back as it is (do not modify it in place).
-
-    Raises:
-        DataError: One line naming the input, e.g. ``bad image 'x.png': truncated or corrupt file, ...``;
-            :class:`ImageTooLargeError` (a DataError) for too many pixels.
+    Files and bytes with more than ``max_pixels`` are refused from their header (Pillow itself refuses
+    above about 179 M pixels). An already decoded image comes back as it is (do not modify it in
+    place). Errors are one line naming the input (``what``), e.g. ``bad image 'x.png': truncated or
+    corrupt file, ...``; too many pixels is an :class:`ImageTooLargeError`.
     """
     if isinstance(image, (str, os.PathLike)):
         what = what or f"image '{Path(image)}'"
@@ -201,15 +180,7 @@ def decode(
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file completely: float32 RGB (H, W, 3) in [0, 1] (see :func:`decode`).
-
-    Args:
-        path: A .jpg/.jpeg/.png/.bmp/.tif/.tiff file (the content decides the format).
-        max_pixels: Images with more pixels are refused before decoding.
-
-    Raises:
-        DataError: e.g. ``bad image 'x.png': truncated or corrupt file, cannot decode (...)``.
-    """
+    """An image file read completely, as :func:`decode` does (the content decides the format)."""
     return decode(Path(path), max_pixels)
 
 
@@ -237,19 +208,8 @@ def read_mask(
     size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Read a ground-truth mask: any nonzero pixel (in any colour channel) is defect.
-
-    Args:
-        path: Mask image file (usually PNG, black background).
-        size: Expected (width, height), normally the size of the mask's image.
-        max_pixels: As for :func:`read_image`.
-
-    Returns:
-        Boolean array of shape (H, W).
-
-    Raises:
-        DataError: If the file is unreadable or its size differs from ``size``.
-    """
+    """A ground-truth mask as a boolean (H, W) array: any nonzero pixel (in any colour channel) is
+    defect. ``size``: the (width, height) it must have, normally its image's."""
     img = _open_decoded(Path(path), max_pixels, f"mask '{Path(path)}'")
     if size is not None and tuple(img.size) != tuple(size):
         raise DataError(
@@ -267,33 +227,15 @@ def read_mask(
 
 
 def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
-    """List the image files in ``folder``, sorted, by extension (case-insensitive).
-
-    Hidden files are skipped: macOS writes ``._name.png`` metadata files that carry an
-    image extension but are not images.
-
-    Args:
-        folder: Folder to list.
-        recursive: Also list sub-folders.
-
-    Returns:
-        Sorted list of paths. Files are not opened here (see ``validate_samples``).
-
-    Raises:
-        DataError: If ``folder`` does not exist or is not a folder.
-    """
+    """The image files in ``folder`` (and its sub-folders if ``recursive``), sorted, by extension
+    (case-insensitive; not opened). Hidden files are skipped: macOS writes ``._name.png`` metadata
+    files that carry an image extension but are not images."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"folder '{root}' does not exist or is not a folder")
     candidates = root.rglob("*") if recursive else root.iterdir()
-    found = [
-        p
-        for p in candidates
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    ]
-    return sorted(found)
+    found = (p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -309,14 +251,7 @@ def to_tensor(image: ImageLike, size: int | tuple[int, int]) -> torch.Tensor:
     with (ImageNet for the ResNets, [-1, 1] for the EfficientNet-Lites); see ``backbone.py``. Each channel
     is resized as a float image, so 16-bit and float inputs keep their precision, and the same
     picture gives the same tensor whatever its dtype (Lanczos overshoots at edges; the clip keeps the
-    range an 8-bit resize would have).
-
-    Args:
-        image: Anything :func:`decode` reads (normally an image it already decoded).
-        size: Output side length in pixels, or (height, width).
-
-    Returns:
-        Float32 tensor of shape (3, height, width).
+    range an 8-bit resize would have). Returns a float32 (3, height, width) tensor.
     """
     rgb = decode(image)
     height, width = _height_width(size)

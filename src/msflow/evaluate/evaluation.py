@@ -296,7 +296,7 @@ def _write_report_data(
     labels = np.frombuffer(acc.labels, dtype=np.int8).astype(np.int64)
     curves = {"image": report.image_curves(labels, scores)}
     if acc.map_images:
-        curves["pixel"] = report.histogram_curves(acc.pix_pos, acc.pix_neg)
+        curves["pixel"] = report.histogram_curves(acc.pixel.pos, acc.pixel.neg)
     picks = report.gallery_picks(scores, labels, threshold.image) if redraw is not None else []
     gallery = []
     chosen = [samples[i] for i, _ in picks]

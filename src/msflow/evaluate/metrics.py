@@ -71,12 +71,7 @@ def _flat_pixels(masks: MapsLike, maps: MapsLike) -> tuple[np.ndarray, np.ndarra
 
 
 def image_auroc(labels: Any, scores: Any) -> float:
-    """Image-level AUROC in percent: ``roc_auc_score(labels, scores) * 100``.
-
-    Args:
-        labels: (N,) 0 = good, 1 = defect.
-        scores: (N,) image anomaly scores, higher = more anomalous.
-    """
+    """Image-level AUROC in percent of (N,) labels (1 = defect) and scores (higher = more anomalous)."""
     y, s = _labels_scores(labels, scores, "image_auroc")
     return _auroc(y, s, "image_auroc")
 
@@ -116,25 +111,15 @@ def auroc_difference_interval(
 
 
 def pixel_auroc(masks: MapsLike, maps: MapsLike) -> float:
-    """Pixel-level AUROC in percent over the pooled pixels of all images.
-
-    Args:
-        masks: (N, H, W) or list of 2-D ground truth; any non-zero pixel is a defect.
-        maps: anomaly maps of the same shape(s) as ``masks``.
-    """
+    """Pixel-level AUROC in percent over the pooled pixels of all images; ``masks`` (N, H, W) or a list
+    of 2-D ground truths (non-zero = defect), ``maps`` of the same shape(s)."""
     y, s = _flat_pixels(masks, maps)
     return _auroc(y, s, "pixel_auroc")
 
 
 def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
-    """Best F1 over all thresholds of the precision-recall curve.
-
-    F1 = 2PR / (P + R), with prediction = score >= threshold.  For pixel level pass the
-    flattened masks (any non-zero = 1) and maps.
-
-    Returns:
-        (best F1 in percent, the threshold achieving it).
-    """
+    """(best F1 in percent, its threshold) over the precision-recall curve, prediction = score >=
+    threshold. For pixel level pass the flattened masks (any non-zero = 1) and maps."""
     y, s = _labels_scores(labels, scores, "f1_max")
     if not y.any():
         raise DataError("f1_max: no defect labels, F1 is undefined")
@@ -153,12 +138,9 @@ def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[n
     regions in all images), so the weight sum of the predicted-positive pixels is exactly the
     mean per-region overlap, i.e. PRO.  The pixels predicted positive by any threshold are a
     prefix of the descending sort, so prefix sums give PRO and FPR at every threshold at once.
-    Only the top pixels needed to pass FPR = ``fpr_limit`` are sorted (FPR beyond is unused).
-
-    Returns:
-        the kept scores sorted descending (P values), cumulative negatives and cumulative PRO
-        (length P + 1, entry ``c`` = value for the top ``c`` pixels), the number of negative
-        pixels and the global minimum score.
+    Only the top pixels needed to pass FPR = ``fpr_limit`` are sorted (FPR beyond is unused). Returns
+    the kept scores sorted descending (P values), cumulative negatives and cumulative PRO (length
+    P + 1, entry ``c`` = value for the top ``c`` pixels), the number of negatives and the minimum score.
     """
     from skimage.measure import label  # imported lazily: skimage is slow to import
 
@@ -214,19 +196,9 @@ def aupro(
     thresholds ``np.arange(min, max, (max - min) / 800)``; thresholds with FPR < ``fpr_limit``
     are kept, their FPRs min-max rescaled to [0, 1], and the trapezoid area under PRO is taken
     with ``sklearn.metrics.auc``.  Not comparable with the standard number
-    (docs/official-code-differences.md, B17).
-
-    Args:
-        masks: (N, H, W) or list of 2-D GT masks; non-zero = defect.
-        maps: anomaly maps of the same shape(s).
-        fpr_limit: upper FPR bound of the integration, in (0, 1].
-        mode: "standard" or "official".
-        max_thresholds: standard mode only; if given, use about this many thresholds at score
-            quantiles instead of every distinct score (approximate, faster integration).
-
-    Raises:
-        DataError: mismatched shapes, empty input, no defect region, no negative pixel, or an
-            undefined official curve (constant maps, fewer than two usable thresholds).
+    (docs/official-code-differences.md, B17). ``max_thresholds`` (standard mode only): about this many
+    thresholds at score quantiles instead of every distinct score (approximate, faster). Masks and
+    maps as :func:`pixel_auroc`'s.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise DataError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -291,16 +263,8 @@ def _official_pro(
 
 
 def per_defect_type(labels: Any, scores: Any, defect_types: Sequence[str]) -> dict[str, float]:
-    """Image AUROC (percent) of each defect type against all good images.
-
-    Args:
-        labels: (N,) 0 = good, 1 = defect; must agree with ``defect_types``.
-        scores: (N,) image scores.
-        defect_types: (N,) type name per image, "good" for good images.
-
-    Returns:
-        ``{type: AUROC}`` for every type other than "good", sorted by name.
-    """
+    """``{type: image AUROC in percent}`` of each defect type (sorted by name) against all "good"
+    images; the types must agree with the labels."""
     y, s = _labels_scores(labels, scores, "per_defect_type")
     types = np.asarray(list(defect_types), dtype=object)
     if types.shape != y.shape:
@@ -328,14 +292,9 @@ def evaluate(
     pro_mode: str = "standard",
     pro_maps: MapsLike | None = None,
 ) -> dict[str, Any]:
-    """All metrics of one test set.
-
-    Returns:
-        ``image_auroc``, ``image_f1_max`` (+ ``image_f1_threshold``), ``per_defect_type``
-        (dict), and when masks are given also ``pixel_auroc``, ``pixel_f1_max``
-        (+ ``pixel_f1_threshold``) and ``aupro`` (``pro_mode``, on ``pro_maps`` if given). Masks, maps may be
-        (N, H, W) arrays or lists of per-image 2-D arrays (original resolution).
-    """
+    """All metrics of one test set: ``image_auroc``, ``image_f1_max`` (+ threshold),
+    ``per_defect_type``, and with masks ``pixel_auroc``, ``pixel_f1_max`` (+ threshold) and ``aupro``
+    (``pro_mode``, on ``pro_maps`` if given); masks and maps as :func:`pixel_auroc`'s."""
     out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
     out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
     if masks is not None:

@@ -72,24 +72,9 @@ def jet_overlay(
     gt_mask: np.ndarray | None = None,
     pred_mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blend a jet-coloured anomaly map over an RGB image and draw mask contours.
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB image (other dtypes are clipped to 0..255).
-        anomaly_map: ``(H, W)`` float anomaly scores.
-        alpha: Weight of the heat map: ``out = (1 - alpha) * image + alpha * jet(map)``.
-        vmin: Score mapped to the bottom of the colormap (default: the map's minimum).
-        vmax: Score mapped to the top of the colormap (default: the map's maximum).
-        gt_mask: Optional boolean ``(H, W)`` ground truth; its contour is drawn in green.
-        pred_mask: Optional boolean ``(H, W)`` prediction; its contour is drawn in red.
-            Where both contours meet, the ground truth (green) is drawn on top.
-
-    Returns:
-        ``(H, W, 3)`` uint8 RGB overlay.
-
-    Raises:
-        ValueError: On mismatched shapes or ``alpha`` outside [0, 1].
-    """
+    """``(1 - alpha) * image + alpha * jet(map)`` as (H, W, 3) uint8 RGB, with the contours of
+    ``gt_mask`` (green, on top) and ``pred_mask`` (red). ``image`` is (H, W, 3) RGB (clipped to
+    0..255); ``vmin``/``vmax`` map to the colormap's ends (default: the map's minimum and maximum)."""
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"image must have shape (H, W, 3), got {img.shape}")
@@ -110,11 +95,7 @@ def jet_overlay(
 
 
 def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, **kw: Any) -> Path:
-    """Write :func:`jet_overlay` ``(image, anomaly_map, **kw)`` as a PNG, creating parent dirs.
-
-    Returns:
-        The path written.
-    """
+    """Write :func:`jet_overlay` ``(image, anomaly_map, **kw)`` as a PNG (parent folders made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(jet_overlay(image, anomaly_map, **kw), mode="RGB").save(
@@ -127,35 +108,9 @@ def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, *
 # predictions (``msflow predict``): a column a writer does not know is left empty (no label when
 # predicting; no mask area or overlay when evaluating).
 PREDICTION_FIELDS = [
-    "image",
-    "label",
-    "defect_type",
-    "score",
-    "normalized_score",
-    "decision",
-    "threshold",
-    "defect_pixels",
+    "image", "label", "defect_type", "score", "normalized_score", "decision", "threshold", "defect_pixels",
     "overlay",
-]
-
-
-def write_predictions_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write per-image predictions as UTF-8 CSV.
-
-    The header is the keys of the first row; keys that only appear in later rows are
-    appended after them, and values a row lacks are left empty. No rows → empty file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for row in rows:
-        fields.extend(k for k in row if k not in fields)
-    with path.open("w", encoding="utf-8", newline="") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-    return path
+]  # fmt: skip
 
 
 class RowWriter:
@@ -235,11 +190,7 @@ def plot_score_histogram(
     labels: Sequence[int] | np.ndarray,
     threshold: float | None = None,
 ) -> Path:
-    """Save overlapping histograms of good (label 0) vs defective (label 1) image scores.
-
-    Both classes share the same bins; a class with no samples is simply left out.
-    ``threshold`` (if given) is drawn as a vertical dashed line.
-    """
+    """Save overlapping histograms of good vs defective image scores (:func:`_draw_score_histogram`)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).astype(int).ravel()
     if scores.shape != labels.shape:
@@ -272,33 +223,27 @@ def _draw_score_histogram(
 
 
 def plot_loss_curve(path: str | Path, history: Sequence[Mapping[str, Any]]) -> Path | None:
-    """Save a line plot of training loss per epoch.
-
-    The y axis is always linear with scientific tick labels: MSFlow's NLL is often large
-    and negative (around -1e5), where a log axis is impossible. Entries without a finite
-    ``loss`` are skipped.
-
-    Returns:
-        The path written, or ``None`` (nothing written) when there is nothing to plot.
-    """
-    points = sorted(
-        (float(h["epoch"]), float(h["loss"]))
-        for h in history
-        if h.get("loss") is not None and h.get("epoch") is not None and math.isfinite(float(h["loss"]))
-    )
-    if not points:
-        return None
-    epochs, losses = zip(*points, strict=False)
+    """Save a line plot of training loss per epoch (entries without a finite ``loss`` skipped); ``None``
+    (nothing written) when there is nothing to plot."""
     fig = Figure(figsize=(7, 4.5))
+    return _save_figure(fig, path) if _draw_loss(fig, history) else None
+
+
+def _draw_loss(fig: Figure, history: Sequence[Mapping[str, Any]]) -> bool:
+    """The loss curve on ``fig``; False when no epoch has a finite loss. The y axis is linear with
+    scientific tick labels: MSFlow's NLL is often large and negative (around -1e5), no log axis."""
+    points = [(float(h["epoch"]), float(h["loss"])) for h in history if _is_number(h.get("loss"))]
+    points = [p for p in points if math.isfinite(p[1])]
+    if not points:
+        return False
     ax = fig.add_subplot()
-    ax.plot(epochs, losses, marker="o", markersize=3)
-    ax.set_yscale("linear")
+    ax.plot(*zip(*sorted(points), strict=True), marker="o", markersize=3)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("Training loss")
     ax.grid(True, alpha=0.3)
-    return _save_figure(fig, path)
+    return True
 
 
 def _is_number(value: Any) -> bool:
@@ -319,11 +264,7 @@ def _cell(value: Any) -> str:
 
 
 def metrics_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Render rows as a markdown table (floats with 2 decimals, None/NaN/absent as "–").
-
-    Returns:
-        The table text, header first, without a trailing newline.
-    """
+    """Rows as a markdown table, no trailing newline (floats with 2 decimals, None/NaN/absent "–")."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -332,11 +273,8 @@ def metrics_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> 
 def with_mean_row(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[str], name_key: str = "category"
 ) -> list[dict[str, Any]]:
-    """Return ``rows`` plus a row holding each numeric column's mean.
-
-    Each mean is taken over the rows that have a numeric, non-NaN value in that column;
-    a column with none (or a non-numeric column) gets ``None``. ``name_key`` is "mean".
-    """
+    """``rows`` plus a row ``{name_key: "mean"}`` holding each column's mean over the rows with a number
+    there (NaN not counted; ``None`` where there is none)."""
     mean: dict[str, Any] = {}
     for col in columns:
         values = [float(r[col]) for r in rows if _is_number(r.get(col)) and not _is_missing(r.get(col))]
@@ -357,14 +295,8 @@ def _plain(value: Any) -> Any:
 def write_table(
     stem: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
 ) -> dict[str, Path]:
-    """Write ``stem.md`` (markdown), ``stem.csv`` and ``stem.json`` (list of dicts).
-
-    Only ``columns`` are written, in that order. CSV keeps full precision with missing
-    values empty; JSON uses ``null`` for missing values.
-
-    Returns:
-        ``{"md": ..., "csv": ..., "json": ...}`` paths.
-    """
+    """Write ``columns`` of ``rows`` to ``stem.md``, ``stem.csv`` (full precision, missing values empty)
+    and ``stem.json`` (missing: null); returns ``{"md": path, "csv": ..., "json": ...}``."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = {ext: stem.with_name(f"{stem.name}.{ext}") for ext in ("md", "csv", "json")}
@@ -393,12 +325,8 @@ def _other_resolution_lines(metrics: Mapping[str, Any], num: Any) -> list[str]:
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """Short terminal summary of evaluation metrics (values already in percent).
-
-    One line per known metric present (e.g. ``image AUROC     97.12``; ``n/a`` with the reason for
-    those listed in ``metrics["not_available"]``), then, if
-    ``metrics["per_defect_type"]`` is set, one indented image-AUROC line per defect type.
-    """
+    """Terminal summary (values in percent): one line per known metric (``image AUROC     97.12``;
+    ``n/a`` with the reason for those in ``not_available``), then one line per defect type."""
 
     def num(value: Any) -> str:
         return _cell(float(value) if _is_number(value) else value)
@@ -521,19 +449,8 @@ def _histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float |
 
 
 def _loss_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
-    points = [(float(h["epoch"]), float(h["loss"])) for h in history if _is_number(h.get("loss"))]
-    points = [p for p in points if math.isfinite(p[1])]
-    if not points:
-        return None
     fig = Figure(figsize=(7, 3.5))
-    ax = fig.add_subplot()
-    ax.plot(*zip(*sorted(points), strict=True), marker="o", markersize=3)
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss")
-    ax.grid(True, alpha=0.3)
-    return _png_data_uri(fig)
+    return _png_data_uri(fig) if _draw_loss(fig, history) else None
 
 
 _STYLE = (

@@ -335,16 +335,9 @@ def _split_binning(stats: BinStats, priority: np.ndarray, max_bins: int, extra: 
 
 
 class StreamingMetrics:
-    """All test metrics of :func:`metrics.evaluate`, fed one image at a time.
-
-    Arguments:
-        pixel_range: the range of the "add" (pixel) map, (0, number of scales).
-        pro_range: the range of the "mul" map used for PRO, (0, 1).
-        bins: histogram bins per map (2^20: 72 MiB of state in all).
-        pro_mode: "standard" or "official" AUPRO.
-        fpr_limit: upper FPR bound of the AUPRO integration.
-        binnings: (pixel, PRO) bins to use instead (a refinement's, see :meth:`refined`).
-    """
+    """All test metrics of :func:`metrics.evaluate`, fed one image at a time: ``pixel_range`` is the
+    "add" map's range (0, number of scales), ``pro_range`` the "mul" map's (0, 1); ``bins`` per map
+    (2^20: 72 MiB of state in all), or given ``binnings`` (pixel, PRO) (a refinement's, :meth:`refined`)."""
 
     def __init__(
         self,
@@ -368,13 +361,6 @@ class StreamingMetrics:
         self.pro_min, self.pro_max, self.pro_dtype = math.inf, -math.inf, "float64"
         self.map_images = 0
         self.passes = 1
-
-    # the histograms under the names they had before BinStats
-    pixel_bins = property(lambda self: self.pixel.binning)
-    pro_bins = property(lambda self: self.pro.binning)
-    pix_pos = property(lambda self: self.pixel.pos)
-    pix_neg = property(lambda self: self.pixel.neg)
-    pro_neg = property(lambda self: self.pro.neg)
 
     def add_image(self, score: float, label: int, defect_type: str) -> None:
         if not math.isfinite(score):
@@ -424,15 +410,12 @@ class StreamingMetrics:
         """Everything but the summed histograms, as plain values (picklable): O(images) floats and the
         bins' value ranges."""
         names = {i: t for t, i in self.types.items()}
+        state = {k: getattr(self, k) for k in ("regions", "pro_min", "pro_max", "pro_dtype", "map_images")}
         return {
+            **state,
             "scores": self.scores.tolist(),
             "labels": self.labels.tolist(),
             "types": [names[i] for i in self.type_ids],
-            "regions": self.regions,
-            "pro_min": self.pro_min,
-            "pro_max": self.pro_max,
-            "pro_dtype": self.pro_dtype,
-            "map_images": self.map_images,
             "ranges": [self.pixel.low, self.pixel.high, self.pro.low, self.pro.high],
         }
 
@@ -565,26 +548,21 @@ class StreamingMetrics:
         priority, extra = self._pro_priorities(target)
         pro = _split_binning(self.pro, priority, max_bins, extra)
         finer = StreamingMetrics(pro_mode=self.pro_mode, fpr_limit=self.fpr_limit, binnings=(pixel, pro))
-        finer.scores, finer.labels, finer.type_ids, finer.types = (
-            self.scores,
-            self.labels,
-            self.type_ids,
-            self.types,
-        )
+        finer.scores, finer.labels = self.scores, self.labels
+        finer.type_ids, finer.types = self.type_ids, self.types
         finer.passes = self.passes + 1
         return finer
+
+    def _fingerprint(self) -> tuple[tuple, tuple]:
+        """(images, regions, defect and defect-free pixels), (the maps' extremes and checksums)."""
+        counts = (self.map_images, self.regions, int(self.pixel.pos.sum()), int(self.pixel.neg.sum()))
+        return counts, (self.pro_min, self.pro_max, self.pixel.checksum, self.pro.checksum)
 
     def check_same_maps(self, first: StreamingMetrics) -> None:
         """Refuse a refinement pass that did not see the maps of the pass it refines (other images, or
         maps that changed between the passes)."""
-        seen = (self.map_images, self.regions, int(self.pixel.pos.sum()), int(self.pixel.neg.sum()))
-        before = (first.map_images, first.regions, int(first.pixel.pos.sum()), int(first.pixel.neg.sum()))
-        same = (self.pro_min, self.pro_max, self.pixel.checksum, self.pro.checksum) == (
-            first.pro_min,
-            first.pro_max,
-            first.pixel.checksum,
-            first.pro.checksum,
-        )
+        (seen, values), (before, first_values) = self._fingerprint(), first._fingerprint()
+        same = values == first_values
         if seen != before or not same:
             raise DataError(
                 f"the refinement pass saw other maps than the first one (images, regions, defect and "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +46,20 @@ def evaluate_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))
-    results = predictor.iter_maps(
-        samples[mine.start : mine.stop],
-        batch_size=batch_size,
-        resolution=resolution,
-        progress=progress,
-        desc="test",
-    )
+    maps = partial(predictor.iter_maps, batch_size=batch_size, resolution=resolution)
     metrics = evaluate_stream(
         samples,
-        results,
+        maps(samples[mine.start : mine.stop], progress=progress, desc="test"),
         predictor.threshold,
         out_dir,
         pro_mode=pro_mode,
         pixel_range=predictor.pixel_range,
         resolution=resolution,
         sharding=sharding,
-        redraw=lambda chosen: predictor.iter_maps(
-            chosen, batch_size=batch_size, resolution=resolution, progress=False
-        ),
+        redraw=lambda chosen: maps(chosen, progress=False),
         # a second pass (only when a metric's error bound needs it) predicts the maps again: cheaper in
         # memory and disk than keeping a test set's full-size maps
-        replay=lambda: predictor.iter_maps(
-            samples, batch_size=batch_size, resolution=resolution, progress=progress, desc="test, finer bins"
-        ),
+        replay=lambda: maps(samples, progress=progress, desc="test, finer bins"),
     )
     if sharding is not None and not metrics:
         return {}  # not rank 0: it writes the report

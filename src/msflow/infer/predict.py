@@ -99,33 +99,22 @@ def run_predict(
     writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS, append=resume)
     done: set[str] = set()
     counts = {"predicted": 0, "defective": 0}
-
-    def count(row: dict) -> None:
-        counts["predicted"] += 1
-        counts["defective"] += row["decision"] == "defective"
-
     for row in report.read_rows(output / "predictions.csv") if resume else ():
         done.add(row["image"])
-        count(row)
+        _count(counts, row)
     skipped = len(done)
 
     def write(row: dict) -> None:
         writer.write(row)
-        count(row)
+        _count(counts, row)
 
     todo = [(f, n) for f, n in zip(files, names, strict=True) if str(f) not in done]
     start = time.perf_counter()
     bar = Progress(desc="predict", total=len(todo), unit="images", enabled=progress)
     try:
+        todo_files, todo_names = [f for f, _ in todo], [n for _, n in todo]
         _, failures = predict_files(
-            predictor,
-            [f for f, _ in todo],
-            [n for _, n in todo],
-            output,
-            batch_size,
-            images,
-            bar.update,
-            write,
+            predictor, todo_files, todo_names, output, batch_size, images, bar.update, write
         )
     finally:
         writer.close()
@@ -133,6 +122,11 @@ def run_predict(
     return _write_summary(
         predictor, output, len(files), counts, failures, time.perf_counter() - start, skipped
     )
+
+
+def _count(counts: dict[str, int], row: dict) -> None:
+    counts["predicted"] += 1
+    counts["defective"] += row["decision"] == "defective"
 
 
 def predict_files(
@@ -235,10 +229,8 @@ def run_predict_on_ray(
     # Refuses a bad model before any task. CPU tasks: "auto" is resolved here, once, so that the tasks do
     # not all time the runtimes at the same moment on the same cores; GPU tasks resolve it on their GPU.
     on_cpu = gpus_per_task == 0 and device in ("auto", "cpu")
-    predictor = Predictor.load(model, "cpu", runtime if on_cpu else "torch", batch_size)
+    predictor = Predictor.load(model, "cpu", runtime if on_cpu else "torch", batch_size, threshold)
     runtime = predictor.runtime if on_cpu else runtime
-    if threshold is not None:
-        predictor.threshold = predictor.threshold.with_image_threshold(threshold)
     output = Path(output)
     files, names = _plan(inputs, output)
     start = time.perf_counter()
@@ -263,8 +255,7 @@ def run_predict_on_ray(
         for rows, _ in parts:
             for row in rows:
                 writer.write(row)
-                counts["predicted"] += 1
-                counts["defective"] += row["decision"] == "defective"
+                _count(counts, row)
     finally:
         writer.close()
     failures = [fail for part in parts for fail in part[1]]
@@ -283,7 +274,5 @@ def _predict_task(
     images: ImageOutputs,
 ) -> tuple[list[dict], list[dict]]:
     """One Ray task: load the model, judge a chunk of files."""
-    predictor = Predictor.load(model, device=device, runtime=runtime)
-    if threshold is not None:
-        predictor.threshold = predictor.threshold.with_image_threshold(threshold)
+    predictor = Predictor.load(model, device=device, runtime=runtime, image_threshold=threshold)
     return predict_files(predictor, files, names, output, batch_size, images)

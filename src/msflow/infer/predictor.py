@@ -108,12 +108,18 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, run: str | Path, device: str = "auto", runtime: str = "torch", batch_size: int = 8
+        cls,
+        run: str | Path,
+        device: str = "auto",
+        runtime: str = "torch",
+        batch_size: int = 8,
+        image_threshold: float | None = None,
     ) -> Predictor:
         """Load ``run`` (a run folder, or the stem of ``model.safetensors``/``model.json``).
 
         ``runtime``: ``torch``, ``torch-bf16``, ``onnx``, or ``auto``, the fastest of those this machine
         offers, measured at ``batch_size`` and checked against float32 torch (:mod:`msflow.infer.runtime`).
+        ``image_threshold``: a raw image-score threshold in place of the calibrated one (``--threshold``).
         """
         run = Path(run)
         if not run.exists() and not run.with_suffix(".json").exists():
@@ -121,6 +127,8 @@ class Predictor:
         torch_device = resolve_device(device)
         model, config, meta = load_model(run, torch_device)
         threshold = Threshold.from_dict(meta["threshold"])
+        if image_threshold is not None:
+            threshold = threshold.with_image_threshold(image_threshold)
         run_dir = run if run.is_dir() else run.parent
         if config.model.tile:
             # Stitching reads the per-scale maps of the torch model; the exported graph scores one tile.
@@ -288,10 +296,6 @@ class Predictor:
         for m in maps:
             bar.update()  # before the yield: the phase is reported when its last image is out
             yield m
-
-    def iter_samples(self, samples: list[Sample], **kwargs: Any) -> Iterator[Prediction]:
-        """Verdicts on ``samples``, in order, batch by batch (arguments as :meth:`iter_maps`)."""
-        return (self.judge(m) for m in self.iter_maps(samples, **kwargs))
 
 
 def _sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from msflow.config import Config, replace, save_yaml
-from msflow.data.datasets import Sample, load_data, load_dataset, validate_samples
+from msflow.data.datasets import Sample, load_data, load_dataset, load_test_set, validate_samples
 from msflow.data.images import read_image, read_mask
 from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
@@ -212,24 +212,13 @@ def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device
     """The frozen backbone's features of the training images, once (each rank extracts its shard)."""
     start = time.perf_counter()
     t = cfg.train
-    cache = FeatureCache.build(
-        model, data.fit, device, t.batch_size, t.cache, cfg.data.workers, run.progress, run.dist
-    )
+    settings = (device, t.batch_size, t.cache, cfg.data.workers, run.progress, run.dist)
+    cache = FeatureCache.build(model, data.fit, *settings)
     # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
     # training statistics; never a test image).
     holdout = None
     if t.stop == "plateau" and data.holdout:
-        holdout = FeatureCache.build(
-            model,
-            data.holdout,
-            device,
-            t.batch_size,
-            t.cache,
-            cfg.data.workers,
-            run.progress,
-            run.dist,
-            fit_statistics=False,
-        )
+        holdout = FeatureCache.build(model, data.holdout, *settings, fit_statistics=False)
     if cfg.model.tile:
         run.log(
             f"tiles of {cfg.model.tile} px (overlap {cfg.model.tile_overlap:g}) resized to "
@@ -279,7 +268,7 @@ def train(
     opening: Opening,
     device: torch.device,
     run: Run,
-    test: list[Sample],
+    test: list,
 ) -> tuple[TrainState, dict]:
     """Train the flows (from the checkpoint when the run continues), checkpointing as configured, then
     calibrate the global normalisation on the training features. Returns the state and the timings."""
@@ -299,20 +288,8 @@ def train(
             checkpoint(state)
 
     model.train()
-    train_flows(
-        model,
-        features.cache,
-        cfg.train,
-        device,
-        state,
-        optimizer,
-        on_epoch_end,
-        run.step_hook,
-        run.progress,
-        run.dist,
-        features.holdout,
-        on_stop=checkpoint,
-    )
+    hooks = (on_epoch_end, run.step_hook, run.progress, run.dist, features.holdout)
+    train_flows(model, features.cache, cfg.train, device, state, optimizer, *hooks, on_stop=checkpoint)
     model.eval()
     cache = features.cache
     model.calibrate_global_normalization(
@@ -335,12 +312,8 @@ def _log_epoch(
     log: Callable[[str], None],
 ) -> None:
     """The epoch's line in train_log.jsonl, with a test evaluation every ``eval_every`` epochs."""
-    entry = state.history[-1]
-    if (
-        cfg.train.eval_every
-        and state.epoch % cfg.train.eval_every == 0
-        and state.epoch < total_epochs(cfg.train, state.plateau)
-    ):
+    entry, every = state.history[-1], cfg.train.eval_every
+    if every and state.epoch % every == 0 and state.epoch < total_epochs(cfg.train, state.plateau):
         # Logged only, never used to pick a checkpoint (B14).
         predictor = Predictor(model, cfg, None, next(model.parameters()).device)
         results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
@@ -399,12 +372,8 @@ def calibrate(
     mine = run.dist.shard(len(data.calibration))
     calib = GoodImageCalibration(predictor.pixel_range)
     batch_size = predictor.config.train.batch_size
-    for maps in predictor.iter_maps(
-        data.calibration[mine.start : mine.stop],
-        batch_size=batch_size,
-        progress=run.progress,
-        desc="calibrate",
-    ):
+    mine = data.calibration[mine.start : mine.stop]
+    for maps in predictor.iter_maps(mine, batch_size=batch_size, progress=run.progress, desc="calibrate"):
         calib.add(maps.score, maps.anomaly_map)
     merged = run.dist.merge_to_main(calib)
     decided: dict = {}
@@ -441,15 +410,8 @@ def save(predictor: Predictor, data: TrainingData, state: TrainState, record: di
     predictor.meta = {"training": training}
 
     def write() -> None:
-        threshold = predictor.threshold.to_dict()
-        save_model(
-            predictor.model,
-            cfg,
-            run.folder / "model",
-            threshold=threshold,
-            dataset=data.name,
-            training=training,
-        )
+        meta = {"threshold": predictor.threshold.to_dict(), "dataset": data.name, "training": training}
+        save_model(predictor.model, cfg, run.folder / "model", **meta)
         report.plot_loss_curve(run.folder / "loss_curve.png", state.history)
 
     run.dist.on_main(write)
@@ -472,9 +434,7 @@ def _evaluate(
     Data-parallel (``dist``), every rank calls this and evaluates its shard; rank 0 writes the report."""
     cfg = predictor.config
     if test is None:
-        name, _, test = load_data(cfg.data)
-        if test:
-            validate_samples(test, f"test set of '{name}'")
+        name, test = load_test_set(cfg.data)
     return evaluate_run(
         predictor,
         test,
@@ -489,11 +449,7 @@ def _evaluate(
 
 
 def calibrate_on_folder(
-    predictor: Predictor,
-    folder: str,
-    batch_size: int,
-    fallback: Threshold,
-    progress: bool = True,
+    predictor: Predictor, folder: str, batch_size: int, fallback: Threshold, progress: bool = True
 ) -> Threshold:
     """F1-optimal thresholds on a labelled folder in MVTec layout (its test/ part)."""
     _, _, samples = load_dataset(folder)
