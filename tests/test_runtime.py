@@ -208,3 +208,16 @@ def test_cpu_description_names_what_it_has_and_lacks() -> None:
     assert line.startswith("Xeon X, 2 logical cores; has: avx2 amx_int8; lacks: fma avx512f")
     assert describe_cpu({**info, "features": dict.fromkeys(SPEED_FLAGS, True)}).endswith("amx_int8")
     assert set(cpu_info()["features"]) == set(SPEED_FLAGS)
+
+
+def test_the_default_timer_pauses_before_timing_so_spinning_threads_do_not_count(monkeypatch) -> None:
+    """onnxruntime's threads spin after a run; the timer sleeps first, and the sleep is not timed."""
+    import time as _time
+
+    events: list[str] = []
+    monkeypatch.setattr(rt.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    real = _time.perf_counter
+    monkeypatch.setattr(rt.time, "perf_counter", lambda: (events.append("clock"), real())[1])
+    seconds = rt.wall_seconds(torch.device("cpu"))("onnx", lambda: events.append("run"))
+    assert events == [f"sleep {rt.SPIN_GAP_SECONDS}", "clock", "run", "clock"]
+    assert rt.SPIN_GAP_SECONDS >= 0.05 and seconds >= 0

@@ -231,6 +231,9 @@ def synthetic_batch(size: tuple[int, int], batch_size: int, seed: int = 0) -> Te
     return (smooth + 0.05 * torch.randn(batch_size, 3, height, width, generator=g)).clamp(0, 1)
 
 
+SPIN_GAP_SECONDS = 0.1
+
+
 def wall_seconds(device: torch.device) -> Timer:
     """The default timer: wall seconds of one batch (CUDA synchronised so its queued work counts)."""
 
@@ -240,6 +243,9 @@ def wall_seconds(device: torch.device) -> Timer:
 
     def timer(_runtime: str, run_batch: Callable[[], object]) -> float:
         sync()
+        # onnxruntime's worker threads keep spinning ~20 ms after a run; on a small CPU they would slow
+        # whichever runtime is timed next (torch measured 87 ms after ONNX, 45 ms after a pause).
+        time.sleep(SPIN_GAP_SECONDS)
         start = time.perf_counter()
         run_batch()
         sync()
