@@ -128,7 +128,10 @@ def synthetic_check(
     both sets (tiled models: stitched, as :func:`predictor_maps`)."""
     if len(good_images) < 2:
         raise ValueError("a synthetic check needs at least two held-out good images")
-    synthetic = synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed)
+    size = predictor.image_size
+    model_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    # the cracks are drawn 1-2 pixels wide at the model's input size (of a tile, for a tiled model)
+    synthetic = synthetic_set(good_images, SYNTHETIC_PER_IMAGE, seed, model_size, predictor.config.model.tile)
     good = predictor_maps(predictor, good_images, batch_size)
     defective = predictor_maps(predictor, [im for im, _ in synthetic], batch_size)
     return SyntheticCheck(good, defective, [m for _, m in synthetic], seed=seed)
