@@ -1,4 +1,4 @@
-"""Image-score modes, the synthetic defect generator and the label-free score choice (issue 13)."""
+"""Image-score modes and the label-free score choice (issue 13); the synthetic defects: test_synthetic.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from msflow.config import Config, ModelConfig, parse_score
-from msflow.data.synthetic import AREA_RANGE, KINDS, add_defect, synthetic_set
 from msflow.errors import ConfigError
 from msflow.model.anomaly_map import AnomalyMapper, image_score, score_map, upsample
 from msflow.scoring import MapSettings
@@ -111,42 +109,6 @@ def test_old_runs_without_a_score_load_as_official(tmp_path: Path) -> None:
     (tmp_path / "model.json").write_text(json.dumps(meta))
     model, loaded, _ = load_model(tmp_path / "model")
     assert loaded.model.score == "official" and model.anomaly.score == "official"
-
-
-# -- synthetic defects ----------------------------------------------------------------------------
-def _image(seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.normal(128, 15, (24, 48, 3)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(base).resize((192, 96), Image.Resampling.BILINEAR)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_each_kind_changes_only_around_its_mask(kind: str) -> None:
-    image = _image()
-    out, mask = add_defect(image, np.random.default_rng(3), kind)
-    assert out.size == image.size and mask.shape == (96, 192) and mask.dtype == bool
-    area = mask.mean()
-    assert 0.2 * AREA_RANGE[0] < area < 2 * AREA_RANGE[1]
-    diff = np.abs(np.asarray(out, np.int16) - np.asarray(image, np.int16)).max(axis=2)
-    assert diff[mask].mean() > 5  # visibly changed inside
-    near = np.zeros_like(mask)  # the mask grown by the blend's few pixels
-    ys, xs = np.nonzero(mask)
-    near[max(0, ys.min() - 4) : ys.max() + 5, max(0, xs.min() - 4) : xs.max() + 5] = True
-    assert diff[~near].max() <= 1  # untouched elsewhere (rounding only)
-
-
-def test_synthetic_set_is_reproducible_and_varied() -> None:
-    images = [_image(0), _image(1)]
-    a, b = synthetic_set(images, 3, seed=7), synthetic_set(images, 3, seed=7)
-    c = synthetic_set(images, 3, seed=8)
-    assert len(a) == 6
-    assert all(
-        np.array_equal(x[1], y[1]) and np.array_equal(np.asarray(x[0]), np.asarray(y[0]))
-        for x, y in zip(a, b, strict=True)
-    )
-    assert not all(np.array_equal(x[1], y[1]) for x, y in zip(a, c, strict=True))
-    with pytest.raises(ValueError, match="kind"):
-        add_defect(images[0], np.random.default_rng(0), "dent")
 
 
 def test_rank_candidates_is_the_auroc_of_good_vs_defective() -> None:
