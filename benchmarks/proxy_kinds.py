@@ -74,13 +74,19 @@ def main() -> None:
         "good_images": check.sources,
         "synthetic_images": len(kinds),
         "defect_pixels_share_by_kind": {
-            k: round(float(sum(check.masks[i].sum() for i in every[kinds == k]))
-                     / float(sum(m.sum() for m in check.masks)), 3) for k in KINDS
+            k: round(
+                float(sum(check.masks[i].sum() for i in every[kinds == k]))
+                / float(sum(m.sum() for m in check.masks)),
+                3,
+            )
+            for k in KINDS
         },
         "all": gains(histograms, every),
         "all_per_defect": gains(histograms, every, per_defect=True),
         "by_kind": {k: gains(histograms, every[kinds == k]) for k in KINDS},
-        "scores": {k: score_evidence[k] for k in ("chosen", "auroc", "gain_over_incumbent", "difference_lower_bound")},
+        "scores": {
+            k: score_evidence[k] for k in ("chosen", "auroc", "gain_over_incumbent", "difference_lower_bound")
+        },
         "seconds": round(time.time() - t0, 1),
     }
     Path(args.out).write_text(json.dumps(report, indent=2))
