@@ -10,6 +10,7 @@ each against all the good images' pixels. ``per_defect`` weighs every copy's def
 defect counts once, however large: the pooled AUROC is ruled by the few largest defects. ``scores``:
 every candidate image score's AUROC on the same check under the paper's maps, as ``choose_score``
 measures it (to set beside ``msflow test --all-scores``' test AUROCs under the same maps).
+``rule_with_smoothing_auto``: what the rule decides when blur is among the candidates, with the bounds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.infer.predictor import Predictor
 from msflow.scoring import MAPS_INCUMBENT, MapSettings, map_candidates, map_setting_name
 from msflow.train.choice import choose_on_check
-from msflow.train.map_selection import BINS, pixel_histograms
+from msflow.train.map_selection import BINS, choose_maps, pixel_histograms
 from msflow.train.synthetic_check import synthetic_check
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     mapper = predictor.model.anomaly
     binning = Binning(0.0, float(len(mapper.ref_add)), BINS)
     histograms = {s: pixel_histograms(mapper, check, s, binning) for s in map_candidates("auto", "auto")}
+    _, rule = choose_maps(predictor.model, check, "auto", "auto", seed=check.seed)  # --smoothing auto
     paper = MapSettings(*MAPS_INCUMBENT, "auto", cfg.model.top_k)
     _, _, score_evidence = choose_on_check(predictor, check, paper)
     kinds = np.array([KINDS[k % len(KINDS)] for k in range(len(check.masks))])
@@ -80,6 +82,9 @@ def main() -> None:
                 3,
             )
             for k in KINDS
+        },
+        "rule_with_smoothing_auto": {
+            k: rule[k] for k in ("chosen", "gain_over_incumbent", "difference_lower_bound")
         },
         "all": gains(histograms, every),
         "all_per_defect": gains(histograms, every, per_defect=True),
