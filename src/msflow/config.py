@@ -184,9 +184,10 @@ class ModelConfig:
     )
     top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
     # ours: auto = logp:0.03, the paper's 3 % share of the raw log-likelihood instead of the product of
-    # probabilities (at or above the paper's score on every real set trained 10+ epochs) unless the run's own synthetic check finds a score better by at least
-    # msflow.train.choice.MIN_EFFECT points and beyond its sampling error (docs/results.md "Label-free
-    # choices"). No choice reads test labels.
+    # probabilities (above the paper's score on every real set with masks trained 10+ epochs) unless
+    # the run's own synthetic check finds a score better by at least msflow.train.choice.MIN_EFFECT
+    # points and beyond its sampling error (docs/results.md "Label-free choices"). No choice reads test
+    # labels.
     score: str = option(
         "auto",
         "image score: official (the paper: top_k of the 'mul' map), "

@@ -2,9 +2,10 @@
 
 Before the first epoch, with the features already extracted, msflow times a few training steps of a copy
 of the flows (the model itself is not touched), separates the cost per image from the fixed cost per
-epoch (two epoch lengths, as the speed harness ``benchmarks/speed/`` does), and estimates the evaluation from the
-extraction rate. The epochs that fit what is left of the budget are the run's ``epochs``; the schedule is
-the official one compressed (``warmup`` and ``decay_at`` are fractions of ``epochs``).
+epoch (two epoch lengths, as the speed harness ``benchmarks/speed/`` does), and estimates the
+evaluation from the extraction rate. The epochs that fit what is left of the budget are the run's
+``epochs``; the schedule is the official one compressed (``warmup`` and ``decay_at`` are fractions of
+``epochs``).
 
 What fewer epochs cost in accuracy is read from :data:`ACCURACY_CURVE`: test metrics of real data sets
 with pixel masks, trained with the defaults at several epoch counts (measured, with where they came from).

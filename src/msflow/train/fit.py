@@ -212,13 +212,20 @@ def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device
     """The frozen backbone's features of the training images, once (each rank extracts its shard)."""
     start = time.perf_counter()
     t = cfg.train
-    settings = (device, t.batch_size, t.cache, cfg.data.workers, run.progress, run.dist)
-    cache = FeatureCache.build(model, data.fit, *settings)
+    settings = dict(
+        device=device,
+        batch_size=t.batch_size,
+        where=t.cache,
+        workers=cfg.data.workers,
+        progress=run.progress,
+        dist=run.dist,
+    )
+    cache = FeatureCache.build(model, data.fit, **settings)
     # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
     # training statistics; never a test image).
     holdout = None
     if t.stop == "plateau" and data.holdout:
-        holdout = FeatureCache.build(model, data.holdout, *settings, fit_statistics=False)
+        holdout = FeatureCache.build(model, data.holdout, **settings, fit_statistics=False)
     if cfg.model.tile:
         run.log(
             f"tiles of {cfg.model.tile} px (overlap {cfg.model.tile_overlap:g}) resized to "
@@ -268,7 +275,7 @@ def train(
     opening: Opening,
     device: torch.device,
     run: Run,
-    test: list,
+    test: list[Sample],
 ) -> tuple[TrainState, dict]:
     """Train the flows (from the checkpoint when the run continues), checkpointing as configured, then
     calibrate the global normalisation on the training features. Returns the state and the timings."""
@@ -288,8 +295,20 @@ def train(
             checkpoint(state)
 
     model.train()
-    hooks = (on_epoch_end, run.step_hook, run.progress, run.dist, features.holdout)
-    train_flows(model, features.cache, cfg.train, device, state, optimizer, *hooks, on_stop=checkpoint)
+    train_flows(
+        model,
+        features.cache,
+        cfg.train,
+        device,
+        state,
+        optimizer,
+        on_epoch_end=on_epoch_end,
+        step_hook=run.step_hook,
+        progress=run.progress,
+        dist=run.dist,
+        holdout=features.holdout,
+        on_stop=checkpoint,
+    )
     model.eval()
     cache = features.cache
     model.calibrate_global_normalization(
@@ -372,8 +391,8 @@ def calibrate(
     mine = run.dist.shard(len(data.calibration))
     calib = GoodImageCalibration(predictor.pixel_range)
     batch_size = predictor.config.train.batch_size
-    mine = data.calibration[mine.start : mine.stop]
-    for maps in predictor.iter_maps(mine, batch_size=batch_size, progress=run.progress, desc="calibrate"):
+    images = data.calibration[mine.start : mine.stop]
+    for maps in predictor.iter_maps(images, batch_size=batch_size, progress=run.progress, desc="calibrate"):
         calib.add(maps.score, maps.anomaly_map)
     merged = run.dist.merge_to_main(calib)
     decided: dict = {}
