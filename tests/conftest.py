@@ -34,13 +34,19 @@ def torch_single_thread() -> Iterator[None]:
     time waiting for the other core (measured: the same tests took 150 s with 2 threads under load and
     17 s with 1).
     """
-    previous = torch.get_num_threads()
+    previous, previous_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the CLI subprocesses of the crash tests
+    # Forced, not defaulted: the crash tests compare a CLI subprocess's metrics with an in-process run,
+    # and a different thread count changes float reductions (a user's OMP_NUM_THREADS=2 broke that).
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        if previous_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous_env
 
 
 @pytest.fixture
