@@ -91,13 +91,6 @@ class _PredictGraph(nn.Module):
         return out.scores, out.pixel_map, out.image_map, normalized
 
 
-def _config_json(model: MSFlow) -> str | None:
-    config = getattr(model, "config", None)
-    if config is None or not dataclasses.is_dataclass(config):
-        return None
-    return json.dumps(without_paths(dataclasses.asdict(config)), sort_keys=True)
-
-
 def _digest(model_proto: Any) -> str:
     """SHA-256 of the graph (nodes and weights), the opsets and every metadata entry but the digest."""
     h = hashlib.sha256()
@@ -194,7 +187,7 @@ def _trace(graph: _PredictGraph, outputs: Sequence[str], opset: int, batch_dynam
 def _model_props(model: MSFlow, batch_dynamic: bool, outputs: Sequence[str]) -> dict[str, str]:
     """The metadata that describes the graph: sizes, inputs and outputs, the maps' settings, the config."""
     height, width = model.anomaly.image_size
-    props = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "msflow_version": __version__,
@@ -208,11 +201,8 @@ def _model_props(model: MSFlow, batch_dynamic: bool, outputs: Sequence[str]) -> 
         "normalization": str(model.anomaly.normalization),
         "smoothing": f"{model.anomaly.smoothing:g}",
         "score": str(model.anomaly.score),
+        "config": json.dumps(without_paths(dataclasses.asdict(model.config)), sort_keys=True),
     }
-    config = _config_json(model)
-    if config is not None:
-        props["config"] = config
-    return props
 
 
 def _decision_props(threshold: Threshold | None) -> dict[str, str]:
@@ -305,7 +295,6 @@ class OnnxModel:
             raise CheckpointError(
                 f"exported model '{self.path}' has no valid image size in its metadata"
             ) from err
-        self.msflow_version = self.metadata.get("msflow_version")
 
         options = ort.SessionOptions()
         if threads is not None:
