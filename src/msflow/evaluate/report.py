@@ -505,11 +505,11 @@ def write_html_report(out_dir: str | Path, history: Sequence[Mapping[str, Any]] 
         if key in metrics
     )
     figures = [_curve_figure(data["curves"], "roc", metrics), _curve_figure(data["curves"], "pr", metrics)]
-    loss_fig, histogram_fig = Figure(figsize=(7, 3.5)), Figure(figsize=(7, 4))
+    loss_fig = Figure(figsize=(7, 3.5))
     loss = _render(loss_fig) if _draw_loss(loss_fig, history or []) else None
-    title = f"Test image scores: {rates}"
-    _draw_score_histogram(histogram_fig.add_subplot(), scores, labels, threshold, title)
-    histogram = _render(histogram_fig)
+    hist_fig = Figure(figsize=(7, 4))
+    _draw_score_histogram(hist_fig.add_subplot(), scores, labels, threshold, f"Test image scores: {rates}")
+    histogram = _render(hist_fig)
     body = [
         f"<h1>msflow report: {html.escape(str(metrics.get('dataset', out_dir.name)))}</h1>",
         f"<p>{len(rows)} test images; image threshold {threshold:.6g} "

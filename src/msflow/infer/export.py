@@ -110,18 +110,14 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     threshold: Threshold | None = None,
 ) -> Path:
-    """Export ``model.predict`` to one ONNX file at ``path``; returns the path.
+    """Export ``model.predict`` (traced on the model's device, in eval mode) to one ONNX file at ``path``,
+    written atomically; returns the path.
 
-    Arguments:
-        model: the MSFlow model (any device; it is traced where it is, in eval mode).
-        path: the ``.onnx`` file to write; written atomically (a temporary file and a rename).
-        opset: the ONNX opset; 17 (the default) to 21 were checked, 13-16 work too (LayerNorm is then
-            spelled out in primitive ops).
-        batch_size_dynamic: a dynamic batch axis; ``False`` fixes the batch size to 1.
-        metadata: extra string entries for ``metadata_props`` (e.g. the digest of the checkpoint the
-            export came from), covered by the file's checksum and readable as ``OnnxModel.metadata``.
-        threshold: the run's decision; the file then carries it in its metadata and has a fourth
-            output, ``normalized_score``, so that it can be deployed without msflow.
+    ``opset``: 17 (the default) to 21 were checked, 13-16 work too (LayerNorm is then spelled out in
+    primitive ops). ``batch_size_dynamic=False`` fixes the batch size to 1. ``metadata``: extra entries
+    (e.g. the digest of the checkpoint the export came from), covered by the file's checksum and readable
+    as ``OnnxModel.metadata``. ``threshold``: the run's decision; the file then carries it in its metadata
+    and has a fourth output, ``normalized_score``, so that it can be deployed without msflow.
     """
     onnx = require_extra("onnx", "onnx", "ONNX export")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -268,16 +264,10 @@ def _read_checked(path: Path) -> tuple[bytes, dict[str, str]]:
 
 
 class OnnxModel:
-    """Runs a model written by :func:`export_onnx` with onnxruntime.
-
-    Arguments:
-        path: the ``.onnx`` file.
-        threads: intra-op threads for onnxruntime (``None``: its default, one per physical core).
-        providers: onnxruntime execution providers, best first (default: CUDA when available, then CPU).
-
-    Raises:
-        CheckpointError: the file is missing, not ONNX, truncated, altered, or not an msflow export.
-    """
+    """Runs a model written by :func:`export_onnx` with onnxruntime: ``threads`` intra-op threads
+    (``None``: its default, one per physical core), ``providers`` best first (default: CUDA when
+    available, then CPU). A file that is missing, not ONNX, truncated, altered or not an msflow export
+    is a :class:`~msflow.errors.CheckpointError`."""
 
     def __init__(
         self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None

@@ -109,13 +109,9 @@ class BodyTooLarge(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one client, and all of them together, may ask of the service (``None``: no limit).
-
-    ``max_body``: bytes in a request body; ``max_concurrent``: requests in progress at once (the open
-    paths excepted), beyond which a request is answered 429 at once rather than queued; ``rate`` and
-    ``burst``: each client address may make ``burst`` requests at once and ``rate`` per second on
-    average (a token bucket), beyond which it is answered 429.
-    """
+    """What one client, and all of them together, may ask of the service (``None``: no limit); the 413
+    and 429 rules are in the module docstring. A request over ``max_concurrent`` is refused at once
+    rather than queued."""
 
     max_body: int = DEFAULT_MAX_UPLOAD_BYTES
     max_concurrent: int | None = None
