@@ -2,15 +2,8 @@
 
 Ray (an optional extra: ``pip install "msflow[cluster]"``) schedules each job as a task that reserves
 ``num_cpus``/``num_gpus``, on a local instance or on a running cluster given its address. A job is a
-plain function call, so a task computes exactly what the sequential run computes. Results come back
-in the order the tasks finish; a task that fails is reported with its error and the others go on.
-
-Tasks write their outputs where the driver said, so on a cluster those paths (and the inputs) must be
-on a filesystem that every node mounts at the same path (NFS, a cloud file share).
-
-A task whose worker process or node dies (out of memory, a preempted node) is run again, up to
-:data:`TASK_RETRIES` times; a retried benchmark category continues from its own checkpoint
-(``fit(resume="auto")``), so a retry costs at most the epoch that was interrupted.
+plain function call, so a task computes exactly what the sequential run computes. How to run it on a
+cluster (a filesystem every node mounts at the same path, retries of lost workers) is docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from msflow.errors import MSFlowError
+from msflow.errors import MSFlowError, require_extra
 
 # Runs of a task after its worker died (Ray's own default is 3): one retry rides out a lost worker or
 # node; a task that kills its worker twice (out of memory, say) is reported as failed instead.
@@ -28,13 +21,7 @@ TASK_RETRIES = 1
 
 def require_ray() -> Any:
     """The ray module, or a one-line error saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise MSFlowError(
-            '--executor ray needs Ray, which is not installed: pip install "msflow[cluster]"'
-        ) from None
-    return ray
+    return require_extra("ray", "cluster", "--executor ray")
 
 
 def run_tasks(
@@ -79,25 +66,29 @@ def run_tasks(
             msflow_task
         )
         pending = {task.remote(fn, cpus_per_task, *job): i for i, job in enumerate(jobs)}
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    index = pending.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except ray.exceptions.RayError as err:
-                        cause = getattr(err, "cause", None) or err
-                        lines = str(cause).strip().splitlines()
-                        yield index, None, f"{type(cause).__name__}: {lines[-1] if lines else ''}"
-                    else:
-                        yield index, result, None
-        finally:
-            for ref in pending:  # an interrupted driver leaves no tasks running
-                ray.cancel(ref, force=True)
+        yield from _as_they_finish(ray, pending)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _as_they_finish(ray: Any, pending: dict[Any, int]) -> Iterator[tuple[int, Any, str | None]]:
+    """``(job index, result, error)`` of each task in ``pending`` (task -> index) as it ends."""
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                cause = getattr(err, "cause", None) or err
+                lines = str(cause).strip().splitlines()
+                yield index, None, f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+            else:
+                yield index, result, None
+    finally:
+        for ref in pending:  # an interrupted driver leaves no tasks running
+            ray.cancel(ref, force=True)
 
 
 def msflow_task(fn: Callable[..., Any], threads: int, *args: Any) -> Any:

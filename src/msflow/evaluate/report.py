@@ -176,10 +176,16 @@ def read_rows(path: str | Path) -> Iterator[dict[str, str]]:
         yield from csv.DictReader(fh)
 
 
-def _save_figure(fig: Figure, path: str | Path) -> Path:  # creates parent dirs
+def _render(fig: Figure, path: str | Path | None = None) -> Any:
+    """``fig`` as a PNG file at ``path`` (parent folders made; returns the path), or without a path as a
+    data URI for report.html (a little smaller: 90 dpi, not 100)."""
+    FigureCanvasAgg(fig)
+    if path is None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=100)
     return path
 
@@ -200,7 +206,7 @@ def plot_score_histogram(
     _draw_score_histogram(
         fig.add_subplot(), scores[finite], labels[finite], threshold, "Image score distribution"
     )
-    return _save_figure(fig, path)
+    return _render(fig, path)
 
 
 def _draw_score_histogram(
@@ -215,9 +221,7 @@ def _draw_score_histogram(
             ax.hist(subset, bins=bins, alpha=0.5, color=colour, label=f"{name} (n={subset.size})")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold = {threshold:.4g}")
-    ax.set_xlabel("image anomaly score")
-    ax.set_ylabel("number of images")
-    ax.set_title(title)
+    ax.set(xlabel="image anomaly score", ylabel="number of images", title=title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
 
@@ -226,7 +230,7 @@ def plot_loss_curve(path: str | Path, history: Sequence[Mapping[str, Any]]) -> P
     """Save a line plot of training loss per epoch (entries without a finite ``loss`` skipped); ``None``
     (nothing written) when there is nothing to plot."""
     fig = Figure(figsize=(7, 4.5))
-    return _save_figure(fig, path) if _draw_loss(fig, history) else None
+    return _render(fig, path) if _draw_loss(fig, history) else None
 
 
 def _draw_loss(fig: Figure, history: Sequence[Mapping[str, Any]]) -> bool:
@@ -239,9 +243,7 @@ def _draw_loss(fig: Figure, history: Sequence[Mapping[str, Any]]) -> bool:
     ax = fig.add_subplot()
     ax.plot(*zip(*sorted(points), strict=True), marker="o", markersize=3)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss")
+    ax.set(xlabel="epoch", ylabel="loss", title="Training loss")
     ax.grid(True, alpha=0.3)
     return True
 
@@ -411,11 +413,10 @@ def gallery_picks(scores: np.ndarray, labels: np.ndarray, threshold: float) -> l
     return picks
 
 
-def _png_data_uri(fig: Figure) -> str:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+_CURVE_AXES = {  # which: (x label, y label, title, legend place)
+    "roc": ("false-positive rate", "true-positive rate", "ROC curve", "lower right"),
+    "pr": ("recall", "precision", "Precision-recall curve", "lower left"),
+}
 
 
 def _curve_figure(curves: Mapping[str, Any], which: str, metrics: Mapping[str, Any]) -> str | None:
@@ -432,25 +433,11 @@ def _curve_figure(curves: Mapping[str, Any], which: str, metrics: Mapping[str, A
         ax.plot(c["x"], c["y"], label=label, drawstyle="steps-post" if which == "roc" else "default")
     if which == "roc":
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("false-positive rate" if which == "roc" else "recall")
-    ax.set_ylabel("true-positive rate" if which == "roc" else "precision")
-    ax.set_title("ROC curve" if which == "roc" else "Precision-recall curve")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
+    xlabel, ylabel, title, legend = _CURVE_AXES[which]
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right" if which == "roc" else "lower left")
-    return _png_data_uri(fig)
-
-
-def _histogram_figure(scores: np.ndarray, labels: np.ndarray, threshold: float | None, rates: str) -> str:
-    fig = Figure(figsize=(7, 4))
-    _draw_score_histogram(fig.add_subplot(), scores, labels, threshold, f"Test image scores: {rates}")
-    return _png_data_uri(fig)
-
-
-def _loss_figure(history: Sequence[Mapping[str, Any]]) -> str | None:
-    fig = Figure(figsize=(7, 3.5))
-    return _png_data_uri(fig) if _draw_loss(fig, history) else None
+    ax.legend(loc=legend)
+    return _render(fig)
 
 
 _STYLE = (
@@ -518,8 +505,11 @@ def write_html_report(out_dir: str | Path, history: Sequence[Mapping[str, Any]] 
         if key in metrics
     )
     figures = [_curve_figure(data["curves"], "roc", metrics), _curve_figure(data["curves"], "pr", metrics)]
-    loss = _loss_figure(history or [])
-    histogram = _histogram_figure(scores, labels, threshold, rates)
+    loss_fig = Figure(figsize=(7, 3.5))
+    loss = _render(loss_fig) if _draw_loss(loss_fig, history or []) else None
+    hist_fig = Figure(figsize=(7, 4))
+    _draw_score_histogram(hist_fig.add_subplot(), scores, labels, threshold, f"Test image scores: {rates}")
+    histogram = _render(hist_fig)
     body = [
         f"<h1>msflow report: {html.escape(str(metrics.get('dataset', out_dir.name)))}</h1>",
         f"<p>{len(rows)} test images; image threshold {threshold:.6g} "

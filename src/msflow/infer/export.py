@@ -91,13 +91,6 @@ class _PredictGraph(nn.Module):
         return out.scores, out.pixel_map, out.image_map, normalized
 
 
-def _config_json(model: MSFlow) -> str | None:
-    config = getattr(model, "config", None)
-    if config is None or not dataclasses.is_dataclass(config):
-        return None
-    return json.dumps(without_paths(dataclasses.asdict(config)), sort_keys=True)
-
-
 def _digest(model_proto: Any) -> str:
     """SHA-256 of the graph (nodes and weights), the opsets and every metadata entry but the digest."""
     h = hashlib.sha256()
@@ -117,18 +110,14 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     threshold: Threshold | None = None,
 ) -> Path:
-    """Export ``model.predict`` to one ONNX file at ``path``; returns the path.
+    """Export ``model.predict`` (traced on the model's device, in eval mode) to one ONNX file at ``path``,
+    written atomically; returns the path.
 
-    Arguments:
-        model: the MSFlow model (any device; it is traced where it is, in eval mode).
-        path: the ``.onnx`` file to write; written atomically (a temporary file and a rename).
-        opset: the ONNX opset; 17 (the default) to 21 were checked, 13-16 work too (LayerNorm is then
-            spelled out in primitive ops).
-        batch_size_dynamic: a dynamic batch axis; ``False`` fixes the batch size to 1.
-        metadata: extra string entries for ``metadata_props`` (e.g. the digest of the checkpoint the
-            export came from), covered by the file's checksum and readable as ``OnnxModel.metadata``.
-        threshold: the run's decision; the file then carries it in its metadata and has a fourth
-            output, ``normalized_score``, so that it can be deployed without msflow.
+    ``opset``: 17 (the default) to 21 were checked, 13-16 work too (LayerNorm is then spelled out in
+    primitive ops). ``batch_size_dynamic=False`` fixes the batch size to 1. ``metadata``: extra entries
+    (e.g. the digest of the checkpoint the export came from), covered by the file's checksum and readable
+    as ``OnnxModel.metadata``. ``threshold``: the run's decision; the file then carries it in its metadata
+    and has a fourth output, ``normalized_score``, so that it can be deployed without msflow.
     """
     onnx = require_extra("onnx", "onnx", "ONNX export")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -194,7 +183,7 @@ def _trace(graph: _PredictGraph, outputs: Sequence[str], opset: int, batch_dynam
 def _model_props(model: MSFlow, batch_dynamic: bool, outputs: Sequence[str]) -> dict[str, str]:
     """The metadata that describes the graph: sizes, inputs and outputs, the maps' settings, the config."""
     height, width = model.anomaly.image_size
-    props = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "msflow_version": __version__,
@@ -208,11 +197,8 @@ def _model_props(model: MSFlow, batch_dynamic: bool, outputs: Sequence[str]) -> 
         "normalization": str(model.anomaly.normalization),
         "smoothing": f"{model.anomaly.smoothing:g}",
         "score": str(model.anomaly.score),
+        "config": json.dumps(without_paths(dataclasses.asdict(model.config)), sort_keys=True),
     }
-    config = _config_json(model)
-    if config is not None:
-        props["config"] = config
-    return props
 
 
 def _decision_props(threshold: Threshold | None) -> dict[str, str]:
@@ -278,16 +264,10 @@ def _read_checked(path: Path) -> tuple[bytes, dict[str, str]]:
 
 
 class OnnxModel:
-    """Runs a model written by :func:`export_onnx` with onnxruntime.
-
-    Arguments:
-        path: the ``.onnx`` file.
-        threads: intra-op threads for onnxruntime (``None``: its default, one per physical core).
-        providers: onnxruntime execution providers, best first (default: CUDA when available, then CPU).
-
-    Raises:
-        CheckpointError: the file is missing, not ONNX, truncated, altered, or not an msflow export.
-    """
+    """Runs a model written by :func:`export_onnx` with onnxruntime: ``threads`` intra-op threads
+    (``None``: its default, one per physical core), ``providers`` best first (default: CUDA when
+    available, then CPU). A file that is missing, not ONNX, truncated, altered or not an msflow export
+    is a :class:`~msflow.errors.CheckpointError`."""
 
     def __init__(
         self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None
@@ -305,7 +285,6 @@ class OnnxModel:
             raise CheckpointError(
                 f"exported model '{self.path}' has no valid image size in its metadata"
             ) from err
-        self.msflow_version = self.metadata.get("msflow_version")
 
         options = ort.SessionOptions()
         if threads is not None:

@@ -107,27 +107,11 @@ class BodyTooLarge(Exception):
     """Raised from ``receive`` when a request body goes past the cap (turned into a 413)."""
 
 
-def _json_error(
-    status: int, detail: str, extra_headers: list[tuple[bytes, bytes]] | None = None
-) -> tuple[dict, bytes]:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *(extra_headers or []),
-    ]
-    return {"type": "http.response.start", "status": status, "headers": headers}, body
-
-
 @dataclass(frozen=True)
 class Limits:
-    """What one client, and all of them together, may ask of the service (``None``: no limit).
-
-    ``max_body``: bytes in a request body; ``max_concurrent``: requests in progress at once (the open
-    paths excepted), beyond which a request is answered 429 at once rather than queued; ``rate`` and
-    ``burst``: each client address may make ``burst`` requests at once and ``rate`` per second on
-    average (a token bucket), beyond which it is answered 429.
-    """
+    """What one client, and all of them together, may ask of the service (``None``: no limit); the 413
+    and 429 rules are in the module docstring. A request over ``max_concurrent`` is refused at once
+    rather than queued."""
 
     max_body: int = DEFAULT_MAX_UPLOAD_BYTES
     max_concurrent: int | None = None
@@ -203,11 +187,16 @@ class GuardMiddleware:
     async def _reply(
         self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        start, body = _json_error(status, detail, headers)
-        start["headers"] += SECURITY_HEADERS
+        body = json.dumps({"detail": detail}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *(headers or []),
+            *SECURITY_HEADERS,
+        ]
         if status == 413:  # the rest of the body is not read: the connection cannot be reused
-            start["headers"].append((b"connection", b"close"))
-        await send(start)
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _authorised(self, scope: Scope) -> bool:
@@ -231,10 +220,8 @@ class GuardMiddleware:
 
     def _declared_size_refusal(self, scope: Scope) -> tuple[int, str] | None:
         declared = _header(scope, b"content-length")
-        if declared is None:
-            return None
         try:
-            size = int(declared)
+            size = int(declared) if declared is not None else 0
         except ValueError:
             return 400, "invalid Content-Length header"
         return (413, self._too_large_message()) if size > self.max_body else None
@@ -244,13 +231,10 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         api = not _is_open(scope.get("path", ""))
-        refusal = self._refusal(scope) if api else None
+        # Limits and key first (API paths only), then the declared size (every path)
+        refusal = (self._refusal(scope) if api else None) or self._declared_size_refusal(scope)
         if refusal is not None:
             await self._reply(send, *refusal)
-            return
-        size_refusal = self._declared_size_refusal(scope)
-        if size_refusal is not None:
-            await self._reply(send, *size_refusal)
             return
         self.active += api
         try:
@@ -330,11 +314,8 @@ def _finite(value: Any) -> Any:
 
 def _static_assets() -> dict[str, tuple[bytes, str]]:
     root = resources.files("msflow") / "static"
-    assets = {
-        name: (root.joinpath(fname).read_bytes(), media) for name, (fname, media) in STATIC_FILES.items()
-    }
-    assets["index.html"] = (root.joinpath("index.html").read_bytes(), "text/html; charset=utf-8")
-    return assets
+    files = {**STATIC_FILES, "index.html": ("index.html", "text/html; charset=utf-8")}
+    return {name: (root.joinpath(fname).read_bytes(), media) for name, (fname, media) in files.items()}
 
 
 def create_app(
@@ -357,8 +338,7 @@ def create_app(
     )  # the interactive docs load assets from a CDN
     app.state.predictor = predictor
     _add_error_handlers(app)
-    _add_page_routes(app, _static_assets())
-    _add_model_route(app, predictor)
+    _add_read_routes(app, _static_assets(), model_info(predictor))
     _add_predict_route(app, predictor, max_pixels)
     app.add_middleware(GuardMiddleware, api_key=api_key, limits=limits)
     return app
@@ -382,25 +362,31 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
-def _add_page_routes(app: FastAPI, assets: dict[str, tuple[bytes, str]]) -> None:
-    """The web page, its static files and /health. They are coroutines: they never wait for a worker
-    thread, so /health answers at once even when every worker thread is busy with predictions."""
+def _add_read_routes(app: FastAPI, assets: dict[str, tuple[bytes, str]], info: dict[str, Any]) -> None:
+    """The web page, its static files, /health and /model. They are coroutines: they never wait for a
+    worker thread, so /health answers at once even when every worker thread is busy with predictions."""
+
+    def asset(name: str) -> Response:
+        body, media = assets[name]
+        return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
-        body, media = assets["index.html"]
-        return Response(body, media_type=media, headers={"cache-control": "no-cache"})
+        return asset("index.html")
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
         if name not in STATIC_FILES:  # an allow-list lookup in memory: no path ever reaches the filesystem
             raise HTTPException(404, "Not Found")
-        body, media = assets[name]
-        return Response(body, media_type=media, headers={"cache-control": "no-cache"})
+        return asset(name)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/model")
+    async def model() -> JSONResponse:
+        return JSONResponse(info)
 
 
 def model_info(predictor: Predictor) -> dict[str, Any]:
@@ -415,14 +401,6 @@ def model_info(predictor: Predictor) -> dict[str, Any]:
         "runtime": predictor.runtime,
     }
     return _finite(without_paths(info))
-
-
-def _add_model_route(app: FastAPI, predictor: Predictor) -> None:
-    info = model_info(predictor)
-
-    @app.get("/model")
-    async def model() -> JSONResponse:
-        return JSONResponse(info)
 
 
 UPLOAD_SCHEMA = {
@@ -525,10 +503,6 @@ def _add_predict_route(app: FastAPI, predictor: Predictor, max_pixels: int) -> N
         return _answer(summary, png, timing, format == "png")
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def read_api_key(api_key_file: str | None = None) -> str | None:
     """The service's key: the first line of ``api_key_file`` if given, else ``$MSFLOW_API_KEY``, else
     none. Never a command-line value, which every user of the machine can read in the process list."""
@@ -585,8 +559,9 @@ def _announce(model: str, predictor: Predictor, host: str, port: int, keyed: boo
         f"runtime {predictor.runtime}, device {predictor.device})"
     )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown  # an IPv6 address
     api = "API: POST /predict, GET /model, GET /health"
-    log.info(f"open http://{_url_host(shown)}:{port}/ in a browser ({api})")
+    log.info(f"open http://{shown}:{port}/ in a browser ({api})")
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     if keyed:
         log.info(f"an API key is required: header {API_KEY_HEADER} (the web page has a field for it)")
