@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from msflow.errors import DataError
-from msflow.evaluate.metrics import _OFFICIAL_STEPS, f1_max, image_auroc, per_defect_type, pro_curve_up_to
+from msflow.evaluate.metrics import image_metrics, official_pro_area, official_thresholds, standard_pro_area
 
 DEFAULT_BINS = 2**20
 MAX_BINS = 2**21  # per map, after refinement (5 arrays of 16 MiB each)
@@ -235,17 +235,8 @@ def aupro_from_histograms(
     :func:`metrics.aupro` does. Without ``open_bins`` every bin counts as open.
     """
     fpr, pro = _pro_points(weight, neg)
-    x, y = pro_curve_up_to(fpr, pro, fpr_limit)
-    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0)
     bound = float(_pro_segment_errors(fpr, pro, open_bins, fpr_limit).sum())
-    return area / fpr_limit * 100.0, bound / fpr_limit * 100.0
-
-
-def official_thresholds(lo: Any, hi: Any) -> np.ndarray:
-    """The official evaluation's 800 thresholds, computed as it does (``lo``, ``hi`` in the maps' dtype)."""
-    if hi == lo:
-        raise DataError(f"aupro(official): all map values equal {lo}, no thresholds can be built")
-    return np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
+    return standard_pro_area(fpr, pro, fpr_limit), bound / fpr_limit * 100.0
 
 
 def official_aupro_from_histograms(
@@ -254,8 +245,6 @@ def official_aupro_from_histograms(
 ) -> tuple[float, float]:  # fmt: skip
     """Official MSFlow PRO (percent, see :func:`metrics.aupro`) and the largest share of an open bin
     that a threshold splits (0: exact)."""
-    from sklearn.metrics import auc
-
     thresholds = official_thresholds(lo, hi)
     n_neg = float(neg.sum())
     neg_above, w_above = _suffix(neg), _suffix(weight)
@@ -269,14 +258,9 @@ def official_aupro_from_histograms(
     frac_above = np.where(thresholds < left, 1.0, np.clip((right - thresholds) / span, 0.0, 1.0))
     split = (thresholds >= left) & (thresholds < right)
     fpr = (neg_above[b + 1] + frac_above * neg[b]) / n_neg
-    pro = w_above[b + 1] + frac_above * weight[b]
-    keep = fpr < fpr_limit
-    f = fpr[keep]
-    if np.unique(f).size < 2:
-        raise DataError(f"aupro(official): need 2 distinct FPRs < {fpr_limit}, got {np.unique(f).tolist()}")
-    f = (f - f.min()) / (f.max() - f.min())
+    area = official_pro_area(fpr, w_above[b + 1] + frac_above * weight[b], fpr_limit)
     share = np.maximum(neg[b] / n_neg, weight[b]) * split
-    return float(auc(f, pro[keep]) * 100.0), float(share.max(initial=0.0)) * 100.0
+    return area, float(share.max(initial=0.0)) * 100.0
 
 
 class Mergeable(Protocol):
@@ -450,20 +434,21 @@ class StreamingMetrics:
         self.add_image_state(other.image_state())
 
     # -- results ----------------------------------------------------------------------------------
+    def image_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image scores (float64) and labels (int64, 1 = defect), in image order."""
+        labels = np.frombuffer(self.labels, dtype=np.int8).astype(np.int64)
+        return np.frombuffer(self.scores, dtype=np.float64), labels
+
     def image_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Image AUROC, F1-max and per-defect-type AUROC (exact), and the reasons for those missing."""
-        labels = np.frombuffer(self.labels, dtype=np.int8).astype(np.int64)
-        scores = np.frombuffer(self.scores, dtype=np.float64)
+        scores, labels = self.image_arrays()
         n_bad = int(labels.sum())
         n_good = labels.size - n_bad
         if not (n_bad and n_good):
             why = f"needs good and defective test images, got {n_good} good and {n_bad} defective"
             return {}, {"image_auroc": why, "image_f1_max": why, "per_defect_type": why}
         names = {i: t for t, i in self.types.items()}
-        out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
-        out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
-        out["per_defect_type"] = per_defect_type(labels, scores, [names[i] for i in self.type_ids])
-        return out, {}
+        return image_metrics(labels, scores, [names[i] for i in self.type_ids]), {}
 
     def pixel_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Pixel AUROC, F1-max and AUPRO with their error bounds, and the reasons for those missing."""
