@@ -81,23 +81,20 @@ def evaluate_stream(
     redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None = None,
     replay: Callable[[], Iterable[ImageResult]] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``results`` (one per sample, same order); with ``out_dir`` also the report.
+    """Metrics of ``results`` (one per sample, same order); with ``out_dir`` also the report
+    (``predictions.csv`` row by row, ``overlays/*.png`` for a sample of images, ``score_histogram.png``).
 
-    The report is ``predictions.csv`` (written row by row), ``overlays/*.png`` for a sample of images
-    and ``score_histogram.png``. Pixel metrics and AUPRO need masks; metrics the test set cannot give
-    (one class only, no defect pixels) are listed under ``not_available`` with the reason. With a
-    threshold, ``false_positive_rate`` is the share of good test images judged defective. Results that
-    also carry their maps at the model's resolution (``model_anomaly_map``, ``model_image_map``) get the
-    pixel metrics at that resolution too, under ``model_resolution``.
+    Metrics the test set cannot give (one class only, no masks or defect pixels) are listed under
+    ``not_available``. With a threshold, ``false_positive_rate`` is the share of good test images judged
+    defective. Results that also carry maps at the model's resolution (``model_anomaly_map``,
+    ``model_image_map``) get pixel metrics there too, under ``model_resolution``. ``replay`` gives the
+    same results again, for up to ``MAX_PASSES`` passes into finer bins while an error bound is above
+    ``streaming.BOUND_TARGET``.
 
-    ``replay`` gives the same results again: when a metric's error bound is above
-    ``streaming.BOUND_TARGET``, the maps are streamed again into finer bins (up to ``MAX_PASSES`` passes
-    in all), so every bound reported meets it unless the passes run out.
-
-    With ``sharding`` (data-parallel), ``results`` are those of this rank's shard of ``samples`` only;
-    rank 0 gets the merged metrics and writes the same report as one process (its rows are rebuilt
-    from the merged scores, its overlays from ``redraw``, which predicts the few images to draw) plus
-    ``test_images_per_rank``; the other ranks return ``{}`` (no refinement, no model resolution).
+    With ``sharding`` (data-parallel), ``results`` are this rank's shard's only; rank 0 gets the merged
+    metrics and writes the same report as one process (rows from the merged scores, overlays from
+    ``redraw``, which predicts the few images to draw) plus ``test_images_per_rank``; the other ranks
+    return ``{}`` (no refinement, no model resolution).
     """
     acc = _Accumulators(StreamingMetrics(pixel_range=pixel_range, bins=bins, pro_mode=pro_mode), None)
     mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))

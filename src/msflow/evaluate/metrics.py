@@ -85,10 +85,7 @@ def weighted_auroc(
     good: np.ndarray, bad: np.ndarray, good_weights: np.ndarray, bad_weights: np.ndarray
 ) -> np.ndarray:
     """Image AUROC (%) under each row of weights (how often each image was drawn): a bootstrap's AUROCs.
-
-    ``good_weights`` is (rounds, n_good), ``bad_weights`` (rounds, n_bad); rows of ones give
-    :func:`image_auroc` of the good (label 0) and defective (label 1) scores.
-    """
+    ``good_weights`` is (rounds, n_good), ``bad_weights`` (rounds, n_bad); ones give :func:`image_auroc`."""
     wins = bad_weights @ pair_wins(good, bad)  # (rounds, n_good)
     return 100 * (wins * good_weights).sum(-1) / (bad_weights.sum(-1) * good_weights.sum(-1))
 
@@ -138,13 +135,12 @@ def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
 def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[np.ndarray, ...]:
     """Sort the pixels by descending score and accumulate the PRO / FPR counts.
 
-    Each pixel of a GT region of area ``a`` carries the weight ``1 / (a * R)`` (R = number of
-    regions in all images), so the weight sum of the predicted-positive pixels is exactly the
-    mean per-region overlap, i.e. PRO.  The pixels predicted positive by any threshold are a
-    prefix of the descending sort, so prefix sums give PRO and FPR at every threshold at once.
-    Only the top pixels needed to pass FPR = ``fpr_limit`` are sorted (FPR beyond is unused). Returns
-    the kept scores sorted descending (P values), cumulative negatives and cumulative PRO (length
-    P + 1, entry ``c`` = value for the top ``c`` pixels), the number of negatives and the minimum score.
+    A pixel of a GT region of area ``a`` weighs ``1 / (a * R)`` (R = regions in all images), so the
+    weight sum of the predicted-positive pixels is the mean per-region overlap (PRO). Every threshold
+    selects a prefix of the descending sort, so prefix sums give PRO and FPR at all of them at once;
+    only the top pixels needed to pass FPR = ``fpr_limit`` are sorted. Returns the kept scores sorted
+    (P values), cumulative negatives and PRO (length P + 1, entry ``c``: the top ``c`` pixels), the
+    number of negatives and the minimum score.
     """
     from skimage.measure import label  # imported lazily: skimage is slow to import
 
@@ -185,21 +181,14 @@ def aupro(
 ) -> float:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, in percent.
 
-    For a threshold θ a pixel is predicted defective when its score passes θ.  Regions are the
-    8-connected components of each image's GT mask.  PRO(θ) is the mean, over all regions of
-    all images, of the fraction of region pixels predicted defective; FPR(θ) is the fraction of
-    all GT-negative pixels (all images) predicted defective.  Images without defects add only
-    negatives.
+    Regions are the 8-connected components of each image's GT mask. PRO(θ) is the mean, over all
+    regions of all images, of the fraction of region pixels predicted defective; FPR(θ) the fraction of
+    all GT-negative pixels predicted defective (images without defects add only negatives).
 
-    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ, θ runs over every
-    distinct score (exact curve), the point (0, 0) is prepended, PRO is integrated over FPR
-    with the trapezoid rule from 0 to exactly ``fpr_limit`` (the end point linearly
-    interpolated) and divided by ``fpr_limit``.
-
-    ``mode="official"`` (the official code's evaluations.py): prediction = score > θ for the 800
-    thresholds ``np.arange(min, max, (max - min) / 800)``; thresholds with FPR < ``fpr_limit``
-    are kept, their FPRs min-max rescaled to [0, 1], and the trapezoid area under PRO is taken
-    with ``sklearn.metrics.auc``.  Not comparable with the standard number
+    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ, θ over every distinct score
+    (exact curve), integrated as :func:`standard_pro_area`. ``mode="official"`` (the official code's
+    evaluations.py): prediction = score > θ for :func:`official_thresholds`, integrated as
+    :func:`official_pro_area`; not comparable with the standard number
     (docs/official-code-differences.md, B17). ``max_thresholds`` (standard mode only): about this many
     thresholds at score quantiles instead of every distinct score (approximate, faster). Masks and
     maps as :func:`pixel_auroc`'s.
@@ -226,12 +215,8 @@ def aupro(
 
 
 def standard_pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """Standard AUPRO in percent: the trapezoid area under the PRO curve up to ``fpr_limit`` (its end
-    point linearly interpolated), divided by ``fpr_limit``.
-
-    Both curves are non-decreasing and start at (0, 0). The last point has FPR > fpr_limit (or FPR = 1
-    when fpr_limit = 1), so the point after the cut exists unless nothing needs interpolating.
-    """
+    """Standard AUPRO in percent: the trapezoid area under the PRO curve (non-decreasing, from (0, 0))
+    up to ``fpr_limit``, its end point linearly interpolated, divided by ``fpr_limit``."""
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))
     x, y = fpr[:k], pro[:k]
     if k < fpr.size:

@@ -46,6 +46,11 @@ class Threshold:
     def from_dict(cls, data: dict) -> Threshold:
         return cls(**data)
 
+    @classmethod
+    def of_scores(cls, image: float, pixel: float, scores: np.ndarray, method: str) -> Threshold:
+        """The thresholds, with the calibration ``scores``' range and count."""
+        return cls(image, pixel, float(scores.min()), float(scores.max()), method, int(scores.size))
+
     def with_image_threshold(self, value: float) -> Threshold:
         """The ``--threshold`` override: a raw image-score threshold chosen by the user."""
         return Threshold(float(value), self.pixel, self.score_min, self.score_max, "user", self.num_images)
@@ -114,15 +119,9 @@ class GoodImageCalibration:
         scores = np.asarray(self.scores, dtype=np.float64)
         if scores.size == 0:
             raise MSFlowError("threshold calibration needs at least one good image")
-        has_pixels = bool(self.pixels.any())
-        return Threshold(
-            image=float(np.quantile(scores, IMAGE_QUANTILE)),
-            pixel=_quantile(self.binning, self.pixels, PIXEL_QUANTILE) if has_pixels else float("inf"),
-            score_min=float(scores.min()),
-            score_max=float(scores.max()),
-            method=f"{method}-good-q{IMAGE_QUANTILE}",
-            num_images=int(scores.size),
-        )
+        pixel = _quantile(self.binning, self.pixels, PIXEL_QUANTILE) if self.pixels.any() else float("inf")
+        image = float(np.quantile(scores, IMAGE_QUANTILE))
+        return Threshold.of_scores(image, pixel, scores, f"{method}-good-q{IMAGE_QUANTILE}")
 
 
 class LabelledCalibration:
@@ -139,9 +138,9 @@ class LabelledCalibration:
         self.scores.append(float(score))
         self.labels.append(int(label))
         if mask is not None:
-            idx = self.binning.index(pixel_map)
-            self.pos += np.bincount(idx[mask], minlength=self.binning.bins)
-            self.neg += np.bincount(idx[~mask], minlength=self.binning.bins)
+            pos, neg = self.binning.joint_counts(pixel_map, mask)
+            self.pos += pos
+            self.neg += neg
 
     def threshold(self, fallback_pixel: float) -> Threshold:
         scores, labels = np.asarray(self.scores, dtype=np.float64), np.asarray(self.labels)
@@ -151,11 +150,4 @@ class LabelledCalibration:
         pixel_t = fallback_pixel
         if self.pos.any() and self.neg.any():
             _, pixel_t, _ = f1_max_from_histograms(self.pos, self.neg, self.binning)
-        return Threshold(
-            float(image_t),
-            float(pixel_t),
-            float(scores.min()),
-            float(scores.max()),
-            "validation-f1",
-            int(scores.size),
-        )
+        return Threshold.of_scores(float(image_t), float(pixel_t), scores, "validation-f1")
