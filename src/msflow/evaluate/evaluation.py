@@ -40,9 +40,7 @@ class ImageResult(Protocol):
 
 def overlay_indices(samples: list[Sample], count: int = NUM_OVERLAYS) -> set[int]:
     """A fixed, spread-out sample: defective images first (that is where the maps matter), then good."""
-    order = [i for i, s in enumerate(samples) if s.label == 1] + [
-        i for i, s in enumerate(samples) if s.label == 0
-    ]
+    order = sorted(range(len(samples)), key=lambda i: -samples[i].label)  # stable: image order kept
     step = max(1, len(order) // count) if count else 1
     return set(order[::step][:count])
 

@@ -201,8 +201,10 @@ def aupro(
         raise DataError(f"aupro: max_thresholds={max_thresholds} needs mode='standard' and >= 2")
     s, cum_neg, cum_pro, n_neg, lo = _sorted_pixels(masks, maps, fpr_limit)
     if mode == "official":
-        return _official_pro(s, cum_neg, cum_pro, n_neg, lo, fpr_limit)
-
+        # Pixels with score > θ: that prefix of the descending sort. For θ below the kept pixels it is
+        # capped at all of them, whose FPR already exceeds fpr_limit, so such θ are still dropped.
+        count = s.size - np.searchsorted(s[::-1], official_thresholds(lo, s[0]), side="right")
+        return official_pro_area(cum_neg[count] / n_neg, cum_pro[count], fpr_limit)
     # Threshold θ = s[i] selects every pixel up to the LAST pixel with score s[i] (ties are
     # predicted together), so keep only the last index of each run of equal scores.
     ends = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)
@@ -244,18 +246,6 @@ def official_pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> flo
         raise DataError(f"aupro(official): need 2 distinct FPRs < {fpr_limit}, got {np.unique(f).tolist()}")
     f = (f - f.min()) / (f.max() - f.min())
     return float(auc(f, pro[keep]) * 100.0)
-
-
-def _official_pro(
-    s: np.ndarray, cum_neg: np.ndarray, cum_pro: np.ndarray, n_neg: int, lo: Any, fpr_limit: float
-) -> float:
-    """Official MSFlow PRO (its steps 1-7) from the sorted pixel table of :func:`aupro`."""
-    thresholds = official_thresholds(lo, s[0])
-    # Number of pixels with score > θ = length of that prefix of the descending sort.  For θ
-    # below the kept pixels it is capped at all kept pixels, whose FPR already exceeds
-    # fpr_limit, so such θ are still dropped, as they must be.
-    count = s.size - np.searchsorted(s[::-1], thresholds, side="right")
-    return official_pro_area(cum_neg[count] / n_neg, cum_pro[count], fpr_limit)
 
 
 def per_defect_type(labels: Any, scores: Any, defect_types: Sequence[str]) -> dict[str, float]:

@@ -242,13 +242,16 @@ def official_aupro_from_histograms(
 class Mergeable(Protocol):
     """An accumulator that the ranks of a data-parallel job feed with their shards and then merge
     (:meth:`msflow.train.distributed.Distributed.merge_to_main`): histograms add, per-image state
-    (``image_state()["scores"]`` and the rest) is appended in rank order."""
+    (``image_state()["scores"]`` and the rest) is appended in rank order. Subclasses inherit
+    :meth:`add_histograms`."""
 
     def histograms(self) -> list[np.ndarray]: ...
-    def add_histograms(self, histograms: list[np.ndarray]) -> None: ...
     def image_state(self) -> dict[str, Any]: ...
     def add_image_state(self, state: dict[str, Any]) -> None: ...
     def empty_copy(self) -> Any: ...
+
+    def add_histograms(self, histograms: list[np.ndarray]) -> None:
+        add_histograms(self.histograms(), histograms)
 
 
 def add_histograms(into: list[np.ndarray], histograms: list[np.ndarray]) -> None:
@@ -294,7 +297,7 @@ def _split_binning(stats: BinStats, priority: np.ndarray, max_bins: int, extra: 
     return EdgeBinning(np.unique(np.concatenate(parts)))
 
 
-class StreamingMetrics:
+class StreamingMetrics(Mergeable):
     """All test metrics of :func:`metrics.evaluate`, fed one image at a time: ``pixel_range`` is the
     "add" map's range (0, number of scales), ``pro_range`` the "mul" map's (0, 1); ``bins`` per map
     (2^20: 72 MiB of state in all), or given ``binnings`` (pixel, PRO) (a refinement's, :meth:`refined`)."""
@@ -362,9 +365,6 @@ class StreamingMetrics:
         float64 weights are sums of 1 / region area, so a different grouping can change their last bit
         only. (Each bin's smallest and largest value merge by min and max: see :meth:`image_state`.)"""
         return [self.pixel.pos, self.pixel.neg, self.pro.neg, self.pro_weight, self.pro.pos]
-
-    def add_histograms(self, histograms: list[np.ndarray]) -> None:
-        add_histograms(self.histograms(), histograms)
 
     def image_state(self) -> dict[str, Any]:
         """Everything but the summed histograms, as plain values (picklable): O(images) floats and the

@@ -24,7 +24,7 @@ import numpy as np
 
 from msflow.errors import MSFlowError
 from msflow.evaluate.metrics import f1_max
-from msflow.evaluate.streaming import DEFAULT_BINS, Binning, add_histograms, f1_max_from_histograms
+from msflow.evaluate.streaming import DEFAULT_BINS, Binning, Mergeable, f1_max_from_histograms
 
 IMAGE_QUANTILE = 0.99
 PIXEL_QUANTILE = 0.999
@@ -81,7 +81,7 @@ def _quantile(binning: Binning, counts: np.ndarray, q: float) -> float:
     return float(binning.edge(min(b, binning.bins - 1) + 1))
 
 
-class GoodImageCalibration:
+class GoodImageCalibration(Mergeable):
     """Quantile thresholds from defect-free images (see the module docstring), fed image by image.
 
     Image scores are kept (one float each); pixel values go into a fixed histogram over the "add" map's
@@ -102,9 +102,6 @@ class GoodImageCalibration:
     # depend on the order of the scores, and the int64 pixel counts add exactly
     def histograms(self) -> list[np.ndarray]:
         return [self.pixels]
-
-    def add_histograms(self, histograms: list[np.ndarray]) -> None:
-        add_histograms(self.histograms(), histograms)
 
     def image_state(self) -> dict[str, Any]:
         return {"scores": list(self.scores)}
