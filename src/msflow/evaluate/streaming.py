@@ -338,10 +338,8 @@ class StreamingMetrics(Mergeable):
 
         mask = np.asarray(mask) != 0
         if mask.shape != pixel_map.shape or mask.shape != pro_map.shape:
-            raise DataError(
-                f"image {self.map_images}: mask {mask.shape} and maps "
-                f"{pixel_map.shape}, {pro_map.shape} differ"
-            )
+            shapes = f"mask {mask.shape} and maps {pixel_map.shape}, {pro_map.shape}"
+            raise DataError(f"image {self.map_images}: {shapes} differ")
         if not (np.isfinite(pixel_map).all() and np.isfinite(pro_map).all()):
             raise DataError(f"image {self.map_images}: map contains NaN or infinity")
         self.pixel.add(pixel_map, mask)
