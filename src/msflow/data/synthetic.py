@@ -1,18 +1,18 @@
 """Synthetic defects drawn into good images, so that choices can be judged without any test labels.
 
 ``msflow train --score auto`` and ``msflow test --choose`` (``msflow.train.synthetic_check``) need
-defective images to tell a good image score from a bad one, and the only images they may look at are
-good ones. This module makes defects out of them. Each call draws one of three kinds, with sizes
-log-uniform so that small defects (pits, a few hundred pixels at 256 px) are as common as large ones:
+defective images, and the only images they may look at are good ones. Each call draws one of three
+kinds, sized log-uniformly over 0.05 % to 3 % of the image so that small defects (pits, a few hundred
+pixels at 256 px) are as common as large ones:
 
-- ``patch``:   a piece of the same image, flipped or rotated by a multiple of 90 degrees, pasted elsewhere
-               through an elliptic mask (CutPaste-like: texture that is plausible but out of place);
-- ``scratch``: a thin polyline, darker or lighter than the image around it, its edges softened;
+- ``patch``:   a flipped or rotated piece of the same image pasted elsewhere through an elliptic mask
+               (CutPaste-like: texture that is plausible but out of place);
+- ``scratch``: a thin polyline, darker or lighter than the image around it;
 - ``blob``:    an ellipse whose brightness is shifted and whose texture is replaced by noise.
 
-Areas are 0.05 % to 3 % of the image; a defect is blended with a mask blurred by about one pixel so
-that it has no artificially sharp edge. Everything is drawn from the ``numpy.random.Generator`` passed
-in, so a seed fixes the set. The returned mask marks the pixels the defect changed (blend weight > 0.5).
+A defect is blended through its mask blurred by about one pixel, so it has no artificially sharp edge;
+the returned mask marks the pixels it changed (blend weight > 0.5). The ``numpy.random.Generator``
+passed in fixes the set.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def _patch(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, Image
     sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     piece = img[sy : sy + ph, sx : sx + pw]
     piece = np.rot90(piece, int(rng.integers(1, 4))) if ph == pw else piece[::-1, ::-1]
-    piece = piece[: min(ph, piece.shape[0]), : min(pw, piece.shape[1])]
     out = img.copy()
     ty, tx = int(y0), int(x0)
     ph, pw = min(piece.shape[0], h - ty), min(piece.shape[1], w - tx)
@@ -77,8 +76,7 @@ def _scratch(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, Ima
         points.append((x, y))
     mask = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask).line(points, fill=255, width=width, joint="curve")
-    out = _shift(rng, img, np.asarray(mask) > 0)
-    return out, mask
+    return _shift(rng, img, np.asarray(mask) > 0), mask
 
 
 def _shift(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -102,11 +100,8 @@ def _blob(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, Image.
 def add_defect(
     image: ImageLike, rng: np.random.Generator, kind: str | None = None
 ) -> tuple[Image.Image, np.ndarray]:
-    """Draw one synthetic defect into ``image`` (anything :func:`~msflow.data.images.decode` reads);
-    returns (defective 8-bit RGB image, boolean (H, W) mask).
-
-    ``kind`` is one of :data:`KINDS`, or ``None`` to draw one at random.
-    """
+    """Draw one synthetic defect of ``kind`` (one of :data:`KINDS`, ``None``: at random) into ``image``
+    (anything :func:`~msflow.data.images.decode` reads): (defective 8-bit RGB image, bool (H, W) mask)."""
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
     makers = {"patch": _patch, "scratch": _scratch, "blob": _blob}
     if kind not in makers:
@@ -125,11 +120,8 @@ def synthetic_set(
 ) -> list[tuple[Image.Image, np.ndarray]]:
     """``per_image`` defective copies of each image (kinds cycling), reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i, image in enumerate(images):
-        for j in range(per_image):
-            out.append(add_defect(image, rng, KINDS[(i * per_image + j) % len(KINDS)]))
-    return out
+    kinds = [KINDS[k % len(KINDS)] for k in range(len(images) * per_image)]
+    return [add_defect(images[k // per_image], rng, kind) for k, kind in enumerate(kinds)]
 
 
 __all__ = ["AREA_RANGE", "KINDS", "add_defect", "synthetic_set"]

@@ -85,12 +85,15 @@ def weighted_auroc(
     good: np.ndarray, bad: np.ndarray, good_weights: np.ndarray, bad_weights: np.ndarray
 ) -> np.ndarray:
     """Image AUROC (%) under each row of weights (how often each image was drawn): a bootstrap's AUROCs.
-
-    ``good_weights`` is (rounds, n_good), ``bad_weights`` (rounds, n_bad); rows of ones give
-    :func:`image_auroc` of the good (label 0) and defective (label 1) scores.
-    """
+    ``good_weights`` is (rounds, n_good), ``bad_weights`` (rounds, n_bad); ones give :func:`image_auroc`."""
     wins = bad_weights @ pair_wins(good, bad)  # (rounds, n_good)
     return 100 * (wins * good_weights).sum(-1) / (bad_weights.sum(-1) * good_weights.sum(-1))
+
+
+def bootstrap_counts(n: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
+    """(rounds, n) float counts: how often each of ``n`` images is drawn in each round of a paired
+    bootstrap (every score of an image is resampled with it)."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)
 
 
 def auroc_difference_interval(
@@ -100,10 +103,8 @@ def auroc_difference_interval(
     bootstrap of the images (good and defective ones resampled separately, both scores on each draw)."""
     rng = np.random.default_rng(seed)
     good, bad = labels == 0, labels == 1
-    n_good, n_bad = int(good.sum()), int(bad.sum())
-    wg = rng.multinomial(n_good, np.full(n_good, 1 / n_good), size=rounds).astype(float)
-    wb = rng.multinomial(n_bad, np.full(n_bad, 1 / n_bad), size=rounds).astype(float)
-    ones = np.ones((1, n_good)), np.ones((1, n_bad))
+    wg, wb = bootstrap_counts(int(good.sum()), rounds, rng), bootstrap_counts(int(bad.sum()), rounds, rng)
+    ones = np.ones((1, wg.shape[1])), np.ones((1, wb.shape[1]))
     point = float(weighted_auroc(a[good], a[bad], *ones)[0] - weighted_auroc(b[good], b[bad], *ones)[0])
     draws = weighted_auroc(a[good], a[bad], wg, wb) - weighted_auroc(b[good], b[bad], wg, wb)
     low, high = np.percentile(draws, [2.5, 97.5])
@@ -134,13 +135,12 @@ def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
 def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[np.ndarray, ...]:
     """Sort the pixels by descending score and accumulate the PRO / FPR counts.
 
-    Each pixel of a GT region of area ``a`` carries the weight ``1 / (a * R)`` (R = number of
-    regions in all images), so the weight sum of the predicted-positive pixels is exactly the
-    mean per-region overlap, i.e. PRO.  The pixels predicted positive by any threshold are a
-    prefix of the descending sort, so prefix sums give PRO and FPR at every threshold at once.
-    Only the top pixels needed to pass FPR = ``fpr_limit`` are sorted (FPR beyond is unused). Returns
-    the kept scores sorted descending (P values), cumulative negatives and cumulative PRO (length
-    P + 1, entry ``c`` = value for the top ``c`` pixels), the number of negatives and the minimum score.
+    A pixel of a GT region of area ``a`` weighs ``1 / (a * R)`` (R = regions in all images), so the
+    weight sum of the predicted-positive pixels is the mean per-region overlap (PRO). Every threshold
+    selects a prefix of the descending sort, so prefix sums give PRO and FPR at all of them at once;
+    only the top pixels needed to pass FPR = ``fpr_limit`` are sorted. Returns the kept scores sorted
+    (P values), cumulative negatives and PRO (length P + 1, entry ``c``: the top ``c`` pixels), the
+    number of negatives and the minimum score.
     """
     from skimage.measure import label  # imported lazily: skimage is slow to import
 
@@ -181,21 +181,14 @@ def aupro(
 ) -> float:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, in percent.
 
-    For a threshold θ a pixel is predicted defective when its score passes θ.  Regions are the
-    8-connected components of each image's GT mask.  PRO(θ) is the mean, over all regions of
-    all images, of the fraction of region pixels predicted defective; FPR(θ) is the fraction of
-    all GT-negative pixels (all images) predicted defective.  Images without defects add only
-    negatives.
+    Regions are the 8-connected components of each image's GT mask. PRO(θ) is the mean, over all
+    regions of all images, of the fraction of region pixels predicted defective; FPR(θ) the fraction of
+    all GT-negative pixels predicted defective (images without defects add only negatives).
 
-    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ, θ runs over every
-    distinct score (exact curve), the point (0, 0) is prepended, PRO is integrated over FPR
-    with the trapezoid rule from 0 to exactly ``fpr_limit`` (the end point linearly
-    interpolated) and divided by ``fpr_limit``.
-
-    ``mode="official"`` (the official code's evaluations.py): prediction = score > θ for the 800
-    thresholds ``np.arange(min, max, (max - min) / 800)``; thresholds with FPR < ``fpr_limit``
-    are kept, their FPRs min-max rescaled to [0, 1], and the trapezoid area under PRO is taken
-    with ``sklearn.metrics.auc``.  Not comparable with the standard number
+    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ, θ over every distinct score
+    (exact curve), integrated as :func:`standard_pro_area`. ``mode="official"`` (the official code's
+    evaluations.py): prediction = score > θ for :func:`official_thresholds`, integrated as
+    :func:`official_pro_area`; not comparable with the standard number
     (docs/official-code-differences.md, B17). ``max_thresholds`` (standard mode only): about this many
     thresholds at score quantiles instead of every distinct score (approximate, faster). Masks and
     maps as :func:`pixel_auroc`'s.
@@ -208,8 +201,10 @@ def aupro(
         raise DataError(f"aupro: max_thresholds={max_thresholds} needs mode='standard' and >= 2")
     s, cum_neg, cum_pro, n_neg, lo = _sorted_pixels(masks, maps, fpr_limit)
     if mode == "official":
-        return _official_pro(s, cum_neg, cum_pro, n_neg, lo, fpr_limit)
-
+        # Pixels with score > θ: that prefix of the descending sort. For θ below the kept pixels it is
+        # capped at all of them, whose FPR already exceeds fpr_limit, so such θ are still dropped.
+        count = s.size - np.searchsorted(s[::-1], official_thresholds(lo, s[0]), side="right")
+        return official_pro_area(cum_neg[count] / n_neg, cum_pro[count], fpr_limit)
     # Threshold θ = s[i] selects every pixel up to the LAST pixel with score s[i] (ties are
     # predicted together), so keep only the last index of each run of equal scores.
     ends = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)
@@ -218,42 +213,33 @@ def aupro(
         ranks = np.linspace(0, s.size - 1, max_thresholds).round().astype(np.int64)
         ends = np.unique(ends[np.searchsorted(ends, ranks)])
     fpr = np.concatenate(([0.0], cum_neg[ends + 1] / n_neg))
-    pro = np.concatenate(([0.0], cum_pro[ends + 1]))
-    x, y = pro_curve_up_to(fpr, pro, fpr_limit)
-    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0  # trapezoid rule
-    return float(area / fpr_limit * 100.0)
+    return standard_pro_area(fpr, np.concatenate(([0.0], cum_pro[ends + 1])), fpr_limit)
 
 
-def pro_curve_up_to(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """The PRO curve cut at ``fpr_limit``, its end point linearly interpolated (for the integration).
-
-    Both curves are non-decreasing and start at (0, 0). The last point has FPR > fpr_limit (or FPR = 1
-    when fpr_limit = 1), so the point after the cut exists unless nothing needs interpolating.
-    """
+def standard_pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Standard AUPRO in percent: the trapezoid area under the PRO curve (non-decreasing, from (0, 0))
+    up to ``fpr_limit``, its end point linearly interpolated, divided by ``fpr_limit``."""
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))
     x, y = fpr[:k], pro[:k]
     if k < fpr.size:
         t = (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
         x = np.append(x, fpr_limit)
         y = np.append(y, pro[k - 1] + t * (pro[k] - pro[k - 1]))
-    return x, y
+    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0  # trapezoid rule
+    return float(area / fpr_limit * 100.0)
 
 
-def _official_pro(
-    s: np.ndarray, cum_neg: np.ndarray, cum_pro: np.ndarray, n_neg: int, lo: Any, fpr_limit: float
-) -> float:
-    """Official MSFlow PRO (its steps 1-7) from the sorted pixel table of :func:`aupro`."""
-    hi = s[0]
+def official_thresholds(lo: Any, hi: Any) -> np.ndarray:
+    """The official evaluation's 800 thresholds: the same expression (and dtype, that of ``lo`` and
+    ``hi``) as the official code; a float arange may give 801 values."""
     if hi == lo:
         raise DataError(f"aupro(official): all map values equal {lo}, no thresholds can be built")
-    # Same expression (and dtype) as the official code; float arange may give 801 values.
-    thresholds = np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
-    # Number of pixels with score > θ = length of that prefix of the descending sort.  For θ
-    # below the kept pixels it is capped at all kept pixels, whose FPR already exceeds
-    # fpr_limit, so such θ are still dropped, as they must be.
-    count = s.size - np.searchsorted(s[::-1], thresholds, side="right")
-    fpr = cum_neg[count] / n_neg
-    pro = cum_pro[count]
+    return np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
+
+
+def official_pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Official MSFlow PRO in percent from the FPR and PRO at its thresholds: those with FPR <
+    ``fpr_limit`` are kept, their FPRs min-max rescaled to [0, 1], and the area taken with ``auc``."""
     keep = fpr < fpr_limit
     f = fpr[keep]
     if np.unique(f).size < 2:  # the min-max rescaling below would divide by zero
@@ -295,8 +281,7 @@ def evaluate(
     """All metrics of one test set: ``image_auroc``, ``image_f1_max`` (+ threshold),
     ``per_defect_type``, and with masks ``pixel_auroc``, ``pixel_f1_max`` (+ threshold) and ``aupro``
     (``pro_mode``, on ``pro_maps`` if given); masks and maps as :func:`pixel_auroc`'s."""
-    out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
-    out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
+    out = image_metrics(labels, scores, defect_types)
     if masks is not None:
         if maps is None:
             raise DataError("evaluate: masks were given but maps are None")
@@ -307,5 +292,12 @@ def evaluate(
         out["pixel_f1_max"], out["pixel_f1_threshold"] = f1_max(y, s)
         # The official code scores PRO on the "mul" map, pixel AUROC on the "add" map.
         out["aupro"] = aupro(masks, maps if pro_maps is None else pro_maps, mode=pro_mode)
+    return out
+
+
+def image_metrics(labels: Any, scores: Any, defect_types: Sequence[str]) -> dict[str, Any]:
+    """``image_auroc``, ``image_f1_max`` (+ threshold) and ``per_defect_type``, all in percent."""
+    out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
+    out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
     out["per_defect_type"] = per_defect_type(labels, scores, defect_types)
     return out

@@ -1,44 +1,39 @@
 """Test-set metrics accumulated image by image, in memory that does not grow with the number of images.
 
-Why histograms: the maps have a known range (model/anomaly_map.py): the "add" map lies in
-[0, number of scales] and the "mul" map in [0, 1), in both normalisations, and the bilinear resize to
-the original size keeps them there (it only takes convex combinations). So every pixel can be counted
-into one of ``bins`` bins over that range; the curves (ROC, PR, PRO) then have a point at every bin
-edge. Each bin also keeps the smallest and the largest value counted in it: a bin whose pixels all
-share one value (the clipped zeros of a "global" map, a saturated plateau) is an exact tie, exactly
-what the exact metrics see, and adds no error. Per-pixel state is a few fixed arrays (``bins`` int64
-or float64 each, 8 MiB per array at 2^20 bins); image scores and labels are O(N) plain floats, as the
-exact image metrics need.
+Why histograms: the maps have a known range (model/anomaly_map.py): the "add" map lies in [0, number
+of scales] and the "mul" map in [0, 1), in both normalisations, and the bilinear resize to the original
+size keeps them there (convex combinations). So every pixel is counted into one of ``bins`` bins over
+that range, and the curves (ROC, PR, PRO) get a point at every bin edge. Each bin also keeps its
+smallest and largest value: a bin whose pixels share one value (the clipped zeros of a "global" map, a
+saturated plateau) is an exact tie, as the exact metrics see it, and adds no error. State is a few
+fixed arrays (8 MiB each at 2^20 bins) plus the O(N) image scores and labels the exact image metrics need.
 
-Error against the exact computation (evaluate/metrics.py), each computed from the histograms and
-returned next to the metric (``*_error_bound``, in the metric's percent units). Only bins holding more
-than one distinct value ("open" bins) can err:
+Error against the exact computation (evaluate/metrics.py), returned next to each metric
+(``*_error_bound``, percent points). Only bins holding more than one distinct value ("open") can err:
 
-* **Pixel AUROC.** Pairs (positive, negative) in different bins are ordered exactly; pairs in the same
-  bin are counted as ties (1/2). So |streamed - exact| <= 1/2 * sum_open pos_b * neg_b / (P * N).
+* **Pixel AUROC.** Pairs (positive, negative) in different bins are ordered exactly; pairs in one bin
+  count as ties (1/2). So |streamed - exact| <= 1/2 * sum_open pos_b * neg_b / (P * N).
 * **Pixel F1-max.** Selecting every bin >= b is the exact threshold "score >= smallest value of bin b",
-  so the streamed maximum is an exact F1 and never above the exact maximum. A threshold inside an open
-  bin b selects at most TP(>= b) true and at least FP(> b) false positives, so its F1 is at most
-  2 TP(>= b) / (TP(>= b) + FP(> b) + P): the bound is the largest of these over the open bins, minus
-  the streamed maximum (0 if none is larger).
-* **AUPRO, standard mode.** Every bin edge gives a point of the exact PRO curve, so the streamed curve
-  is the exact one sampled at fewer points. Both are non-decreasing, so across an open bin the exact
-  curve stays in the box dFPR_b x dPRO_b, and the trapezoid over the chord differs from the exact area
-  there by at most half that box. The segment cut at the FPR limit (a fraction t of its box's width
-  w) can differ by w * t * dPRO_b * (1 - t / 2).
+  so the streamed maximum is an exact F1, never above the exact maximum. A threshold inside an open bin
+  b selects at most TP(>= b) true and at least FP(> b) false positives, so its F1 is at most
+  2 TP(>= b) / (TP(>= b) + FP(> b) + P): the bound is the largest of these over the open bins minus the
+  streamed maximum (0 if none is larger).
+* **AUPRO, standard mode.** Every bin edge is a point of the exact PRO curve. Both curves are
+  non-decreasing, so across an open bin the exact curve stays in the box dFPR_b x dPRO_b and the
+  trapezoid over the chord errs by at most half that box; the segment cut at the FPR limit (a fraction
+  t of its box's width w) by at most w * t * dPRO_b * (1 - t / 2).
 * **AUPRO, official mode** (800 thresholds between the exact min and max, prediction score > θ): a
   threshold inside an open bin splits it linearly (as if spread evenly). The figure reported is the
   largest share of negatives or region weight in such a bin (no closed form survives the official
-  min-max rescaling of the FPR axis); a refinement (below) puts every threshold on a bin edge, which
-  makes the result exact (0).
+  min-max rescaling of the FPR axis); a refinement puts every threshold on a bin edge: exact (0).
 
 **Refinement** (:meth:`StreamingMetrics.refined`): when a bound is above ``BOUND_TARGET`` (0.1 points),
-the open bins that carry the error are split into sub-bins between their smallest and largest value,
-and the maps are streamed again into the finer bins (:func:`msflow.evaluate.evaluation.evaluate_stream`
-does it when it can get the maps a second time). Memory stays that of the bins, ``MAX_BINS`` at most.
+the open bins that carry the error are split between their smallest and largest value and the maps are
+streamed again into the finer bins (by :func:`msflow.evaluate.evaluation.evaluate_stream` when it can
+get the maps a second time). Memory stays that of the bins, ``MAX_BINS`` at most.
 
-Regions for AUPRO are the 8-connected components of each image's mask, found per image; each region
-pixel carries the weight 1 / (area * R), R = regions in all images, so a weight histogram gives PRO.
+AUPRO regions are the 8-connected components of each image's mask; each region pixel weighs
+1 / (area * R), R = regions in all images, so a weight histogram gives PRO.
 """
 
 from __future__ import annotations
@@ -50,7 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from msflow.errors import DataError
-from msflow.evaluate.metrics import _OFFICIAL_STEPS, f1_max, image_auroc, per_defect_type, pro_curve_up_to
+from msflow.evaluate.metrics import image_metrics, official_pro_area, official_thresholds, standard_pro_area
 
 DEFAULT_BINS = 2**20
 MAX_BINS = 2**21  # per map, after refinement (5 arrays of 16 MiB each)
@@ -89,9 +84,6 @@ class Binning:
         """All ``bins + 1`` edges (float64)."""
         return self.edge(np.arange(self.bins + 1))
 
-    def settings(self) -> tuple:
-        return (self.lo, self.hi, self.bins)
-
 
 class EdgeBinning(Binning):
     """Bins between given increasing edges (a refinement's uneven bins); values outside go to the end bins."""
@@ -112,9 +104,6 @@ class EdgeBinning(Binning):
     def edges(self) -> np.ndarray:
         return self._edges
 
-    def settings(self) -> tuple:
-        return (self.bins, float(self._edges.sum()), self.lo, self.hi)
-
 
 class BinStats:
     """Per-bin counts of defect and defect-free pixels of one map kind, with each bin's smallest and
@@ -128,11 +117,9 @@ class BinStats:
         self.checksum = 0.0  # sums of the values and of the defect pixels' values: tells maps apart
 
     def add(self, values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Count one image; returns the bin of each defect pixel (in ``values[mask]`` order).
-
-        The values are sorted once (float32 sorts fast): bins are then runs, whose lengths are the counts
-        and whose ends are the smallest and largest values, without a scatter over every pixel.
-        """
+        """Count one image; returns the bin of each defect pixel (in ``values[mask]`` order). The values
+        are sorted once (float32 sorts fast): bins are then runs, whose lengths are the counts and whose
+        ends the smallest and largest values, without a scatter over every pixel."""
         xs = np.sort(values, axis=None)
         b = self.binning.index(xs)
         cut = np.flatnonzero(b[1:] != b[:-1]) + 1
@@ -165,12 +152,8 @@ def _suffix(counts: np.ndarray) -> np.ndarray:
 def auroc_from_histograms(
     pos: np.ndarray, neg: np.ndarray, open_bins: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(AUROC in percent, error bound in percent) from per-bin positive and negative counts.
-
-    Bins run along the last axis; leading axes are independent histograms (the map choice's bootstrap
-    draws are rows), each with its own AUROC. A tie within a bin counts 1/2, so the error bound is half
-    the share of the pairs tied in ``open_bins`` (all bins if not given).
-    """
+    """(AUROC, error bound) in percent from per-bin positive and negative counts along the last axis
+    (leading axes: independent histograms, e.g. bootstrap draws); ``open_bins`` default: all bins."""
     pos64, neg64 = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
     pairs = pos64.sum(axis=-1) * neg64.sum(axis=-1)
     below = np.cumsum(neg64, axis=-1) - neg64  # negatives in lower bins
@@ -192,11 +175,8 @@ def _f1_curves(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def f1_max_from_histograms(
     pos: np.ndarray, neg: np.ndarray, binning: Binning, stats: BinStats | None = None
 ) -> tuple[float, float, float]:
-    """(best F1 in percent, its threshold, error bound in percent).
-
-    The threshold is the smallest value of the best bin when ``stats`` are given (what the exact F1
-    reports), else the bin's lower edge; without ``stats`` every bin counts as open.
-    """
+    """(best F1 in percent, its threshold, error bound in percent). The threshold is the best bin's
+    smallest value with ``stats`` (as the exact F1's), else its lower edge (and every bin counts as open)."""
     f1, inside = _f1_curves(pos, neg)
     # Edges with equal F1 next to each other select the same pixels (empty bins between): take the
     # highest, the one closest to the lowest selected score (what the exact threshold is).
@@ -229,66 +209,49 @@ def _pro_segment_errors(
 def aupro_from_histograms(
     weight: np.ndarray, neg: np.ndarray, fpr_limit: float = 0.3, open_bins: np.ndarray | None = None
 ) -> tuple[float, float]:
-    """Standard AUPRO (percent) and its error bound from per-bin PRO weight and negative counts.
-
-    ``weight`` sums to 1 (each region pixel weighs 1 / (area * regions)); integrated as
-    :func:`metrics.aupro` does. Without ``open_bins`` every bin counts as open.
-    """
+    """Standard AUPRO (percent) and its error bound from per-bin PRO ``weight`` (summing to 1) and
+    negative counts; without ``open_bins`` every bin counts as open."""
     fpr, pro = _pro_points(weight, neg)
-    x, y = pro_curve_up_to(fpr, pro, fpr_limit)
-    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0)
     bound = float(_pro_segment_errors(fpr, pro, open_bins, fpr_limit).sum())
-    return area / fpr_limit * 100.0, bound / fpr_limit * 100.0
-
-
-def official_thresholds(lo: Any, hi: Any) -> np.ndarray:
-    """The official evaluation's 800 thresholds, computed as it does (``lo``, ``hi`` in the maps' dtype)."""
-    if hi == lo:
-        raise DataError(f"aupro(official): all map values equal {lo}, no thresholds can be built")
-    return np.arange(lo, hi, (hi - lo) / _OFFICIAL_STEPS)
+    return standard_pro_area(fpr, pro, fpr_limit), bound / fpr_limit * 100.0
 
 
 def official_aupro_from_histograms(
-    weight: np.ndarray, neg: np.ndarray, binning: Binning, lo: Any, hi: Any, fpr_limit: float = 0.3,
-    stats: BinStats | None = None,
-) -> tuple[float, float]:  # fmt: skip
-    """Official MSFlow PRO (percent, see :func:`metrics.aupro`) and the largest share of an open bin
-    that a threshold splits (0: exact)."""
-    from sklearn.metrics import auc
-
+    weight: np.ndarray, stats: BinStats, lo: Any, hi: Any, fpr_limit: float = 0.3
+) -> tuple[float, float]:
+    """Official MSFlow PRO (percent, see :func:`metrics.aupro`) from the PRO map's ``stats`` and region
+    ``weight``, and the largest share of an open bin that a threshold splits (0: exact)."""
     thresholds = official_thresholds(lo, hi)
+    neg, binning = stats.neg, stats.binning
     n_neg = float(neg.sum())
     neg_above, w_above = _suffix(neg), _suffix(weight)
     # Pixels > θ: whole bins above θ's bin, plus the part of θ's bin above θ: all of it when its
     # smallest value is above θ, none when its largest is not, else a linear share (spread evenly).
     b = binning.index(thresholds)
-    left, right = binning.edge(b), binning.edge(b + 1)
-    if stats is not None:
-        left, right = np.maximum(left, stats.low[b]), np.minimum(right, stats.high[b])
+    left = np.maximum(binning.edge(b), stats.low[b])
+    right = np.minimum(binning.edge(b + 1), stats.high[b])
     span = np.maximum(right - left, 1e-300)
     frac_above = np.where(thresholds < left, 1.0, np.clip((right - thresholds) / span, 0.0, 1.0))
     split = (thresholds >= left) & (thresholds < right)
     fpr = (neg_above[b + 1] + frac_above * neg[b]) / n_neg
-    pro = w_above[b + 1] + frac_above * weight[b]
-    keep = fpr < fpr_limit
-    f = fpr[keep]
-    if np.unique(f).size < 2:
-        raise DataError(f"aupro(official): need 2 distinct FPRs < {fpr_limit}, got {np.unique(f).tolist()}")
-    f = (f - f.min()) / (f.max() - f.min())
+    area = official_pro_area(fpr, w_above[b + 1] + frac_above * weight[b], fpr_limit)
     share = np.maximum(neg[b] / n_neg, weight[b]) * split
-    return float(auc(f, pro[keep]) * 100.0), float(share.max(initial=0.0)) * 100.0
+    return area, float(share.max(initial=0.0)) * 100.0
 
 
 class Mergeable(Protocol):
     """An accumulator that the ranks of a data-parallel job feed with their shards and then merge
     (:meth:`msflow.train.distributed.Distributed.merge_to_main`): histograms add, per-image state
-    (``image_state()["scores"]`` and the rest) is appended in rank order."""
+    (``image_state()["scores"]`` and the rest) is appended in rank order. Subclasses inherit
+    :meth:`add_histograms`."""
 
     def histograms(self) -> list[np.ndarray]: ...
-    def add_histograms(self, histograms: list[np.ndarray]) -> None: ...
     def image_state(self) -> dict[str, Any]: ...
     def add_image_state(self, state: dict[str, Any]) -> None: ...
     def empty_copy(self) -> Any: ...
+
+    def add_histograms(self, histograms: list[np.ndarray]) -> None:
+        add_histograms(self.histograms(), histograms)
 
 
 def add_histograms(into: list[np.ndarray], histograms: list[np.ndarray]) -> None:
@@ -334,7 +297,7 @@ def _split_binning(stats: BinStats, priority: np.ndarray, max_bins: int, extra: 
     return EdgeBinning(np.unique(np.concatenate(parts)))
 
 
-class StreamingMetrics:
+class StreamingMetrics(Mergeable):
     """All test metrics of :func:`metrics.evaluate`, fed one image at a time: ``pixel_range`` is the
     "add" map's range (0, number of scales), ``pro_range`` the "mul" map's (0, 1); ``bins`` per map
     (2^20: 72 MiB of state in all), or given ``binnings`` (pixel, PRO) (a refinement's, :meth:`refined`)."""
@@ -375,10 +338,8 @@ class StreamingMetrics:
 
         mask = np.asarray(mask) != 0
         if mask.shape != pixel_map.shape or mask.shape != pro_map.shape:
-            raise DataError(
-                f"image {self.map_images}: mask {mask.shape} and maps "
-                f"{pixel_map.shape}, {pro_map.shape} differ"
-            )
+            shapes = f"mask {mask.shape} and maps {pixel_map.shape}, {pro_map.shape}"
+            raise DataError(f"image {self.map_images}: {shapes} differ")
         if not (np.isfinite(pixel_map).all() and np.isfinite(pro_map).all()):
             raise DataError(f"image {self.map_images}: map contains NaN or infinity")
         self.pixel.add(pixel_map, mask)
@@ -403,19 +364,15 @@ class StreamingMetrics:
         only. (Each bin's smallest and largest value merge by min and max: see :meth:`image_state`.)"""
         return [self.pixel.pos, self.pixel.neg, self.pro.neg, self.pro_weight, self.pro.pos]
 
-    def add_histograms(self, histograms: list[np.ndarray]) -> None:
-        add_histograms(self.histograms(), histograms)
-
     def image_state(self) -> dict[str, Any]:
         """Everything but the summed histograms, as plain values (picklable): O(images) floats and the
         bins' value ranges."""
-        names = {i: t for t, i in self.types.items()}
         state = {k: getattr(self, k) for k in ("regions", "pro_min", "pro_max", "pro_dtype", "map_images")}
         return {
             **state,
             "scores": self.scores.tolist(),
             "labels": self.labels.tolist(),
-            "types": [names[i] for i in self.type_ids],
+            "types": self.image_types(),
             "ranges": [self.pixel.low, self.pixel.high, self.pro.low, self.pro.high],
         }
 
@@ -439,7 +396,8 @@ class StreamingMetrics:
         return StreamingMetrics(pro_mode=self.pro_mode, fpr_limit=self.fpr_limit, binnings=binnings)
 
     def _settings(self) -> tuple:
-        return (self.pixel.binning.settings(), self.pro.binning.settings(), self.pro_mode, self.fpr_limit)
+        edges = [stats.binning.edges().tobytes() for stats in (self.pixel, self.pro)]
+        return (*edges, self.pro_mode, self.fpr_limit)
 
     def merge(self, other: StreamingMetrics) -> None:
         """Add ``other``'s images after this one's: the same state as one accumulator fed this one's
@@ -450,20 +408,25 @@ class StreamingMetrics:
         self.add_image_state(other.image_state())
 
     # -- results ----------------------------------------------------------------------------------
+    def image_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image scores (float64) and labels (int64, 1 = defect), in image order."""
+        labels = np.frombuffer(self.labels, dtype=np.int8).astype(np.int64)
+        return np.frombuffer(self.scores, dtype=np.float64), labels
+
+    def image_types(self) -> list[str]:
+        """Each image's defect type, in image order."""
+        names = {i: t for t, i in self.types.items()}
+        return [names[i] for i in self.type_ids]
+
     def image_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Image AUROC, F1-max and per-defect-type AUROC (exact), and the reasons for those missing."""
-        labels = np.frombuffer(self.labels, dtype=np.int8).astype(np.int64)
-        scores = np.frombuffer(self.scores, dtype=np.float64)
+        scores, labels = self.image_arrays()
         n_bad = int(labels.sum())
         n_good = labels.size - n_bad
         if not (n_bad and n_good):
             why = f"needs good and defective test images, got {n_good} good and {n_bad} defective"
             return {}, {"image_auroc": why, "image_f1_max": why, "per_defect_type": why}
-        names = {i: t for t, i in self.types.items()}
-        out: dict[str, Any] = {"image_auroc": image_auroc(labels, scores)}
-        out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
-        out["per_defect_type"] = per_defect_type(labels, scores, [names[i] for i in self.type_ids])
-        return out, {}
+        return image_metrics(labels, scores, self.image_types()), {}
 
     def pixel_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Pixel AUROC, F1-max and AUPRO with their error bounds, and the reasons for those missing."""
@@ -482,10 +445,7 @@ class StreamingMetrics:
         if self.pro_mode == "standard":
             aupro = aupro_from_histograms(weight, self.pro.neg, self.fpr_limit, self.pro.open_bins())
         else:
-            lo, hi = self._pro_extremes()
-            aupro = official_aupro_from_histograms(
-                weight, self.pro.neg, self.pro.binning, lo, hi, self.fpr_limit, self.pro
-            )
+            aupro = official_aupro_from_histograms(weight, self.pro, *self._pro_extremes(), self.fpr_limit)
         out["aupro"], out["aupro_error_bound"] = aupro
         out["pro_mode"] = self.pro_mode
         out["metric_passes"] = self.passes
@@ -562,9 +522,8 @@ class StreamingMetrics:
         """Refuse a refinement pass that did not see the maps of the pass it refines (other images, or
         maps that changed between the passes)."""
         (seen, values), (before, first_values) = self._fingerprint(), first._fingerprint()
-        same = values == first_values
-        if seen != before or not same:
+        if (seen, values) != (before, first_values):
             raise DataError(
                 f"the refinement pass saw other maps than the first one (images, regions, defect and "
-                f"defect-free pixels: {seen} vs {before}; same map values: {same})"
+                f"defect-free pixels: {seen} vs {before}; same map values: {values == first_values})"
             )

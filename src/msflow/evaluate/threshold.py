@@ -24,7 +24,7 @@ import numpy as np
 
 from msflow.errors import MSFlowError
 from msflow.evaluate.metrics import f1_max
-from msflow.evaluate.streaming import DEFAULT_BINS, Binning, add_histograms, f1_max_from_histograms
+from msflow.evaluate.streaming import DEFAULT_BINS, Binning, Mergeable, f1_max_from_histograms
 
 IMAGE_QUANTILE = 0.99
 PIXEL_QUANTILE = 0.999
@@ -45,6 +45,11 @@ class Threshold:
     @classmethod
     def from_dict(cls, data: dict) -> Threshold:
         return cls(**data)
+
+    @classmethod
+    def of_scores(cls, image: float, pixel: float, scores: np.ndarray, method: str) -> Threshold:
+        """The thresholds, with the calibration ``scores``' range and count."""
+        return cls(image, pixel, float(scores.min()), float(scores.max()), method, int(scores.size))
 
     def with_image_threshold(self, value: float) -> Threshold:
         """The ``--threshold`` override: a raw image-score threshold chosen by the user."""
@@ -76,7 +81,7 @@ def _quantile(binning: Binning, counts: np.ndarray, q: float) -> float:
     return float(binning.edge(min(b, binning.bins - 1) + 1))
 
 
-class GoodImageCalibration:
+class GoodImageCalibration(Mergeable):
     """Quantile thresholds from defect-free images (see the module docstring), fed image by image.
 
     Image scores are kept (one float each); pixel values go into a fixed histogram over the "add" map's
@@ -98,9 +103,6 @@ class GoodImageCalibration:
     def histograms(self) -> list[np.ndarray]:
         return [self.pixels]
 
-    def add_histograms(self, histograms: list[np.ndarray]) -> None:
-        add_histograms(self.histograms(), histograms)
-
     def image_state(self) -> dict[str, Any]:
         return {"scores": list(self.scores)}
 
@@ -114,15 +116,9 @@ class GoodImageCalibration:
         scores = np.asarray(self.scores, dtype=np.float64)
         if scores.size == 0:
             raise MSFlowError("threshold calibration needs at least one good image")
-        has_pixels = bool(self.pixels.any())
-        return Threshold(
-            image=float(np.quantile(scores, IMAGE_QUANTILE)),
-            pixel=_quantile(self.binning, self.pixels, PIXEL_QUANTILE) if has_pixels else float("inf"),
-            score_min=float(scores.min()),
-            score_max=float(scores.max()),
-            method=f"{method}-good-q{IMAGE_QUANTILE}",
-            num_images=int(scores.size),
-        )
+        pixel = _quantile(self.binning, self.pixels, PIXEL_QUANTILE) if self.pixels.any() else float("inf")
+        image = float(np.quantile(scores, IMAGE_QUANTILE))
+        return Threshold.of_scores(image, pixel, scores, f"{method}-good-q{IMAGE_QUANTILE}")
 
 
 class LabelledCalibration:
@@ -139,9 +135,9 @@ class LabelledCalibration:
         self.scores.append(float(score))
         self.labels.append(int(label))
         if mask is not None:
-            idx = self.binning.index(pixel_map)
-            self.pos += np.bincount(idx[mask], minlength=self.binning.bins)
-            self.neg += np.bincount(idx[~mask], minlength=self.binning.bins)
+            pos, neg = self.binning.joint_counts(pixel_map, mask)
+            self.pos += pos
+            self.neg += neg
 
     def threshold(self, fallback_pixel: float) -> Threshold:
         scores, labels = np.asarray(self.scores, dtype=np.float64), np.asarray(self.labels)
@@ -151,11 +147,4 @@ class LabelledCalibration:
         pixel_t = fallback_pixel
         if self.pos.any() and self.neg.any():
             _, pixel_t, _ = f1_max_from_histograms(self.pos, self.neg, self.binning)
-        return Threshold(
-            float(image_t),
-            float(pixel_t),
-            float(scores.min()),
-            float(scores.max()),
-            "validation-f1",
-            int(scores.size),
-        )
+        return Threshold.of_scores(float(image_t), float(pixel_t), scores, "validation-f1")

@@ -32,14 +32,11 @@ def evaluate_run(
     run_dir: str | Path | None = None,
     sharding: ShardMerge | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``predictor`` on ``samples``; ``metrics.json``, ``predictions.csv``, overlays and the
-    score histogram go to ``out_dir``.
+    """Metrics of ``predictor`` on ``samples``, with ``metrics.json`` and the report in ``out_dir``.
 
-    With ``run_dir`` (the run the model was loaded from) the run's training figures (epochs, times,
-    held-out false-positive rate) are added to the metrics, and when ``out_dir`` is the run folder
-    itself the metrics are also recorded in its ``model.json`` (the run is then finished).
-
-    With ``sharding`` (data-parallel, every rank calls this) each rank predicts its shard of
+    With ``run_dir`` (the run the model was loaded from) the run's training figures are added to the
+    metrics, and when ``out_dir`` is the run folder the metrics also go into its ``model.json`` (the run
+    is then finished). With ``sharding`` (every rank calls this) each rank predicts its shard of
     ``samples``; rank 0 writes the files and returns the metrics, the others return ``{}``.
     """
     out_dir = Path(out_dir)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from msflow.data.images import ImageLike, decode, to_tensor
 from msflow.data.synthetic import synthetic_set
+from msflow.evaluate.metrics import bootstrap_counts
 from msflow.model.anomaly_map import log_likelihood_maps
 
 if TYPE_CHECKING:
@@ -141,11 +142,6 @@ def bounded_sources(n: int, per_image: int, rng: np.random.Generator) -> tuple[n
         return None
     keep = np.sort(rng.choice(n, BOOTSTRAP_MAX_IMAGES, replace=False))
     return keep, (keep[:, None] * per_image + np.arange(per_image)).ravel()
-
-
-def bootstrap_counts(n: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
-    """(rounds, n) float counts: how often each of ``n`` source images is drawn in each bootstrap round."""
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=rounds).astype(float)
 
 
 def lower_bounds(
