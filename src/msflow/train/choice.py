@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from msflow.config import ModelConfig
-from msflow.data.datasets import load_dataset
+from msflow.data.datasets import Sample, load_dataset
 from msflow.data.images import ImageLike, read_image
 from msflow.errors import MSFlowError
 from msflow.files import atomic_write_bytes
@@ -80,6 +80,26 @@ def choose_settings(
     return settings, auroc
 
 
+def choose_on_split(
+    predictor: Predictor,
+    fit_samples: list[Sample],
+    holdout: list[Sample],
+    run_dir: Path,
+    batch_size: int,
+    seed: int,
+    asked: MapSettings | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[MapSettings, float]:
+    """:func:`choose_settings` on a run's held-out good images (its training images, biased, without a
+    hold-out): the synthetic check is label-free evidence on every run, for the user and the defaults."""
+    good = holdout or fit_samples
+    which = "held-out" if holdout else "training"
+    log(f"synthetic check: synthetic defects drawn into {len(good)} {which} good images")
+    source = "holdout" if holdout else "train (no hold-out: biased)"
+    images = [read_image(s.image) for s in good]
+    return choose_settings(predictor, images, run_dir, batch_size, seed, asked=asked, source=source, log=log)
+
+
 def remake_choices(
     predictor: Predictor,
     out_dir: Path,
@@ -98,18 +118,14 @@ def remake_choices(
     cfg = predictor.config
     _, train, _ = load_dataset(data or cfg.data.dataset)
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-    good = holdout or fit_samples
-    if len(good) < 2:
-        raise MSFlowError(f"the run's dataset has {len(good)} good images to judge on; at least 2 are needed")
+    good = len(holdout or fit_samples)
+    if good < 2:
+        raise MSFlowError(f"the run's dataset has {good} good images to judge on; at least 2 are needed")
     if asked is None:
         default = ModelConfig()
         asked = MapSettings(default.normalization, default.smoothing, "auto", cfg.model.top_k)
-    source = "holdout" if holdout else "train (no hold-out: biased)"
-    images = [read_image(s.image) for s in good]
-    settings, _ = choose_settings(
-        predictor, images, out_dir, batch_size, cfg.train.seed, asked=asked, source=source, log=log
-    )
-    return settings
+    seed = cfg.train.seed
+    return choose_on_split(predictor, fit_samples, holdout, out_dir, batch_size, seed, asked, log)[0]
 
 
-__all__ = ["choose_on_check", "choose_settings", "remake_choices"]
+__all__ = ["choose_on_check", "choose_on_split", "choose_settings", "remake_choices"]

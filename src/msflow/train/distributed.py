@@ -5,29 +5,14 @@ its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 :meth:`Distributed.from_environment` for a context; without those variables it is the single-process
 context, whose every method is a no-op, so the training code has one path.
 
-How the work is shared, and why the result equals a single-process run with the same settings:
-
-- **Features.** Each rank extracts a contiguous shard of the training images (the expensive part).
-  The standardisation sums (float64) are all-reduced, so every rank gets the statistics of all images;
-  each rank standardises its shard, then the shards are broadcast so every rank holds the whole cache
-  (global batches are drawn from a permutation of all images, as in one process).
-- **Steps.** Every rank draws the same seeded per-epoch permutation and cuts it into the same global
-  batches; each global batch is split across ranks (``tensor_split``: sizes differ by at most one).
-  The flows are wrapped in DistributedDataParallel, which averages gradients over ranks; each rank's
-  loss is its sum of per-image losses times ``world_size / global_batch``, so that average is exactly
-  the gradient of the single-process batch mean even when the batch does not split evenly.
-- **Consistent decisions.** The logged loss and the non-finite check use the all-reduced sum, so all
-  ranks roll back (or not) together; the gradient norm is computed from all-reduced gradients.
-- **Global normalisation.** Each rank computes per-image maxima of its shard; they are gathered in
-  rank (= image) order and every rank takes the same mean.
-- **Run folder.** Rank 0 alone writes it (config, log, checkpoints, model, report). Score selection
-  (``score: auto``) runs on rank 0 only; the other ranks free their features and wait for its
-  decisions (in a group of their own with a long timeout).
-- **Calibration and test evaluation.** Each rank predicts a contiguous shard of the held-out (then
-  the test) images into its own bounded-memory accumulator (:mod:`msflow.evaluate.streaming`);
-  :meth:`Distributed.merge_to_main` sums the histograms (int64 counts exactly) and gathers the
-  per-image scores in image order, and rank 0 computes the threshold, then the metrics and the
-  report, as one process would; all ranks return its metrics.
+Why N ranks train the model of one process with the same settings: each rank extracts a shard of the
+features, the standardisation sums are all-reduced and the shards shared (:meth:`share_shards`), so
+every rank draws the same seeded global batches from the whole cache; each batch is split across ranks
+and DDP averages gradients scaled to the single-process mean (:meth:`batch_loss`); every decision (roll
+back, stop) reads all-reduced values (:meth:`step_totals`). Rank 0 alone writes the run folder and
+makes the label-free choices while the others wait in a group with a long timeout; calibration and
+the test evaluation are sharded and merged on rank 0 (:meth:`merge_to_main`). docs/scaling.md is the
+user's view.
 
 Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
 end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
@@ -141,9 +126,14 @@ class Distributed:
     def tag(self) -> str:
         return f"rank {self.rank}/{self.world_size}"
 
+    @property
+    def sharding(self) -> Distributed | None:
+        """What an evaluation shards its images by: this job, or None in a single process."""
+        return self if self.enabled else None
+
     def main_only(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """``log`` on rank 0, silence on the others (one voice per job)."""
-        return log if self.is_main else _silent
+        return log if self.is_main else lambda _: None
 
     def on_main(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
         """``fn(*args, **kwargs)`` on rank 0 alone (it writes the run folder); None on the others."""
@@ -154,10 +144,14 @@ class Distributed:
         return self.result_from_main(decide() if self.is_main else {})
 
     # -- life cycle ----------------------------------------------------------------------------------
-    def setup(self, device: torch.device, batch_size: int) -> torch.device:
+    def setup(self, device: torch.device, batch_size: int, budget: float | None = None) -> torch.device:
         """Join the process group (nccl for CUDA, gloo otherwise); returns this rank's device."""
         if not self.enabled:
             return device
+        if budget is not None:
+            raise MSFlowError(
+                "--budget times this process alone; it cannot be used with torchrun (set --epochs)"
+            )
         if batch_size < self.world_size:  # every rank needs at least one image of each full batch
             raise MSFlowError(
                 f"batch size {batch_size} is smaller than the {self.world_size} ranks; the batch size is "
@@ -263,10 +257,6 @@ class Distributed:
         os.kill(os.getpid(), getattr(signal, f"SIG{self._seam[2]}"))
 
     # -- collectives ----------------------------------------------------------------------------------
-    def barrier(self) -> None:
-        if self.enabled:
-            tdist.barrier()
-
     def result_from_main(self, result: dict) -> dict:
         """Every rank gets rank 0's ``result``, waiting (long timeout) for as long as rank 0 takes."""
         if not self.enabled or self._wait_group is None:
@@ -389,11 +379,8 @@ class Distributed:
 
     def wait_for_main(self) -> None:
         """Every rank waits here until rank 0 has written (a checkpoint, say)."""
-        self.barrier()
-
-
-def _silent(_: str) -> None:
-    pass
+        if self.enabled:
+            tdist.barrier()
 
 
 def _parse_seam(value: str, rank: int) -> tuple[int, int, str] | None:

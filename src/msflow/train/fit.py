@@ -6,23 +6,8 @@ train, choose the label-free settings, calibrate the threshold, save the model, 
 torchrun every rank runs the same steps; what differs between ranks (who writes, who waits, what is
 sharded) is :class:`~msflow.train.distributed.Distributed`'s business.
 
-Run folder::
-
-    config.yaml              the resolved configuration (an "auto" image size, score or maps as decided)
-    map_selection.json       the synthetic check of the maps: every normalisation and smoothing setting's
-                             pixel AUROC on synthetic defects' exact masks, and the one chosen
-    score_selection.json     the synthetic check: every candidate score's AUROC on held-out good images
-                             vs synthetic defects, the best one (chosen with ``score: auto``) and the
-                             one used (no test label is read)
-    model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
-                             before the test evaluation, which then adds its metrics to model.json
-    checkpoint/last.*        training state after the last completed epoch, or the step a SIGTERM
-                             stopped at (for --resume and restarts: msflow.train.resume)
-    metrics.json             test-set metrics of the LAST epoch (never test-selected, B14);
-                             missing if the evaluation died: ``msflow test --model RUN`` writes it
-    predictions.csv          per-image score, normalised score, decision, label, defect type
-    overlays/*.png           heatmaps over a sample of test images, with GT and predicted contours
-    score_histogram.png, loss_curve.png, train_log.jsonl
+The run folder's files are listed in docs/choices.md ("A run folder"); ``budget.json`` records what
+``--budget`` decided.
 """
 
 from __future__ import annotations
@@ -39,10 +24,9 @@ import torch
 
 from msflow.config import Config, replace, save_yaml
 from msflow.data.datasets import Sample, load_data, load_dataset, load_test_set, validate_samples
-from msflow.data.images import read_image, read_mask
+from msflow.data.images import read_mask
 from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
-from msflow.errors import MSFlowError
 from msflow.evaluate import report
 from msflow.evaluate.evaluation import evaluate_stream
 from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration, Threshold
@@ -52,7 +36,7 @@ from msflow.logs import log as logger
 from msflow.model.checkpoint import save_model
 from msflow.model.msflow import MSFlow
 from msflow.train.budget import measure_epoch_cost, plan
-from msflow.train.choice import choose_settings
+from msflow.train.choice import choose_on_split
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
@@ -122,14 +106,12 @@ def fit(
 ) -> dict:
     """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
 
-    The finished model (with its threshold) is written before the test evaluation starts, so nothing
-    trained is lost if the evaluation fails: ``resume=True`` on such a run only evaluates. ``resume="auto"``
-    continues a checkpoint of the same configuration if there is one (a retried job), and so does a
-    restarted torchrun or Slurm job without being told (:mod:`msflow.train.resume`). SIGTERM during
-    training writes a checkpoint of the current step and raises :class:`~msflow.errors.StoppedError`.
-    Returns the test metrics (see :func:`msflow.evaluate.evaluation.evaluate_stream`). Under torchrun
-    every rank calls this (data-parallel training, see :mod:`msflow.train.distributed`); rank 0 writes
-    the run folder, the others wait for it, and all return its metrics.
+    The model and its threshold are saved before the test evaluation, so a failed evaluation loses
+    nothing trained: ``resume=True`` on such a run only evaluates. ``resume="auto"`` and restarted jobs
+    continue a checkpoint of the same configuration (:mod:`msflow.train.resume`). SIGTERM during
+    training checkpoints the current step and raises :class:`~msflow.errors.StoppedError`. Returns the
+    test metrics (:func:`msflow.evaluate.evaluation.evaluate_stream`); under torchrun every rank calls
+    this and gets rank 0's metrics.
     """
     with Distributed.from_environment() as dist:
         run = Run(Path(run_dir), dist, dist.main_only(log), progress and dist.is_main, step_hook)
@@ -140,14 +122,13 @@ def fit(
 def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
     """The steps of a training run, in order."""
     began = time.perf_counter()
-    if cfg.train.budget is not None and run.dist.enabled:
-        raise MSFlowError("--budget times this process alone; it cannot be used with torchrun (set --epochs)")
     # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
     opening = open_run(cfg, run.folder, resume, run.dist.restarts, logger.warning)
+    t = opening.cfg.train
     if opening.finished:
         run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
-        return run.dist.on_main(_evaluate_saved, opening.cfg, run) or {}
-    device = run.dist.setup(resolve_device(opening.cfg.train.device), opening.cfg.train.batch_size)
+        return run.dist.on_main(lambda: evaluate(Predictor.load(run.folder, t.device), run)) or {}
+    device = run.dist.setup(resolve_device(t.device), t.batch_size, t.budget)
     seed_everything(opening.cfg.train.seed)
     data = load_training_data(opening.cfg, run.log)
     cfg = resolve_settings(opening.cfg, data, run)
@@ -163,7 +144,7 @@ def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
     predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
     record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
     save(predictor, data, state, {**record, **calib_info}, run)
-    return _evaluate(predictor, run.folder, run.progress, data.name, data.test, run.dist)
+    return evaluate(predictor, run, data)
 
 
 def load_training_data(cfg: Config, log: Callable[[str], None]) -> TrainingData:
@@ -361,15 +342,9 @@ def choose(predictor: Predictor, data: TrainingData, run: Run) -> tuple[Predicto
 
 
 def _choose_on_main(predictor: Predictor, data: TrainingData, run: Run) -> dict:
-    # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
-    # held-out good images and synthetic defects drawn into them, with exact masks.
     cfg = predictor.config
-    source = "holdout" if data.holdout else "train (no hold-out: biased)"
-    images = [read_image(s.image) for s in data.calibration]
-    which = "held-out" if data.holdout else "training"
-    run.log(f"synthetic check: synthetic defects drawn into {len(images)} {which} good images")
-    settings, auroc = choose_settings(
-        predictor, images, run.folder, cfg.train.batch_size, cfg.train.seed, source=source, log=run.log
+    settings, auroc = choose_on_split(
+        predictor, data.fit, data.holdout, run.folder, cfg.train.batch_size, cfg.train.seed, log=run.log
     )
     cfg = replace(cfg, model=cfg.model.with_maps(settings))
     save_yaml(cfg, run.folder / "config.yaml")
@@ -394,23 +369,19 @@ def calibrate(
     images = data.calibration[mine.start : mine.stop]
     for maps in predictor.iter_maps(images, batch_size=batch_size, progress=run.progress, desc="calibrate"):
         calib.add(maps.score, maps.anomaly_map)
-    merged = run.dist.merge_to_main(calib)
-    decided: dict = {}
-    if merged is not None:
-        calib = merged[0]
-        threshold = calib.threshold("holdout" if data.holdout else "train")
+    merged = run.dist.merge_to_main(calib)  # rank 0's, with every rank's images
+
+    def decide() -> dict:
+        scores, where = merged[0].scores, "holdout" if data.holdout else "train"
+        threshold = merged[0].threshold(where)
         if validation:
             threshold = calibrate_on_folder(predictor, validation, batch_size, threshold, run.progress)
-        flagged = sum(threshold.is_defective(s) for s in calib.scores)
-        where = "holdout" if data.holdout else "train"
-        decided = {
-            "threshold": threshold.to_dict(),
-            "info": {
-                "holdout_images" if data.holdout else "calibration_training_images": len(calib.scores),
-                f"{where}_false_positive_rate": round(100.0 * flagged / len(calib.scores), 4),
-            },
-        }
-    decided = run.dist.result_from_main(decided)  # the other ranks wait for rank 0's threshold
+        flagged = sum(threshold.is_defective(s) for s in scores)
+        count = "holdout_images" if data.holdout else "calibration_training_images"
+        info = {count: len(scores), f"{where}_false_positive_rate": round(100.0 * flagged / len(scores), 4)}
+        return {"threshold": threshold.to_dict(), "info": info}
+
+    decided = run.dist.from_main(decide)  # the other ranks wait for rank 0's threshold
     return Threshold.from_dict(decided["threshold"]), decided["info"]
 
 
@@ -436,34 +407,21 @@ def save(predictor: Predictor, data: TrainingData, state: TrainState, record: di
     run.dist.on_main(write)
 
 
-def _evaluate_saved(cfg: Config, run: Run) -> dict:
-    """The test evaluation of a run whose model is already saved."""
-    return _evaluate(Predictor.load(run.folder, cfg.train.device), run.folder, run.progress)
-
-
-def _evaluate(
-    predictor: Predictor,
-    run_dir: Path,
-    progress: bool,
-    name: str | None = None,
-    test: list[Sample] | None = None,
-    dist: Distributed | None = None,
-) -> dict:
-    """The last step of training: the test-set report in the run folder (also finishes a saved run).
-    Data-parallel (``dist``), every rank calls this and evaluates its shard; rank 0 writes the report."""
+def evaluate(predictor: Predictor, run: Run, data: TrainingData | None = None) -> dict:
+    """The last step: the test-set report in the run folder. A run just trained (``data``) is evaluated
+    by every rank on its shard, rank 0 writing; a saved run (rank 0 alone) on its config's test set."""
     cfg = predictor.config
-    if test is None:
-        name, test = load_test_set(cfg.data)
+    name, test = (data.name, data.test) if data is not None else load_test_set(cfg.data)
     return evaluate_run(
         predictor,
         test,
-        run_dir,
+        run.folder,
         str(name),
         resolution=cfg.train.eval_resolution,
         batch_size=cfg.train.batch_size,
-        progress=progress,
-        run_dir=run_dir,
-        sharding=dist if dist is not None and dist.enabled else None,
+        progress=run.progress,
+        run_dir=run.folder,
+        sharding=run.dist.sharding if data is not None else None,  # a saved run: rank 0 alone
     )
 
 
