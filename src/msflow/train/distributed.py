@@ -372,10 +372,7 @@ class Distributed:
 
     def any_stop_requested(self) -> bool:
         """Whether any rank was asked to stop (the same answer on every rank)."""
-        if not self.enabled:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], dtype=torch.float64)
-        return bool(self.all_sum([flag.to(self.comm_device)])[0].item() > 0)
+        return self.step_totals(torch.zeros(0))[1]
 
     def wait_for_main(self) -> None:
         """Every rank waits here until rank 0 has written (a checkpoint, say)."""

@@ -28,15 +28,8 @@ MEMORY_FRACTION = 0.4  # "auto" keeps the cache in RAM when it takes under 40 % 
 
 def cache_location(need_bytes: int, available_bytes: int) -> str:
     """Where ``cache="auto"`` puts the features: "memory" when they take under :data:`MEMORY_FRACTION`
-    of the memory available now, else "disk" (memory-mapped files, read one batch at a time).
-
-    ``need_bytes`` is exact: images (tiles, when tiling) x the float32 size of every scale's feature
-    map, the shapes measured by a forward pass of the backbone at the model's input size
-    (``MSFlow.feature_shapes``).
-    ``available_bytes`` is the kernel's estimate of memory that can be used without swapping
-    (``psutil.virtual_memory().available``). The other 60 % is left for the model, the training step,
-    the evaluation and everything else on the machine.
-    """
+    of the memory available without swapping, else "disk" (memory-mapped files, read a batch at a time).
+    The rest is left for the model, the training step, the evaluation and the rest of the machine."""
     return "memory" if need_bytes < MEMORY_FRACTION * available_bytes else "disk"
 
 
@@ -62,9 +55,8 @@ class FeatureCache:
         return len(self.arrays[0])
 
     def batch(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        idx = np.sort(
-            indices.numpy()
-        )  # sorted reads are sequential on disk; order within a batch is irrelevant
+        # Sorted reads are sequential on disk; the order within a batch is irrelevant.
+        idx = np.sort(indices.numpy())
         return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in self.arrays]
 
     def batches(self, batch_size: int, rows: range | None = None) -> Iterator[list[torch.Tensor]]:

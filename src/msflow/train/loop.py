@@ -28,14 +28,10 @@ from msflow.train.schedule import Plateau, lr_factor, total_epochs
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
-    """The flows' optimizer: Adam (no weight decay, as official) with torch's multi-tensor (foreach) kernels.
-
-    They update all parameters with a few batched ops instead of a dozen element-wise ops per tensor:
-    on the 2-core CPU foreach Adam made an EfficientNet-Lite0 training step ~12-20 % faster than the
-    per-tensor loop (``benchmarks/train_profile.py``), with Adam's arithmetic. torch's fused kernel was
-    as fast but a run resumed from a checkpoint then drifted from the uninterrupted one (the global
-    references differed beyond 1e-5 in tests/test_distributed.py), so it is not used.
-    """
+    """The flows' optimizer: Adam (no weight decay, as official) with torch's multi-tensor (foreach) kernels:
+    ~12-20 % faster training steps on the 2-core CPU than per-tensor Adam (``benchmarks/train_profile.py``).
+    The fused kernel was as fast, but a resumed run drifted from the uninterrupted one (beyond 1e-5 in
+    tests/test_distributed.py)."""
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
@@ -121,23 +117,22 @@ def _log_epoch(entry: dict, images: int, epochs: int, history: list[dict]) -> No
     )
 
 
+@dataclass
 class _Step:
     """One optimisation step on a (shard of a) global batch: forward, loss, backward, clip, update."""
 
-    def __init__(
-        self,
-        model: MSFlow,
-        optimizer: torch.optim.Optimizer,
-        cfg: TrainConfig,
-        device: torch.device,
-        dist: Distributed,
-    ) -> None:
-        self.model, self.optimizer, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist
-        self.flow = dist.wrap_flows(model)
-        self.use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
-        self.use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
+    model: MSFlow
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    dist: Distributed
+
+    def __post_init__(self) -> None:
+        self.flow = self.dist.wrap_flows(self.model)
+        self.use_amp = self.cfg.amp and self.device.type == "cuda"  # float16 + loss scaling
+        self.use_bf16 = self.cfg.cpu_bf16 and self.device.type == "cpu"  # bfloat16 needs no loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.params = model.trainable_parameters()
+        self.params = self.model.trainable_parameters()
 
     def __call__(self, feats: list[torch.Tensor], global_batch: int) -> tuple[float, bool] | str:
         """(the global batch's loss sum, whether to stop after it), or what went non-finite."""

@@ -8,11 +8,8 @@ synthetic defects that ``msflow train`` draws into held-out good images (``msflo
 with exact masks, so every setting can be judged by the pixel AUROC it reaches on them, with no test
 image and no label.
 
-The rule is the one every label-free choice uses (``msflow.train.synthetic_check.keep_unless_beaten``):
-keep the paper's maps (:data:`INCUMBENT`) unless another setting gains at least ``MIN_EFFECT`` pixel-AUROC
-points and beyond the check's sampling error (the lower bound of a paired cluster bootstrap of the
-difference, resampling source images together with their synthetic copies, Bonferroni over the
-challengers, is above zero); then the best of those.
+The rule is the one every label-free choice uses (``msflow.train.synthetic_check.keep_unless_beaten``),
+with the paper's maps (:data:`INCUMBENT`) as the incumbent.
 Pixel AUROC under a bootstrap draw is a weighted sum of per-image histograms over the maps' fixed range
 [0, number of scales] (``msflow.evaluate.streaming``), so thousands of draws cost a matrix product.
 """

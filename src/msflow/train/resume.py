@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -90,17 +90,8 @@ def save_training_state(
     for i, s in opt["state"].items():
         for key, value in s.items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-    meta = {
-        "config": cfg.to_dict(),
-        "requested": requested,
-        "param_groups": opt["param_groups"],
-        "epoch": state.epoch,
-        "in_epoch": state.in_epoch,
-        "lr_scale": state.lr_scale,
-        "bad_events": state.bad_events,
-        "history": state.history,
-        "plateau": state.plateau.to_dict(),
-    }
+    meta = {"config": cfg.to_dict(), "requested": requested, "param_groups": opt["param_groups"]}
+    meta.update(asdict(state))  # the TrainState's fields by name ("plateau" as its dict)
     if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
         raise MSFlowError("refusing to write a checkpoint that holds NaN or inf")
     save_tensors(tensors, meta, run_dir / CHECKPOINT)
@@ -116,14 +107,8 @@ def load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Opt
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return TrainState(
-        meta["epoch"],
-        meta["lr_scale"],
-        meta["bad_events"],
-        meta["history"],
-        Plateau.from_dict(meta.get("plateau")),
-        meta.get("in_epoch"),
-    )
+    kept = {f.name: meta[f.name] for f in fields(TrainState) if f.name in meta}  # older ones lack some
+    return TrainState(**{**kept, "plateau": Plateau.from_dict(meta.get("plateau"))})
 
 
 def trim_train_log(run_dir: Path, epochs: int) -> None:

@@ -106,14 +106,9 @@ def difference_lower_bounds(
     rounds: int = BOOTSTRAP_ROUNDS,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Lower bound (AUROC points) of each candidate's AUROC minus the incumbent's, by paired bootstrap.
-
-    ``bad[c][k]`` is a defective copy of good image ``k // per_image``, so the bootstrap draws source
-    images: a draw weights a good image and its copies by how often it was drawn (a cluster bootstrap;
-    resampling copies apart from their source would understate the noise). Every candidate is judged on
-    the same draws (paired). The bound is the ``(1 - confidence) / challengers`` quantile of the
-    difference over ``rounds`` draws.
-    """
+    """Lower bound (AUROC points) of each candidate's AUROC minus the incumbent's, by a paired bootstrap
+    of source images: ``bad[c][k]`` is a copy of good image ``k // per_image`` and weighs as its source
+    (resampling copies apart from their source would understate the noise)."""
     n = len(good[incumbent])
     if any(len(b) != per_image * n for b in bad.values()):
         raise ValueError(f"expected {per_image} defective copies of each of the {n} good images")
@@ -134,14 +129,10 @@ def difference_lower_bounds(
 def choose_score(
     model: object, check: SyntheticCheck, source: str = "holdout", also: str | None = None
 ) -> tuple[str, dict]:
-    """The score ``auto`` uses, judged on the run's synthetic check, and the evidence.
-
-    :data:`INCUMBENT` unless a candidate beats it under ``keep_unless_beaten`` (the synthetic check's
-    rule); ties go to the earlier in :data:`CANDIDATES`, "official" first. Scores are computed under
-    ``model.anomaly``'s maps (normalisation, smoothing), so training chooses the maps first. ``also`` is
-    a score that is measured too (the one a run uses, when it is not a candidate) but never chosen;
-    ``source`` says where the good images came from.
-    """
+    """The score ``auto`` uses on the run's synthetic check (:data:`INCUMBENT` unless beaten; ties to the
+    earlier in :data:`CANDIDATES`), and the evidence. Scores are computed under ``model.anomaly``'s maps,
+    so training chooses the maps first. ``also``: a score measured too (the one a run uses, when it is
+    not a candidate) but never chosen; ``source``: where the good images came from."""
     mapper: AnomalyMapper = model.anomaly  # type: ignore[attr-defined]
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
     good, bad = (
