@@ -107,9 +107,7 @@ class FeatureCache:
         else:
             arrays = [np.empty((n, *s), dtype=np.float32) for s in shapes]
         loader = DataLoader(
-            Subset(dataset, range(rows.start, rows.stop)),
-            batch_size=batch_size,
-            num_workers=workers,
+            Subset(dataset, range(rows.start, rows.stop)), batch_size=batch_size, num_workers=workers
         )
         start = rows.start
         desc = "extract features" if fit_statistics else "extract held-out features"

@@ -71,6 +71,7 @@ class Run:
     log: Callable[[str], None]
     progress: bool
     step_hook: StepHook | None = None
+    device: torch.device = torch.device("cpu")  # this rank's, once the job is set up
 
     def save_config(self, cfg: Config) -> None:
         self.dist.on_main(save_yaml, cfg, self.folder / "config.yaml")
@@ -128,19 +129,19 @@ def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
     if opening.finished:
         run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
         return run.dist.on_main(lambda: evaluate(Predictor.load(run.folder, t.device), run)) or {}
-    device = run.dist.setup(resolve_device(t.device), t.batch_size, t.budget)
+    run.device = run.dist.setup(resolve_device(t.device), t.batch_size, t.budget)
     seed_everything(opening.cfg.train.seed)
     data = load_training_data(opening.cfg, run.log)
     cfg = resolve_settings(opening.cfg, data, run)
     built = time.perf_counter()
-    model = MSFlow(cfg.model).to(device)
+    model = MSFlow(cfg.model).to(run.device)
     build_seconds = round(time.perf_counter() - built, 2)
-    features = extract(model, cfg, data, device, run)
+    features = extract(model, cfg, data, run)
     if cfg.train.budget is not None and not opening.resume:  # a resumed run keeps the epochs it chose
-        cfg = apply_budget(cfg, model, features, data, device, began, run)
-    state, timings = train(model, features, cfg, opening, device, run, data.test)
+        cfg = apply_budget(cfg, model, features, data, began, run)
+    state, timings = train(model, features, cfg, opening, data, run)
     del features  # the features are no longer needed (a disk cache deletes its files)
-    predictor, synthetic_auroc = choose(Predictor(model, cfg, None, device), data, run)
+    predictor, synthetic_auroc = choose(Predictor(model, cfg, None, run.device), data, run)
     predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
     record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
     save(predictor, data, state, {**record, **calib_info}, run)
@@ -189,18 +190,12 @@ def resolve_settings(cfg: Config, data: TrainingData, run: Run) -> Config:
     return cfg
 
 
-def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device, run: Run) -> Features:
+def extract(model: MSFlow, cfg: Config, data: TrainingData, run: Run) -> Features:
     """The frozen backbone's features of the training images, once (each rank extracts its shard)."""
     start = time.perf_counter()
     t = cfg.train
-    settings = dict(
-        device=device,
-        batch_size=t.batch_size,
-        where=t.cache,
-        workers=cfg.data.workers,
-        progress=run.progress,
-        dist=run.dist,
-    )
+    settings = dict(device=run.device, batch_size=t.batch_size, where=t.cache, workers=cfg.data.workers)
+    settings.update(progress=run.progress, dist=run.dist)
     cache = FeatureCache.build(model, data.fit, **settings)
     # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
     # training statistics; never a test image).
@@ -216,18 +211,12 @@ def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device
 
 
 def apply_budget(
-    cfg: Config,
-    model: MSFlow,
-    features: Features,
-    data: TrainingData,
-    device: torch.device,
-    began: float,
-    run: Run,
+    cfg: Config, model: MSFlow, features: Features, data: TrainingData, began: float, run: Run
 ) -> Config:
     """The config with the epochs that fit ``--budget`` (recorded in ``budget.json``; the budget itself
     is then cleared from ``config.yaml``, so that a resumed run keeps these epochs). One process only."""
     cache = features.cache
-    cost = measure_epoch_cost(model, cache, cfg.train, device)
+    cost = measure_epoch_cost(model, cache, cfg.train, run.device)
     spent = time.perf_counter() - began  # loading, extraction and this measurement
     checks = len(data.test) + 3 * len(data.calibration)  # test images, and the synthetic checks' images
     extract_rate = features.seconds / max(len(cache), 1)
@@ -250,18 +239,12 @@ def apply_budget(
 
 
 def train(
-    model: MSFlow,
-    features: Features,
-    cfg: Config,
-    opening: Opening,
-    device: torch.device,
-    run: Run,
-    test: list[Sample],
+    model: MSFlow, features: Features, cfg: Config, opening: Opening, data: TrainingData, run: Run
 ) -> tuple[TrainState, dict]:
     """Train the flows (from the checkpoint when the run continues), checkpointing as configured, then
     calibrate the global normalisation on the training features. Returns the state and the timings."""
     start = time.perf_counter() - features.seconds
-    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, run.device)
     state = load_training_state(run.folder, model, optimizer) if opening.resume else TrainState()
     run.dist.on_main(trim_train_log, run.folder, state.epoch)  # lines past the checkpoint are redone
 
@@ -270,7 +253,7 @@ def train(
         run.dist.wait_for_main()
 
     def on_epoch_end(state: TrainState) -> None:
-        run.dist.on_main(_log_epoch, state, model, cfg, test, run.folder, run.log)
+        run.dist.on_main(_log_epoch, state, model, cfg, data.test, run)
         due = state.epoch % cfg.train.checkpoint_every == 0
         if due or state.epoch == total_epochs(cfg.train, state.plateau):
             checkpoint(state)
@@ -280,7 +263,7 @@ def train(
         model,
         features.cache,
         cfg.train,
-        device,
+        run.device,
         state,
         optimizer,
         on_epoch_end=on_epoch_end,
@@ -292,10 +275,9 @@ def train(
     )
     model.eval()
     cache = features.cache
-    model.calibrate_global_normalization(
-        ([f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, run.dist.shard(len(cache)))),
-        gather=run.dist.gather_rows,
-    )
+    batches = cache.batches(cfg.train.batch_size, run.dist.shard(len(cache)))
+    on_device = ([f.to(run.device) for f in b] for b in batches)
+    model.calibrate_global_normalization(on_device, gather=run.dist.gather_rows)
     return state, {
         "train_seconds": round(time.perf_counter() - start, 2),
         "feature_extraction_seconds": round(features.seconds, 2),
@@ -303,26 +285,19 @@ def train(
     }
 
 
-def _log_epoch(
-    state: TrainState,
-    model: MSFlow,
-    cfg: Config,
-    test: list[Sample],
-    folder: Path,
-    log: Callable[[str], None],
-) -> None:
+def _log_epoch(state: TrainState, model: MSFlow, cfg: Config, test: list[Sample], run: Run) -> None:
     """The epoch's line in train_log.jsonl, with a test evaluation every ``eval_every`` epochs."""
     entry, every = state.history[-1], cfg.train.eval_every
     if every and state.epoch % every == 0 and state.epoch < total_epochs(cfg.train, state.plateau):
         # Logged only, never used to pick a checkpoint (B14).
-        predictor = Predictor(model, cfg, None, next(model.parameters()).device)
+        predictor = Predictor(model, cfg, None, run.device)
         results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
         entry["test"] = evaluate_stream(test, results, pixel_range=predictor.pixel_range)
         model.train()
-    with (folder / "train_log.jsonl").open("a", encoding="utf-8") as fh:
+    with (run.folder / "train_log.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
     if "plateau_at" in entry:
-        log(
+        run.log(
             f"held-out NLL plateau after epoch {state.epoch}: the learning rate decays from here, "
             f"training ends after epoch {entry['schedule_epochs']}"
         )

@@ -80,23 +80,21 @@ def train_flows(
     """
     dist = dist or Distributed()
     step = _Step(model, optimizer, cfg, device, dist)
-    good = _snapshot(model, optimizer)
+    good = step.snapshot()
     with dist.stopping_at_safe_points():
         while state.epoch < total_epochs(cfg, state.plateau):
             entry = _run_epoch(step, cache, state, step_hook, progress, on_stop)
             if isinstance(entry, str):  # redo this epoch from the last good state, lower learning rate
-                _bad_event(model, optimizer, good, state, cfg, entry)
+                step.roll_back(good, state, entry)
                 continue
             if cfg.stop == "plateau":
-                entry.update(
-                    _plateau_step(model, holdout, entry["loss"], state.epoch + 1, cfg, state, device)
-                )
+                entry.update(_plateau_step(step, holdout, entry["loss"], state))
             entry["seconds"] = time.perf_counter() - entry.pop("started")
             state.history.append(entry)
             state.epoch += 1
             if progress:
                 _log_epoch(entry, len(cache), total_epochs(cfg, state.plateau), state.history)
-            good = _snapshot(model, optimizer)
+            good = step.snapshot()
             if on_epoch_end is not None:
                 on_epoch_end(state)
         if dist.any_stop_requested():  # SIGTERM after the last step: the final checkpoint is written
@@ -133,6 +131,22 @@ class _Step:
         self.use_bf16 = self.cfg.cpu_bf16 and self.device.type == "cpu"  # bfloat16 needs no loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.params = self.model.trainable_parameters()
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """The flows' weights and the optimizer's state, to roll back to."""
+        trainable = self.model.state_dict()
+        trainable = {k: v.detach().clone() for k, v in trainable.items() if not k.startswith("backbone.")}
+        return trainable, copy.deepcopy(self.optimizer.state_dict())
+
+    def roll_back(self, good: tuple[dict, dict], state: TrainState, what: str) -> None:
+        """Restore the last good state and halve the learning rate; give up after ``max_bad_steps``."""
+        state.bad_events += 1
+        if state.bad_events > self.cfg.max_bad_steps:
+            raise TrainingError(f"{what}: {state.bad_events} non-finite events, giving up (lower --lr?)")
+        self.model.load_state_dict(good[0], strict=False)
+        self.optimizer.load_state_dict(good[1])
+        state.lr_scale *= 0.5
+        log.warning(f"{what}; restored the last good state, learning rate x{state.lr_scale:g}")
 
     def __call__(self, feats: list[torch.Tensor], global_batch: int) -> tuple[float, bool] | str:
         """(the global batch's loss sum, whether to stop after it), or what went non-finite."""
@@ -218,49 +232,17 @@ def holdout_nll(model: MSFlow, holdout: FeatureCache, device: torch.device, batc
     return total / (count * dims)
 
 
-def _plateau_step(
-    model: MSFlow,
-    holdout: FeatureCache | None,
-    train_loss: float,
-    epoch: int,
-    cfg: TrainConfig,
-    state: TrainState,
-    device: torch.device,
-) -> dict:
-    """Measure the held-out NLL after ``epoch`` and feed the plateau rule (which reads the values of every
+def _plateau_step(step: _Step, holdout: FeatureCache | None, train_loss: float, state: TrainState) -> dict:
+    """Measure the held-out NLL after this epoch and feed the plateau rule (which reads the values of every
     epoch so far, kept in the history: a resumed run decides the same); the log entry's fields."""
+    model, cfg = step.model, step.cfg
     if holdout is not None and len(holdout):
-        value, key = holdout_nll(model, holdout, device), "holdout_nll"
+        value, key = holdout_nll(model, holdout, step.device), "holdout_nll"
     else:  # no held-out images: the training loss per dimension stands in (it cannot show overfitting)
         value, key = train_loss / sum(c * h * w for c, h, w in model.feature_shapes), "train_nll_per_dim"
     fields: dict = {key: value}
     values = [e[key] for e in state.history if key in e] + [value]  # this epoch is not in the history yet
     if state.plateau.update(values, cfg):
-        fields["plateau_at"] = epoch
+        fields["plateau_at"] = state.epoch + 1
         fields["schedule_epochs"] = total_epochs(cfg, state.plateau)
     return fields
-
-
-def _snapshot(model: MSFlow, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    trainable = {
-        k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")
-    }
-    return trainable, copy.deepcopy(optimizer.state_dict())
-
-
-def _bad_event(
-    model: MSFlow,
-    optimizer: torch.optim.Optimizer,
-    good: tuple[dict, dict],
-    state: TrainState,
-    cfg: TrainConfig,
-    what: str,
-) -> None:
-    """Restore the last good state and halve the learning rate; give up after ``max_bad_steps``."""
-    state.bad_events += 1
-    if state.bad_events > cfg.max_bad_steps:
-        raise TrainingError(f"{what}: {state.bad_events} non-finite events, giving up (lower --lr?)")
-    model.load_state_dict(good[0], strict=False)
-    optimizer.load_state_dict(good[1])
-    state.lr_scale *= 0.5
-    log.warning(f"{what}; restored the last good state, learning rate x{state.lr_scale:g}")
