@@ -127,6 +127,3 @@ def plan(
         "fits": left >= epoch,
         "expected_cost": expected_cost(epochs),
     }
-
-
-__all__ = ["ACCURACY_CURVE", "EpochCost", "epochs_for_budget", "expected_cost", "measure_epoch_cost", "plan"]

@@ -126,6 +126,3 @@ def remake_choices(
         asked = MapSettings(default.normalization, default.smoothing, "auto", cfg.model.top_k)
     seed = cfg.train.seed
     return choose_on_split(predictor, fit_samples, holdout, out_dir, batch_size, seed, asked, log)[0]
-
-
-__all__ = ["choose_on_check", "choose_on_split", "choose_settings", "remake_choices"]

@@ -1,17 +1,11 @@
 """Choosing the maps' normalisation and smoothing without test labels: synthetic defects' exact masks.
 
-The anomaly maps (``msflow.model.anomaly_map``) have two settings that the paper fixes and that matter
-on real data: ``normalization`` (each image against its own most likely point, or against the training
-images) and ``smoothing`` (a Gaussian blur of sigma pixels). Which is better depends on the data: global
-normalisation gained 1.5 pixel-AUROC points on Magnetic Tile and nothing on the hard textures. The
-synthetic defects that ``msflow train`` draws into held-out good images (``msflow.data.synthetic``) come
-with exact masks, so every setting can be judged by the pixel AUROC it reaches on them, with no test
-image and no label.
-
-The rule is the one every label-free choice uses (``msflow.train.synthetic_check.keep_unless_beaten``),
-with the paper's maps (:data:`INCUMBENT`) as the incumbent.
-Pixel AUROC under a bootstrap draw is a weighted sum of per-image histograms over the maps' fixed range
-[0, number of scales] (``msflow.evaluate.streaming``), so thousands of draws cost a matrix product.
+Every (normalisation, smoothing) setting is judged by the pixel AUROC it reaches on the synthetic check's
+defects (exact masks, no test image), under the rule every label-free choice uses
+(``msflow.train.synthetic_check.keep_unless_beaten``) with the paper's maps (:data:`INCUMBENT`) as the
+incumbent; why the maps are chosen per dataset: docs/choices.md, "Maps". Pixel AUROC under a bootstrap
+draw is a weighted sum of per-image histograms over the maps' fixed range [0, number of scales]
+(``msflow.evaluate.streaming``), so thousands of draws cost a matrix product.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ import torch
 from msflow.data.images import resize_mask
 from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.model.anomaly_map import AnomalyMapper
-from msflow.scoring import MAPS_INCUMBENT, NORMALIZATIONS, MapSettings, map_candidates, map_setting_name
+from msflow.scoring import MAPS_INCUMBENT, MapSettings, map_candidates, map_setting_name
 from msflow.train.synthetic_check import (
     BOOTSTRAP_ROUNDS,
     SyntheticCheck,
@@ -111,6 +105,3 @@ def choose_maps(
         "synthetic_seed": check.seed,
     }
     return chosen, evidence
-
-
-__all__ = ["INCUMBENT", "NORMALIZATIONS", "candidates", "choose_maps", "setting_name"]

@@ -167,14 +167,3 @@ def choose_score(
         "auroc": aurocs,
     }
     return evidence["chosen"], evidence
-
-
-__all__ = [
-    "CANDIDATES",
-    "INCUMBENT",
-    "candidate_scores",
-    "choose_score",
-    "difference_lower_bounds",
-    "rank_candidates",
-    "candidate_report",
-]

@@ -177,23 +177,3 @@ def rule_text(incumbent: str, what: str, challengers: int) -> str:
         f"of a paired cluster bootstrap of the difference > 0 at {CONFIDENCE:.0%}, Bonferroni over "
         f"{challengers} challengers); then the best of those"
     )
-
-
-__all__ = [
-    "BOOTSTRAP_MAX_IMAGES",
-    "BOOTSTRAP_ROUNDS",
-    "CONFIDENCE",
-    "MIN_EFFECT",
-    "SYNTHETIC_PER_IMAGE",
-    "Maps",
-    "SyntheticCheck",
-    "bootstrap_counts",
-    "bounded_sources",
-    "keep_unless_beaten",
-    "logp_maps",
-    "lower_bounds",
-    "map_batches",
-    "predictor_maps",
-    "rule_text",
-    "synthetic_check",
-]
