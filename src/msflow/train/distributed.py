@@ -299,16 +299,15 @@ class Distributed:
         if not self.enabled:
             return acc, [len(acc.scores)]
         totals = self.all_sum([torch.from_numpy(h) for h in acc.histograms()])
-        parts: list[dict | None] | None = [None] * self.world_size if self.is_main else None
+        parts: list | None = [None] * self.world_size if self.is_main else None
         tdist.gather_object(acc.image_state(), parts, dst=0)
-        if not self.is_main or parts is None:
+        if parts is None:  # not rank 0
             return None
         merged = acc.empty_copy()
         merged.add_histograms([t.numpy() for t in totals])
         for part in parts:
-            assert part is not None
             merged.add_image_state(part)
-        return merged, [len(p["scores"]) for p in parts if p is not None]
+        return merged, [len(p["scores"]) for p in parts]
 
     # -- sharding -------------------------------------------------------------------------------------
     def shard(self, n: int) -> range:

@@ -53,9 +53,8 @@ from msflow.train.schedule import total_epochs
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Seeded split of the good training images into (fit, held out for threshold calibration)."""
-    n_hold = int(round(fraction * len(train))) if len(train) >= 4 else 0
-    if fraction > 0:
-        n_hold = max(n_hold, 1 if len(train) >= 4 else 0)
+    # At least one image whenever a hold-out is asked for; none from fewer than 4 images.
+    n_hold = max(round(fraction * len(train)), int(fraction > 0)) if len(train) >= 4 else 0
     order = np.random.default_rng(seed).permutation(len(train))
     hold = sorted(order[:n_hold].tolist())
     keep = sorted(order[n_hold:].tolist())
@@ -114,38 +113,32 @@ def fit(
     test metrics (:func:`msflow.evaluate.evaluation.evaluate_stream`); under torchrun every rank calls
     this and gets rank 0's metrics.
     """
+    began = time.perf_counter()
     with Distributed.from_environment() as dist:
         run = Run(Path(run_dir), dist, dist.main_only(log), progress and dist.is_main, step_hook)
-        metrics = _fit(cfg, run, resume, validation)
-        return dist.result_from_main(metrics)  # after _fit returned: the waiting ranks hold no features
-
-
-def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
-    """The steps of a training run, in order."""
-    began = time.perf_counter()
-    # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
-    opening = open_run(cfg, run.folder, resume, run.dist.restarts, logger.warning)
-    t = opening.cfg.train
-    if opening.finished:
-        run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
-        return run.dist.on_main(lambda: evaluate(Predictor.load(run.folder, t.device), run)) or {}
-    run.device = run.dist.setup(resolve_device(t.device), t.batch_size, t.budget)
-    seed_everything(opening.cfg.train.seed)
-    data = load_training_data(opening.cfg, run.log)
-    cfg = resolve_settings(opening.cfg, data, run)
-    built = time.perf_counter()
-    model = MSFlow(cfg.model).to(run.device)
-    build_seconds = round(time.perf_counter() - built, 2)
-    features = extract(model, cfg, data, run)
-    if cfg.train.budget is not None and not opening.resume:  # a resumed run keeps the epochs it chose
-        cfg = apply_budget(cfg, model, features, data, began, run)
-    state, timings = train(model, features, cfg, opening, data, run)
-    del features  # the features are no longer needed (a disk cache deletes its files)
-    predictor, synthetic_auroc = choose(Predictor(model, cfg, None, run.device), data, run)
-    predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
-    record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
-    save(predictor, data, state, {**record, **calib_info}, run)
-    return evaluate(predictor, run, data)
+        # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
+        opening = open_run(cfg, run.folder, resume, dist.restarts, logger.warning)
+        t = opening.cfg.train
+        if opening.finished:
+            run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
+            return dist.from_main(lambda: evaluate(Predictor.load(run.folder, t.device), run))
+        run.device = dist.setup(resolve_device(t.device), t.batch_size, t.budget)
+        seed_everything(t.seed)
+        data = load_training_data(opening.cfg, run.log)
+        cfg = resolve_settings(opening.cfg, data, run)
+        built = time.perf_counter()
+        model = MSFlow(cfg.model).to(run.device)
+        build_seconds = round(time.perf_counter() - built, 2)
+        features = extract(model, cfg, data, run)
+        if cfg.train.budget is not None and not opening.resume:  # a resumed run keeps the epochs it chose
+            cfg = apply_budget(cfg, model, features, data, began, run)
+        state, timings = train(model, features, cfg, opening, data, run)
+        del features  # freed before any rank waits for another (a disk cache deletes its files)
+        predictor, synthetic_auroc = choose(Predictor(model, cfg, None, run.device), data, run)
+        predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
+        record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
+        save(predictor, data, state, {**record, **calib_info}, run)
+        return dist.result_from_main(evaluate(predictor, run, data))
 
 
 def load_training_data(cfg: Config, log: Callable[[str], None]) -> TrainingData:

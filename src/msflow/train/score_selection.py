@@ -135,10 +135,8 @@ def choose_score(
     not a candidate) but never chosen; ``source``: where the good images came from."""
     mapper: AnomalyMapper = model.anomaly  # type: ignore[attr-defined]
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
-    good, bad = (
-        candidate_scores(check.good, mapper, candidates),
-        candidate_scores(check.defective, mapper, candidates),
-    )
+    good = candidate_scores(check.good, mapper, candidates)
+    bad = candidate_scores(check.defective, mapper, candidates)
     aurocs = rank_candidates(good, bad)
     lower = difference_lower_bounds(
         {c: good[c] for c in CANDIDATES},
