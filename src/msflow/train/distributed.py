@@ -90,6 +90,8 @@ class Distributed:
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, restarts: int = 0) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.enabled, self.is_main = world_size > 1, rank == 0
+        self.tag = f"rank {rank}/{world_size}"  # the prefix of this rank's messages
         self.restarts = restarts  # > 0: this job was restarted (it continues its run folder by itself)
         self.comm_device = torch.device("cpu")  # where collective tensors live (CUDA for nccl)
         self.stop_requested = False  # SIGTERM arrived during training: stop after the current step
@@ -113,18 +115,6 @@ class Distributed:
             raise MSFlowError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
         counts = [os.environ.get(k, "").strip() for k in RESTART_ENVS]
         return cls(rank, world, local, max((int(c) for c in counts if c.isdigit()), default=0))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def tag(self) -> str:
-        return f"rank {self.rank}/{self.world_size}"
 
     @property
     def sharding(self) -> Distributed | None:

@@ -80,13 +80,9 @@ class FeatureCache:
         dist: Distributed | None = None,
         fit_statistics: bool = True,
     ) -> FeatureCache:
-        """Extract (one row per image, or per tile when tiling), then standardise in place (fitting the
-        statistics first when the model uses them, unless ``fit_statistics`` is False: held-out images
-        are standardised with the training ones').
-
-        With ``dist`` (data-parallel training) each rank extracts and standardises its own shard, the
-        statistics are all-reduced, and the shards are then shared so every rank holds all features.
-        """
+        """Extract (a row per image, or per tile), then standardise in place, fitting the statistics first
+        unless ``fit_statistics`` is False (held-out images take the training ones'). With ``dist`` each
+        rank does its shard, the statistics are all-reduced and the shards shared with every rank."""
         dist = dist or Distributed()
         dataset = training_inputs(model, samples)
         n = len(dataset)

@@ -68,15 +68,11 @@ def train_flows(
 ) -> TrainState:
     """Train the flows from cached features for epochs ``state.epoch`` to the end of the schedule.
 
-    Arguments:
-        on_epoch_end: called after every epoch (checkpointing, optional evaluation).
-        step_hook: ``(epoch, step, feats) -> feats``, a seam for fault-injection tests.
-        dist: data-parallel training (torchrun): each global batch is split across ranks and the
-            gradients averaged by DDP, so the steps are those of one process (see ``distributed.py``).
-        holdout: features of the good images held out from training; with ``stop="plateau"`` their
-            NLL after each epoch decides the schedule's length (without them, the training loss does).
-        on_stop: on SIGTERM, called (every rank, same step) with the state after the current step,
-            to write a checkpoint; then :class:`StoppedError` ends the run.
+    ``on_epoch_end`` checkpoints (and may evaluate); ``step_hook(epoch, step, feats) -> feats`` is a seam
+    for fault-injection tests; ``dist`` splits each global batch across ranks (DDP averages gradients);
+    with ``stop="plateau"``, the ``holdout`` features' NLL after each epoch (else the training loss)
+    decides the schedule's length; on SIGTERM ``on_stop`` gets the state after the current step (every
+    rank, same step) to write a checkpoint, then :class:`StoppedError` ends the run.
     """
     dist = dist or Distributed()
     step = _Step(model, optimizer, cfg, device, dist)
