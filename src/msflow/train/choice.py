@@ -11,12 +11,12 @@ and the bootstrap's lower bound of that gain). The rule is ``msflow.train.synthe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from msflow.config import ModelConfig
 from msflow.data.datasets import Sample, load_dataset
-from msflow.data.images import ImageLike, read_image
+from msflow.data.images import read_image
 from msflow.errors import MSFlowError
 from msflow.files import atomic_write_bytes
 from msflow.infer.predictor import Predictor
@@ -47,19 +47,23 @@ def choose_on_check(
 
 def choose_settings(
     predictor: Predictor,
-    good_images: Sequence[ImageLike],
+    fit_samples: list[Sample],
+    holdout: list[Sample],
     run_dir: Path,
     batch_size: int,
     seed: int,
     asked: MapSettings | None = None,
-    source: str = "holdout",
     log: Callable[[str], None] = print,
 ) -> tuple[MapSettings, float]:
-    """Build the synthetic check on ``good_images``, choose, record the evidence in ``run_dir``; returns
-    the settings and the image AUROC of the score used on the check. ``asked`` defaults to the
-    predictor's configured settings (training: with its ``auto`` fields)."""
+    """Build the synthetic check on a run's held-out good images (its training images, biased, without
+    a hold-out), choose, record the evidence in ``run_dir``; returns the settings and the image AUROC of
+    the score used on the check. ``asked`` defaults to the predictor's settings (with their ``auto``)."""
+    good = holdout or fit_samples
+    which = "held-out" if holdout else "training"
+    log(f"synthetic check: synthetic defects drawn into {len(good)} {which} good images")
+    source = "holdout" if holdout else "train (no hold-out: biased)"
     asked = predictor.config.model.maps if asked is None else asked
-    check = synthetic_check(predictor, good_images, batch_size, seed=seed)
+    check = synthetic_check(predictor, [read_image(s.image) for s in good], batch_size, seed=seed)
     settings, map_evidence, evidence = choose_on_check(predictor, check, asked, source)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "map_selection.json", json.dumps(map_evidence, indent=2).encode())
@@ -78,26 +82,6 @@ def choose_settings(
         f"(auto's pick {evidence['chosen']}; highest {top} {evidence['auroc'][top]})"
     )
     return settings, auroc
-
-
-def choose_on_split(
-    predictor: Predictor,
-    fit_samples: list[Sample],
-    holdout: list[Sample],
-    run_dir: Path,
-    batch_size: int,
-    seed: int,
-    asked: MapSettings | None = None,
-    log: Callable[[str], None] = print,
-) -> tuple[MapSettings, float]:
-    """:func:`choose_settings` on a run's held-out good images (its training images, biased, without a
-    hold-out): the synthetic check is label-free evidence on every run, for the user and the defaults."""
-    good = holdout or fit_samples
-    which = "held-out" if holdout else "training"
-    log(f"synthetic check: synthetic defects drawn into {len(good)} {which} good images")
-    source = "holdout" if holdout else "train (no hold-out: biased)"
-    images = [read_image(s.image) for s in good]
-    return choose_settings(predictor, images, run_dir, batch_size, seed, asked=asked, source=source, log=log)
 
 
 def remake_choices(
@@ -125,4 +109,4 @@ def remake_choices(
         default = ModelConfig()
         asked = MapSettings(default.normalization, default.smoothing, "auto", cfg.model.top_k)
     seed = cfg.train.seed
-    return choose_on_split(predictor, fit_samples, holdout, out_dir, batch_size, seed, asked, log)[0]
+    return choose_settings(predictor, fit_samples, holdout, out_dir, batch_size, seed, asked, log)[0]

@@ -36,7 +36,7 @@ from msflow.logs import log as logger
 from msflow.model.checkpoint import save_model
 from msflow.model.msflow import MSFlow
 from msflow.train.budget import measure_epoch_cost, plan
-from msflow.train.choice import choose_on_split
+from msflow.train.choice import choose_settings
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
 from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
@@ -311,7 +311,7 @@ def choose(predictor: Predictor, data: TrainingData, run: Run) -> tuple[Predicto
 
 def _choose_on_main(predictor: Predictor, data: TrainingData, run: Run) -> dict:
     cfg = predictor.config
-    settings, auroc = choose_on_split(
+    settings, auroc = choose_settings(
         predictor, data.fit, data.holdout, run.folder, cfg.train.batch_size, cfg.train.seed, log=run.log
     )
     cfg = replace(cfg, model=cfg.model.with_maps(settings))
