@@ -49,7 +49,7 @@ def open_run(
     cfg: Config, run_dir: Path, resume: Resume, restarts: int, log: Callable[[str], None]
 ) -> Opening:
     """Decide how the run in ``run_dir`` begins (see the module's rules); reads, never writes."""
-    requested = _plain(cfg.to_dict())
+    requested = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, comparable with the checkpoint
     last = run_dir / CHECKPOINT
     has_checkpoint = last.with_suffix(".json").is_file()
     if resume == "auto" or (resume is False and restarts > 0):
@@ -128,7 +128,3 @@ def _checkpoint_meta(last: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise MSFlowError(f"cannot read the checkpoint '{last.with_suffix('.json')}': {err}") from None
 
-
-def _plain(value: dict) -> dict:
-    """As the checkpoint's JSON holds it (tuples become lists), so the two compare equal."""
-    return json.loads(json.dumps(value))
