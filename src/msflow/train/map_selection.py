@@ -21,10 +21,9 @@ from msflow.train.synthetic_check import (
     BOOTSTRAP_ROUNDS,
     SyntheticCheck,
     bootstrap_counts,
-    keep_unless_beaten,
+    judge,
     lower_bounds,
     map_batches,
-    rule_text,
 )
 
 INCUMBENT = MAPS_INCUMBENT  # the paper's maps
@@ -90,18 +89,11 @@ def choose_maps(
             aurocs[setting] = float(bootstrap_pixel_aurocs(histograms, np.ones((1, n)), check.per_image)[0])
             draws[setting] = bootstrap_pixel_aurocs(histograms, weights, check.per_image)
     lower = lower_bounds(draws, incumbent)
-    chosen = keep_unless_beaten(aurocs, lower, incumbent)
+    chosen, judged = judge(aurocs, lower, incumbent, "pixel AUROC (exact masks)", check, setting_name)
     evidence = {
         "chosen": {"normalization": chosen[0], "smoothing": chosen[1]},
-        "rule": rule_text(setting_name(incumbent), "pixel AUROC (exact masks)", len(settings) - 1),
-        "incumbent": setting_name(incumbent),
         "pixel_auroc": {setting_name(s): round(aurocs[s], 3) for s in settings},
-        "gain_over_incumbent": {setting_name(s): round(aurocs[s] - aurocs[incumbent], 3) for s in settings},
-        "difference_lower_bound": {setting_name(s): round(lower[s], 3) for s in settings},
-        "bootstrap_rounds": BOOTSTRAP_ROUNDS,
+        **judged,
         "histogram_bins": BINS,
-        "good_images": n,
-        "synthetic_images": len(check.masks),
-        "synthetic_seed": check.seed,
     }
     return chosen, evidence

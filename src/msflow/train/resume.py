@@ -127,4 +127,3 @@ def _checkpoint_meta(last: Path) -> dict:
         return json.loads(last.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise MSFlowError(f"cannot read the checkpoint '{last.with_suffix('.json')}': {err}") from None
-

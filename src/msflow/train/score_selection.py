@@ -34,11 +34,10 @@ from msflow.train.synthetic_check import (
     SyntheticCheck,
     bootstrap_counts,
     bounded_sources,
-    keep_unless_beaten,
+    judge,
     lower_bounds,
     map_batches,
     predictor_maps,
-    rule_text,
 )
 
 CANDIDATES = SCORE_CANDIDATES
@@ -145,22 +144,14 @@ def choose_score(
         check.per_image,
         seed=check.seed,
     )
-    ranked = {c: aurocs[c] for c in CANDIDATES}
-    best = keep_unless_beaten(ranked, lower, INCUMBENT)
+    best, judged = judge({c: aurocs[c] for c in CANDIDATES}, lower, INCUMBENT, "image AUROC", check)
     top = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
     evidence = {
         "chosen": mapper.settings.score_name(best),
-        "rule": rule_text(INCUMBENT, "image AUROC", len(CANDIDATES) - 1),
         "highest_auroc": top,
-        "incumbent": INCUMBENT,
-        "gain_over_incumbent": {c: round(aurocs[c] - aurocs[INCUMBENT], 3) for c in CANDIDATES},
-        "difference_lower_bound": lower,
-        "bootstrap_rounds": BOOTSTRAP_ROUNDS,
+        **judged,
         "smoothing": mapper.smoothing,
-        "good_images": check.sources,
         "good_source": source,
-        "synthetic_images": len(check.masks),
-        "synthetic_seed": check.seed,
         "synthetic_area_range": list(AREA_RANGE),
         "auroc": aurocs,
     }
