@@ -14,17 +14,13 @@ makes the label-free choices while the others wait in a group with a long timeou
 the test evaluation are sharded and merged on rank 0 (:meth:`merge_to_main`). docs/scaling.md is the
 user's view.
 
-Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
-end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
-``--resume`` makes every rank load the same one (on several nodes the run folder must be on a shared
-filesystem). Under ``torchrun --max-restarts N`` a restarted job continues from that checkpoint by
-itself (:attr:`Distributed.restarts`, read by :mod:`msflow.train.resume`).
-
-Stopping: SIGTERM (what schedulers and torchrun send first) during training only raises a flag. The
-flag travels with each step's loss all-reduce, so every rank stops after the same step; the run then
-writes a checkpoint of that step and ends with :class:`StoppedError` (exit code 143). Outside the
-training loop (extraction, evaluation) SIGTERM ends the run at once, keeping the last checkpoint.
-This holds in a single process too (``Distributed()``), where the flag is simply this process's.
+Failure: a collective that loses a peer raises on the survivors and torchrun SIGTERMs the rest; both
+end as one-line :class:`DistributedError` messages, and ``--resume`` or a torchrun restart
+(:attr:`Distributed.restarts`, read by :mod:`msflow.train.resume`) makes every rank load rank 0's last
+checkpoint (on several nodes the run folder must be on a shared filesystem). SIGTERM during training
+only raises a flag that travels with each step's loss all-reduce, so every rank stops after the same
+step and the run checkpoints it before :class:`StoppedError` (exit code 143); elsewhere SIGTERM ends
+the run at once, keeping the last checkpoint. A single process (``Distributed()``) behaves the same.
 """
 
 from __future__ import annotations
