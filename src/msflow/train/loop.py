@@ -75,11 +75,11 @@ def train_flows(
     rank, same step) to write a checkpoint, then :class:`StoppedError` ends the run.
     """
     dist = dist or Distributed()
-    step = _Step(model, optimizer, cfg, device, dist)
+    step = _Step(model, optimizer, cfg, device, dist, step_hook, on_stop, progress)
     good = step.snapshot()
     with dist.stopping_at_safe_points():
         while state.epoch < total_epochs(cfg, state.plateau):
-            entry = _run_epoch(step, cache, state, step_hook, progress, on_stop)
+            entry = _run_epoch(step, cache, state)
             if isinstance(entry, str):  # redo this epoch from the last good state, lower learning rate
                 step.roll_back(good, state, entry)
                 continue
@@ -113,13 +113,17 @@ def _log_epoch(entry: dict, images: int, epochs: int, history: list[dict]) -> No
 
 @dataclass
 class _Step:
-    """One optimisation step on a (shard of a) global batch: forward, loss, backward, clip, update."""
+    """One optimisation step on a (shard of a) global batch: forward, loss, backward, clip, update; with
+    what every epoch's steps share (the tests' seam, the SIGTERM checkpoint, the progress bar)."""
 
     model: MSFlow
     optimizer: torch.optim.Optimizer
     cfg: TrainConfig
     device: torch.device
     dist: Distributed
+    hook: StepHook | None = None
+    on_stop: Callable[[TrainState], None] | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         self.flow = self.dist.wrap_flows(self.model)
@@ -168,14 +172,7 @@ class _Step:
         return batch_sum.item(), stop
 
 
-def _run_epoch(
-    step: _Step,
-    cache: FeatureCache,
-    state: TrainState,
-    step_hook: StepHook | None,
-    progress: bool,
-    on_stop: Callable[[TrainState], None] | None,
-) -> dict | str:
+def _run_epoch(step: _Step, cache: FeatureCache, state: TrainState) -> dict | str:
     """Epoch ``state.epoch + 1`` (from where a stopped run left it): its log entry, or what went wrong."""
     cfg, epoch = step.cfg, state.epoch
     lr = cfg.lr * lr_factor(epoch, cfg, state.plateau) * state.lr_scale
@@ -189,12 +186,12 @@ def _run_epoch(
     total, count, start = done["loss_sum"], done["images"], time.perf_counter() - done["seconds"]
     # A bar within the epoch on a terminal; the epoch's own line (train_flows), wherever the output goes.
     bar = Progress(batches[done["step"] :], f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}",
-                   unit="batches", enabled=progress, summary=False)  # fmt: skip
+                   unit="batches", enabled=step.progress, summary=False)  # fmt: skip
     for i, idx in enumerate(bar, start=done["step"]):
         step.dist.fire_test_seam(epoch, i)
         feats = [f.to(step.device, non_blocking=True) for f in cache.batch(step.dist.split_batch(idx))]
-        if step_hook is not None:
-            feats = step_hook(epoch, i, feats)
+        if step.hook is not None:
+            feats = step.hook(epoch, i, feats)
         outcome = step(feats, len(idx))
         if isinstance(outcome, str):
             return f"{outcome} at epoch {epoch + 1}, step {i}"
@@ -207,8 +204,8 @@ def _run_epoch(
                 "images": count,
                 "seconds": time.perf_counter() - start,
             }
-            if on_stop is not None:
-                on_stop(state)
+            if step.on_stop is not None:
+                step.on_stop(state)
             raise StoppedError(
                 f"stopped by SIGTERM at epoch {epoch + 1}, step {i + 1} of {len(batches)}; its checkpoint "
                 f"is written: {RESUME_HINT}"
