@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.optim import Optimizer
 
 from msflow.config import Config
 from msflow.errors import MSFlowError
@@ -78,12 +79,7 @@ def open_run(
 
 
 def save_training_state(
-    run_dir: Path,
-    model: MSFlow,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    state: TrainState,
-    requested: dict,
+    run_dir: Path, model: MSFlow, optimizer: Optimizer, cfg: Config, state: TrainState, requested: dict
 ) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     opt = optimizer.state_dict()
@@ -97,7 +93,7 @@ def save_training_state(
     save_tensors(tensors, meta, run_dir / CHECKPOINT)
 
 
-def load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_training_state(run_dir: Path, model: MSFlow, optimizer: Optimizer) -> TrainState:
     tensors, meta = load_tensors(run_dir / CHECKPOINT)
     model_state = migrate_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     model.load_state_dict(model_state, strict=False)
