@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from msflow.config import TrainConfig
@@ -81,20 +82,13 @@ def epochs_for_budget(seconds_left: float, epoch_seconds: float, most: int) -> i
 
 
 def _interpolate(curve: dict[int, tuple], epochs: int, metric: int) -> float | None:
+    """Linear between measured points; outside them, the nearest measured figure."""
     points = sorted((e, v[metric]) for e, v in curve.items() if v[metric] is not None)
-    if not points:
-        return None
-    if epochs <= points[0][0]:
-        return points[0][1]  # below the measured range: at least the smallest run's loss
-    for (e0, v0), (e1, v1) in zip(points, points[1:], strict=False):
-        if epochs <= e1:
-            return v0 + (v1 - v0) * (epochs - e0) / (e1 - e0)
-    return points[-1][1]
+    return float(np.interp(epochs, *zip(*points, strict=True))) if points else None
 
 
 def expected_cost(epochs: int, full: int = 100) -> list[str]:
-    """One line per measured data set: its metrics at ``epochs`` against ``full`` epochs (interpolated
-    linearly between measured points; below the smallest measured count, that count's figures)."""
+    """One line per measured data set: its metrics at ``epochs`` against ``full`` epochs."""
     lines = []
     for name, curve in ACCURACY_CURVE.items():
         parts = []
@@ -133,6 +127,3 @@ def plan(
         "fits": left >= epoch,
         "expected_cost": expected_cost(epochs),
     }
-
-
-__all__ = ["ACCURACY_CURVE", "EpochCost", "epochs_for_budget", "expected_cost", "measure_epoch_cost", "plan"]

@@ -11,12 +11,12 @@ and the bootstrap's lower bound of that gain). The rule is ``msflow.train.synthe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from msflow.config import ModelConfig
-from msflow.data.datasets import load_dataset
-from msflow.data.images import ImageLike, read_image
+from msflow.data.datasets import Sample, load_dataset
+from msflow.data.images import read_image
 from msflow.errors import MSFlowError
 from msflow.files import atomic_write_bytes
 from msflow.infer.predictor import Predictor
@@ -47,19 +47,23 @@ def choose_on_check(
 
 def choose_settings(
     predictor: Predictor,
-    good_images: Sequence[ImageLike],
+    fit_samples: list[Sample],
+    holdout: list[Sample],
     run_dir: Path,
     batch_size: int,
     seed: int,
     asked: MapSettings | None = None,
-    source: str = "holdout",
     log: Callable[[str], None] = print,
 ) -> tuple[MapSettings, float]:
-    """Build the synthetic check on ``good_images``, choose, record the evidence in ``run_dir``; returns
-    the settings and the image AUROC of the score used on the check. ``asked`` defaults to the
-    predictor's configured settings (training: with its ``auto`` fields)."""
+    """Build the synthetic check on a run's held-out good images (its training images, biased, without
+    a hold-out), choose, record the evidence in ``run_dir``; returns the settings and the image AUROC of
+    the score used on the check. ``asked`` defaults to the predictor's settings (with their ``auto``)."""
+    good = holdout or fit_samples
+    which = "held-out" if holdout else "training"
+    log(f"synthetic check: synthetic defects drawn into {len(good)} {which} good images")
+    source = "holdout" if holdout else "train (no hold-out: biased)"
     asked = predictor.config.model.maps if asked is None else asked
-    check = synthetic_check(predictor, good_images, batch_size, seed=seed)
+    check = synthetic_check(predictor, [read_image(s.image) for s in good], batch_size, seed=seed)
     settings, map_evidence, evidence = choose_on_check(predictor, check, asked, source)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "map_selection.json", json.dumps(map_evidence, indent=2).encode())
@@ -98,18 +102,11 @@ def remake_choices(
     cfg = predictor.config
     _, train, _ = load_dataset(data or cfg.data.dataset)
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-    good = holdout or fit_samples
-    if len(good) < 2:
-        raise MSFlowError(f"the run's dataset has {len(good)} good images to judge on; at least 2 are needed")
+    good = len(holdout or fit_samples)
+    if good < 2:
+        raise MSFlowError(f"the run's dataset has {good} good images to judge on; at least 2 are needed")
     if asked is None:
         default = ModelConfig()
         asked = MapSettings(default.normalization, default.smoothing, "auto", cfg.model.top_k)
-    source = "holdout" if holdout else "train (no hold-out: biased)"
-    images = [read_image(s.image) for s in good]
-    settings, _ = choose_settings(
-        predictor, images, out_dir, batch_size, cfg.train.seed, asked=asked, source=source, log=log
-    )
-    return settings
-
-
-__all__ = ["choose_on_check", "choose_settings", "remake_choices"]
+    seed = cfg.train.seed
+    return choose_settings(predictor, fit_samples, holdout, out_dir, batch_size, seed, asked, log)[0]

@@ -5,41 +5,22 @@ its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 :meth:`Distributed.from_environment` for a context; without those variables it is the single-process
 context, whose every method is a no-op, so the training code has one path.
 
-How the work is shared, and why the result equals a single-process run with the same settings:
+Why N ranks train the model of one process with the same settings: each rank extracts a shard of the
+features, the standardisation sums are all-reduced and the shards shared (:meth:`share_shards`), so
+every rank draws the same seeded global batches from the whole cache; each batch is split across ranks
+and DDP averages gradients scaled to the single-process mean (:meth:`batch_loss`); every decision (roll
+back, stop) reads all-reduced values (:meth:`step_totals`). Rank 0 alone writes the run folder and
+makes the label-free choices while the others wait in a group with a long timeout; calibration and
+the test evaluation are sharded and merged on rank 0 (:meth:`merge_to_main`). docs/scaling.md is the
+user's view.
 
-- **Features.** Each rank extracts a contiguous shard of the training images (the expensive part).
-  The standardisation sums (float64) are all-reduced, so every rank gets the statistics of all images;
-  each rank standardises its shard, then the shards are broadcast so every rank holds the whole cache
-  (global batches are drawn from a permutation of all images, as in one process).
-- **Steps.** Every rank draws the same seeded per-epoch permutation and cuts it into the same global
-  batches; each global batch is split across ranks (``tensor_split``: sizes differ by at most one).
-  The flows are wrapped in DistributedDataParallel, which averages gradients over ranks; each rank's
-  loss is its sum of per-image losses times ``world_size / global_batch``, so that average is exactly
-  the gradient of the single-process batch mean even when the batch does not split evenly.
-- **Consistent decisions.** The logged loss and the non-finite check use the all-reduced sum, so all
-  ranks roll back (or not) together; the gradient norm is computed from all-reduced gradients.
-- **Global normalisation.** Each rank computes per-image maxima of its shard; they are gathered in
-  rank (= image) order and every rank takes the same mean.
-- **Run folder.** Rank 0 alone writes it (config, log, checkpoints, model, report). Score selection
-  (``score: auto``) runs on rank 0 only; the other ranks free their features and wait for its
-  decisions (in a group of their own with a long timeout).
-- **Calibration and test evaluation.** Each rank predicts a contiguous shard of the held-out (then
-  the test) images into its own bounded-memory accumulator (:mod:`msflow.evaluate.streaming`);
-  :meth:`Distributed.merge_to_main` sums the histograms (int64 counts exactly) and gathers the
-  per-image scores in image order, and rank 0 computes the threshold, then the metrics and the
-  report, as one process would; all ranks return its metrics.
-
-Failure: a collective that loses a peer raises on the survivors, torchrun sends the rest SIGTERM; both
-end as one-line :class:`DistributedError` messages. Checkpoints are written by rank 0 every epoch, and
-``--resume`` makes every rank load the same one (on several nodes the run folder must be on a shared
-filesystem). Under ``torchrun --max-restarts N`` a restarted job continues from that checkpoint by
-itself (:attr:`Distributed.restarts`, read by :mod:`msflow.train.resume`).
-
-Stopping: SIGTERM (what schedulers and torchrun send first) during training only raises a flag. The
-flag travels with each step's loss all-reduce, so every rank stops after the same step; the run then
-writes a checkpoint of that step and ends with :class:`StoppedError` (exit code 143). Outside the
-training loop (extraction, evaluation) SIGTERM ends the run at once, keeping the last checkpoint.
-This holds in a single process too (``Distributed()``), where the flag is simply this process's.
+Failure: a collective that loses a peer raises on the survivors and torchrun SIGTERMs the rest; both
+end as one-line :class:`DistributedError` messages, and ``--resume`` or a torchrun restart
+(:attr:`Distributed.restarts`, read by :mod:`msflow.train.resume`) makes every rank load rank 0's last
+checkpoint (on several nodes the run folder must be on a shared filesystem). SIGTERM during training
+only raises a flag that travels with each step's loss all-reduce, so every rank stops after the same
+step and the run checkpoints it before :class:`StoppedError` (exit code 143); elsewhere SIGTERM ends
+the run at once, keeping the last checkpoint. A single process (``Distributed()``) behaves the same.
 """
 
 from __future__ import annotations
@@ -105,6 +86,8 @@ class Distributed:
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, restarts: int = 0) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.enabled, self.is_main = world_size > 1, rank == 0
+        self.tag = f"rank {rank}/{world_size}"  # the prefix of this rank's messages
         self.restarts = restarts  # > 0: this job was restarted (it continues its run folder by itself)
         self.comm_device = torch.device("cpu")  # where collective tensors live (CUDA for nccl)
         self.stop_requested = False  # SIGTERM arrived during training: stop after the current step
@@ -130,20 +113,13 @@ class Distributed:
         return cls(rank, world, local, max((int(c) for c in counts if c.isdigit()), default=0))
 
     @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def tag(self) -> str:
-        return f"rank {self.rank}/{self.world_size}"
+    def sharding(self) -> Distributed | None:
+        """What an evaluation shards its images by: this job, or None in a single process."""
+        return self if self.enabled else None
 
     def main_only(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """``log`` on rank 0, silence on the others (one voice per job)."""
-        return log if self.is_main else _silent
+        return log if self.is_main else lambda _: None
 
     def on_main(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
         """``fn(*args, **kwargs)`` on rank 0 alone (it writes the run folder); None on the others."""
@@ -154,10 +130,14 @@ class Distributed:
         return self.result_from_main(decide() if self.is_main else {})
 
     # -- life cycle ----------------------------------------------------------------------------------
-    def setup(self, device: torch.device, batch_size: int) -> torch.device:
+    def setup(self, device: torch.device, batch_size: int, budget: float | None = None) -> torch.device:
         """Join the process group (nccl for CUDA, gloo otherwise); returns this rank's device."""
         if not self.enabled:
             return device
+        if budget is not None:
+            raise MSFlowError(
+                "--budget times this process alone; it cannot be used with torchrun (set --epochs)"
+            )
         if batch_size < self.world_size:  # every rank needs at least one image of each full batch
             raise MSFlowError(
                 f"batch size {batch_size} is smaller than the {self.world_size} ranks; the batch size is "
@@ -263,10 +243,6 @@ class Distributed:
         os.kill(os.getpid(), getattr(signal, f"SIG{self._seam[2]}"))
 
     # -- collectives ----------------------------------------------------------------------------------
-    def barrier(self) -> None:
-        if self.enabled:
-            tdist.barrier()
-
     def result_from_main(self, result: dict) -> dict:
         """Every rank gets rank 0's ``result``, waiting (long timeout) for as long as rank 0 takes."""
         if not self.enabled or self._wait_group is None:
@@ -309,16 +285,15 @@ class Distributed:
         if not self.enabled:
             return acc, [len(acc.scores)]
         totals = self.all_sum([torch.from_numpy(h) for h in acc.histograms()])
-        parts: list[dict | None] | None = [None] * self.world_size if self.is_main else None
+        parts: list | None = [None] * self.world_size if self.is_main else None
         tdist.gather_object(acc.image_state(), parts, dst=0)
-        if not self.is_main or parts is None:
+        if parts is None:  # not rank 0
             return None
         merged = acc.empty_copy()
         merged.add_histograms([t.numpy() for t in totals])
         for part in parts:
-            assert part is not None
             merged.add_image_state(part)
-        return merged, [len(p["scores"]) for p in parts if p is not None]
+        return merged, [len(p["scores"]) for p in parts]
 
     # -- sharding -------------------------------------------------------------------------------------
     def shard(self, n: int) -> range:
@@ -382,18 +357,12 @@ class Distributed:
 
     def any_stop_requested(self) -> bool:
         """Whether any rank was asked to stop (the same answer on every rank)."""
-        if not self.enabled:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], dtype=torch.float64)
-        return bool(self.all_sum([flag.to(self.comm_device)])[0].item() > 0)
+        return self.step_totals(torch.zeros(0))[1]
 
     def wait_for_main(self) -> None:
         """Every rank waits here until rank 0 has written (a checkpoint, say)."""
-        self.barrier()
-
-
-def _silent(_: str) -> None:
-    pass
+        if self.enabled:
+            tdist.barrier()
 
 
 def _parse_seam(value: str, rank: int) -> tuple[int, int, str] | None:

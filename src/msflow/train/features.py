@@ -28,15 +28,8 @@ MEMORY_FRACTION = 0.4  # "auto" keeps the cache in RAM when it takes under 40 % 
 
 def cache_location(need_bytes: int, available_bytes: int) -> str:
     """Where ``cache="auto"`` puts the features: "memory" when they take under :data:`MEMORY_FRACTION`
-    of the memory available now, else "disk" (memory-mapped files, read one batch at a time).
-
-    ``need_bytes`` is exact: images (tiles, when tiling) x the float32 size of every scale's feature
-    map, the shapes measured by a forward pass of the backbone at the model's input size
-    (``MSFlow.feature_shapes``).
-    ``available_bytes`` is the kernel's estimate of memory that can be used without swapping
-    (``psutil.virtual_memory().available``). The other 60 % is left for the model, the training step,
-    the evaluation and everything else on the machine.
-    """
+    of the memory available without swapping, else "disk" (memory-mapped files, read a batch at a time).
+    The rest is left for the model, the training step, the evaluation and the rest of the machine."""
     return "memory" if need_bytes < MEMORY_FRACTION * available_bytes else "disk"
 
 
@@ -62,9 +55,8 @@ class FeatureCache:
         return len(self.arrays[0])
 
     def batch(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        idx = np.sort(
-            indices.numpy()
-        )  # sorted reads are sequential on disk; order within a batch is irrelevant
+        # Sorted reads are sequential on disk; the order within a batch is irrelevant.
+        idx = np.sort(indices.numpy())
         return [torch.from_numpy(np.ascontiguousarray(a[idx])) for a in self.arrays]
 
     def batches(self, batch_size: int, rows: range | None = None) -> Iterator[list[torch.Tensor]]:
@@ -88,13 +80,9 @@ class FeatureCache:
         dist: Distributed | None = None,
         fit_statistics: bool = True,
     ) -> FeatureCache:
-        """Extract (one row per image, or per tile when tiling), then standardise in place (fitting the
-        statistics first when the model uses them, unless ``fit_statistics`` is False: held-out images
-        are standardised with the training ones').
-
-        With ``dist`` (data-parallel training) each rank extracts and standardises its own shard, the
-        statistics are all-reduced, and the shards are then shared so every rank holds all features.
-        """
+        """Extract (a row per image, or per tile), then standardise in place, fitting the statistics first
+        unless ``fit_statistics`` is False (held-out images take the training ones'). With ``dist`` each
+        rank does its shard, the statistics are all-reduced and the shards shared with every rank."""
         dist = dist or Distributed()
         dataset = training_inputs(model, samples)
         n = len(dataset)
@@ -115,9 +103,7 @@ class FeatureCache:
         else:
             arrays = [np.empty((n, *s), dtype=np.float32) for s in shapes]
         loader = DataLoader(
-            Subset(dataset, range(rows.start, rows.stop)),
-            batch_size=batch_size,
-            num_workers=workers,
+            Subset(dataset, range(rows.start, rows.stop)), batch_size=batch_size, num_workers=workers
         )
         start = rows.start
         desc = "extract features" if fit_statistics else "extract held-out features"

@@ -6,23 +6,8 @@ train, choose the label-free settings, calibrate the threshold, save the model, 
 torchrun every rank runs the same steps; what differs between ranks (who writes, who waits, what is
 sharded) is :class:`~msflow.train.distributed.Distributed`'s business.
 
-Run folder::
-
-    config.yaml              the resolved configuration (an "auto" image size, score or maps as decided)
-    map_selection.json       the synthetic check of the maps: every normalisation and smoothing setting's
-                             pixel AUROC on synthetic defects' exact masks, and the one chosen
-    score_selection.json     the synthetic check: every candidate score's AUROC on held-out good images
-                             vs synthetic defects, the best one (chosen with ``score: auto``) and the
-                             one used (no test label is read)
-    model.safetensors/.json  the final model, its config, threshold, training figures (no pickle); written
-                             before the test evaluation, which then adds its metrics to model.json
-    checkpoint/last.*        training state after the last completed epoch, or the step a SIGTERM
-                             stopped at (for --resume and restarts: msflow.train.resume)
-    metrics.json             test-set metrics of the LAST epoch (never test-selected, B14);
-                             missing if the evaluation died: ``msflow test --model RUN`` writes it
-    predictions.csv          per-image score, normalised score, decision, label, defect type
-    overlays/*.png           heatmaps over a sample of test images, with GT and predicted contours
-    score_histogram.png, loss_curve.png, train_log.jsonl
+The run folder's files are listed in docs/choices.md ("A run folder"); ``budget.json`` records what
+``--budget`` decided.
 """
 
 from __future__ import annotations
@@ -39,10 +24,9 @@ import torch
 
 from msflow.config import Config, replace, save_yaml
 from msflow.data.datasets import Sample, load_data, load_dataset, load_test_set, validate_samples
-from msflow.data.images import read_image, read_mask
+from msflow.data.images import read_mask
 from msflow.data.sizing import resolve_image_size
 from msflow.device import resolve_device, seed_everything
-from msflow.errors import MSFlowError
 from msflow.evaluate import report
 from msflow.evaluate.evaluation import evaluate_stream
 from msflow.evaluate.threshold import GoodImageCalibration, LabelledCalibration, Threshold
@@ -69,9 +53,8 @@ from msflow.train.schedule import total_epochs
 
 def split_holdout(train: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Seeded split of the good training images into (fit, held out for threshold calibration)."""
-    n_hold = int(round(fraction * len(train))) if len(train) >= 4 else 0
-    if fraction > 0:
-        n_hold = max(n_hold, 1 if len(train) >= 4 else 0)
+    # At least one image whenever a hold-out is asked for; none from fewer than 4 images.
+    n_hold = max(round(fraction * len(train)), int(fraction > 0)) if len(train) >= 4 else 0
     order = np.random.default_rng(seed).permutation(len(train))
     hold = sorted(order[:n_hold].tolist())
     keep = sorted(order[n_hold:].tolist())
@@ -87,6 +70,7 @@ class Run:
     log: Callable[[str], None]
     progress: bool
     step_hook: StepHook | None = None
+    device: torch.device = torch.device("cpu")  # this rank's, once the job is set up
 
     def save_config(self, cfg: Config) -> None:
         self.dist.on_main(save_yaml, cfg, self.folder / "config.yaml")
@@ -122,48 +106,39 @@ def fit(
 ) -> dict:
     """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
 
-    The finished model (with its threshold) is written before the test evaluation starts, so nothing
-    trained is lost if the evaluation fails: ``resume=True`` on such a run only evaluates. ``resume="auto"``
-    continues a checkpoint of the same configuration if there is one (a retried job), and so does a
-    restarted torchrun or Slurm job without being told (:mod:`msflow.train.resume`). SIGTERM during
-    training writes a checkpoint of the current step and raises :class:`~msflow.errors.StoppedError`.
-    Returns the test metrics (see :func:`msflow.evaluate.evaluation.evaluate_stream`). Under torchrun
-    every rank calls this (data-parallel training, see :mod:`msflow.train.distributed`); rank 0 writes
-    the run folder, the others wait for it, and all return its metrics.
+    The model and its threshold are saved before the test evaluation, so a failed evaluation loses
+    nothing trained: ``resume=True`` on such a run only evaluates. ``resume="auto"`` and restarted jobs
+    continue a checkpoint of the same configuration (:mod:`msflow.train.resume`). SIGTERM during
+    training checkpoints the current step and raises :class:`~msflow.errors.StoppedError`. Returns the
+    test metrics (:func:`msflow.evaluate.evaluation.evaluate_stream`); under torchrun every rank calls
+    this and gets rank 0's metrics.
     """
+    began = time.perf_counter()
     with Distributed.from_environment() as dist:
         run = Run(Path(run_dir), dist, dist.main_only(log), progress and dist.is_main, step_hook)
-        metrics = _fit(cfg, run, resume, validation)
-        return dist.result_from_main(metrics)  # after _fit returned: the waiting ranks hold no features
-
-
-def _fit(cfg: Config, run: Run, resume: Resume, validation: str | None) -> dict:
-    """The steps of a training run, in order."""
-    began = time.perf_counter()
-    if cfg.train.budget is not None and run.dist.enabled:
-        raise MSFlowError("--budget times this process alone; it cannot be used with torchrun (set --epochs)")
-    # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
-    opening = open_run(cfg, run.folder, resume, run.dist.restarts, logger.warning)
-    if opening.finished:
-        run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
-        return run.dist.on_main(_evaluate_saved, opening.cfg, run) or {}
-    device = run.dist.setup(resolve_device(opening.cfg.train.device), opening.cfg.train.batch_size)
-    seed_everything(opening.cfg.train.seed)
-    data = load_training_data(opening.cfg, run.log)
-    cfg = resolve_settings(opening.cfg, data, run)
-    built = time.perf_counter()
-    model = MSFlow(cfg.model).to(device)
-    build_seconds = round(time.perf_counter() - built, 2)
-    features = extract(model, cfg, data, device, run)
-    if cfg.train.budget is not None and not opening.resume:  # a resumed run keeps the epochs it chose
-        cfg = apply_budget(cfg, model, features, data, device, began, run)
-    state, timings = train(model, features, cfg, opening, device, run, data.test)
-    del features  # the features are no longer needed (a disk cache deletes its files)
-    predictor, synthetic_auroc = choose(Predictor(model, cfg, None, device), data, run)
-    predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
-    record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
-    save(predictor, data, state, {**record, **calib_info}, run)
-    return _evaluate(predictor, run.folder, run.progress, data.name, data.test, run.dist)
+        # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
+        opening = open_run(cfg, run.folder, resume, dist.restarts, logger.warning)
+        t = opening.cfg.train
+        if opening.finished:
+            run.log(f"'{run.folder}' holds a finished model: evaluating it (no training)")
+            return dist.from_main(lambda: evaluate(Predictor.load(run.folder, t.device), run))
+        run.device = dist.setup(resolve_device(t.device), t.batch_size, t.budget)
+        seed_everything(t.seed)
+        data = load_training_data(opening.cfg, run.log)
+        cfg = resolve_settings(opening.cfg, data, run)
+        built = time.perf_counter()
+        model = MSFlow(cfg.model).to(run.device)
+        build_seconds = round(time.perf_counter() - built, 2)
+        features = extract(model, cfg, data, run)
+        if cfg.train.budget is not None and not opening.resume:  # a resumed run keeps the epochs it chose
+            cfg = apply_budget(cfg, model, features, data, began, run)
+        state, timings = train(model, features, cfg, opening, data, run)
+        del features  # freed before any rank waits for another (a disk cache deletes its files)
+        predictor, synthetic_auroc = choose(Predictor(model, cfg, None, run.device), data, run)
+        predictor.threshold, calib_info = calibrate(predictor, data, validation, run)
+        record = {"model_build_seconds": build_seconds, **timings, "synthetic_auroc": synthetic_auroc}
+        save(predictor, data, state, {**record, **calib_info}, run)
+        return dist.result_from_main(evaluate(predictor, run, data))
 
 
 def load_training_data(cfg: Config, log: Callable[[str], None]) -> TrainingData:
@@ -208,18 +183,12 @@ def resolve_settings(cfg: Config, data: TrainingData, run: Run) -> Config:
     return cfg
 
 
-def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device, run: Run) -> Features:
+def extract(model: MSFlow, cfg: Config, data: TrainingData, run: Run) -> Features:
     """The frozen backbone's features of the training images, once (each rank extracts its shard)."""
     start = time.perf_counter()
     t = cfg.train
-    settings = dict(
-        device=device,
-        batch_size=t.batch_size,
-        where=t.cache,
-        workers=cfg.data.workers,
-        progress=run.progress,
-        dist=run.dist,
-    )
+    settings = dict(device=run.device, batch_size=t.batch_size, where=t.cache, workers=cfg.data.workers)
+    settings.update(progress=run.progress, dist=run.dist)
     cache = FeatureCache.build(model, data.fit, **settings)
     # The plateau rule reads the held-out good images' NLL after every epoch (standardised with the
     # training statistics; never a test image).
@@ -235,18 +204,12 @@ def extract(model: MSFlow, cfg: Config, data: TrainingData, device: torch.device
 
 
 def apply_budget(
-    cfg: Config,
-    model: MSFlow,
-    features: Features,
-    data: TrainingData,
-    device: torch.device,
-    began: float,
-    run: Run,
+    cfg: Config, model: MSFlow, features: Features, data: TrainingData, began: float, run: Run
 ) -> Config:
     """The config with the epochs that fit ``--budget`` (recorded in ``budget.json``; the budget itself
     is then cleared from ``config.yaml``, so that a resumed run keeps these epochs). One process only."""
     cache = features.cache
-    cost = measure_epoch_cost(model, cache, cfg.train, device)
+    cost = measure_epoch_cost(model, cache, cfg.train, run.device)
     spent = time.perf_counter() - began  # loading, extraction and this measurement
     checks = len(data.test) + 3 * len(data.calibration)  # test images, and the synthetic checks' images
     extract_rate = features.seconds / max(len(cache), 1)
@@ -269,18 +232,12 @@ def apply_budget(
 
 
 def train(
-    model: MSFlow,
-    features: Features,
-    cfg: Config,
-    opening: Opening,
-    device: torch.device,
-    run: Run,
-    test: list[Sample],
+    model: MSFlow, features: Features, cfg: Config, opening: Opening, data: TrainingData, run: Run
 ) -> tuple[TrainState, dict]:
     """Train the flows (from the checkpoint when the run continues), checkpointing as configured, then
     calibrate the global normalisation on the training features. Returns the state and the timings."""
     start = time.perf_counter() - features.seconds
-    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, run.device)
     state = load_training_state(run.folder, model, optimizer) if opening.resume else TrainState()
     run.dist.on_main(trim_train_log, run.folder, state.epoch)  # lines past the checkpoint are redone
 
@@ -289,7 +246,7 @@ def train(
         run.dist.wait_for_main()
 
     def on_epoch_end(state: TrainState) -> None:
-        run.dist.on_main(_log_epoch, state, model, cfg, test, run.folder, run.log)
+        run.dist.on_main(_log_epoch, state, model, cfg, data.test, run)
         due = state.epoch % cfg.train.checkpoint_every == 0
         if due or state.epoch == total_epochs(cfg.train, state.plateau):
             checkpoint(state)
@@ -299,7 +256,7 @@ def train(
         model,
         features.cache,
         cfg.train,
-        device,
+        run.device,
         state,
         optimizer,
         on_epoch_end=on_epoch_end,
@@ -311,10 +268,9 @@ def train(
     )
     model.eval()
     cache = features.cache
-    model.calibrate_global_normalization(
-        ([f.to(device) for f in b] for b in cache.batches(cfg.train.batch_size, run.dist.shard(len(cache)))),
-        gather=run.dist.gather_rows,
-    )
+    batches = cache.batches(cfg.train.batch_size, run.dist.shard(len(cache)))
+    on_device = ([f.to(run.device) for f in b] for b in batches)
+    model.calibrate_global_normalization(on_device, gather=run.dist.gather_rows)
     return state, {
         "train_seconds": round(time.perf_counter() - start, 2),
         "feature_extraction_seconds": round(features.seconds, 2),
@@ -322,26 +278,19 @@ def train(
     }
 
 
-def _log_epoch(
-    state: TrainState,
-    model: MSFlow,
-    cfg: Config,
-    test: list[Sample],
-    folder: Path,
-    log: Callable[[str], None],
-) -> None:
+def _log_epoch(state: TrainState, model: MSFlow, cfg: Config, test: list[Sample], run: Run) -> None:
     """The epoch's line in train_log.jsonl, with a test evaluation every ``eval_every`` epochs."""
     entry, every = state.history[-1], cfg.train.eval_every
     if every and state.epoch % every == 0 and state.epoch < total_epochs(cfg.train, state.plateau):
         # Logged only, never used to pick a checkpoint (B14).
-        predictor = Predictor(model, cfg, None, next(model.parameters()).device)
+        predictor = Predictor(model, cfg, None, run.device)
         results = predictor.iter_maps(test, batch_size=cfg.train.batch_size, progress=False)
         entry["test"] = evaluate_stream(test, results, pixel_range=predictor.pixel_range)
         model.train()
-    with (folder / "train_log.jsonl").open("a", encoding="utf-8") as fh:
+    with (run.folder / "train_log.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
     if "plateau_at" in entry:
-        log(
+        run.log(
             f"held-out NLL plateau after epoch {state.epoch}: the learning rate decays from here, "
             f"training ends after epoch {entry['schedule_epochs']}"
         )
@@ -361,15 +310,9 @@ def choose(predictor: Predictor, data: TrainingData, run: Run) -> tuple[Predicto
 
 
 def _choose_on_main(predictor: Predictor, data: TrainingData, run: Run) -> dict:
-    # The synthetic check, on every run (label-free evidence for the user and for choosing defaults):
-    # held-out good images and synthetic defects drawn into them, with exact masks.
     cfg = predictor.config
-    source = "holdout" if data.holdout else "train (no hold-out: biased)"
-    images = [read_image(s.image) for s in data.calibration]
-    which = "held-out" if data.holdout else "training"
-    run.log(f"synthetic check: synthetic defects drawn into {len(images)} {which} good images")
     settings, auroc = choose_settings(
-        predictor, images, run.folder, cfg.train.batch_size, cfg.train.seed, source=source, log=run.log
+        predictor, data.fit, data.holdout, run.folder, cfg.train.batch_size, cfg.train.seed, log=run.log
     )
     cfg = replace(cfg, model=cfg.model.with_maps(settings))
     save_yaml(cfg, run.folder / "config.yaml")
@@ -394,23 +337,19 @@ def calibrate(
     images = data.calibration[mine.start : mine.stop]
     for maps in predictor.iter_maps(images, batch_size=batch_size, progress=run.progress, desc="calibrate"):
         calib.add(maps.score, maps.anomaly_map)
-    merged = run.dist.merge_to_main(calib)
-    decided: dict = {}
-    if merged is not None:
-        calib = merged[0]
-        threshold = calib.threshold("holdout" if data.holdout else "train")
+    merged = run.dist.merge_to_main(calib)  # rank 0's, with every rank's images
+
+    def decide() -> dict:
+        scores, where = merged[0].scores, "holdout" if data.holdout else "train"
+        threshold = merged[0].threshold(where)
         if validation:
             threshold = calibrate_on_folder(predictor, validation, batch_size, threshold, run.progress)
-        flagged = sum(threshold.is_defective(s) for s in calib.scores)
-        where = "holdout" if data.holdout else "train"
-        decided = {
-            "threshold": threshold.to_dict(),
-            "info": {
-                "holdout_images" if data.holdout else "calibration_training_images": len(calib.scores),
-                f"{where}_false_positive_rate": round(100.0 * flagged / len(calib.scores), 4),
-            },
-        }
-    decided = run.dist.result_from_main(decided)  # the other ranks wait for rank 0's threshold
+        flagged = sum(threshold.is_defective(s) for s in scores)
+        count = "holdout_images" if data.holdout else "calibration_training_images"
+        info = {count: len(scores), f"{where}_false_positive_rate": round(100.0 * flagged / len(scores), 4)}
+        return {"threshold": threshold.to_dict(), "info": info}
+
+    decided = run.dist.from_main(decide)  # the other ranks wait for rank 0's threshold
     return Threshold.from_dict(decided["threshold"]), decided["info"]
 
 
@@ -436,34 +375,21 @@ def save(predictor: Predictor, data: TrainingData, state: TrainState, record: di
     run.dist.on_main(write)
 
 
-def _evaluate_saved(cfg: Config, run: Run) -> dict:
-    """The test evaluation of a run whose model is already saved."""
-    return _evaluate(Predictor.load(run.folder, cfg.train.device), run.folder, run.progress)
-
-
-def _evaluate(
-    predictor: Predictor,
-    run_dir: Path,
-    progress: bool,
-    name: str | None = None,
-    test: list[Sample] | None = None,
-    dist: Distributed | None = None,
-) -> dict:
-    """The last step of training: the test-set report in the run folder (also finishes a saved run).
-    Data-parallel (``dist``), every rank calls this and evaluates its shard; rank 0 writes the report."""
+def evaluate(predictor: Predictor, run: Run, data: TrainingData | None = None) -> dict:
+    """The last step: the test-set report in the run folder. A run just trained (``data``) is evaluated
+    by every rank on its shard, rank 0 writing; a saved run (rank 0 alone) on its config's test set."""
     cfg = predictor.config
-    if test is None:
-        name, test = load_test_set(cfg.data)
+    name, test = (data.name, data.test) if data is not None else load_test_set(cfg.data)
     return evaluate_run(
         predictor,
         test,
-        run_dir,
+        run.folder,
         str(name),
         resolution=cfg.train.eval_resolution,
         batch_size=cfg.train.batch_size,
-        progress=progress,
-        run_dir=run_dir,
-        sharding=dist if dist is not None and dist.enabled else None,
+        progress=run.progress,
+        run_dir=run.folder,
+        sharding=run.dist.sharding if data is not None else None,  # a saved run: rank 0 alone
     )
 
 

@@ -28,14 +28,10 @@ from msflow.train.schedule import Plateau, lr_factor, total_epochs
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
-    """The flows' optimizer: Adam (no weight decay, as official) with torch's multi-tensor (foreach) kernels.
-
-    They update all parameters with a few batched ops instead of a dozen element-wise ops per tensor:
-    on the 2-core CPU foreach Adam made an EfficientNet-Lite0 training step ~12-20 % faster than the
-    per-tensor loop (``benchmarks/train_profile.py``), with Adam's arithmetic. torch's fused kernel was
-    as fast but a run resumed from a checkpoint then drifted from the uninterrupted one (the global
-    references differed beyond 1e-5 in tests/test_distributed.py), so it is not used.
-    """
+    """The flows' optimizer: Adam (no weight decay, as official) with torch's multi-tensor (foreach) kernels:
+    ~12-20 % faster training steps on the 2-core CPU than per-tensor Adam (``benchmarks/train_profile.py``).
+    The fused kernel was as fast, but a resumed run drifted from the uninterrupted one (beyond 1e-5 in
+    tests/test_distributed.py)."""
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
@@ -72,35 +68,29 @@ def train_flows(
 ) -> TrainState:
     """Train the flows from cached features for epochs ``state.epoch`` to the end of the schedule.
 
-    Arguments:
-        on_epoch_end: called after every epoch (checkpointing, optional evaluation).
-        step_hook: ``(epoch, step, feats) -> feats``, a seam for fault-injection tests.
-        dist: data-parallel training (torchrun): each global batch is split across ranks and the
-            gradients averaged by DDP, so the steps are those of one process (see ``distributed.py``).
-        holdout: features of the good images held out from training; with ``stop="plateau"`` their
-            NLL after each epoch decides the schedule's length (without them, the training loss does).
-        on_stop: on SIGTERM, called (every rank, same step) with the state after the current step,
-            to write a checkpoint; then :class:`StoppedError` ends the run.
+    ``on_epoch_end`` checkpoints (and may evaluate); ``step_hook(epoch, step, feats) -> feats`` is a seam
+    for fault-injection tests; ``dist`` splits each global batch across ranks (DDP averages gradients);
+    with ``stop="plateau"``, the ``holdout`` features' NLL after each epoch (else the training loss)
+    decides the schedule's length; on SIGTERM ``on_stop`` gets the state after the current step (every
+    rank, same step) to write a checkpoint, then :class:`StoppedError` ends the run.
     """
     dist = dist or Distributed()
-    step = _Step(model, optimizer, cfg, device, dist)
-    good = _snapshot(model, optimizer)
+    step = _Step(model, optimizer, cfg, device, dist, step_hook, on_stop, progress)
+    good = step.snapshot()
     with dist.stopping_at_safe_points():
         while state.epoch < total_epochs(cfg, state.plateau):
-            entry = _run_epoch(step, cache, state, step_hook, progress, on_stop)
+            entry = _run_epoch(step, cache, state)
             if isinstance(entry, str):  # redo this epoch from the last good state, lower learning rate
-                _bad_event(model, optimizer, good, state, cfg, entry)
+                step.roll_back(good, state, entry)
                 continue
             if cfg.stop == "plateau":
-                entry.update(
-                    _plateau_step(model, holdout, entry["loss"], state.epoch + 1, cfg, state, device)
-                )
+                entry.update(_plateau_step(step, holdout, entry["loss"], state))
             entry["seconds"] = time.perf_counter() - entry.pop("started")
             state.history.append(entry)
             state.epoch += 1
             if progress:
                 _log_epoch(entry, len(cache), total_epochs(cfg, state.plateau), state.history)
-            good = _snapshot(model, optimizer)
+            good = step.snapshot()
             if on_epoch_end is not None:
                 on_epoch_end(state)
         if dist.any_stop_requested():  # SIGTERM after the last step: the final checkpoint is written
@@ -121,23 +111,42 @@ def _log_epoch(entry: dict, images: int, epochs: int, history: list[dict]) -> No
     )
 
 
+@dataclass
 class _Step:
-    """One optimisation step on a (shard of a) global batch: forward, loss, backward, clip, update."""
+    """One optimisation step on a (shard of a) global batch: forward, loss, backward, clip, update; with
+    what every epoch's steps share (the tests' seam, the SIGTERM checkpoint, the progress bar)."""
 
-    def __init__(
-        self,
-        model: MSFlow,
-        optimizer: torch.optim.Optimizer,
-        cfg: TrainConfig,
-        device: torch.device,
-        dist: Distributed,
-    ) -> None:
-        self.model, self.optimizer, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist
-        self.flow = dist.wrap_flows(model)
-        self.use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
-        self.use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
+    model: MSFlow
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    dist: Distributed
+    hook: StepHook | None = None
+    on_stop: Callable[[TrainState], None] | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.flow = self.dist.wrap_flows(self.model)
+        self.use_amp = self.cfg.amp and self.device.type == "cuda"  # float16 + loss scaling
+        self.use_bf16 = self.cfg.cpu_bf16 and self.device.type == "cpu"  # bfloat16 needs no loss scaling
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.params = model.trainable_parameters()
+        self.params = self.model.trainable_parameters()
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """The flows' weights and the optimizer's state, to roll back to."""
+        trainable = self.model.state_dict()
+        trainable = {k: v.detach().clone() for k, v in trainable.items() if not k.startswith("backbone.")}
+        return trainable, copy.deepcopy(self.optimizer.state_dict())
+
+    def roll_back(self, good: tuple[dict, dict], state: TrainState, what: str) -> None:
+        """Restore the last good state and halve the learning rate; give up after ``max_bad_steps``."""
+        state.bad_events += 1
+        if state.bad_events > self.cfg.max_bad_steps:
+            raise TrainingError(f"{what}: {state.bad_events} non-finite events, giving up (lower --lr?)")
+        self.model.load_state_dict(good[0], strict=False)
+        self.optimizer.load_state_dict(good[1])
+        state.lr_scale *= 0.5
+        log.warning(f"{what}; restored the last good state, learning rate x{state.lr_scale:g}")
 
     def __call__(self, feats: list[torch.Tensor], global_batch: int) -> tuple[float, bool] | str:
         """(the global batch's loss sum, whether to stop after it), or what went non-finite."""
@@ -163,14 +172,7 @@ class _Step:
         return batch_sum.item(), stop
 
 
-def _run_epoch(
-    step: _Step,
-    cache: FeatureCache,
-    state: TrainState,
-    step_hook: StepHook | None,
-    progress: bool,
-    on_stop: Callable[[TrainState], None] | None,
-) -> dict | str:
+def _run_epoch(step: _Step, cache: FeatureCache, state: TrainState) -> dict | str:
     """Epoch ``state.epoch + 1`` (from where a stopped run left it): its log entry, or what went wrong."""
     cfg, epoch = step.cfg, state.epoch
     lr = cfg.lr * lr_factor(epoch, cfg, state.plateau) * state.lr_scale
@@ -184,12 +186,12 @@ def _run_epoch(
     total, count, start = done["loss_sum"], done["images"], time.perf_counter() - done["seconds"]
     # A bar within the epoch on a terminal; the epoch's own line (train_flows), wherever the output goes.
     bar = Progress(batches[done["step"] :], f"epoch {epoch + 1}/{total_epochs(cfg, state.plateau)}",
-                   unit="batches", enabled=progress, summary=False)  # fmt: skip
+                   unit="batches", enabled=step.progress, summary=False)  # fmt: skip
     for i, idx in enumerate(bar, start=done["step"]):
         step.dist.fire_test_seam(epoch, i)
         feats = [f.to(step.device, non_blocking=True) for f in cache.batch(step.dist.split_batch(idx))]
-        if step_hook is not None:
-            feats = step_hook(epoch, i, feats)
+        if step.hook is not None:
+            feats = step.hook(epoch, i, feats)
         outcome = step(feats, len(idx))
         if isinstance(outcome, str):
             return f"{outcome} at epoch {epoch + 1}, step {i}"
@@ -202,8 +204,8 @@ def _run_epoch(
                 "images": count,
                 "seconds": time.perf_counter() - start,
             }
-            if on_stop is not None:
-                on_stop(state)
+            if step.on_stop is not None:
+                step.on_stop(state)
             raise StoppedError(
                 f"stopped by SIGTERM at epoch {epoch + 1}, step {i + 1} of {len(batches)}; its checkpoint "
                 f"is written: {RESUME_HINT}"
@@ -223,49 +225,17 @@ def holdout_nll(model: MSFlow, holdout: FeatureCache, device: torch.device, batc
     return total / (count * dims)
 
 
-def _plateau_step(
-    model: MSFlow,
-    holdout: FeatureCache | None,
-    train_loss: float,
-    epoch: int,
-    cfg: TrainConfig,
-    state: TrainState,
-    device: torch.device,
-) -> dict:
-    """Measure the held-out NLL after ``epoch`` and feed the plateau rule (which reads the values of every
+def _plateau_step(step: _Step, holdout: FeatureCache | None, train_loss: float, state: TrainState) -> dict:
+    """Measure the held-out NLL after this epoch and feed the plateau rule (which reads the values of every
     epoch so far, kept in the history: a resumed run decides the same); the log entry's fields."""
+    model, cfg = step.model, step.cfg
     if holdout is not None and len(holdout):
-        value, key = holdout_nll(model, holdout, device), "holdout_nll"
+        value, key = holdout_nll(model, holdout, step.device), "holdout_nll"
     else:  # no held-out images: the training loss per dimension stands in (it cannot show overfitting)
         value, key = train_loss / sum(c * h * w for c, h, w in model.feature_shapes), "train_nll_per_dim"
     fields: dict = {key: value}
     values = [e[key] for e in state.history if key in e] + [value]  # this epoch is not in the history yet
     if state.plateau.update(values, cfg):
-        fields["plateau_at"] = epoch
+        fields["plateau_at"] = state.epoch + 1
         fields["schedule_epochs"] = total_epochs(cfg, state.plateau)
     return fields
-
-
-def _snapshot(model: MSFlow, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    trainable = {
-        k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")
-    }
-    return trainable, copy.deepcopy(optimizer.state_dict())
-
-
-def _bad_event(
-    model: MSFlow,
-    optimizer: torch.optim.Optimizer,
-    good: tuple[dict, dict],
-    state: TrainState,
-    cfg: TrainConfig,
-    what: str,
-) -> None:
-    """Restore the last good state and halve the learning rate; give up after ``max_bad_steps``."""
-    state.bad_events += 1
-    if state.bad_events > cfg.max_bad_steps:
-        raise TrainingError(f"{what}: {state.bad_events} non-finite events, giving up (lower --lr?)")
-    model.load_state_dict(good[0], strict=False)
-    optimizer.load_state_dict(good[1])
-    state.lr_scale *= 0.5
-    log.warning(f"{what}; restored the last good state, learning rate x{state.lr_scale:g}")

@@ -1,20 +1,11 @@
 """Choosing the maps' normalisation and smoothing without test labels: synthetic defects' exact masks.
 
-The anomaly maps (``msflow.model.anomaly_map``) have two settings that the paper fixes and that matter
-on real data: ``normalization`` (each image against its own most likely point, or against the training
-images) and ``smoothing`` (a Gaussian blur of sigma pixels). Which is better depends on the data: global
-normalisation gained 1.5 pixel-AUROC points on Magnetic Tile and nothing on the hard textures. The
-synthetic defects that ``msflow train`` draws into held-out good images (``msflow.data.synthetic``) come
-with exact masks, so every setting can be judged by the pixel AUROC it reaches on them, with no test
-image and no label.
-
-The rule is the one every label-free choice uses (``msflow.train.synthetic_check.keep_unless_beaten``):
-keep the paper's maps (:data:`INCUMBENT`) unless another setting gains at least ``MIN_EFFECT`` pixel-AUROC
-points and beyond the check's sampling error (the lower bound of a paired cluster bootstrap of the
-difference, resampling source images together with their synthetic copies, Bonferroni over the
-challengers, is above zero); then the best of those.
-Pixel AUROC under a bootstrap draw is a weighted sum of per-image histograms over the maps' fixed range
-[0, number of scales] (``msflow.evaluate.streaming``), so thousands of draws cost a matrix product.
+Every (normalisation, smoothing) setting is judged by the pixel AUROC it reaches on the synthetic check's
+defects (exact masks, no test image), under the rule every label-free choice uses
+(``msflow.train.synthetic_check.keep_unless_beaten``) with the paper's maps (:data:`INCUMBENT`) as the
+incumbent; why the maps are chosen per dataset: docs/choices.md, "Maps". Pixel AUROC under a bootstrap
+draw is a weighted sum of per-image histograms over the maps' fixed range [0, number of scales]
+(``msflow.evaluate.streaming``), so thousands of draws cost a matrix product.
 """
 
 from __future__ import annotations
@@ -25,15 +16,14 @@ import torch
 from msflow.data.images import resize_mask
 from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.model.anomaly_map import AnomalyMapper
-from msflow.scoring import MAPS_INCUMBENT, NORMALIZATIONS, MapSettings, map_candidates, map_setting_name
+from msflow.scoring import MAPS_INCUMBENT, MapSettings, map_candidates, map_setting_name
 from msflow.train.synthetic_check import (
     BOOTSTRAP_ROUNDS,
     SyntheticCheck,
     bootstrap_counts,
-    keep_unless_beaten,
+    judge,
     lower_bounds,
     map_batches,
-    rule_text,
 )
 
 INCUMBENT = MAPS_INCUMBENT  # the paper's maps
@@ -99,21 +89,11 @@ def choose_maps(
             aurocs[setting] = float(bootstrap_pixel_aurocs(histograms, np.ones((1, n)), check.per_image)[0])
             draws[setting] = bootstrap_pixel_aurocs(histograms, weights, check.per_image)
     lower = lower_bounds(draws, incumbent)
-    chosen = keep_unless_beaten(aurocs, lower, incumbent)
+    chosen, judged = judge(aurocs, lower, incumbent, "pixel AUROC (exact masks)", check, setting_name)
     evidence = {
         "chosen": {"normalization": chosen[0], "smoothing": chosen[1]},
-        "rule": rule_text(setting_name(incumbent), "pixel AUROC (exact masks)", len(settings) - 1),
-        "incumbent": setting_name(incumbent),
         "pixel_auroc": {setting_name(s): round(aurocs[s], 3) for s in settings},
-        "gain_over_incumbent": {setting_name(s): round(aurocs[s] - aurocs[incumbent], 3) for s in settings},
-        "difference_lower_bound": {setting_name(s): round(lower[s], 3) for s in settings},
-        "bootstrap_rounds": BOOTSTRAP_ROUNDS,
+        **judged,
         "histogram_bins": BINS,
-        "good_images": n,
-        "synthetic_images": len(check.masks),
-        "synthetic_seed": check.seed,
     }
     return chosen, evidence
-
-
-__all__ = ["INCUMBENT", "NORMALIZATIONS", "candidates", "choose_maps", "setting_name"]

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.optim import Optimizer
 
 from msflow.config import Config
 from msflow.errors import MSFlowError
@@ -49,7 +50,7 @@ def open_run(
     cfg: Config, run_dir: Path, resume: Resume, restarts: int, log: Callable[[str], None]
 ) -> Opening:
     """Decide how the run in ``run_dir`` begins (see the module's rules); reads, never writes."""
-    requested = _plain(cfg.to_dict())
+    requested = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, comparable with the checkpoint
     last = run_dir / CHECKPOINT
     has_checkpoint = last.with_suffix(".json").is_file()
     if resume == "auto" or (resume is False and restarts > 0):
@@ -78,35 +79,21 @@ def open_run(
 
 
 def save_training_state(
-    run_dir: Path,
-    model: MSFlow,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    state: TrainState,
-    requested: dict,
+    run_dir: Path, model: MSFlow, optimizer: Optimizer, cfg: Config, state: TrainState, requested: dict
 ) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     opt = optimizer.state_dict()
     for i, s in opt["state"].items():
         for key, value in s.items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
-    meta = {
-        "config": cfg.to_dict(),
-        "requested": requested,
-        "param_groups": opt["param_groups"],
-        "epoch": state.epoch,
-        "in_epoch": state.in_epoch,
-        "lr_scale": state.lr_scale,
-        "bad_events": state.bad_events,
-        "history": state.history,
-        "plateau": state.plateau.to_dict(),
-    }
+    meta = {"config": cfg.to_dict(), "requested": requested, "param_groups": opt["param_groups"]}
+    meta.update(asdict(state))  # the TrainState's fields by name ("plateau" as its dict)
     if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
         raise MSFlowError("refusing to write a checkpoint that holds NaN or inf")
     save_tensors(tensors, meta, run_dir / CHECKPOINT)
 
 
-def load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_training_state(run_dir: Path, model: MSFlow, optimizer: Optimizer) -> TrainState:
     tensors, meta = load_tensors(run_dir / CHECKPOINT)
     model_state = migrate_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     model.load_state_dict(model_state, strict=False)
@@ -116,14 +103,8 @@ def load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Opt
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return TrainState(
-        meta["epoch"],
-        meta["lr_scale"],
-        meta["bad_events"],
-        meta["history"],
-        Plateau.from_dict(meta.get("plateau")),
-        meta.get("in_epoch"),
-    )
+    kept = {f.name: meta[f.name] for f in fields(TrainState) if f.name in meta}  # older ones lack some
+    return TrainState(**{**kept, "plateau": Plateau.from_dict(meta.get("plateau"))})
 
 
 def trim_train_log(run_dir: Path, epochs: int) -> None:
@@ -142,8 +123,3 @@ def _checkpoint_meta(last: Path) -> dict:
         return json.loads(last.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise MSFlowError(f"cannot read the checkpoint '{last.with_suffix('.json')}': {err}") from None
-
-
-def _plain(value: dict) -> dict:
-    """As the checkpoint's JSON holds it (tuples become lists), so the two compare equal."""
-    return json.loads(json.dumps(value))

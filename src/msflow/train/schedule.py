@@ -1,19 +1,9 @@
 """How long training runs and at which learning rate: the official schedule, fixed or ended by a plateau.
 
 The official schedule (B7 made it a pure function of the epoch): a linear warm-up over the first 12 %
-of 100 epochs, then the learning rate constant until 70 %, multiplied by 0.33 there and again at 90 %.
-
-``stop="schedule"`` runs it for exactly ``epochs`` epochs (``warmup`` and ``decay_at`` are fractions of
-``epochs``, so a shorter schedule warms up and decays at the same relative points).
-
-``stop="plateau"`` (ours) lets the data decide where the 70 % mark is. After the warm-up, the mean
-negative log-likelihood of the good images held out from training (never trained on, no test image,
-no label) is measured after every epoch; when its best value has improved by less than
-``min_improvement`` (1 %) of its whole improvement since the first epoch over the last ``patience``
-epochs, that epoch *p* becomes the first decay point, and the rest of the official schedule follows at
-the same proportions (second decay at p * 0.9/0.7, end at p / 0.7). Without a
-plateau, p is the official 70 % of ``epochs``: the rule can only shorten the official schedule.
-The decision is recorded in ``train_log.jsonl`` and ``model.json``.
+of ``epochs``, the learning rate x0.33 at 70 % and again at 90 % (``stop="schedule"``). ``stop="plateau"``
+(ours) lets the held-out good images' NLL say where the 70 % mark is, and keeps the proportions after
+it: it can only shorten the official schedule. Why and how: docs/choices.md, "Training length".
 """
 
 from __future__ import annotations
@@ -97,6 +87,3 @@ def lr_factor(epoch: int, cfg: TrainConfig, plateau: Plateau | None = None) -> f
     else:
         milestones = [round(plateau.decided_at * f / cfg.decay_at[0]) for f in cfg.decay_at]
     return warm * cfg.decay_gamma ** sum(epoch >= m for m in milestones)
-
-
-__all__ = ["Plateau", "lr_factor", "plateau_reached", "total_epochs", "warmup_epochs"]

@@ -34,11 +34,10 @@ from msflow.train.synthetic_check import (
     SyntheticCheck,
     bootstrap_counts,
     bounded_sources,
-    keep_unless_beaten,
+    judge,
     lower_bounds,
     map_batches,
     predictor_maps,
-    rule_text,
 )
 
 CANDIDATES = SCORE_CANDIDATES
@@ -106,14 +105,9 @@ def difference_lower_bounds(
     rounds: int = BOOTSTRAP_ROUNDS,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Lower bound (AUROC points) of each candidate's AUROC minus the incumbent's, by paired bootstrap.
-
-    ``bad[c][k]`` is a defective copy of good image ``k // per_image``, so the bootstrap draws source
-    images: a draw weights a good image and its copies by how often it was drawn (a cluster bootstrap;
-    resampling copies apart from their source would understate the noise). Every candidate is judged on
-    the same draws (paired). The bound is the ``(1 - confidence) / challengers`` quantile of the
-    difference over ``rounds`` draws.
-    """
+    """Lower bound (AUROC points) of each candidate's AUROC minus the incumbent's, by a paired bootstrap
+    of source images: ``bad[c][k]`` is a copy of good image ``k // per_image`` and weighs as its source
+    (resampling copies apart from their source would understate the noise)."""
     n = len(good[incumbent])
     if any(len(b) != per_image * n for b in bad.values()):
         raise ValueError(f"expected {per_image} defective copies of each of the {n} good images")
@@ -134,20 +128,14 @@ def difference_lower_bounds(
 def choose_score(
     model: object, check: SyntheticCheck, source: str = "holdout", also: str | None = None
 ) -> tuple[str, dict]:
-    """The score ``auto`` uses, judged on the run's synthetic check, and the evidence.
-
-    :data:`INCUMBENT` unless a candidate beats it under ``keep_unless_beaten`` (the synthetic check's
-    rule); ties go to the earlier in :data:`CANDIDATES`, "official" first. Scores are computed under
-    ``model.anomaly``'s maps (normalisation, smoothing), so training chooses the maps first. ``also`` is
-    a score that is measured too (the one a run uses, when it is not a candidate) but never chosen;
-    ``source`` says where the good images came from.
-    """
+    """The score ``auto`` uses on the run's synthetic check (:data:`INCUMBENT` unless beaten; ties to the
+    earlier in :data:`CANDIDATES`), and the evidence. Scores are computed under ``model.anomaly``'s maps,
+    so training chooses the maps first. ``also``: a score measured too (the one a run uses, when it is
+    not a candidate) but never chosen; ``source``: where the good images came from."""
     mapper: AnomalyMapper = model.anomaly  # type: ignore[attr-defined]
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
-    good, bad = (
-        candidate_scores(check.good, mapper, candidates),
-        candidate_scores(check.defective, mapper, candidates),
-    )
+    good = candidate_scores(check.good, mapper, candidates)
+    bad = candidate_scores(check.defective, mapper, candidates)
     aurocs = rank_candidates(good, bad)
     lower = difference_lower_bounds(
         {c: good[c] for c in CANDIDATES},
@@ -156,34 +144,15 @@ def choose_score(
         check.per_image,
         seed=check.seed,
     )
-    ranked = {c: aurocs[c] for c in CANDIDATES}
-    best = keep_unless_beaten(ranked, lower, INCUMBENT)
+    best, judged = judge({c: aurocs[c] for c in CANDIDATES}, lower, INCUMBENT, "image AUROC", check)
     top = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
     evidence = {
         "chosen": mapper.settings.score_name(best),
-        "rule": rule_text(INCUMBENT, "image AUROC", len(CANDIDATES) - 1),
         "highest_auroc": top,
-        "incumbent": INCUMBENT,
-        "gain_over_incumbent": {c: round(aurocs[c] - aurocs[INCUMBENT], 3) for c in CANDIDATES},
-        "difference_lower_bound": lower,
-        "bootstrap_rounds": BOOTSTRAP_ROUNDS,
+        **judged,
         "smoothing": mapper.smoothing,
-        "good_images": check.sources,
         "good_source": source,
-        "synthetic_images": len(check.masks),
-        "synthetic_seed": check.seed,
         "synthetic_area_range": list(AREA_RANGE),
         "auroc": aurocs,
     }
     return evidence["chosen"], evidence
-
-
-__all__ = [
-    "CANDIDATES",
-    "INCUMBENT",
-    "candidate_scores",
-    "choose_score",
-    "difference_lower_bounds",
-    "rank_candidates",
-    "candidate_report",
-]

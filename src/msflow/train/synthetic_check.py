@@ -4,7 +4,8 @@ The synthetic check: the good images held out from training, and defective copie
 (``msflow.data.synthetic``) with exact masks, run once through the trained model (through the
 :class:`~msflow.infer.predictor.Predictor`, so a tiled model judges stitched whole images, as it does at
 test time). Both choices (``msflow.train.score_selection`` for the image score,
-``msflow.train.map_selection`` for the maps), ``msflow test --choose`` and the study scripts read it.
+``msflow.train.map_selection`` for the maps), ``msflow test --choose`` and the study scripts read it;
+both choices apply the rule and record its evidence through :func:`judge`.
 
 The rule, "keep the incumbent unless beaten" (:func:`keep_unless_beaten`): a challenger replaces the
 incumbent only if (1) the lower bound of a paired cluster bootstrap of its AUROC minus the incumbent's
@@ -17,7 +18,7 @@ real masks is not evidence (docs/results.md "Label-free choices").
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
@@ -175,21 +176,24 @@ def rule_text(incumbent: str, what: str, challengers: int) -> str:
     )
 
 
-__all__ = [
-    "BOOTSTRAP_MAX_IMAGES",
-    "BOOTSTRAP_ROUNDS",
-    "CONFIDENCE",
-    "MIN_EFFECT",
-    "SYNTHETIC_PER_IMAGE",
-    "Maps",
-    "SyntheticCheck",
-    "bootstrap_counts",
-    "bounded_sources",
-    "keep_unless_beaten",
-    "logp_maps",
-    "lower_bounds",
-    "map_batches",
-    "predictor_maps",
-    "rule_text",
-    "synthetic_check",
-]
+def judge(
+    aurocs: dict[Key, float],
+    lower: dict[Key, float],
+    incumbent: Key,
+    what: str,
+    check: SyntheticCheck,
+    name: Callable[[Key], str] = str,
+) -> tuple[Key, dict]:
+    """The rule's pick (:func:`keep_unless_beaten`) and the evidence both choices record with it: the
+    rule in words, each candidate's gain over the incumbent and its bound, the check it was judged on."""
+    evidence = {
+        "rule": rule_text(name(incumbent), what, len(aurocs) - 1),
+        "incumbent": name(incumbent),
+        "gain_over_incumbent": {name(c): round(aurocs[c] - aurocs[incumbent], 3) for c in aurocs},
+        "difference_lower_bound": {name(c): round(v, 3) for c, v in lower.items()},
+        "bootstrap_rounds": BOOTSTRAP_ROUNDS,
+        "good_images": check.sources,
+        "synthetic_images": len(check.masks),
+        "synthetic_seed": check.seed,
+    }
+    return keep_unless_beaten(aurocs, lower, incumbent), evidence
