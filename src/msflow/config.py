@@ -19,13 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from msflow.errors import ConfigError
-from msflow.scoring import (
-    AUTO_INCUMBENT,
-    SMOOTHING_CANDIDATES,
-    MapSettings,
-    parse_score,
-    parse_smoothing,
-)
+from msflow.scoring import SCORE_INCUMBENT, SMOOTHING_CANDIDATES, MapSettings, parse_score, parse_smoothing
 
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
 
@@ -192,7 +186,7 @@ class ModelConfig:
         "auto",
         "image score: official (the paper: top_k of the 'mul' map), "
         "mul|gmul|add|logp|scales[:FRACTION|max][@SIGMA] (e.g. logp:max@4, the maximum of the map "
-        f"blurred with sigma 4), or auto (train keeps {AUTO_INCUMBENT}, the top 3 percent of the raw "
+        f"blurred with sigma 4), or auto (train keeps {SCORE_INCUMBENT}, the top 3 percent of the raw "
         "negative log-likelihood, unless a candidate beats it by 1 point and beyond the sampling error on "
         "held-out good images vs synthetic defects; score_selection.json); ours: auto",
     )
@@ -272,13 +266,7 @@ class ModelConfig:
 
     def with_maps(self, settings: MapSettings) -> ModelConfig:
         """A copy whose map and score settings are ``settings``."""
-        return replace(
-            self,
-            normalization=settings.normalization,
-            smoothing=settings.smoothing,
-            score=settings.score,
-            top_k=settings.top_k,
-        )
+        return replace(self, **asdict(settings))  # MapSettings' fields are ModelConfig's of the same names
 
 
 @dataclass(frozen=True)
@@ -409,13 +397,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["model"]["num_blocks"] = list(self.model.num_blocks)
-        if isinstance(self.model.image_size, tuple):
-            out["model"]["image_size"] = list(self.model.image_size)
-        out["train"]["decay_at"] = list(self.train.decay_at)
-        out["schema_version"] = SCHEMA_VERSION
-        return out
+        # YAML and JSON have no tuples: num_blocks, decay_at and a non-square image_size become lists
+        out: dict[str, Any] = {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+            for name, section in asdict(self).items()
+        }
+        return {**out, "schema_version": SCHEMA_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
