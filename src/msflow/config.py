@@ -177,11 +177,8 @@ class ModelConfig:
         "the EfficientNet-Lites (large raw stage outputs), off for the ResNets (official raw features)",
     )
     top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
-    # ours: auto = logp:0.03, the paper's 3 % share of the raw log-likelihood instead of the product of
-    # probabilities (above the paper's score on every real set with masks trained 10+ epochs) unless
-    # the run's own synthetic check finds a score better by at least msflow.train.choice.MIN_EFFECT
-    # points and beyond its sampling error (docs/results.md "Label-free choices"). No choice reads test
-    # labels.
+    # ours: auto; why the incumbent is logp:0.03: msflow.scoring; the rule: msflow.train.choice (no
+    # choice reads test labels).
     score: str = option(
         "auto",
         "image score: official (the paper: top_k of the 'mul' map), "
@@ -190,11 +187,10 @@ class ModelConfig:
         "negative log-likelihood, unless a candidate beats it by 1 point and beyond the sampling error on "
         "held-out good images vs synthetic defects; score_selection.json); ours: auto",
     )
-    # ours: auto = train keeps the paper's per-image maps unless the run's synthetic defects, whose masks
-    # are exact, localise better by at least MIN_EFFECT points and beyond the sampling error with global
-    # normalisation (msflow.train.map_selection). Smoothing stays the paper's 0 unless asked for: on real
-    # masks blur cost 0.9-8.5 pixel-AUROC points on thin cracks and tiny pits where the synthetic check
-    # rated it up to +2.4 (docs/results.md, "Real defects"), so the check cannot be trusted to switch it on.
+    # ours: auto = the paper's per-image maps unless synthetic defects, whose masks are exact, localise
+    # better with global ones (msflow.train.map_selection). Smoothing stays the paper's 0 unless asked for:
+    # on real masks blur cost 0.9-8.5 pixel-AUROC points on thin cracks and tiny pits where the synthetic
+    # check rated it up to +2.4 (docs/results.md, "Real defects"), so it cannot be trusted to switch it on.
     normalization: Literal["auto", "per_image", "global"] = option(
         "auto",
         "map normalisation: per_image (official), global (training statistics) or auto (train chooses "
