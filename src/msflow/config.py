@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -70,14 +70,13 @@ def add_option_argument(
     trained run). Booleans become ``--name`` when they default to False and ``--no-name`` when True.
     """
     name, text = f.name.replace("_", "-"), help or f.metadata.get("help", "")
-    value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-    if hint is bool:
-        flag, const = (f"--no-{name}", False) if value else (f"--{name}", True)
+    if hint is bool:  # option() fields have a plain default, never a factory
+        flag, const = (f"--no-{name}", False) if f.default else (f"--{name}", True)
         parser.add_argument(
             flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
         )
         return
-    shown = shown or str(value if default is None else default)
+    shown = shown or str(f.default if default is None else default)
     args = get_args(hint)
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": f"{text} (default: {shown})"}
     kwargs["metavar"] = f.name.upper()
