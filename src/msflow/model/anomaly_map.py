@@ -225,7 +225,7 @@ class AnomalyMapper(nn.Module):
         return self.from_log_likelihoods(log_likelihood_maps(zs))
 
     def from_log_likelihoods(self, logps: list[Tensor], size: tuple[int, int] | None = None) -> AnomalyOutput:
-        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies).
+        """The same output from per-scale (B, h_s, w_s) log-likelihood maps.
 
         ``size``: (H, W) of the output maps, default the model's input size; a tiled image passes its
         stitched maps (``msflow.data.tiles``), already at the size of the whole image.
