@@ -117,23 +117,18 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
         if not budget.isdigit() or not 32 <= int(budget) <= 2048:
             raise ConfigError(f"image_size {value!r}: 'auto:N' needs a pixel budget N in [32, 2048]")
         return f"auto:{int(budget)}"
+    if text is not None:
+        parts = text.split("x")
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = list(value)
+    else:  # a bool is an int to Python, but never a size
+        parts = [value] if isinstance(value, int) and not isinstance(value, bool) else []
     try:
-        if text is not None:
-            parts = [int(p) for p in text.split("x")]
-        elif isinstance(value, (list, tuple)):
-            parts = [int(p) for p in value] if len(value) == 2 else []
-        elif isinstance(value, int) and not isinstance(value, bool):
-            parts = [value]
-        else:
-            raise ValueError
-        if len(parts) == 1:
-            parts = parts * 2
-        if len(parts) != 2:
-            raise ValueError
+        parts = [int(p) for p in (parts * 2 if len(parts) == 1 else parts)]
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}"
-        ) from None
+        parts = []
+    if len(parts) != 2:
+        raise ConfigError(f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}")
     for side in parts:
         if not 32 <= side <= 2048 or side % 16:
             raise ConfigError(f"image_size sides must be multiples of 16 in [32, 2048], got {value!r}")
@@ -407,7 +402,7 @@ class Config:
             raise ConfigError(
                 f"config schema version {version} is not supported (this msflow reads {SCHEMA_VERSION})"
             )
-        unknown = set(data) - {"model", "data", "train"}
+        unknown = set(data) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
         parts = {}

@@ -187,13 +187,12 @@ def _onnx_model(run_dir: Path, model: Any, sha: str, forced: bool, threads: int)
             raise MSFlowError(f"'{path}' was not exported from this model; run 'msflow export' again")
         return None
 
-    for folder, where in _folders(run_dir, sha):
-        path = folder / ONNX_FILE
+    paths = [(folder / ONNX_FILE, where) for folder, where in _folders(run_dir, sha)]
+    for path, where in paths:
         if path.is_file() and (onnx := matching(path)) is not None:
             return onnx, f"{where} {path}"
-    for folder, where in _folders(run_dir, sha):
-        path = folder / ONNX_FILE
-        if not path.exists() and writable(folder):  # never replace a file the user exported
+    for path, where in paths:
+        if not path.exists() and writable(path.parent):  # never replace a file the user exported
             export_onnx(model, path, metadata={"checkpoint_sha256": sha})
             return OnnxModel(path, threads=threads), f"exported to {where} {path}"
     with tempfile.TemporaryDirectory(prefix="msflow-onnx-") as tmp:  # onnxruntime keeps its own copy
