@@ -76,6 +76,11 @@ def _image_max(x: Tensor) -> Tensor:
     return x.flatten(1).max(dim=1).values[:, None, None]
 
 
+def _fused(logps: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """L = sum_s up(logp_s), the log of the product of the scale likelihoods (the global reference too)."""
+    return sum(upsample(m, size) for m in logps)
+
+
 def gaussian_smooth(maps: Tensor, sigma: float) -> Tensor:
     """(B, H, W) maps blurred by a Gaussian of ``sigma`` pixels; ``sigma`` 0 returns them unchanged.
 
@@ -123,7 +128,7 @@ def score_map(
         assert ref_add is not None, "gadd needs the per-scale global references"
         probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, ref_add, strict=True)]
         return len(logps) - sum(upsample(p, size) for p in probs)
-    fused = sum(upsample(m, size) for m in logps)
+    fused = _fused(logps, size)
     if kind == "mul":
         return 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
     if kind == "gmul":
@@ -212,7 +217,7 @@ class AnomalyMapper(nn.Module):
         mul_max = [torch.zeros(0, device=self.ref_mul.device)]  # an empty shard contributes nothing
         add_max = [torch.zeros(0, len(self.ref_add), device=self.ref_add.device)]
         for logps in logp_batches:
-            mul_max.append(_image_max(sum(upsample(m, self.image_size) for m in logps)).flatten())
+            mul_max.append(_image_max(_fused(logps, self.image_size)).flatten())
             add_max.append(torch.stack([_image_max(m).flatten() for m in logps], dim=1))
         mul, add = torch.cat(mul_max), torch.cat(add_max)
         if gather is not None:
