@@ -9,8 +9,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import Field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any, get_args
 
@@ -27,38 +28,34 @@ from msflow.errors import MSFlowError
 from msflow.logs import LEVELS, configure, log
 
 
-def _config_flags() -> Iterator[tuple[str, Field, Any]]:
-    """(section, field, type) of every config option offered as a flag (declared in ``msflow.config``)."""
-    for section, klass in SECTIONS.items():
-        for f, hint in option_fields(klass):
-            yield section, f, hint
+@cache
+def _config_options() -> dict[str, tuple[Field, Any]]:
+    """``section.name`` -> (field, type) of every config option offered as a flag (``msflow.config``)."""
+    return {f"{s}.{f.name}": (f, hint) for s, klass in SECTIONS.items() for f, hint in option_fields(klass)}
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file; flags override it")
-    for section, f, hint in _config_flags():
-        add_option_argument(p, f, hint, dest=f"{section}.{f.name}")
+    for key in _config_options():
+        _config_option(p, key)
 
 
 def _config_option(p: argparse.ArgumentParser, key: str, **kwargs: Any) -> None:
-    """The config option ``key`` ("section.name") as a flag of a command other than ``train``.
+    """The config option ``key`` ("section.name") as a flag (its ``args`` attribute is ``key``).
 
     Type, choices and help come from its one declaration in ``msflow.config``; ``kwargs`` (``default``,
-    ``help``, ``shown``) adapt it to the command, e.g. ``demo``'s shorter default schedule.
+    ``help``, ``shown``) adapt it to a command other than ``train``, e.g. ``demo``'s shorter schedule.
     """
-    section, name = key.split(".")
-    for f, hint in option_fields(SECTIONS[section]):
-        if f.name == name:
-            return add_option_argument(p, f, hint, dest=key, **kwargs)
-    raise KeyError(f"{key} is not a command-line option of the config")
+    add_option_argument(p, *_config_options()[key], dest=key, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
     """The YAML file (if any), then every flag that was given, then ``dataset``; validated once."""
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    for section, f, _ in _config_flags():
-        sections[section][f.name] = getattr(args, f"{section}.{f.name}", None)
+    for key in _config_options():
+        section, name = key.split(".")
+        sections[section][name] = getattr(args, key, None)
     sections["data"]["dataset"] = dataset
     return cfg.updated(**sections)
 
@@ -211,19 +208,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from msflow.infer.predictor import Predictor
 
     device, batch_size = getattr(args, "train.device"), getattr(args, "train.batch_size")
-    if _ray_executor(args):
+    if ray := _ray_options(args):
+        options = {"images": args.images, "runtime": args.runtime, "threshold": args.threshold, **ray}
         summary = run_predict_on_ray(
-            args.model,
-            args.input,
-            args.output,
-            batch_size,
-            device=device,
-            runtime=args.runtime,
-            threshold=args.threshold,
-            address=args.address,
-            cpus_per_task=args.cpus_per_task or 1,
-            gpus_per_task=args.gpus_per_task or 0.0,
-            images=args.images,
+            args.model, args.input, args.output, batch_size, device=device, **options
         )
     else:
         predictor = Predictor.load(args.model, device, args.runtime, batch_size, args.threshold)
@@ -285,18 +273,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from msflow.train.benchmark import run_benchmark
 
-    _ray_executor(args)
+    ray = _ray_options(args)
     if getattr(args, "data.normal_dir"):
         raise MSFlowError("msflow benchmark reads category folders from --data; --normal-dir is for train")
     run_benchmark(
-        args.data,
-        args.output,
-        config_from_args(args),
-        args.categories,
-        executor=args.executor,
-        address=args.address,
-        cpus_per_task=args.cpus_per_task or 1,
-        gpus_per_task=args.gpus_per_task or 0.0,
+        args.data, args.output, config_from_args(args), args.categories, executor=args.executor, **ray
     )
 
 
@@ -348,11 +329,18 @@ def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--gpus-per-task", type=float, help="GPUs each Ray task reserves (default 0)")
 
 
-def _ray_executor(args: argparse.Namespace) -> bool:
-    """True for ``--executor ray``; the Ray-only flags without it are an error, not silently ignored."""
-    if args.executor == "local" and (args.address or args.cpus_per_task or args.gpus_per_task):
-        raise MSFlowError("--address, --cpus-per-task and --gpus-per-task need --executor ray")
-    return args.executor == "ray"
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray flags as keyword arguments for ``--executor ray``, else none (``{}``): there the Ray-only
+    flags are an error, not silently ignored."""
+    if args.executor == "local":
+        if args.address or args.cpus_per_task or args.gpus_per_task:
+            raise MSFlowError("--address, --cpus-per-task and --gpus-per-task need --executor ray")
+        return {}
+    return {
+        "address": args.address,
+        "cpus_per_task": args.cpus_per_task or 1,
+        "gpus_per_task": args.gpus_per_task or 0.0,
+    }
 
 
 def _inference_flags(p: argparse.ArgumentParser) -> None:

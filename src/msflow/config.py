@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from msflow.errors import ConfigError
-from msflow.scoring import (
-    AUTO_INCUMBENT,
-    SMOOTHING_CANDIDATES,
-    MapSettings,
-    parse_score,
-    parse_smoothing,
-)
+from msflow.scoring import SCORE_INCUMBENT, SMOOTHING_CANDIDATES, MapSettings, parse_score, parse_smoothing
 
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
 
@@ -76,14 +70,13 @@ def add_option_argument(
     trained run). Booleans become ``--name`` when they default to False and ``--no-name`` when True.
     """
     name, text = f.name.replace("_", "-"), help or f.metadata.get("help", "")
-    value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-    if hint is bool:
-        flag, const = (f"--no-{name}", False) if value else (f"--{name}", True)
+    if hint is bool:  # option() fields have a plain default, never a factory
+        flag, const = (f"--no-{name}", False) if f.default else (f"--{name}", True)
         parser.add_argument(
             flag, dest=dest, action="store_const", const=const, help=text if const else f"off: {text}"
         )
         return
-    shown = shown or str(value if default is None else default)
+    shown = shown or str(f.default if default is None else default)
     args = get_args(hint)
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": f"{text} (default: {shown})"}
     kwargs["metavar"] = f.name.upper()
@@ -124,23 +117,18 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
         if not budget.isdigit() or not 32 <= int(budget) <= 2048:
             raise ConfigError(f"image_size {value!r}: 'auto:N' needs a pixel budget N in [32, 2048]")
         return f"auto:{int(budget)}"
+    if text is not None:
+        parts = text.split("x")
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        parts = list(value)
+    else:  # a bool is an int to Python, but never a size
+        parts = [value] if isinstance(value, int) and not isinstance(value, bool) else []
     try:
-        if text is not None:
-            parts = [int(p) for p in text.split("x")]
-        elif isinstance(value, (list, tuple)):
-            parts = [int(p) for p in value] if len(value) == 2 else []
-        elif isinstance(value, int) and not isinstance(value, bool):
-            parts = [value]
-        else:
-            raise ValueError
-        if len(parts) == 1:
-            parts = parts * 2
-        if len(parts) != 2:
-            raise ValueError
+        parts = [int(p) for p in (parts * 2 if len(parts) == 1 else parts)]
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}"
-        ) from None
+        parts = []
+    if len(parts) != 2:
+        raise ConfigError(f"image_size must be N, HxW (e.g. 208x512), [H, W] or auto[:N], got {value!r}")
     for side in parts:
         if not 32 <= side <= 2048 or side % 16:
             raise ConfigError(f"image_size sides must be multiples of 16 in [32, 2048], got {value!r}")
@@ -183,24 +171,20 @@ class ModelConfig:
         "the EfficientNet-Lites (large raw stage outputs), off for the ResNets (official raw features)",
     )
     top_k: float = option(0.03, "fraction of the 'mul' map the 'official' score averages; official: 0.03")
-    # ours: auto = logp:0.03, the paper's 3 % share of the raw log-likelihood instead of the product of
-    # probabilities (above the paper's score on every real set with masks trained 10+ epochs) unless
-    # the run's own synthetic check finds a score better by at least msflow.train.choice.MIN_EFFECT
-    # points and beyond its sampling error (docs/results.md "Label-free choices"). No choice reads test
-    # labels.
+    # ours: auto; why the incumbent is logp:0.03: msflow.scoring; the rule: msflow.train.choice (no
+    # choice reads test labels).
     score: str = option(
         "auto",
         "image score: official (the paper: top_k of the 'mul' map), "
         "mul|gmul|add|logp|scales[:FRACTION|max][@SIGMA] (e.g. logp:max@4, the maximum of the map "
-        f"blurred with sigma 4), or auto (train keeps {AUTO_INCUMBENT}, the top 3 percent of the raw "
+        f"blurred with sigma 4), or auto (train keeps {SCORE_INCUMBENT}, the top 3 percent of the raw "
         "negative log-likelihood, unless a candidate beats it by 1 point and beyond the sampling error on "
         "held-out good images vs synthetic defects; score_selection.json); ours: auto",
     )
-    # ours: auto = train keeps the paper's per-image maps unless the run's synthetic defects, whose masks
-    # are exact, localise better by at least MIN_EFFECT points and beyond the sampling error with global
-    # normalisation (msflow.train.map_selection). Smoothing stays the paper's 0 unless asked for: on real
-    # masks blur cost 0.9-8.5 pixel-AUROC points on thin cracks and tiny pits where the synthetic check
-    # rated it up to +2.4 (docs/results.md, "Real defects"), so the check cannot be trusted to switch it on.
+    # ours: auto = the paper's per-image maps unless synthetic defects, whose masks are exact, localise
+    # better with global ones (msflow.train.map_selection). Smoothing stays the paper's 0 unless asked for:
+    # on real masks blur cost 0.9-8.5 pixel-AUROC points on thin cracks and tiny pits where the synthetic
+    # check rated it up to +2.4 (docs/results.md, "Real defects"), so it cannot be trusted to switch it on.
     normalization: Literal["auto", "per_image", "global"] = option(
         "auto",
         "map normalisation: per_image (official), global (training statistics) or auto (train chooses "
@@ -272,13 +256,7 @@ class ModelConfig:
 
     def with_maps(self, settings: MapSettings) -> ModelConfig:
         """A copy whose map and score settings are ``settings``."""
-        return replace(
-            self,
-            normalization=settings.normalization,
-            smoothing=settings.smoothing,
-            score=settings.score,
-            top_k=settings.top_k,
-        )
+        return replace(self, **asdict(settings))  # MapSettings' fields are ModelConfig's of the same names
 
 
 @dataclass(frozen=True)
@@ -409,13 +387,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["model"]["num_blocks"] = list(self.model.num_blocks)
-        if isinstance(self.model.image_size, tuple):
-            out["model"]["image_size"] = list(self.model.image_size)
-        out["train"]["decay_at"] = list(self.train.decay_at)
-        out["schema_version"] = SCHEMA_VERSION
-        return out
+        # YAML and JSON have no tuples: num_blocks, decay_at and a non-square image_size become lists
+        out: dict[str, Any] = {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+            for name, section in asdict(self).items()
+        }
+        return {**out, "schema_version": SCHEMA_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -425,7 +402,7 @@ class Config:
             raise ConfigError(
                 f"config schema version {version} is not supported (this msflow reads {SCHEMA_VERSION})"
             )
-        unknown = set(data) - {"model", "data", "train"}
+        unknown = set(data) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
         parts = {}

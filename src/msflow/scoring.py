@@ -1,23 +1,16 @@
 """What an image score and a map setting mean: names, parsing, candidates and incumbents (no torch).
 
-Every part of msflow that names a score or a map setting reads it here: the configuration validates
-with :func:`parse_score` and :func:`parse_smoothing`, ``msflow.model.anomaly_map`` computes what a
-:class:`MapSettings` value says, and the label-free choices (``msflow.train.choice``) judge the
-candidates listed here against the incumbents listed here.
+Every part of msflow that names a score or a map setting reads it here; ``msflow.model.anomaly_map``
+computes what a :class:`MapSettings` value says (the formulas of the map kinds live there) and the
+label-free choices (``msflow.train.choice``) judge the candidates listed here against the incumbents.
 
-A score name is ``KIND:FRACTION[@SIGMA]``:
-
-- KIND is the map it reduces (:data:`SCORE_KINDS`; the formulas are in ``msflow.model.anomaly_map``):
-  ``mul``, ``gmul``, ``add``, ``logp`` (the fused negative log-likelihood) or ``scales`` (the sum over
-  scales of each scale's own reduced negative log-likelihood map);
-- FRACTION is the share of the map's largest values that are averaged (of ONE model input's area), or
-  ``max``, the single largest value;
-- ``@SIGMA`` (optional) blurs that map with a Gaussian of SIGMA model-input pixels before it is
-  reduced, instead of the run's map smoothing. ``logp:max@4`` is the verdict of PaDiM-style detectors:
-  the maximum of a blurred anomaly map (PaDiM blurs with sigma 4 at 256 px).
-
-``official`` is the paper's score: the top ``top_k`` of the "mul" map under the run's normalisation
-(:meth:`MapSettings.score_name`). ``auto`` is left to training (:meth:`MapSettings.resolved`).
+A score name is ``KIND:FRACTION[@SIGMA]``: KIND is the map it reduces (:data:`SCORE_KINDS`), FRACTION
+the share of the map's largest values that are averaged (of ONE model input's area) or ``max``, the
+single largest value, and ``@SIGMA`` (optional) blurs that map with a Gaussian of SIGMA model-input
+pixels instead of the run's map smoothing: ``logp:max@4`` is the verdict of PaDiM-style detectors (PaDiM
+blurs with sigma 4 at 256 px). ``official`` is the paper's score, the top ``top_k`` of the "mul" map
+under the run's normalisation (:meth:`MapSettings.score_name`); ``auto`` is left to training
+(:meth:`MapSettings.resolved`).
 """
 
 from __future__ import annotations
@@ -42,7 +35,6 @@ SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
 # before, lost 0.59 on Magnetic Tile (docs/results.md "Real defects at 100 epochs").
 MAPS_INCUMBENT = ("per_image", 0.0)
 SCORE_INCUMBENT = "logp:0.03"
-AUTO_INCUMBENT = SCORE_INCUMBENT  # the name config.py's help text reads
 
 # Scores built on the maps themselves (issue 20): blurred-map maxima (PaDiM's verdict), a blurred
 # top 1 %, and per-scale reductions (a defect that one scale sees is not diluted by the others).
@@ -67,6 +59,14 @@ def parse_smoothing(value: Any) -> float | str:
     return sigma
 
 
+def _number(text: str) -> float:
+    """``text`` as a float; -1 (out of every range here) when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return -1.0
+
+
 def parse_score(value: Any) -> str:
     """Canonical image-score name: "official", "auto", or ``KIND:FRACTION[@SIGMA]`` (module doc).
 
@@ -81,25 +81,16 @@ def parse_score(value: Any) -> str:
         raise ConfigError(
             f"score {value!r} is not official, auto or one of {list(SCORE_KINDS)}[:FRACTION|max][@SIGMA]"
         )
-    if fraction in ("", "max"):
-        fraction = fraction or "0.03"
-    else:
-        try:
-            share = float(fraction)
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 1:
+    if fraction not in ("", "max"):
+        if not 0 < (share := _number(fraction)) <= 1:
             raise ConfigError(f"score {value!r}: the fraction must be in (0, 1] or 'max'")
         fraction = f"{share:g}"
+    name = f"{kind}:{fraction or '0.03'}"
     if not at:
-        return f"{kind}:{fraction}"
-    try:
-        sigma = float(blur)
-    except ValueError:
-        sigma = -1.0
-    if not 0 <= sigma <= 64:
+        return name
+    if not 0 <= (sigma := _number(blur)) <= 64:
         raise ConfigError(f"score {value!r}: @SIGMA must be a blur in [0, 64] model-input pixels")
-    return f"{kind}:{fraction}@{sigma:g}"
+    return f"{name}@{sigma:g}"
 
 
 def split_score(name: str) -> tuple[str, str, float | None]:
@@ -178,7 +169,6 @@ def map_setting_name(setting: tuple[str, float]) -> str:
 
 
 __all__ = [
-    "AUTO_INCUMBENT",
     "FRACTIONS",
     "MAPS_INCUMBENT",
     "MAP_SCORES",

@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -44,12 +44,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             files.append(path)
         else:
             raise MSFlowError(f"input '{path}' does not exist")
-    seen, unique = set(), []
+    unique: dict[Path, Path] = {}
     for f in files:
-        if f.resolve() not in seen:
-            seen.add(f.resolve())
-            unique.append(f)
-    return unique
+        unique.setdefault(f.resolve(), f)  # the first spelling of a file given twice
+    return list(unique.values())
 
 
 def _out_name(path: Path, used: set[str]) -> str:
@@ -63,20 +61,40 @@ def _out_name(path: Path, used: set[str]) -> str:
 RAY_CHUNK = 256  # files per Ray task: loading the model once per task is small next to 256 images
 
 
-def _plan(inputs: list[str], output: Path) -> tuple[list[Path], list[str]]:
-    """The input files and their output names (decided up front, so any split of the work agrees)."""
+def _plan(inputs: list[str], output: Path) -> list[tuple[Path, str]]:
+    """The input files with their output names (decided up front, so any split of the work agrees)."""
     files = collect_inputs(inputs)
     if not files:
         raise MSFlowError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
     output.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    return files, [_out_name(f, used) for f in files]
+    return [(f, _out_name(f, used)) for f in files]
 
 
 ImageOutputs = Literal["all", "overlay", "none"]  # what predict writes per image besides its CSV row
 IMAGE_OUTPUTS: tuple[str, ...] = get_args(ImageOutputs)
 
 CSV_FIELDS = report.PREDICTION_FIELDS  # the one schema, shared with the evaluations
+
+
+class _Tally:
+    """The ``predictions.csv`` of one call, counting the verdicts it holds (the summary's numbers)."""
+
+    def __init__(self, output: Path, resume: bool = False) -> None:
+        self.writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS, append=resume)
+        self.counts = {"predicted": 0, "defective": 0}
+        self.done: set[str] = set()  # read after the writer has dropped a line cut short by a crash
+        for row in report.read_rows(self.writer.path) if resume else ():
+            self.done.add(row["image"])
+            self.count(row)
+
+    def count(self, row: dict) -> None:
+        self.counts["predicted"] += 1
+        self.counts["defective"] += row["decision"] == "defective"
+
+    def write(self, row: dict) -> None:
+        self.writer.write(row)
+        self.count(row)
 
 
 def run_predict(
@@ -88,66 +106,39 @@ def run_predict(
     images: ImageOutputs = "all",
     resume: bool = False,
 ) -> dict:
-    """Predict every input; returns the summary (also written to ``output/summary.json``).
-
-    Rows go to ``predictions.csv`` as each batch finishes (flushed), so a crash keeps every finished
-    row; nothing per image is kept in memory but its path and name. ``resume=True`` keeps the rows
-    already in ``predictions.csv`` and skips their images (a fresh run starts the file anew).
-    """
+    """Predict every input (module doc); returns the summary (also written to ``output/summary.json``).
+    Nothing per image is kept in memory but its path and name. ``resume=True`` keeps the rows already
+    in ``predictions.csv`` and skips their images (a fresh run starts the file anew)."""
     output = Path(output)
-    files, names = _plan(inputs, output)
-    writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS, append=resume)
-    done: set[str] = set()
-    counts = {"predicted": 0, "defective": 0}
-    for row in report.read_rows(output / "predictions.csv") if resume else ():
-        done.add(row["image"])
-        _count(counts, row)
-    skipped = len(done)
-
-    def write(row: dict) -> None:
-        writer.write(row)
-        _count(counts, row)
-
-    todo = [(f, n) for f, n in zip(files, names, strict=True) if str(f) not in done]
+    planned = _plan(inputs, output)
+    tally = _Tally(output, resume)
+    todo = [(f, name) for f, name in planned if str(f) not in tally.done]
     start = time.perf_counter()
     bar = Progress(desc="predict", total=len(todo), unit="images", enabled=progress)
     try:
-        todo_files, todo_names = [f for f, _ in todo], [n for _, n in todo]
-        _, failures = predict_files(
-            predictor, todo_files, todo_names, output, batch_size, images, bar.update, write
-        )
+        failures = predict_files(predictor, todo, output, batch_size, images, tally.write, bar.update)
     finally:
-        writer.close()
+        tally.writer.close()
         bar.close()
-    return _write_summary(
-        predictor, output, len(files), counts, failures, time.perf_counter() - start, skipped
-    )
-
-
-def _count(counts: dict[str, int], row: dict) -> None:
-    counts["predicted"] += 1
-    counts["defective"] += row["decision"] == "defective"
+    return _write_summary(predictor, output, len(planned), tally, failures, time.perf_counter() - start)
 
 
 def predict_files(
     predictor: Predictor,
-    files: list[Path],
-    names: list[str],
+    todo: list[tuple[Path, str]],
     output: Path,
-    batch_size: int = 8,
-    images: ImageOutputs = "all",
+    batch_size: int,
+    images: ImageOutputs,
+    on_row: Callable[[dict], object],
     done: Callable[[int], object] | None = None,
-    on_row: Callable[[dict], object] | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """Judge ``files``, writing each one's images under its name; returns (rows, failures).
-
-    With ``on_row`` every row goes to it as soon as it exists and none is kept (rows returned empty).
-    """
+) -> list[dict]:
+    """Judge the files of ``todo``, writing each one's images under its name and giving its row to
+    ``on_row`` as soon as it exists (none is kept); returns the failures."""
     if images not in IMAGE_OUTPUTS:
         raise MSFlowError(f"images must be one of {', '.join(IMAGE_OUTPUTS)}, got {images!r}")
-    rows, failures = [], []
-    for i in range(0, len(files), batch_size):
-        chunk = list(zip(files[i : i + batch_size], names[i : i + batch_size], strict=True))
+    failures = []
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
         loaded = []
         for f, name in chunk:  # read first, so one bad file does not sink its batch
             try:
@@ -157,14 +148,10 @@ def predict_files(
         if loaded:
             results = predictor.predict_images([arr for _, _, arr in loaded])
             for (f, name, arr), res in zip(loaded, results, strict=True):
-                row = {"image": str(f), **res.summary(), **_write_images(output, name, arr, res, images)}
-                if on_row is not None:
-                    on_row(row)
-                else:
-                    rows.append(row)
+                on_row({"image": str(f), **res.summary(), **_write_images(output, name, arr, res, images)})
         if done is not None:
             done(len(chunk))
-    return rows, failures
+    return failures
 
 
 def _write_images(output: Path, name: str, image: np.ndarray, res: Prediction, images: ImageOutputs) -> dict:
@@ -181,14 +168,9 @@ def _write_images(output: Path, name: str, image: np.ndarray, res: Prediction, i
 
 
 def _write_summary(
-    predictor: Predictor,
-    output: Path,
-    n_files: int,
-    counts: dict[str, int],
-    failures: list[dict],
-    seconds: float,
-    skipped: int = 0,
+    predictor: Predictor, output: Path, n_files: int, tally: _Tally, failures: list[dict], seconds: float
 ) -> dict:
+    counts, skipped = tally.counts, len(tally.done)
     new = counts["predicted"] - skipped
     summary = {
         "model": str(predictor.meta.get("dataset", "")),
@@ -232,47 +214,37 @@ def run_predict_on_ray(
     predictor = Predictor.load(model, "cpu", runtime if on_cpu else "torch", batch_size, threshold)
     runtime = predictor.runtime if on_cpu else runtime
     output = Path(output)
-    files, names = _plan(inputs, output)
+    planned = _plan(inputs, output)
     start = time.perf_counter()
-    cuts = range(0, len(files), max(1, chunk_size))
-    jobs = [
-        (str(model), device, runtime, threshold, files[i : i + chunk_size], names[i : i + chunk_size], output,
-         batch_size, images)
-        for i in cuts
-    ]  # fmt: skip
+    load = {"run": str(model), "device": device, "runtime": runtime, "image_threshold": threshold}
+    step = max(1, chunk_size)
+    jobs = [(load, planned[i : i + step], output, batch_size, images) for i in range(0, len(planned), step)]
     parts: list[tuple[list[dict], list[dict]]] = [([], []) for _ in jobs]
-    bar = Progress(desc="predict (ray)", total=len(files), unit="images", enabled=progress)
+    bar = Progress(desc="predict (ray)", total=len(planned), unit="images", enabled=progress)
     for index, result, error in run_tasks(_predict_task, jobs, address, cpus_per_task, gpus_per_task):
         if error is None:
             parts[index] = result
         else:  # a lost task: its files are failures, the others stand
-            parts[index] = ([], [{"image": str(f), "error": error} for f in jobs[index][4]])
-        bar.update(len(jobs[index][4]))
+            parts[index] = ([], [{"image": str(f), "error": error} for f, _ in jobs[index][1]])
+        bar.update(len(jobs[index][1]))
     bar.close()
-    counts = {"predicted": 0, "defective": 0}
-    writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS)
+    tally = _Tally(output)
     try:  # the tasks' rows, in input order (they come back out of order)
         for rows, _ in parts:
             for row in rows:
-                writer.write(row)
-                _count(counts, row)
+                tally.write(row)
     finally:
-        writer.close()
+        tally.writer.close()
     failures = [fail for part in parts for fail in part[1]]
-    return _write_summary(predictor, output, len(files), counts, failures, time.perf_counter() - start)
+    return _write_summary(predictor, output, len(planned), tally, failures, time.perf_counter() - start)
 
 
 def _predict_task(
-    model: str,
-    device: str,
-    runtime: str,
-    threshold: float | None,
-    files: list[Path],
-    names: list[str],
-    output: Path,
-    batch_size: int,
-    images: ImageOutputs,
+    load: dict[str, Any], todo: list[tuple[Path, str]], output: Path, batch_size: int, images: ImageOutputs
 ) -> tuple[list[dict], list[dict]]:
-    """One Ray task: load the model, judge a chunk of files."""
-    predictor = Predictor.load(model, device=device, runtime=runtime, image_threshold=threshold)
-    return predict_files(predictor, files, names, output, batch_size, images)
+    """One Ray task: load the model (``load``: :meth:`Predictor.load`'s arguments), judge a chunk of
+    files; (rows, failures)."""
+    predictor = Predictor.load(**load)
+    rows: list[dict] = []
+    failures = predict_files(predictor, todo, output, batch_size, images, rows.append)
+    return rows, failures

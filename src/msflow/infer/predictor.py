@@ -1,18 +1,16 @@
 """The one inference path: a model (torch, or an ONNX session) + its threshold -> verdicts with maps.
 
-``msflow test``, ``msflow predict``, the HTTP service, the :class:`~msflow.detector.Detector` API, the
-threshold calibration and the evaluation at the end of training all run images through a
-:class:`Predictor`. It does the forward pass, resizes the maps back to each image's original size (or
-keeps the model's input resolution, for evaluation at model resolution) and asks the
-:class:`~msflow.evaluate.threshold.Threshold` for the decision. Over a dataset it yields results batch
-by batch, so nothing accumulates: memory is one batch of maps, whatever the number of images.
+Everything that judges images (``msflow test``/``predict``, the HTTP service, the
+:class:`~msflow.detector.Detector` API, the threshold calibration, the evaluation at the end of
+training) runs them through a :class:`Predictor`: the forward pass, the maps resized back to each
+image's original size (or kept at the model's input resolution) and the
+:class:`~msflow.evaluate.threshold.Threshold`'s decision. Over a dataset it yields results batch by
+batch, so memory is one batch of maps, whatever the number of images.
 
-A model trained with tiles (``ModelConfig.tile``, see :mod:`msflow.data.tiles`) is run here on each
-image's tiles; their per-scale log-likelihood maps are stitched into maps of the whole image, and the
-anomaly maps and the image score are computed from the stitched maps (so every score mode means what
-it means untiled: a per-image maximum is the whole image's, a top-k fraction is of one model input's
-area, see ``msflow.model.anomaly_map``). Everything that judges images goes through here, so tests,
-predictions, the service, the threshold calibration and the evaluation all tile the same way.
+A model trained with tiles (``ModelConfig.tile``, :mod:`msflow.data.tiles`) is run on each image's
+tiles; their per-scale log-likelihood maps are stitched into maps of the whole image, from which the
+anomaly maps and the score are computed (so every score means what it means untiled, see
+``msflow.model.anomaly_map``), and every caller above tiles the same way.
 """
 
 from __future__ import annotations
@@ -100,7 +98,6 @@ class Predictor:
         self.image_size = config.model.image_size
         # The "add" map lies in [0, number of scales], the "mul" map in [0, 1] (model/anomaly_map.py).
         self.pixel_range = (0.0, float(len(config.model.num_blocks)))
-        self.image_range = (0.0, 1.0)
         self.tile_batch = 8  # tiles per forward pass when judging decoded images
         self._lock = threading.Lock()  # torch/onnxruntime use all cores anyway
         self._run = runner(runtime, model, device)
@@ -170,15 +167,21 @@ class Predictor:
             return np.ascontiguousarray(anomaly_map, dtype=np.float32)
         return to_original_size(torch.from_numpy(np.ascontiguousarray(anomaly_map)), height, width)
 
+    def _at(
+        self, score: Any, pmap: np.ndarray, imap: np.ndarray, size: tuple[int, int], resolution: str
+    ) -> Maps:
+        """One image's :class:`Maps` from its model-resolution maps (``size``: its original (W, H))."""
+        if resolution == "model":
+            return Maps(float(score), pmap, imap)
+        w, h = size
+        return Maps(float(score), self._resize(pmap, h, w), self._resize(imap, h, w), pmap, imap)
+
     def _maps(
         self, batch: torch.Tensor, sizes: list[tuple[int, int]], resolution: Resolution
     ) -> Iterator[Maps]:
         scores, pixel_maps, image_maps = self.forward(batch)
-        for (w, h), score, pmap, imap in zip(sizes, scores, pixel_maps, image_maps, strict=True):
-            if resolution == "original":
-                yield Maps(float(score), self._resize(pmap, h, w), self._resize(imap, h, w), pmap, imap)
-            else:
-                yield Maps(float(score), pmap, imap)
+        for size, score, pmap, imap in zip(sizes, scores, pixel_maps, image_maps, strict=True):
+            yield self._at(score, pmap, imap, size, resolution)
 
     # -- tiles (ModelConfig.tile) -------------------------------------------------------------------
     @property
@@ -201,38 +204,30 @@ class Predictor:
         with torch.inference_mode():
             out = self.model.anomaly.from_log_likelihoods(logps, size=tuple(stitched.shape[-2:]))
         pmap, imap = out.pixel_map[0].float().cpu().numpy(), out.image_map[0].float().cpu().numpy()
-        if resolution == "original":
-            h, w = stitcher.grid.height, stitcher.grid.width
-            return Maps(float(out.scores[0]), self._resize(pmap, h, w), self._resize(imap, h, w), pmap, imap)
-        return Maps(float(out.scores[0]), pmap, imap)
+        return self._at(out.scores[0], pmap, imap, (stitcher.grid.width, stitcher.grid.height), resolution)
+
+    def _stitched(
+        self, grids: list[TileGrid], batches: Iterable[tuple[torch.Tensor, list[int]]]
+    ) -> Iterator[Stitcher]:
+        """Stitch batches of tiles (each tile with the index of its image's grid, image after image);
+        yield each image's stitcher when its last tile is in."""
+        stitcher: Stitcher | None = None
+        for tiles, owners in batches:
+            for maps, i in zip(self._tile_log_likelihoods(tiles), owners, strict=True):
+                stitcher = stitcher or Stitcher(grids[i], tuple(maps.shape[-2:]))
+                stitcher.add(maps)
+                if stitcher.done:
+                    yield stitcher
+                    stitcher = None
 
     def _stitch_image(self, image: np.ndarray) -> Stitcher:
         """One decoded image's tiles, run in batches of ``tile_batch`` and stitched."""
         model = self.config.model
         grid = tile_grid(image.shape[0], image.shape[1], model.tile, model.tile_overlap)
         tiles = [to_tensor(crop(image, box), self.image_size) for box in grid.boxes()]
-        stitcher: Stitcher | None = None
-        for start in range(0, len(tiles), self.tile_batch):
-            logps = self._tile_log_likelihoods(torch.stack(tiles[start : start + self.tile_batch]))
-            stitcher = stitcher or Stitcher(grid, tuple(logps.shape[-2:]))
-            for maps in logps:
-                stitcher.add(maps)
-        assert stitcher is not None  # a grid has at least one tile
-        return stitcher
-
-    def _tiled_iter_maps(
-        self, grids: list[TileGrid], loader: Iterable[dict], resolution: Resolution
-    ) -> Iterator[Maps]:
-        """Stitch the tiles the loader yields (image after image) and yield each image's maps."""
-        stitcher: Stitcher | None = None
-        for batch in loader:
-            logps = self._tile_log_likelihoods(batch["image"])
-            for maps, i in zip(logps, batch["sample"].tolist(), strict=True):
-                stitcher = stitcher or Stitcher(grids[i], tuple(maps.shape[-2:]))
-                stitcher.add(maps)
-                if stitcher.done:
-                    yield self._stitched_maps(stitcher, resolution)
-                    stitcher = None
+        step = self.tile_batch
+        batches = (torch.stack(tiles[i : i + step]) for i in range(0, len(tiles), step))
+        return next(self._stitched([grid], ((batch, [0] * len(batch)) for batch in batches)))
 
     def log_likelihoods(self, images: list[np.ndarray]) -> list[list[torch.Tensor]]:
         """Each decoded image's per-scale (1, h, w) log-likelihood maps, as the image score reads them:
@@ -286,7 +281,8 @@ class Predictor:
             grids = grids_for(samples, self.config.model.tile, self.config.model.tile_overlap)
             tiles = TileDataset(samples, grids, self.image_size)
             loader = DataLoader(tiles, batch_size=batch_size, num_workers=workers)
-            maps = self._tiled_iter_maps(grids, loader, resolution)
+            stitchers = self._stitched(grids, ((b["image"], b["sample"].tolist()) for b in loader))
+            maps = (self._stitched_maps(stitcher, resolution) for stitcher in stitchers)
         else:
             loader = DataLoader(
                 ImageDataset(samples, self.image_size), batch_size=batch_size, num_workers=workers

@@ -51,7 +51,6 @@ from msflow.files import atomic_write_bytes
 log = logging.getLogger("msflow.runtime")
 
 CHOICES = get_args(RuntimeName)  # "auto" and the runtimes
-RUNTIMES = CHOICES[1:]
 # Agreement with float32 torch on the synthetic batch. float32 ONNX Runtime differs by ~1e-6; bfloat16
 # (8-bit mantissa, ~4e-3 per rounding) passes only where its errors do not pile up in the maps.
 SCORE_TOLERANCE = 5e-3  # max |score - score_fp32| / max(1, max |score_fp32|)
@@ -69,10 +68,8 @@ Timer = Callable[[str, Callable[[], object]], float]  # (runtime, one batch) -> 
 def runner(runtime: str, model: Any, device: torch.device) -> Runner:
     """How ``runtime`` turns a (B, 3, H, W) batch in [0, 1] into numpy outputs (``model``: an MSFlow,
     or an :class:`~msflow.infer.export.OnnxModel` for ``onnx``)."""
-    if runtime == "onnx":
+    if runtime == "onnx":  # names were checked by select_runtime
         return lambda batch: model.predict(batch.cpu().numpy())
-    if runtime not in ("torch", "torch-bf16"):
-        raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
     bf16 = runtime == "torch-bf16"
 
     def run(batch: Tensor) -> Outputs:
@@ -141,12 +138,8 @@ def onnx_available(device: torch.device) -> bool:
 
 def candidates(device: torch.device) -> list[str]:
     """The runtimes ``auto`` considers on ``device``, float32 torch first."""
-    found = ["torch"]
-    if native_bf16(device):
-        found.append("torch-bf16")
-    if onnx_available(device):
-        found.append("onnx")
-    return found
+    offered = {"torch": True, "torch-bf16": native_bf16(device), "onnx": onnx_available(device)}
+    return [name for name, available in offered.items() if available]
 
 
 def _machine(device: torch.device) -> str:
@@ -194,13 +187,12 @@ def _onnx_model(run_dir: Path, model: Any, sha: str, forced: bool, threads: int)
             raise MSFlowError(f"'{path}' was not exported from this model; run 'msflow export' again")
         return None
 
-    for folder, where in _folders(run_dir, sha):
-        path = folder / ONNX_FILE
+    paths = [(folder / ONNX_FILE, where) for folder, where in _folders(run_dir, sha)]
+    for path, where in paths:
         if path.is_file() and (onnx := matching(path)) is not None:
             return onnx, f"{where} {path}"
-    for folder, where in _folders(run_dir, sha):
-        path = folder / ONNX_FILE
-        if not path.exists() and writable(folder):  # never replace a file the user exported
+    for path, where in paths:
+        if not path.exists() and writable(path.parent):  # never replace a file the user exported
             export_onnx(model, path, metadata={"checkpoint_sha256": sha})
             return OnnxModel(path, threads=threads), f"exported to {where} {path}"
     with tempfile.TemporaryDirectory(prefix="msflow-onnx-") as tmp:  # onnxruntime keeps its own copy
@@ -212,13 +204,11 @@ def open_runtime(
     runtime: str, model: Any, run_dir: Path, sha: str, device: torch.device, forced: bool = True
 ) -> tuple[Any, str]:
     """(the model object ``runtime`` runs, a note on where it came from)."""
-    if runtime == "onnx":
-        if not onnx_available(device):
-            raise MSFlowError(f"runtime 'onnx' needs onnxruntime able to run on '{device.type}'")
-        return _onnx_model(run_dir, model, sha, forced, torch.get_num_threads())
-    if runtime in ("torch", "torch-bf16"):
+    if runtime != "onnx":  # torch and torch-bf16 run the model itself
         return model, ""
-    raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
+    if not onnx_available(device):
+        raise MSFlowError(f"runtime 'onnx' needs onnxruntime able to run on '{device.type}'")
+    return _onnx_model(run_dir, model, sha, forced, torch.get_num_threads())
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -256,28 +246,19 @@ def wall_seconds(device: torch.device) -> Timer:
 
 def differences(reference: Outputs, outputs: Outputs, pixel_range: float) -> dict[str, float]:
     """Differences to float32 torch, each relative to its scale (see the tolerances above)."""
-    ref_scores, ref_pixel, ref_image = (np.asarray(a, dtype=np.float64) for a in reference)
-    scores, pixel, image = (np.asarray(a, dtype=np.float64) for a in outputs)
-    if scores.shape != ref_scores.shape or pixel.shape != ref_pixel.shape or image.shape != ref_image.shape:
-        return {"score": np.inf, "pixel_map": np.inf, "image_map": np.inf}
-
-    def worst(a: np.ndarray, b: np.ndarray, scale: float) -> float:
-        d = np.abs(a - b)
-        return float(d.max() / scale) if np.isfinite(d).all() else float("inf")
-
-    return {
-        "score": worst(scores, ref_scores, max(1.0, float(np.abs(ref_scores).max()))),
-        "pixel_map": worst(pixel, ref_pixel, pixel_range),
-        "image_map": worst(image, ref_image, 1.0),
-    }
+    names = ("score", "pixel_map", "image_map")
+    if any(np.shape(ref) != np.shape(out) for ref, out in zip(reference, outputs, strict=True)):
+        return dict.fromkeys(names, np.inf)
+    scales = (max(1.0, float(np.abs(np.asarray(reference[0], dtype=np.float64)).max())), pixel_range, 1.0)
+    found = {}
+    for name, ref, out, scale in zip(names, reference, outputs, scales, strict=True):
+        d = np.abs(np.asarray(out, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+        found[name] = float(d.max() / scale) if np.isfinite(d).all() else float("inf")
+    return found
 
 
 def agrees(diff: dict[str, float]) -> bool:
-    return (
-        diff["score"] <= SCORE_TOLERANCE
-        and diff["pixel_map"] <= MAP_TOLERANCE
-        and diff["image_map"] <= MAP_TOLERANCE
-    )
+    return diff["score"] <= SCORE_TOLERANCE and max(diff["pixel_map"], diff["image_map"]) <= MAP_TOLERANCE
 
 
 @dataclass
@@ -319,7 +300,7 @@ def measure(
         try:
             diffs[name] = differences(reference, run(batch), pixel_range)  # also the warm-up
         except Exception as err:  # noqa: BLE001 - a runtime that cannot run is one that is not chosen
-            rejected[name] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:160]}"
+            rejected[name] = f"failed: {_one_line(err)}"
             continue
         if agrees(diffs[name]):
             live.append(name)
@@ -333,6 +314,11 @@ def measure(
                 seconds = timer(name, lambda run=runners[name]: run(batch))
                 best[name] = min(best.get(name, float("inf")), seconds)
     return {k: len(batch) / max(s, 1e-12) for k, s in best.items()}, diffs, rejected
+
+
+def _one_line(err: Exception) -> str:
+    """An error as a short line of ``runtime.json``'s rejections."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
 
 
 def fastest(speeds: dict[str, float], rejected: dict[str, str]) -> str:
@@ -402,6 +388,14 @@ def save_decision(run_dir: Path, decision: Decision) -> str:
 
 
 # --- the entry point --------------------------------------------------------------------------------
+def _opened(runtime: str, model: Any, run_dir: Path, sha: str, device: torch.device, forced: bool) -> Any:
+    """:func:`open_runtime`'s model object; where it came from goes to the log."""
+    obj, where = open_runtime(runtime, model, run_dir, sha, device, forced)
+    if where:
+        log.info("runtime %s: %s", runtime, where)
+    return obj
+
+
 def select_runtime(
     runtime: str,
     model: Any,
@@ -411,7 +405,7 @@ def select_runtime(
     batch_size: int = 1,
     timer: Timer | None = None,
 ) -> tuple[str, Any, Decision | None]:
-    """Resolve ``runtime`` (``auto`` or one of ``RUNTIMES``) for ``model``, whose checkpoint digest is
+    """Resolve ``runtime`` (``auto`` or a runtime's name) for ``model``, whose checkpoint digest is
     ``sha``: (name, model object to run, the decision when ``auto``). A named runtime is honoured as
     asked, without measuring. ``timer`` replaces the wall clock (a seam for tests).
     """
@@ -422,36 +416,26 @@ def select_runtime(
     if runtime != "auto":
         if runtime == "torch-bf16" and not native_bf16(device):
             log.warning("runtime torch-bf16 on %s without native bfloat16: slower than fp32", device)
-        obj, where = open_runtime(runtime, model, run_dir, sha, device, forced=True)
-        if where:
-            log.info("runtime %s: %s", runtime, where)
-        return runtime, obj, None
-    names = candidates(device)
-    key = decision_key(sha, device, batch_size, names)
-    decision = cached_decision(run_dir, key)
-    objects: dict[str, Any] = {}
-    if decision is None:
+        return runtime, _opened(runtime, model, run_dir, sha, device, forced=True), None
+    key = decision_key(sha, device, batch_size, candidates(device))
+    decision, objects = cached_decision(run_dir, key), {}
+    if decision is None:  # measure every candidate now
         runners, rejected, notes = {}, {}, []
-        for name in names:
+        for name in key["candidates"]:
             try:
                 objects[name], note = open_runtime(name, model, run_dir, sha, device, forced=False)
             except Exception as err:  # noqa: BLE001 - e.g. an export that fails: then not a candidate
-                rejected[name] = f"unavailable: {type(err).__name__}: {' '.join(str(err).split())[:160]}"
+                rejected[name] = f"unavailable: {_one_line(err)}"
                 continue
             runners[name] = runner(name, objects[name], device)
             notes += [f"{name}: {note}"] if note else []
         batch = synthetic_batch(model.anomaly.image_size, batch_size)
-        speeds, diffs, failed = measure(
-            runners, batch, float(len(model.parallel_flows)), timer or wall_seconds(device)
-        )
+        pixel_range = float(len(model.parallel_flows))
+        speeds, diffs, failed = measure(runners, batch, pixel_range, timer or wall_seconds(device))
         rejected.update(failed)
-        choice = fastest(speeds, rejected)
-        decision = Decision(choice, speeds, diffs, rejected, key)
+        decision = Decision(fastest(speeds, rejected), speeds, diffs, rejected, key)
         decision.where = " ".join([save_decision(run_dir, decision), *notes])
     log.info(decision.line())
     if decision.runtime in objects:
         return decision.runtime, objects[decision.runtime], decision
-    obj, where = open_runtime(decision.runtime, model, run_dir, sha, device, forced=False)
-    if where:
-        log.info("runtime %s: %s", decision.runtime, where)
-    return decision.runtime, obj, decision
+    return decision.runtime, _opened(decision.runtime, model, run_dir, sha, device, forced=False), decision

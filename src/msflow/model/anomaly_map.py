@@ -1,47 +1,36 @@
 """From latents to anomaly maps and image scores, as the official code computes them.
 
-Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, as in the paper: B16). Two
-aggregations follow, both up-sampled bilinearly with align_corners=True to the model's input size:
+Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, as in the paper: B16);
+maps are up-sampled bilinearly with align_corners=True to the model's input size. Each map kind has one
+formula, in :func:`score_map`:
 
-- "mul" (image score): L = sum_s up(logp_s), the log of the product of the scale likelihoods;
-  A_mul = 1 - exp(L - ref). The image score is the mean of the top ``top_k`` fraction of A_mul.
-- "add" (pixel map): P_s = exp(logp_s - ref_s); S = sum_s up(P_s); A_add = max - S.
+- ``mul`` (the paper's image map): L = sum_s up(logp_s), the log of the product of the scale
+  likelihoods; A_mul = 1 - exp(L - max L). ``gmul``: the same against the global reference;
+- ``add`` (the paper's pixel map): P_s = exp(logp_s - max logp_s); S = sum_s up(P_s); A_add = max S - S.
+  ``gadd``: against the per-scale global references, A = n_scales - S;
+- ``logp``: the raw negative log-likelihood -L, no reference and no exp squashing: an image that is
+  less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share;
+- ``scales`` (scores only, :func:`image_score`): the sum over scales of each scale's own reduced
+  -logp_s, so a defect that one scale sees is not diluted by the others'.
 
-Each map kind has one formula, in :func:`score_map`: ``mul`` and ``add`` (per-image references),
-``gmul`` and ``gadd`` (global references), ``logp`` (no reference). What a run computes is one
-immutable :class:`msflow.scoring.MapSettings` value; :meth:`AnomalyMapper.with_settings` gives a mapper
-with other settings (sharing the calibrated references) instead of editing one in place.
-
-With ``normalization="per_image"`` (official) ref is the image's own maximum, so every image has a
-pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) ref comes from training
-images (the mean of their per-image maxima), values above it are clipped to it, and A_add = n_scales - S:
-an image that is off-distribution everywhere then scores high everywhere.
-
-The image score (``score``, ours; see :func:`image_score` and ``msflow.scoring`` for the names) reduces
-one of these maps to a number, the mean of its ``fraction`` largest values ("max": the largest one),
-after a blur of the run's ``smoothing`` (or of the score's own ``@SIGMA``):
-
-- ``mul``  the per-image "mul" map above (``official`` = ``mul`` at top_k under ``normalization``,
-  the paper's score, spec section 6);
-- ``gmul`` the "mul" map against the global reference (1 - exp(min(L - ref, 0)));
-- ``add``  the per-image "add" map;
-- ``logp`` the raw negative log-likelihood -L, no per-image reference and no exp squashing: an image
-  that is less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share;
-- ``scales`` the sum over scales of each scale's own reduced -logp_s (up-sampled): a defect that one
-  scale sees stands out of that scale's map instead of being diluted by the others'.
+With ``normalization="per_image"`` (official) the reference is the image's own maximum, so every image
+has a pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) it comes from training
+images (the mean of their per-image maxima) and values above it are clipped to it: an image that is
+off-distribution everywhere then scores high everywhere. An image score (names: ``msflow.scoring``)
+reduces one map to the mean of its ``fraction`` largest values ("max": the largest one); ``official``
+is ``mul``/``gmul`` at ``top_k``, the paper's score (spec section 6). What a run computes is one
+immutable :class:`msflow.scoring.MapSettings`; :meth:`AnomalyMapper.with_settings` gives a mapper with
+other settings that shares the calibrated references.
 
 ``smoothing`` (ours; 0 = the paper) blurs every map with a Gaussian of that many model-input pixels
-before it is reduced to a score or returned (:func:`gaussian_smooth`). A feature vector's likelihood
-describes a receptive field, not one pixel, and neighbouring values are noisy estimates of the same
-thing: averaging them removes isolated false peaks in good images and joins a defect's pixels
-(anomalib and PatchCore blur with sigma 4 for the same reason). ``msflow train`` chooses it, and the
-normalisation, per dataset from synthetic defects' exact masks (``msflow.train.map_selection``).
+before it is reduced or returned (:func:`gaussian_smooth`): a feature vector's likelihood describes a
+receptive field, not one pixel, so averaging neighbours removes isolated false peaks in good images and
+joins a defect's pixels (anomalib and PatchCore blur with sigma 4 for the same reason).
 
-An image judged by tiles (``msflow.data.tiles``) gets these maps from its stitched per-scale maps, which
-cover the whole image; per-image references are then the whole image's, and a fraction is a fraction
-of ONE model input's area (k = fraction x H x W of the input), so "logp:0.01" averages as many pixels,
-at the same scale, as for a single tile: a small defect weighs the same in a 900 x 1200 photograph as
-in one 256 px tile, instead of being averaged with 30 tiles' worth of normal pixels.
+An image judged by tiles (``msflow.data.tiles``) gets these maps from its stitched per-scale maps:
+per-image references are the whole image's, and a fraction is of ONE model input's area, so a small
+defect weighs the same in a 900 x 1200 photograph as in one 256 px tile instead of being averaged with
+30 tiles' worth of normal pixels.
 """
 
 from __future__ import annotations
@@ -85,6 +74,11 @@ def to_original_size(anomaly_map: Tensor, height: int, width: int) -> np.ndarray
 
 def _image_max(x: Tensor) -> Tensor:
     return x.flatten(1).max(dim=1).values[:, None, None]
+
+
+def _fused(logps: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """L = sum_s up(logp_s), the log of the product of the scale likelihoods (the global reference too)."""
+    return sum(upsample(m, size) for m in logps)
 
 
 def gaussian_smooth(maps: Tensor, sigma: float) -> Tensor:
@@ -134,7 +128,7 @@ def score_map(
         assert ref_add is not None, "gadd needs the per-scale global references"
         probs = [torch.exp(torch.clamp(m - r, max=0)) for m, r in zip(logps, ref_add, strict=True)]
         return len(logps) - sum(upsample(p, size) for p in probs)
-    fused = sum(upsample(m, size) for m in logps)
+    fused = _fused(logps, size)
     if kind == "mul":
         return 1 - torch.exp(fused - _image_max(fused))  # = max(P_mul) - P_mul, max(P_mul) = 1
     if kind == "gmul":
@@ -205,10 +199,6 @@ class AnomalyMapper(nn.Module):
     def score(self) -> str:
         return self.settings.score
 
-    @property
-    def top_k(self) -> float:
-        return self.settings.top_k
-
     def with_settings(self, settings: MapSettings) -> AnomalyMapper:
         """A mapper with other settings that shares this one's calibrated references."""
         other = AnomalyMapper(len(self.ref_add), self.image_size, settings)
@@ -227,7 +217,7 @@ class AnomalyMapper(nn.Module):
         mul_max = [torch.zeros(0, device=self.ref_mul.device)]  # an empty shard contributes nothing
         add_max = [torch.zeros(0, len(self.ref_add), device=self.ref_add.device)]
         for logps in logp_batches:
-            mul_max.append(_image_max(sum(upsample(m, self.image_size) for m in logps)).flatten())
+            mul_max.append(_image_max(_fused(logps, self.image_size)).flatten())
             add_max.append(torch.stack([_image_max(m).flatten() for m in logps], dim=1))
         mul, add = torch.cat(mul_max), torch.cat(add_max)
         if gather is not None:
@@ -240,7 +230,7 @@ class AnomalyMapper(nn.Module):
         return self.from_log_likelihoods(log_likelihood_maps(zs))
 
     def from_log_likelihoods(self, logps: list[Tensor], size: tuple[int, int] | None = None) -> AnomalyOutput:
-        """The same output from per-scale (B, h_s, w_s) log-likelihood maps (kept by offline studies).
+        """The same output from per-scale (B, h_s, w_s) log-likelihood maps.
 
         ``size``: (H, W) of the output maps, default the model's input size; a tiled image passes its
         stitched maps (``msflow.data.tiles``), already at the size of the whole image.
@@ -250,11 +240,10 @@ class AnomalyMapper(nn.Module):
         image_kind, pixel_kind = ("gmul", "gadd") if self.normalization == "global" else ("mul", "add")
         image_map = gaussian_smooth(score_map(image_kind, logps, size, self.ref_mul), self.smoothing)
         pixel_map = gaussian_smooth(score_map(pixel_kind, logps, size, ref_add=self.ref_add), self.smoothing)
-        kind, fraction, sigma = split_score(self.settings.score_name())
-        if self.score == "official":  # the paper's: top_k of the image map
-            scores = top_k_score(image_map, self.top_k, area)
-        elif kind == image_kind and sigma is None:  # the image map is already there
+        name = self.settings.score_name()  # "official" is the image map's kind at top_k
+        kind, fraction, sigma = split_score(name)
+        if kind == image_kind and sigma is None:  # the image map is already there
             scores = reduce_score(image_map, fraction, area)
         else:
-            scores = image_score(self.settings.score_name(), logps, size, self.ref_mul, area, self.smoothing)
+            scores = image_score(name, logps, size, self.ref_mul, area, self.smoothing)
         return AnomalyOutput(scores, pixel_map, image_map)
