@@ -1,47 +1,32 @@
 """From latents to anomaly maps and image scores, as the official code computes them.
 
-Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, as in the paper: B16). Two
-aggregations follow, both up-sampled bilinearly with align_corners=True to the model's input size:
+Per scale, the log-likelihood map is logp_s = -0.5 * mean_c z_s^2 (no log-det term, as in the paper: B16).
+Each map kind has one formula, in :func:`score_map`, up-sampled bilinearly with align_corners=True to the
+model's input size:
 
-- "mul" (image score): L = sum_s up(logp_s), the log of the product of the scale likelihoods;
-  A_mul = 1 - exp(L - ref). The image score is the mean of the top ``top_k`` fraction of A_mul.
-- "add" (pixel map): P_s = exp(logp_s - ref_s); S = sum_s up(P_s); A_add = max - S.
-
-Each map kind has one formula, in :func:`score_map`: ``mul`` and ``add`` (per-image references),
-``gmul`` and ``gadd`` (global references), ``logp`` (no reference). What a run computes is one
-immutable :class:`msflow.scoring.MapSettings` value; :meth:`AnomalyMapper.with_settings` gives a mapper
-with other settings (sharing the calibrated references) instead of editing one in place.
+- ``mul`` (the image map): L = sum_s up(logp_s), the log of the product of the scale likelihoods;
+  A_mul = 1 - exp(L - ref). The paper's image score (``official``) is the mean of its top ``top_k``.
+- ``add`` (the pixel map): P_s = exp(logp_s - ref_s); S = sum_s up(P_s); A_add = max - S.
+- ``gmul`` and ``gadd``: the same against global references; ``logp``: -L, no reference, no exp.
 
 With ``normalization="per_image"`` (official) ref is the image's own maximum, so every image has a
 pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) ref comes from training
 images (the mean of their per-image maxima), values above it are clipped to it, and A_add = n_scales - S:
 an image that is off-distribution everywhere then scores high everywhere.
 
-The image score (``score``, ours; see :func:`image_score` and ``msflow.scoring`` for the names) reduces
-one of these maps to a number, the mean of its ``fraction`` largest values ("max": the largest one),
-after a blur of the run's ``smoothing`` (or of the score's own ``@SIGMA``):
+An image score (:func:`image_score`; the names are ``msflow.scoring``'s) is the mean of a map's
+``fraction`` largest values, after a blur of the run's ``smoothing`` or of the score's own ``@SIGMA``
+(:func:`gaussian_smooth`; 0 = the paper). A feature vector's likelihood describes a receptive field, not
+one pixel, and neighbouring values are noisy estimates of the same thing: the blur removes isolated false
+peaks in good images and joins a defect's pixels (anomalib and PatchCore blur with sigma 4 for the same
+reason); ``msflow train`` chooses the blur and the normalisation per dataset from synthetic defects'
+exact masks (``msflow.train.map_selection``). What a run computes is one immutable
+:class:`msflow.scoring.MapSettings` value; :meth:`AnomalyMapper.with_settings` gives a mapper with
+other settings instead of editing one in place.
 
-- ``mul``  the per-image "mul" map above (``official`` = ``mul`` at top_k under ``normalization``,
-  the paper's score, spec section 6);
-- ``gmul`` the "mul" map against the global reference (1 - exp(min(L - ref, 0)));
-- ``add``  the per-image "add" map;
-- ``logp`` the raw negative log-likelihood -L, no per-image reference and no exp squashing: an image
-  that is less likely everywhere scores higher, and a small defect is not averaged away by a 3 % share;
-- ``scales`` the sum over scales of each scale's own reduced -logp_s (up-sampled): a defect that one
-  scale sees stands out of that scale's map instead of being diluted by the others'.
-
-``smoothing`` (ours; 0 = the paper) blurs every map with a Gaussian of that many model-input pixels
-before it is reduced to a score or returned (:func:`gaussian_smooth`). A feature vector's likelihood
-describes a receptive field, not one pixel, and neighbouring values are noisy estimates of the same
-thing: averaging them removes isolated false peaks in good images and joins a defect's pixels
-(anomalib and PatchCore blur with sigma 4 for the same reason). ``msflow train`` chooses it, and the
-normalisation, per dataset from synthetic defects' exact masks (``msflow.train.map_selection``).
-
-An image judged by tiles (``msflow.data.tiles``) gets these maps from its stitched per-scale maps, which
-cover the whole image; per-image references are then the whole image's, and a fraction is a fraction
-of ONE model input's area (k = fraction x H x W of the input), so "logp:0.01" averages as many pixels,
-at the same scale, as for a single tile: a small defect weighs the same in a 900 x 1200 photograph as
-in one 256 px tile, instead of being averaged with 30 tiles' worth of normal pixels.
+An image judged by tiles (``msflow.data.tiles``) gets these maps from its stitched per-scale maps; its
+per-image references are the whole image's, and a fraction is a fraction of ONE model input's area, so a
+small defect weighs the same in a 900 x 1200 photograph as in one 256 px tile.
 """
 
 from __future__ import annotations
@@ -205,10 +190,6 @@ class AnomalyMapper(nn.Module):
     def score(self) -> str:
         return self.settings.score
 
-    @property
-    def top_k(self) -> float:
-        return self.settings.top_k
-
     def with_settings(self, settings: MapSettings) -> AnomalyMapper:
         """A mapper with other settings that shares this one's calibrated references."""
         other = AnomalyMapper(len(self.ref_add), self.image_size, settings)
@@ -252,7 +233,7 @@ class AnomalyMapper(nn.Module):
         pixel_map = gaussian_smooth(score_map(pixel_kind, logps, size, ref_add=self.ref_add), self.smoothing)
         kind, fraction, sigma = split_score(self.settings.score_name())
         if self.score == "official":  # the paper's: top_k of the image map
-            scores = top_k_score(image_map, self.top_k, area)
+            scores = top_k_score(image_map, self.settings.top_k, area)
         elif kind == image_kind and sigma is None:  # the image map is already there
             scores = reduce_score(image_map, fraction, area)
         else:
