@@ -18,20 +18,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from msflow._version import __version__
 from msflow.config import SCHEMA_VERSION, Config
 from msflow.errors import CheckpointError, ConfigError
 from msflow.files import atomic_write_bytes
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_meta(json_path: Path) -> dict[str, Any]:
@@ -67,10 +59,11 @@ def load_tensors(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             f"checkpoint '{json_path}' is from an incompatible version (schema {meta.get('schema_version')}, "
             f"msflow {meta.get('msflow_version')}); this msflow {__version__} reads schema {SCHEMA_VERSION}"
         )
-    if _sha256(tensors_path) != meta["sha256"]:
+    data = tensors_path.read_bytes()  # one read: the bytes that were verified are the bytes loaded
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"checkpoint '{tensors_path}' is truncated or tampered with (SHA-256 mismatch)")
     try:
-        tensors = load_file(str(tensors_path))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{tensors_path}' cannot be read: {err}") from err
     return tensors, meta
