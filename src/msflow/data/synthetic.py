@@ -52,7 +52,6 @@ def _patch(rng: np.random.Generator, img: np.ndarray) -> tuple[np.ndarray, Image
     sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     piece = img[sy : sy + ph, sx : sx + pw]
     piece = np.rot90(piece, int(rng.integers(1, 4))) if ph == pw else piece[::-1, ::-1]
-    piece = piece[: min(ph, piece.shape[0]), : min(pw, piece.shape[1])]
     out = img.copy()
     ty, tx = int(y0), int(x0)
     ph, pw = min(piece.shape[0], h - ty), min(piece.shape[1], w - tx)
@@ -125,11 +124,5 @@ def synthetic_set(
 ) -> list[tuple[Image.Image, np.ndarray]]:
     """``per_image`` defective copies of each image (kinds cycling), reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i, image in enumerate(images):
-        for j in range(per_image):
-            out.append(add_defect(image, rng, KINDS[(i * per_image + j) % len(KINDS)]))
-    return out
-
-
-__all__ = ["AREA_RANGE", "KINDS", "add_defect", "synthetic_set"]
+    copies = range(len(images) * per_image)  # the kinds cycle over all copies
+    return [add_defect(images[n // per_image], rng, KINDS[n % len(KINDS)]) for n in copies]
