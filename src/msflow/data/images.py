@@ -167,8 +167,6 @@ def decode(
         raise DataError(f"cannot read an image from a {type(image).__name__}")
     try:
         return _from_array(_pil_array(img) if img is not None else image)
-    except ImageTooLargeError:
-        raise
     except DataError as exc:
         raise DataError(f"bad {what}: {exc}") from None
 
