@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,8 +197,6 @@ def validate_samples(samples: list[Sample], what: str = "training set", max_list
 def _elpv_rows() -> tuple[list[tuple[str, float, str]], Any]:
     """Read the ELPV label table: rows (relative path, defect probability, "mono"/"poly"), data root."""
     try:
-        from importlib.resources import files
-
         data = files("elpv_dataset") / "data"
         text = (data / "labels.csv").read_text()
     except (ImportError, OSError) as exc:

@@ -1,10 +1,9 @@
 """The frozen backbone: three feature maps at strides 4, 8 and 16, each smoothed by a 3x3/2 pool.
 
-MSFlow taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For
-EfficientNet-Lite0 the same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels; Lite1
-has the same widths with more blocks, Lite2 24, 48, 120).
-Channel counts and strides are read from a dummy forward pass, never from constants
-(docs/official-code-differences.md, B1).
+MSFlow taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For EfficientNet-Lite0 the
+same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels; Lite1 has the same widths
+with more blocks, Lite2 24, 48, 120). Channel counts and strides are read from a dummy forward pass,
+never from constants (docs/official-code-differences.md, B1).
 
 The extractor is frozen for good: parameters have ``requires_grad=False``, ``train()`` cannot leave
 eval mode (BatchNorm keeps its running statistics), and ``forward`` runs without autograd (B8).
@@ -115,8 +114,7 @@ def _build_resnet(
 
 
 def _build_lite(name: str, pretrained: bool, weights: str | Path | None) -> tuple[nn.Module, list[nn.Module]]:
-    """The stem and the three stages of an EfficientNet-Lite: stages 2, 3 and 5 end at strides 4, 8 and
-    16, like ResNet layer1-3."""
+    """The stem and the stages ending at strides 4, 8 and 16 (2, 3 and 5) of an EfficientNet-Lite."""
     variant = lite_variant(name)
     net = EfficientNetLite(variant)
     if weights is not None or pretrained:
