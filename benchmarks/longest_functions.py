@@ -1,7 +1,8 @@
 """The longest functions under a folder, by source lines (an ast walk; nothing is imported).
 
-    python benchmarks/longest_functions.py src --most 10
+python benchmarks/longest_functions.py src --most 10
 """
+
 import argparse
 import ast
 from pathlib import Path

@@ -25,11 +25,12 @@ import numpy as np
 
 from msflow.data.datasets import load_dataset
 from msflow.data.images import read_mask
+from msflow.evaluate.metrics import bootstrap_counts
 from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.infer.predictor import Predictor
 from msflow.scoring import MAPS_INCUMBENT, map_candidates, map_setting_name
 from msflow.train.map_selection import BINS, pixel_histograms
-from msflow.train.synthetic_check import SyntheticCheck, bootstrap_counts, predictor_maps
+from msflow.train.synthetic_check import SyntheticCheck, predictor_maps
 
 ROUNDS = 2000
 

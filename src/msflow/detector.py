@@ -17,7 +17,6 @@ from pathlib import Path
 
 from msflow.config import Config
 from msflow.data.images import ImageLike, decode
-from msflow.evaluate.threshold import Threshold
 from msflow.infer.predictor import Prediction, Predictor
 
 __all__ = ["Detector", "ImageLike", "Prediction"]
@@ -41,10 +40,7 @@ class Detector:
     device = property(lambda self: self.predictor.device)
     runtime = property(lambda self: self.predictor.runtime)
     image_size = property(lambda self: self.predictor.image_size)
-
-    @property
-    def threshold(self) -> Threshold:
-        return self.predictor.threshold
+    threshold = property(lambda self: self.predictor.threshold)
 
     @classmethod
     def load(cls, run: str | Path, device: str = "auto", runtime: str = "auto") -> Detector:

@@ -7,20 +7,19 @@ MVTec layout (one *category*; MVTec AD, VisA 1cls, custom data)::
     <category>/test/<defect type>/*.png             defective test images (label 1)
     <category>/ground_truth/<defect type>/<stem>_mask.png   (MVTec) or <stem>.png (VisA)
 
-Without a ``ground_truth`` folder only image-level metrics are possible (all masks None).
-With one, every defective image must have exactly one mask and every mask an image, so
-that pixel metrics never silently treat an unannotated defect as defect-free.
-
-A plain folder (images in it or in sub-folders, no ``train/``) is good images only: a model, no test
-metrics. anomalib's ``Folder`` layout (``normal_dir``, ``abnormal_dir``, ``mask_dir`` in the config)
-adds a test set of defective images and held-out good ones (:func:`folder_samples`). Whatever the
-layout, training holds out a share of its good images for the threshold (``msflow.train.fit``).
+Without a ``ground_truth`` folder only image-level metrics are possible (all masks None). With one,
+every defective image must have exactly one mask and every mask an image, so that pixel metrics never
+silently treat an unannotated defect as defect-free. A plain folder (images in it or in sub-folders, no
+``train/``) is good images only: a model, no test metrics. anomalib's ``Folder`` layout (``normal_dir``,
+``abnormal_dir``, ``mask_dir``) adds defective images and held-out good ones (:func:`folder_samples`).
+Whatever the layout, training holds out a share of its good images for the threshold (``msflow.train.fit``).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset
 from msflow.config import DataConfig
 from msflow.data.images import image_size, list_images, read_image, read_mask, to_tensor
 from msflow.errors import DataError
+from msflow.files import atomic_write_bytes
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -42,6 +42,11 @@ VISA_CATEGORIES = (
 )  # fmt: skip
 
 ELPV_TRAIN_PERCENT = 70  # of the defect-free cells; integer maths, no float rounding
+# Mask file names: the image's stem, or the stem with one of these suffixes (MVTec writes "_mask").
+MASK_SUFFIXES = ("_mask", "-mask", "_gt", "-gt", "_label")
+# The good images an --abnormal-dir test set takes are drawn with this seed: fixed, so that
+# ``msflow test`` on a run sees the same test set as its training did.
+FOLDER_SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -54,24 +59,28 @@ class Sample:
     mask: Path | None = None  # None for good images, or without annotations
 
 
-def _no_images(folder: Path, where: str = " or its sub-folders") -> DataError:
-    return DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{folder}'{where}")
+def _folder(path: str | os.PathLike[str]) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"dataset folder '{root}' does not exist or is not a folder")
+    return root
+
+
+def _images(folder: Path, recursive: bool = True) -> list[Path]:
+    """:func:`list_images`, at least one."""
+    images = list_images(folder, recursive)
+    if not images:
+        where = " or its sub-folders" if recursive else ""
+        raise DataError(f"no images (.png, .jpg, .bmp, .tif...) in '{folder}'{where}")
+    return images
 
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-# Mask file names: the image's stem, or the stem with one of these suffixes (MVTec writes "_mask").
-MASK_SUFFIXES = ("_mask", "-mask", "_gt", "-gt", "_label")
-
-
 def _mask_key(mask: Path, root: Path) -> str:
-    stem = mask.stem
-    for suffix in MASK_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem.removesuffix(suffix)
-            break
+    stem = next((mask.stem.removesuffix(s) for s in MASK_SUFFIXES if mask.stem.endswith(s)), mask.stem)
     return (mask.parent.relative_to(root) / stem).as_posix()
 
 
@@ -82,13 +91,12 @@ def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = Non
     ``gt_dir``, or anywhere in ``gt_dir`` when its stem is unique there.
     """
     by_path: dict[str, Path] = {}
+    stems: dict[str, list[str]] = {}
     for mask in list_images(gt_dir, recursive=True):
         key = _mask_key(mask, gt_dir)
         if key in by_path:
             raise DataError(f"two masks for the same image: '{by_path[key]}' and '{mask}'")
         by_path[key] = mask
-    stems: dict[str, list[str]] = {}
-    for key in by_path:
         stems.setdefault(key.rpartition("/")[2], []).append(key)
 
     masks: list[Path] = []
@@ -115,59 +123,47 @@ def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = Non
 def parse_folder(category_dir: str | os.PathLike[str]) -> tuple[list[Sample], list[Sample]]:
     """(train, test) of one MVTec-style category folder (MVTec AD, VisA 1cls or custom data).
 
-    Deterministic: files sorted, test samples by defect type ("good" first), then by name. Only image
-    extensions are listed; whether they decode is :func:`validate_samples`'s check. Empty
-    ``test/<type>`` folders are skipped; without ``test/`` the test list is empty (a folder of good
-    images only still trains a model).
+    Deterministic: files sorted, test samples by defect type ("good" first), then by name. Images are
+    listed by extension only (:func:`validate_samples` decodes them). Empty ``test/<type>`` folders
+    are skipped; without ``test/`` the test list is empty (good images only still train a model).
     """
-    root = Path(category_dir)
-    if not root.is_dir():
-        raise DataError(f"dataset folder '{root}' does not exist or is not a folder")
+    root = _folder(category_dir)
     train_dir = root / "train" / "good"
     if not train_dir.is_dir():
         raise DataError(f"'{train_dir}' is missing: a category needs train/good/ with defect-free images")
-    train = [Sample(p, 0, "good", None) for p in list_images(train_dir)]
-    if not train:
-        raise _no_images(train_dir, "")
-
+    train = [Sample(p, 0, "good") for p in _images(train_dir, recursive=False)]
     test_root = root / "test"
     if not test_root.is_dir():  # good images only (a new inspection project): a model, no test metrics
         return train, []
-    # "good" first so that the order reads naturally; the rest alphabetically.
-    folders = sorted(_subfolders(test_root), key=lambda p: (p.name != "good", p.name))
-    by_type = {f.name: imgs for f in folders if (imgs := list_images(f))}
+    by_type = {f.name: imgs for f in _subfolders(test_root) if (imgs := list_images(f))}
     if not by_type:
         raise DataError(f"no test images in '{test_root}' (expected test/good/ and test/<defect type>/)")
 
+    test = [Sample(p, 0, "good") for p in by_type.pop("good", [])]  # "good" first, the rest alphabetically
     gt_root = root / "ground_truth"
-    has_gt = gt_root.is_dir()
-    if has_gt:
-        for gt_dir in _subfolders(gt_root):
-            kind, masks = gt_dir.name, list_images(gt_dir)
-            if kind != "good" and kind not in by_type and masks:
-                raise DataError(f"mask '{masks[0]}' has no matching image: no images in '{test_root / kind}'")
-
-    test: list[Sample] = []
+    for gt_dir in _subfolders(gt_root) if gt_root.is_dir() else []:
+        kind, masks = gt_dir.name, list_images(gt_dir)
+        if kind != "good" and kind not in by_type and masks:
+            raise DataError(f"mask '{masks[0]}' has no matching image: no images in '{test_root / kind}'")
     for kind, images in by_type.items():
-        if kind == "good" or not has_gt:
-            test += [Sample(p, int(kind != "good"), kind, None) for p in images]
-            continue
         gt_dir = gt_root / kind
-        if not gt_dir.is_dir() or not list_images(gt_dir):
+        if not gt_root.is_dir():
+            masks = [None] * len(images)
+        elif gt_dir.is_dir() and list_images(gt_dir):
+            masks = _match_masks(images, gt_dir)
+        else:
             raise DataError(
                 f"no masks in '{gt_dir}': '{gt_root}' exists, so every defect type needs masks "
                 "(remove ground_truth for image-level evaluation only)"
             )
-        test += [Sample(p, 1, kind, m) for p, m in zip(images, _match_masks(images, gt_dir), strict=False)]
+        test += [Sample(p, 1, kind, m) for p, m in zip(images, masks, strict=True)]
     return train, test
 
 
 def find_categories(root: str | os.PathLike[str], strict: bool = True) -> list[Path]:
     """``[root]`` if root is a category (has ``train/``), else its category sub-folders, sorted
     (none is an error if ``strict``)."""
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"dataset folder '{base}' does not exist or is not a folder")
+    base = _folder(root)
     if (base / "train").is_dir():
         return [base]
     found = [p for p in _subfolders(base) if (p / "train").is_dir()]
@@ -198,26 +194,9 @@ def validate_samples(samples: list[Sample], what: str = "training set", max_list
 # ----------------------------------------------------------------------------- ELPV
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("MSFLOW_CACHE") or Path.home() / ".cache" / "msflow")
-
-
-def _materialise(data: bytes, dest: Path) -> Path:
-    """Write ``data`` to ``dest`` atomically (tmp + rename) unless it already exists."""
-    if dest.is_file() and dest.stat().st_size == len(data):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)  # atomic: readers never see a half-written file
-    return dest
-
-
 def _elpv_rows() -> tuple[list[tuple[str, float, str]], Any]:
     """Read the ELPV label table: rows (relative path, defect probability, "mono"/"poly"), data root."""
     try:
-        from importlib.resources import files
-
         data = files("elpv_dataset") / "data"
         text = (data / "labels.csv").read_text()
     except (ImportError, OSError) as exc:
@@ -236,43 +215,37 @@ def _elpv_rows() -> tuple[list[tuple[str, float, str]], Any]:
 def elpv_samples(category: Literal["mono", "poly"], seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Split the ELPV solar-cell set (elpv-dataset package, 2,624 300x300 EL images) for one cell type.
 
-    Each cell has an expert defect probability of 0, 1/3, 2/3 or 1. The split:
-
-    * train: 70 % (rounded down) of the defect-free cells (probability 0), chosen by
-      ``np.random.default_rng(seed).permutation`` over the cells sorted by file name;
-    * test: the other 30 % of the defect-free cells (label 0, type "good") plus every cell
-      with probability 1 (label 1, type "defect");
-    * cells with probability 1/3 or 2/3 are left out: the experts themselves were unsure,
-      so either label would be noise in the metrics.
-
-    Labels are image-level only (mask None). The package's PNG files are used in place
-    when it is installed as plain files; otherwise (e.g. zipped) they are copied once to
-    ``$MSFLOW_CACHE/elpv/<category>/`` (default ``~/.cache/msflow``).
+    Each cell has an expert defect probability of 0, 1/3, 2/3 or 1. Train: 70 % (rounded down) of the
+    defect-free cells, chosen by ``np.random.default_rng(seed).permutation`` over the cells sorted by
+    name. Test: the other defect-free cells ("good") and every cell of probability 1 ("defect"). Cells
+    of 1/3 or 2/3 are left out: the experts themselves were unsure, so either label would be noise.
+    Labels are image-level only. The package's PNGs are used in place when they are plain files, else
+    (e.g. zipped) copied once to ``$MSFLOW_CACHE/elpv/<category>/`` (default ``~/.cache/msflow``).
     """
     if category not in ("mono", "poly"):
         raise DataError(f"elpv category must be 'mono' or 'poly', not {category!r}")
     rows, data = _elpv_rows()
     good = [rel for rel, p, kind in rows if kind == category and p == 0.0]
     bad = [rel for rel, p, kind in rows if kind == category and p == 1.0]
-
     order = np.random.default_rng(seed).permutation(len(good))
     n_train = len(good) * ELPV_TRAIN_PERCENT // 100
-    train_rel = sorted(good[i] for i in order[:n_train])
-    test_good_rel = sorted(good[i] for i in order[n_train:])
+    cache = Path(os.environ.get("MSFLOW_CACHE") or Path.home() / ".cache" / "msflow") / "elpv" / category
 
-    def path_of(rel: str) -> Path:
-        resource = data / rel
+    def sample(rel: str, label: int, kind: str) -> Sample:
+        resource, dest = data / rel, cache / Path(rel).name
         if isinstance(resource, Path) and resource.is_file():
-            return resource
+            return Sample(resource, label, kind)
         try:
-            return _materialise(resource.read_bytes(), _cache_root() / "elpv" / category / Path(rel).name)
+            content = resource.read_bytes()
+            if not (dest.is_file() and dest.stat().st_size == len(content)):
+                atomic_write_bytes(dest, content)  # readers never see a half-written file
         except OSError as exc:
             raise DataError(f"elpv image '{rel}' cannot be read or cached: {exc}") from None
+        return Sample(dest, label, kind)
 
-    train = [Sample(path_of(r), 0, "good", None) for r in train_rel]
-    test = [Sample(path_of(r), 0, "good", None) for r in test_good_rel]
-    test += [Sample(path_of(r), 1, "defect", None) for r in bad]
-    return train, test
+    train = [sample(rel, 0, "good") for rel in sorted(good[i] for i in order[:n_train])]
+    test = [sample(rel, 0, "good") for rel in sorted(good[i] for i in order[n_train:])]
+    return train, test + [sample(rel, 1, "defect") for rel in bad]
 
 
 def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
@@ -286,14 +259,13 @@ def load_dataset(spec: str) -> tuple[str, list[Sample], list[Sample]]:
         train, test = elpv_samples(category)  # type: ignore[arg-type]
         return f"elpv-{category}", train, test
     folder = Path(text)
-    if folder.is_dir() and not (folder / "train").is_dir() and not find_categories(folder, strict=False):
+    categories = find_categories(folder, strict=False)
+    if not categories:
         return folder.resolve().name, plain_folder(folder), []
-    categories = find_categories(folder)
     if categories != [folder]:
         names = ", ".join(p.name for p in categories[:5]) + (", ..." if len(categories) > 5 else "")
         raise DataError(f"'{folder}' holds several categories ({names}); pass one of them")
-    train, test = parse_folder(folder)
-    return folder.resolve().name, train, test
+    return (folder.resolve().name, *parse_folder(folder))
 
 
 def plain_folder(folder: str | os.PathLike[str]) -> list[Sample]:
@@ -309,15 +281,7 @@ def plain_folder(folder: str | os.PathLike[str]) -> list[Sample]:
                 f"'{root}' has {name}/ but no train/good/: an MVTec-layout category needs train/good/ "
                 "with the defect-free images (a plain folder of good images has no test/ or ground_truth/)"
             )
-    images = list_images(root, recursive=True)
-    if not images:
-        raise _no_images(root)
-    return [Sample(p, 0, "good", None) for p in images]
-
-
-# The good images an --abnormal-dir test set takes are drawn with this seed: fixed, so that
-# ``msflow test`` on a run sees the same test set as its training did.
-FOLDER_SPLIT_SEED = 0
+    return [Sample(p, 0, "good") for p in _images(root)]
 
 
 def folder_samples(
@@ -334,24 +298,17 @@ def folder_samples(
     if not abnormal_dir:
         return normal, []
     root = Path(abnormal_dir)
-    images = list_images(root, recursive=True)
-    if not images:
-        raise _no_images(root)
+    images = _images(root)
     masks = _match_masks(images, Path(mask_dir), root) if mask_dir else [None] * len(images)
     kinds = [p.relative_to(root).parts[0] if p.parent != root else root.resolve().name for p in images]
     if len(normal) < 2:
         raise DataError(f"'{normal_dir}' needs at least 2 good images: some train, some test")
     n_test = min(max(1, round(test_fraction * len(normal))), len(normal) - 1)
-    order = np.random.default_rng(FOLDER_SPLIT_SEED).permutation(len(normal))
-    held = set(order[:n_test].tolist())
+    held = set(np.random.default_rng(FOLDER_SPLIT_SEED).permutation(len(normal))[:n_test].tolist())
     train = [s for i, s in enumerate(normal) if i not in held]
     test = [s for i, s in enumerate(normal) if i in held]
-    test += [Sample(p, 1, k, m) for p, k, m in sorted(zip(images, kinds, masks, strict=True), key=_by_kind)]
-    return train, test
-
-
-def _by_kind(row: tuple[Path, str, Path | None]) -> tuple[str, str]:
-    return row[1], str(row[0])
+    defects = [Sample(p, 1, k, m) for p, k, m in zip(images, kinds, masks, strict=True)]
+    return train, test + sorted(defects, key=lambda s: (s.defect_type, str(s.image)))
 
 
 def load_data(data: DataConfig) -> tuple[str, list[Sample], list[Sample]]:

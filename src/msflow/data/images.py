@@ -1,28 +1,22 @@
 """One image decoder for every way a picture arrives: files, uploaded bytes, PIL images, numpy arrays.
 
-The rule, the same for every entry point (so a picture gets the same score however it arrives):
-every image becomes a float32 RGB array of shape (H, W, 3) with values in [0, 1].
+The rule, the same for every entry point (so a picture gets the same score however it arrives): every
+image becomes a float32 RGB array of shape (H, W, 3) with values in [0, 1].
 
-* 8-bit data (uint8 arrays, Pillow's 8-bit modes) is divided by 255.
-* 16-bit data (uint16 arrays, Pillow's ``I;16*`` modes) is divided by 65535 and keeps its full
-  precision until :func:`to_tensor` resizes it to the model input.
-* 32-bit integers (int32 arrays, Pillow's ``I`` mode, which is how Pillow may hold a 16-bit PNG) are
-  read on the same 16-bit scale: clipped to 0..65535, divided by 65535. A per-image min-max scaling
-  would give the same defect different brightness in different images, which a density model reads
-  as an anomaly, so every scale is fixed.
-* Floating-point data (float arrays, Pillow's ``F`` mode, float TIFFs) is taken to be in [0, 1], as
-  scikit-image and torchvision treat it, and clipped there; NaN or infinite values are refused.
-* Greyscale is replicated to three channels. Alpha (RGBA, LA, PA, palette transparency, 2- and
-  4-channel arrays) is composited onto **black** (colour x alpha), so transparent pixels look the same
-  in every image whatever colour the hidden values have. Palette, CMYK (no ICC colour management) and
-  the other 8-bit modes use Pillow's conversion to RGB.
-* Pillow decodes 16-bit *colour* PNG/TIFF files at 8 bits; pass such images as uint16 arrays to keep
-  their precision.
+* Integers are read on a fixed scale: 8-bit data / 255; 16-bit data (uint16, Pillow's ``I;16*``) / 65535,
+  at full precision until :func:`to_tensor`; 32-bit integers (int32, Pillow's ``I``, how Pillow may
+  hold a 16-bit PNG) clipped to 0..65535, / 65535. A per-image min-max scaling would give the same
+  defect different brightness in different images, which a density model reads as an anomaly.
+* Floating-point data is taken to be in [0, 1], as scikit-image and torchvision treat it, and clipped
+  there; NaN or infinite values are refused.
+* Greyscale is replicated to three channels. Alpha is composited onto **black** (colour x alpha), so
+  transparent pixels look the same whatever colour the hidden values have. Palette, CMYK (no ICC colour
+  management) and the other 8-bit modes use Pillow's conversion to RGB. Pillow decodes 16-bit *colour*
+  PNG/TIFF files at 8 bits; pass such images as uint16 arrays to keep their precision.
 * EXIF orientation is **not** applied: masks are stored in raw pixel order, and rotating the image
   but not its mask would misalign them.
-* Truncated files are refused: Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set, and every
-  image is decoded completely (``img.load()``) before it is used. Every problem is one
-  :class:`DataError` line naming the file.
+* Truncated files are refused (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set; every image is
+  decoded completely before use). Every problem is one :class:`DataError` line naming the file.
 """
 
 from __future__ import annotations
@@ -173,8 +167,6 @@ def decode(
         raise DataError(f"cannot read an image from a {type(image).__name__}")
     try:
         return _from_array(_pil_array(img) if img is not None else image)
-    except ImageTooLargeError:
-        raise
     except DataError as exc:
         raise DataError(f"bad {what}: {exc}") from None
 
@@ -187,6 +179,16 @@ def read_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
 def image_size(image: np.ndarray) -> tuple[int, int]:
     """(width, height) of a decoded image, in the order Pillow and the masks use."""
     return int(image.shape[1]), int(image.shape[0])
+
+
+def header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) of an image file from its header alone (nothing is decoded)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except OSError as err:
+        raise DataError(f"bad image '{path}': cannot read its size ({err})") from None
+    return height, width
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -238,23 +240,17 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list
     return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _height_width(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def to_tensor(image: ImageLike, size: int | tuple[int, int]) -> torch.Tensor:
-    """The model input: resize to (size, size), or (height, width) = ``size``, with Lanczos, in float32,
-    values clipped to [0, 1].
+    """The model input: a float32 (3, height, width) tensor resized to (size, size), or (height, width)
+    = ``size``, with Lanczos, values clipped to [0, 1].
 
-    This is the official MSFlow transform (no crop; non-square images are distorted) minus the
-    normalisation, which the backbone applies itself with the statistics its weights were trained
-    with (ImageNet for the ResNets, [-1, 1] for the EfficientNet-Lites); see ``backbone.py``. Each channel
-    is resized as a float image, so 16-bit and float inputs keep their precision, and the same
-    picture gives the same tensor whatever its dtype (Lanczos overshoots at edges; the clip keeps the
-    range an 8-bit resize would have). Returns a float32 (3, height, width) tensor.
+    The official MSFlow transform (no crop; non-square images are distorted) minus the normalisation,
+    which the backbone applies with its weights' own statistics (``backbone.py``). Each channel is
+    resized as a float image, so 16-bit and float inputs keep their precision and a picture gives the
+    same tensor whatever its dtype (the clip keeps Lanczos' edge overshoot to an 8-bit resize's range).
     """
     rgb = decode(image)
-    height, width = _height_width(size)
+    height, width = (size, size) if isinstance(size, int) else size
     lanczos = Image.Resampling.LANCZOS
     channels = [
         np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:, :, c])).resize((width, height), lanczos))

@@ -13,10 +13,10 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
 from msflow.config import parse_image_size
 from msflow.data.datasets import Sample
+from msflow.data.images import header_size
 from msflow.errors import DataError
 
 STRIDE = 32  # every side of the input must be a multiple of the coarsest feature stride
@@ -24,16 +24,9 @@ STRIDE = 32  # every side of the input must be a multiple of the coarsest featur
 
 def median_aspect(samples: Sequence[Sample]) -> float:
     """Median width / height of the images (headers only)."""
-    ratios = []
-    for s in samples:
-        try:
-            with Image.open(s.image) as im:
-                ratios.append(im.size[0] / im.size[1])
-        except OSError as err:
-            raise DataError(f"cannot read the size of '{s.image}': {err}") from err
-    if not ratios:
+    if not samples:
         raise DataError("image_size 'auto' needs training images to measure")
-    return float(np.median(ratios))
+    return float(np.median([w / h for h, w in (header_size(s.image) for s in samples)]))
 
 
 def size_for_aspect(aspect: float, budget: int) -> int | tuple[int, int]:
@@ -54,6 +47,3 @@ def resolve_image_size(
         return image_size
     budget = int(image_size.partition(":")[2])
     return size_for_aspect(median_aspect(samples), budget)
-
-
-__all__ = ["median_aspect", "resolve_image_size", "size_for_aspect"]

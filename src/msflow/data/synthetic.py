@@ -120,8 +120,5 @@ def synthetic_set(
 ) -> list[tuple[Image.Image, np.ndarray]]:
     """``per_image`` defective copies of each image (kinds cycling), reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
-    kinds = [KINDS[k % len(KINDS)] for k in range(len(images) * per_image)]
-    return [add_defect(images[k // per_image], rng, kind) for k, kind in enumerate(kinds)]
-
-
-__all__ = ["AREA_RANGE", "KINDS", "add_defect", "synthetic_set"]
+    copies = range(len(images) * per_image)  # the kinds cycle over all copies
+    return [add_defect(images[n // per_image], rng, KINDS[n % len(KINDS)]) for n in copies]

@@ -2,24 +2,21 @@
 
 A photograph much larger than the model input loses its small defects when it is squashed to the input
 size. With ``tile: T`` (``msflow train --tile T``) an image is cut into T x T pixel tiles of the
-ORIGINAL image, each resized to the model input (``image_size``; ``--tile 256 --image-size 256`` keeps
-the original resolution). Training learns the good tiles; a test image is judged by stitching its
-tiles' per-scale log-likelihood maps into one map of the whole image, from which the anomaly maps and
-the image score are computed as for an untiled image (``msflow.infer.predictor``).
+ORIGINAL image, each resized to the model input (``--tile 256 --image-size 256`` keeps the original
+resolution). Training learns the good tiles; a test image is judged from its tiles' per-scale
+log-likelihood maps stitched into one map of the whole image (``msflow.infer.predictor``).
 
 Geometry (:func:`tile_grid`): along each axis the first tile starts at 0 and the last ends at the
 image's edge; in between the fewest tiles are spread evenly so that neighbours overlap by at least
-``ceil(overlap * T)`` pixels. Every pixel is covered. A side shorter than T gets a single tile spanning
-it (clipped to the image): an image smaller than a tile is one tile, the whole image resized, as without
-tiling. Training refuses such images instead (:func:`training_grids`): a model should learn at the
-scale it will judge.
+``ceil(overlap * T)`` pixels. A side shorter than T gets a single tile spanning it: an image smaller
+than a tile is one tile, as without tiling. Training refuses such images (:func:`training_grids`): a
+model should learn at the scale it will judge.
 
 Stitching (:class:`Stitcher`): each tile's map is weighted by a separable window that falls smoothly
 (half a Hann window, sin^2) from 1 at the tile's centre to almost 0 at each edge it shares with a
-neighbour, and stays 1 towards the image border; the sum of weighted maps is divided by the sum of the
-weights. Where tiles overlap, the result moves continuously from one tile's values to the next, so the
-stitched map has no seam; where one tile alone covers a pixel, the result is that tile's value. With
-``overlap: 0`` tiles only touch and the stitch is a plain mosaic (seams possible).
+neighbour, and stays 1 towards the image border; the weighted sum is divided by the sum of weights, so
+the stitched map moves continuously from one tile's values to the next (no seam), and where one tile
+alone covers a pixel it is that tile's value. With ``overlap: 0`` tiles only touch (seams possible).
 """
 
 from __future__ import annotations
@@ -30,12 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from msflow.data.datasets import Sample
-from msflow.data.images import read_image, to_tensor
+from msflow.data.images import header_size, read_image, to_tensor
 from msflow.errors import DataError
 
 Box = tuple[int, int, int, int]  # (top, left, bottom, right) in original pixels, bottom/right exclusive
@@ -87,20 +83,9 @@ def tile_grid(height: int, width: int, tile: int, overlap: float) -> TileGrid:
     return TileGrid(height, width, tile, tuple(ys), tuple(xs))
 
 
-def header_size(path: str | Sample) -> tuple[int, int]:
-    """(height, width) of an image file from its header (nothing is decoded)."""
-    path = path.image if isinstance(path, Sample) else path
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except OSError as err:
-        raise DataError(f"bad image '{path}': cannot read its size ({err})") from None
-    return height, width
-
-
 def grids_for(samples: Sequence[Sample], tile: int, overlap: float) -> list[TileGrid]:
     """Each sample's grid, from the image headers."""
-    return [tile_grid(*header_size(s), tile, overlap) for s in samples]
+    return [tile_grid(*header_size(s.image), tile, overlap) for s in samples]
 
 
 def training_grids(samples: Sequence[Sample], tile: int, overlap: float) -> list[TileGrid]:
@@ -159,20 +144,16 @@ def _ramp(n: int) -> np.ndarray:
     return np.sin(0.5 * np.pi * (np.arange(n) + 0.5) / n) ** 2
 
 
-def axis_weights(extent: int, taper_start: bool, taper_end: bool) -> np.ndarray:
-    """One tile's blending weights along an axis: 1, tapering over half the tile at each shared edge."""
+def axis_weights(extent: int, index: int, count: int) -> Tensor:
+    """The ``index``-th of ``count`` tiles' blending weights along an axis: 1, tapering over half the
+    tile at each edge it shares with a neighbour."""
     w = np.ones(extent)
     half = extent // 2
-    if taper_start:
+    if index > 0:
         w[:half] = _ramp(half)
-    if taper_end:
+    if index < count - 1:
         w[extent - half :] = np.minimum(w[extent - half :], _ramp(half)[::-1])
-    return w
-
-
-def _weights(extent: int, index: int, count: int) -> Tensor:
-    """Weights of the ``index``-th of ``count`` tiles along an axis: tapered where it has a neighbour."""
-    return torch.from_numpy(axis_weights(extent, index > 0, index < count - 1)).float()
+    return torch.from_numpy(w).float()
 
 
 def _canvas_offsets(starts: tuple[int, ...], length: int, tile: int, extent: int) -> tuple[int, list[int]]:
@@ -200,8 +181,8 @@ class Stitcher:
         self.grid, (self.h, self.w) = grid, tile_shape
         self.height, self.oy = _canvas_offsets(grid.ys, grid.height, grid.tile_height, self.h)
         self.width, self.ox = _canvas_offsets(grid.xs, grid.width, grid.tile_width, self.w)
-        self.wy = [_weights(self.h, i, len(grid.ys)) for i in range(len(grid.ys))]
-        self.wx = [_weights(self.w, i, len(grid.xs)) for i in range(len(grid.xs))]
+        self.wy = [axis_weights(self.h, i, len(grid.ys)) for i in range(len(grid.ys))]
+        self.wx = [axis_weights(self.w, i, len(grid.xs)) for i in range(len(grid.xs))]
         self._sum: Tensor | None = None
         self._weight = torch.zeros(self.height, self.width)
         self.added = 0
@@ -237,18 +218,3 @@ def stitch(tile_maps: Tensor, grid: TileGrid) -> Tensor:
     for maps in tile_maps:
         stitcher.add(maps)
     return stitcher.result()
-
-
-__all__ = [
-    "Stitcher",
-    "TileDataset",
-    "TileGrid",
-    "axis_starts",
-    "axis_weights",
-    "crop",
-    "grids_for",
-    "header_size",
-    "stitch",
-    "tile_grid",
-    "training_grids",
-]

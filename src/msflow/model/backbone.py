@@ -1,10 +1,9 @@
 """The frozen backbone: three feature maps at strides 4, 8 and 16, each smoothed by a 3x3/2 pool.
 
-MSFlow taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For
-EfficientNet-Lite0 the same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels; Lite1
-has the same widths with more blocks, Lite2 24, 48, 120).
-Channel counts and strides are read from a dummy forward pass, never from constants
-(docs/official-code-differences.md, B1).
+MSFlow taps the outputs of ResNet ``layer1``, ``layer2`` and ``layer3``. For EfficientNet-Lite0 the
+same strides are the ends of its stages 2, 3 and 5 (24, 40, 112 channels; Lite1 has the same widths
+with more blocks, Lite2 24, 48, 120). Channel counts and strides are read from a dummy forward pass,
+never from constants (docs/official-code-differences.md, B1).
 
 The extractor is frozen for good: parameters have ``requires_grad=False``, ``train()`` cannot leave
 eval mode (BatchNorm keeps its running statistics), and ``forward`` runs without autograd (B8).
@@ -14,6 +13,7 @@ Images come in as RGB in [0, 1]; each backbone applies the normalisation its wei
 from __future__ import annotations
 
 import importlib
+from itertools import pairwise
 from pathlib import Path
 from typing import get_args
 
@@ -75,32 +75,53 @@ def _set_reflect_padding(module: nn.Module) -> None:
             conv.padding_mode = "reflect"
 
 
-def _build_resnet(name: str, pretrained: bool, weights: str | Path | None) -> nn.Module:
+def _load_weights(net: nn.Module, path: str | Path, name: str, unused: tuple[str, ...] = ()) -> None:
+    """Load a weights file into ``net``; only keys under ``unused`` (parts never run) may be missing."""
+    state = load_state_dict_file(path)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches raise even with strict=False
+        raise WeightsError(f"weights '{path}' do not fit {name}: {str(err)[:300]}") from err
+    missing = [k for k in missing if not k.startswith(unused)]
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights '{path}' do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def _build_resnet(
+    name: str, pretrained: bool, weights: str | Path | None, reflect_padding: bool
+) -> tuple[nn.Module, list[nn.Module]]:
+    """The stem and ``layer1``-``layer3`` of a torchvision ResNet."""
     builder = getattr(torchvision.models, name)
     if weights is not None:
         net = builder(weights=None)
-        state = load_state_dict_file(weights)
-        # layer4 and fc are never used, so a trimmed file is accepted; anything else must match.
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # size mismatches raise even with strict=False
-            raise WeightsError(f"weights '{weights}' do not fit {name}: {str(err)[:300]}") from err
-        missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
-        if missing or unexpected:
+        _load_weights(net, weights, name, unused=("layer4.", "fc."))  # a trimmed file is fine
+    elif not pretrained:
+        net = builder(weights=None)
+    else:
+        try:  # the normal torchvision download (cached in ~/.cache/torch), IMAGENET1K_V1 as the official code
+            net = builder(weights="IMAGENET1K_V1")
+        except Exception as err:
             raise WeightsError(
-                f"weights '{weights}' do not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        return net
-    if not pretrained:
-        return builder(weights=None)
-    try:  # the normal torchvision download (cached in ~/.cache/torch), IMAGENET1K_V1 as the official code
-        return builder(weights="IMAGENET1K_V1")
-    except Exception as err:
-        raise WeightsError(
-            f"cannot get ImageNet weights for {name} ({type(err).__name__}: {err}). Alternatives: connect "
-            f"to the internet once, pass weights=PATH (--weights) to a local file, use backbone "
-            f"efficientnet_lite0 (weights ship with pip), or pretrained=False for random weights"
-        ) from err
+                f"cannot get ImageNet weights for {name} ({type(err).__name__}: {err}). Alternatives: "
+                "connect to the internet once, pass weights=PATH (--weights) to a local file, use backbone "
+                "efficientnet_lite0 (weights ship with pip), or pretrained=False for random weights"
+            ) from err
+    if reflect_padding:
+        _set_reflect_padding(net)
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), [net.layer1, net.layer2, net.layer3]
+
+
+def _build_lite(name: str, pretrained: bool, weights: str | Path | None) -> tuple[nn.Module, list[nn.Module]]:
+    """The stem and the stages ending at strides 4, 8 and 16 (2, 3 and 5) of an EfficientNet-Lite."""
+    variant = lite_variant(name)
+    net = EfficientNetLite(variant)
+    if weights is not None or pretrained:
+        _load_weights(net, weights if weights is not None else packaged_lite_weights(variant), name)
+    cuts = (0, net.stage_ends[1] + 1, net.stage_ends[2] + 1, net.stage_ends[4] + 1)
+    stages = [nn.Sequential(*net._blocks[start:end]) for start, end in pairwise(cuts)]
+    return nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()), stages
 
 
 class FeatureExtractor(nn.Module):
@@ -127,50 +148,25 @@ class FeatureExtractor(nn.Module):
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
         self.name, self.pool = name, pool
-        variant = lite_variant(name)
-        if variant is not None:
-            net = EfficientNetLite(variant)
-            if weights is not None or pretrained:
-                state = load_state_dict_file(
-                    weights if weights is not None else packaged_lite_weights(variant)
-                )
-                try:
-                    net.load_state_dict(state, strict=True)
-                except RuntimeError as err:
-                    raise WeightsError(f"weights do not fit {name}: {str(err)[:300]}") from err
-            # Stages 2, 3 and 5 end at strides 4, 8 and 16, like ResNet layer1-3.
-            ends = net.stage_ends
-            self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
-            self.stages = nn.ModuleList(
-                [
-                    nn.Sequential(*net._blocks[: ends[1] + 1]),
-                    nn.Sequential(*net._blocks[ends[1] + 1 : ends[2] + 1]),
-                    nn.Sequential(*net._blocks[ends[2] + 1 : ends[4] + 1]),
-                ]
-            )
+        if lite_variant(name) is not None:
+            self.stem, stages = _build_lite(name, pretrained, weights)
             mean, std = LITE_MEAN, LITE_STD
             # Channels-last input where oneDNN runs the convolutions (model/layout.py): its depthwise
             # convolutions then need no reorders; 1.3x the backbone at batch 1 and 8 (docs/results.md).
             self.input_layout: Layout = "auto"
         else:
-            net = _build_resnet(name, pretrained, weights)
-            if reflect_padding:
-                _set_reflect_padding(net)
-            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-            self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3])
+            self.stem, stages = _build_resnet(name, pretrained, weights, reflect_padding)
             mean, std = IMAGENET_MEAN, IMAGENET_STD
             self.input_layout = "contiguous"  # WideResNet-50-2: no clear gain at batch 1 (docs/results.md)
+        self.stages = nn.ModuleList(stages)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
-        with torch.no_grad():
-            probe = self.raw_features(torch.zeros(1, 3, 64, 64))
-        self.channels = [int(f.shape[1]) for f in probe]
+        shapes = self.feature_shapes(64)
+        self.channels = [c for c, _, _ in shapes]
         pool_stride = 1 if pool == "none" else 2
-        self.strides = [
-            64 // (int(f.shape[-1]) * pool_stride) for f in probe
-        ]  # of the stages, before pooling
+        self.strides = [64 // (w * pool_stride) for _, _, w in shapes]  # of the stages, before pooling
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode whatever is asked: the backbone is frozen for good."""

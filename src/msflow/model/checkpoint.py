@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from msflow._version import __version__
 from msflow.config import SCHEMA_VERSION, Config
@@ -28,31 +26,23 @@ from msflow.errors import CheckpointError, ConfigError
 from msflow.files import atomic_write_bytes
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _read_meta(json_path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint '{json_path}' is truncated or not JSON ({err})") from err
+
+
+def _write_meta(json_path: Path, meta: dict[str, Any]) -> None:
+    atomic_write_bytes(json_path, json.dumps(meta, indent=2, allow_nan=False).encode("utf-8"))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], stem: Path) -> None:
     """Write ``stem.safetensors`` then ``stem.json`` (the JSON last: it vouches for the tensors)."""
-    tensors_path, json_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tensors_path.parent, prefix=f".{tensors_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        sha = _sha256(Path(tmp))
-        os.replace(tmp, tensors_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    meta = {**meta, "msflow_version": __version__, "schema_version": SCHEMA_VERSION, "sha256": sha}
-    atomic_write_bytes(json_path, json.dumps(meta, indent=2, allow_nan=False).encode("utf-8"))
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    atomic_write_bytes(stem.with_suffix(".safetensors"), data)
+    meta = {**meta, "msflow_version": __version__, "schema_version": SCHEMA_VERSION}
+    _write_meta(stem.with_suffix(".json"), {**meta, "sha256": hashlib.sha256(data).hexdigest()})
 
 
 def load_tensors(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -61,10 +51,7 @@ def load_tensors(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     for p in (json_path, tensors_path):
         if not p.is_file():
             raise CheckpointError(f"checkpoint file '{p}' is missing")
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint '{json_path}' is truncated or not JSON ({err})") from err
+    meta = _read_meta(json_path)
     if not isinstance(meta, dict) or "sha256" not in meta:
         raise CheckpointError(f"checkpoint '{json_path}' is not an msflow checkpoint")
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -72,10 +59,11 @@ def load_tensors(stem: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             f"checkpoint '{json_path}' is from an incompatible version (schema {meta.get('schema_version')}, "
             f"msflow {meta.get('msflow_version')}); this msflow {__version__} reads schema {SCHEMA_VERSION}"
         )
-    if _sha256(tensors_path) != meta["sha256"]:
+    data = tensors_path.read_bytes()  # one read: the bytes that were verified are the bytes loaded
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"checkpoint '{tensors_path}' is truncated or tampered with (SHA-256 mismatch)")
     try:
-        tensors = load_file(str(tensors_path))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{tensors_path}' cannot be read: {err}") from err
     return tensors, meta
@@ -116,12 +104,7 @@ def save_model(model: torch.nn.Module, config: Config, stem: Path, **extra: Any)
 def update_meta(stem: Path, **extra: Any) -> None:
     """Add or replace entries of ``stem.json`` (atomically); the tensors and their digest are untouched."""
     json_path = stem.with_suffix(".json")
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint '{json_path}' cannot be read ({err})") from err
-    meta.update(extra)
-    atomic_write_bytes(json_path, json.dumps(meta, indent=2, allow_nan=False).encode("utf-8"))
+    _write_meta(json_path, {**_read_meta(json_path), **extra})
 
 
 def load_model(stem: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from msflow.data.images import resize_mask
+from msflow.evaluate.metrics import bootstrap_counts
 from msflow.evaluate.streaming import Binning, auroc_from_histograms
 from msflow.model.anomaly_map import AnomalyMapper
 from msflow.scoring import MAPS_INCUMBENT, MapSettings, map_candidates, map_setting_name
 from msflow.train.synthetic_check import (
     BOOTSTRAP_ROUNDS,
     SyntheticCheck,
-    bootstrap_counts,
     judge,
     lower_bounds,
     map_batches,

@@ -22,7 +22,7 @@ from torch import Tensor
 from msflow.data.datasets import Sample
 from msflow.data.synthetic import AREA_RANGE
 from msflow.errors import MSFlowError
-from msflow.evaluate.metrics import auroc_difference_interval, image_auroc, weighted_auroc
+from msflow.evaluate.metrics import auroc_difference_interval, bootstrap_counts, image_auroc, weighted_auroc
 from msflow.infer.predictor import Predictor
 from msflow.model.anomaly_map import AnomalyMapper, image_score
 from msflow.scoring import SCORE_CANDIDATES, SCORE_INCUMBENT
@@ -32,7 +32,6 @@ from msflow.train.synthetic_check import (
     SYNTHETIC_PER_IMAGE,
     Maps,
     SyntheticCheck,
-    bootstrap_counts,
     bounded_sources,
     judge,
     lower_bounds,

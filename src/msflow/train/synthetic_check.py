@@ -28,7 +28,6 @@ from torch import Tensor
 
 from msflow.data.images import ImageLike, decode, to_tensor
 from msflow.data.synthetic import synthetic_set
-from msflow.evaluate.metrics import bootstrap_counts
 from msflow.model.anomaly_map import log_likelihood_maps
 
 if TYPE_CHECKING:
