@@ -69,11 +69,15 @@ def timm_lite0_state(timm_state: dict[str, Any], lite_state: dict[str, torch.Ten
     feature extractor lacks, so pairs are taken in order and every pair's shape must agree.
     """
     if len(lite_state) < len(timm_state):
-        raise ValueError(f"the Lite0 file has {len(lite_state)} tensors, timm's model needs {len(timm_state)}")
+        raise ValueError(
+            f"the Lite0 file has {len(lite_state)} tensors, timm's model needs {len(timm_state)}"
+        )
     mapped = {}
     for (key, target), (source_key, value) in zip(timm_state.items(), lite_state.items(), strict=False):
         if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(f"'{source_key}' {tuple(value.shape)} does not fit '{key}' {tuple(target.shape)}")
+            raise ValueError(
+                f"'{source_key}' {tuple(value.shape)} does not fit '{key}' {tuple(target.shape)}"
+            )
         mapped[key] = value
     return mapped
 
@@ -110,7 +114,9 @@ def fit(model: torch.nn.Module, samples: list[Sample], size: int, batch: int) ->
     model.eval()
 
 
-def predict(model: torch.nn.Module, samples: list[Sample], size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model: torch.nn.Module, samples: list[Sample], size: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(image scores (N,), anomaly maps (N, size, size) float32) of the test images."""
     scores, maps = [], []
     with torch.no_grad():
@@ -132,7 +138,9 @@ class PadimResult:
     model_image_map: np.ndarray | None = None
 
 
-def results(samples: list[Sample], scores: np.ndarray, maps: np.ndarray, original: bool) -> Iterator[PadimResult]:
+def results(
+    samples: list[Sample], scores: np.ndarray, maps: np.ndarray, original: bool
+) -> Iterator[PadimResult]:
     """The predictions at the original size (with the ``--size`` maps beside them), or at ``--size`` only."""
     for sample, score, small in zip(samples, scores, maps, strict=True):
         if not original:
@@ -201,6 +209,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def summary(report: dict[str, Any], name: str) -> str:
+    """The report in a few lines: every metric with the resolution it was taken at, and the timings."""
+    m, side = report["metrics"], report["size"]
+    small = m.get("model_resolution", m)
+    lines = [f"{name}: image AUROC {m['image_auroc']:.2f}"]
+    for key in ("pixel_auroc", "aupro"):
+        if key in m:
+            lines.append(f"{key} {m[key]:.2f} ({m['eval_resolution']}), {small[key]:.2f} ({side}x{side})")
+    lines.append(f"fit {report['fit_seconds']} s, test {report['test_seconds']} s (wall, cpu)")
+    if "msflow_image_auroc" in report:
+        interval = report["padim_minus_msflow_image_auroc_95"]
+        lines.append(f"msflow image AUROC {report['msflow_image_auroc']:.2f}; PaDiM - msflow {interval}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
@@ -215,22 +238,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compare", type=Path, help="an msflow test report's predictions.csv")
     args = parser.parse_args(argv)
     if not 0 < args.n_features <= 176:
-        parser.error(f"--n-features must be in 1..176 (Lite0's 24 + 40 + 112 channels), got {args.n_features}")
+        parser.error(
+            f"--n-features must be in 1..176 (Lite0's 24 + 40 + 112 channels), got {args.n_features}"
+        )
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    m = report["metrics"]
-    small = m.get("model_resolution", m)
-    print(
-        f"{args.data.name}: image AUROC {m['image_auroc']:.2f}; pixel AUROC {m.get('pixel_auroc', float('nan')):.2f}"
-        f" ({m['eval_resolution']}), {small.get('pixel_auroc', float('nan')):.2f} ({args.size}x{args.size});"
-        f" AUPRO {m.get('aupro', float('nan')):.2f} ({m['eval_resolution']}),"
-        f" {small.get('aupro', float('nan')):.2f} ({args.size}x{args.size}); fit {report['fit_seconds']},"
-        f" test {report['test_seconds']} s"
-    )
-    if "msflow_image_auroc" in report:
-        print(f"msflow image AUROC {report['msflow_image_auroc']:.2f}; PaDiM - msflow, 95 %: "
-              f"{report['padim_minus_msflow_image_auroc_95']}")
+    print(summary(report, args.data.name))
     return report
 
 
