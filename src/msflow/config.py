@@ -361,6 +361,11 @@ class TrainConfig:
         "improvement since the first epoch",
     )
     grad_clip: float = option(2.0, "gradient-norm clip; official: 2")
+    ema: float = option(
+        0.0,
+        "decay of an exponential moving average of the flows' weights, updated every step and used "
+        "after training (e.g. 0.99); 0 = off, the official last weights",
+    )
     seed: int = option(9826, "shuffling and initialisation; official: 9826")
     amp: bool = option(True, "float16 mixed precision on CUDA (the official code offers it); ours: on")
     # ours: on CPUs with bf16 matrix units (Intel AMX, avx512_bf16) a training step is ~2.5x faster; the
@@ -391,6 +396,8 @@ class TrainConfig:
             raise ConfigError(f"budget must be a positive number of minutes, got {self.budget}")
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ConfigError(f"lr and grad_clip must be positive, got {self.lr}, {self.grad_clip}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be a decay in [0, 1) (0 = off), got {self.ema}")
         if not 0 <= self.min_improvement < 1:
             raise ConfigError(f"min_improvement must be in [0, 1), got {self.min_improvement}")
         if not 0 <= self.warmup < 1:

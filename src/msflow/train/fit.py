@@ -55,7 +55,7 @@ from msflow.train.budget import measure_epoch_cost, plan
 from msflow.train.choice import choose_settings
 from msflow.train.distributed import Distributed
 from msflow.train.features import FeatureCache
-from msflow.train.loop import StepHook, TrainState, make_optimizer, train_flows
+from msflow.train.loop import StepHook, TrainState, make_average, make_optimizer, train_flows
 from msflow.train.resume import (
     Opening,
     Resume,
@@ -281,11 +281,14 @@ def train(
     calibrate the global normalisation on the training features. Returns the state and the timings."""
     start = time.perf_counter() - features.seconds
     optimizer = make_optimizer(model.trainable_parameters(), cfg.train.lr, device)
-    state = load_training_state(run.folder, model, optimizer) if opening.resume else TrainState()
+    average = make_average(model, cfg.train)
+    state = load_training_state(run.folder, model, optimizer, average) if opening.resume else TrainState()
     run.dist.on_main(trim_train_log, run.folder, state.epoch)  # lines past the checkpoint are redone
 
     def checkpoint(state: TrainState) -> None:
-        run.dist.on_main(save_training_state, run.folder, model, optimizer, cfg, state, opening.requested)
+        run.dist.on_main(
+            save_training_state, run.folder, model, optimizer, cfg, state, opening.requested, average
+        )
         run.dist.wait_for_main()
 
     def on_epoch_end(state: TrainState) -> None:
@@ -308,7 +311,10 @@ def train(
         dist=run.dist,
         holdout=features.holdout,
         on_stop=checkpoint,
+        average=average,
     )
+    if average is not None:  # the averaged weights are the model from here on
+        average.copy_to_model()
     model.eval()
     cache = features.cache
     model.calibrate_global_normalization(

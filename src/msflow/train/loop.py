@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from msflow.config import TrainConfig
 from msflow.errors import StoppedError, TrainingError
@@ -37,6 +38,39 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.de
     references differed beyond 1e-5 in tests/test_distributed.py), so it is not used.
     """
     return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class FlowAverage:
+    """An exponential moving average of the flows' weights (``--ema DECAY``), kept by torch's
+    :class:`~torch.optim.swa_utils.AveragedModel`: after each optimizer step ``avg = d * avg + (1 - d) * w``
+    (the first step copies ``w``). Only parameters are averaged; the buffers (permutations, positional
+    encodings) never change in training. Under torchrun every rank holds the same weights after a step,
+    so every rank's average is the same too; an AMP step the scaler skipped is averaged in unchanged.
+    """
+
+    def __init__(self, model: MSFlow, decay: float) -> None:
+        self.live = torch.nn.ModuleList([model.parallel_flows, model.fusion_flow])  # shares the weights
+        self.averaged = AveragedModel(self.live, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def update(self) -> None:
+        self.averaged.update_parameters(self.live)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.averaged.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.averaged.load_state_dict(state)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Put the averaged weights into the model: what is chosen, calibrated, saved and tested."""
+        for live, avg in zip(self.live.parameters(), self.averaged.module.parameters(), strict=True):
+            live.copy_(avg)
+
+
+def make_average(model: MSFlow, cfg: TrainConfig) -> FlowAverage | None:
+    """The weight average ``cfg.ema`` asks for, or None (0: the official plain last weights)."""
+    return FlowAverage(model, cfg.ema) if cfg.ema > 0 else None
 
 
 @dataclass
@@ -69,6 +103,7 @@ def train_flows(
     dist: Distributed | None = None,
     holdout: FeatureCache | None = None,
     on_stop: Callable[[TrainState], None] | None = None,
+    average: FlowAverage | None = None,
 ) -> TrainState:
     """Train the flows from cached features for epochs ``state.epoch`` to the end of the schedule.
 
@@ -81,15 +116,17 @@ def train_flows(
             NLL after each epoch decides the schedule's length (without them, the training loss does).
         on_stop: on SIGTERM, called (every rank, same step) with the state after the current step,
             to write a checkpoint; then :class:`StoppedError` ends the run.
+        average: updated after every optimizer step (``make_average``); the caller decides when its
+            weights replace the model's.
     """
     dist = dist or Distributed()
-    step = _Step(model, optimizer, cfg, device, dist)
-    good = _snapshot(model, optimizer)
+    step = _Step(model, optimizer, cfg, device, dist, average)
+    good = _snapshot(model, optimizer, average)
     with dist.stopping_at_safe_points():
         while state.epoch < total_epochs(cfg, state.plateau):
             entry = _run_epoch(step, cache, state, step_hook, progress, on_stop)
             if isinstance(entry, str):  # redo this epoch from the last good state, lower learning rate
-                _bad_event(model, optimizer, good, state, cfg, entry)
+                _bad_event(model, optimizer, average, good, state, cfg, entry)
                 continue
             if cfg.stop == "plateau":
                 entry.update(
@@ -100,7 +137,7 @@ def train_flows(
             state.epoch += 1
             if progress:
                 _log_epoch(entry, len(cache), total_epochs(cfg, state.plateau), state.history)
-            good = _snapshot(model, optimizer)
+            good = _snapshot(model, optimizer, average)
             if on_epoch_end is not None:
                 on_epoch_end(state)
         if dist.any_stop_requested():  # SIGTERM after the last step: the final checkpoint is written
@@ -131,8 +168,10 @@ class _Step:
         cfg: TrainConfig,
         device: torch.device,
         dist: Distributed,
+        average: FlowAverage | None = None,
     ) -> None:
         self.model, self.optimizer, self.cfg, self.device, self.dist = model, optimizer, cfg, device, dist
+        self.average = average
         self.flow = dist.wrap_flows(model)
         self.use_amp = cfg.amp and device.type == "cuda"  # float16 + loss scaling
         self.use_bf16 = cfg.cpu_bf16 and device.type == "cpu"  # bfloat16 needs no loss scaling
@@ -160,6 +199,8 @@ class _Step:
             return "non-finite gradient"
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update()
         return batch_sum.item(), stop
 
 
@@ -246,17 +287,21 @@ def _plateau_step(
     return fields
 
 
-def _snapshot(model: MSFlow, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _snapshot(
+    model: MSFlow, optimizer: torch.optim.Optimizer, average: FlowAverage | None
+) -> tuple[dict, dict, dict | None]:
     trainable = {
         k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")
     }
-    return trainable, copy.deepcopy(optimizer.state_dict())
+    kept = average.state_dict() if average is not None else None
+    return trainable, copy.deepcopy(optimizer.state_dict()), kept
 
 
 def _bad_event(
     model: MSFlow,
     optimizer: torch.optim.Optimizer,
-    good: tuple[dict, dict],
+    average: FlowAverage | None,
+    good: tuple[dict, dict, dict | None],
     state: TrainState,
     cfg: TrainConfig,
     what: str,
@@ -267,5 +312,7 @@ def _bad_event(
         raise TrainingError(f"{what}: {state.bad_events} non-finite events, giving up (lower --lr?)")
     model.load_state_dict(good[0], strict=False)
     optimizer.load_state_dict(good[1])
+    if average is not None:  # the bad epoch's steps leave the average too
+        average.load_state_dict(good[2])
     state.lr_scale *= 0.5
     log.warning(f"{what}; restored the last good state, learning rate x{state.lr_scale:g}")

@@ -28,7 +28,7 @@ from msflow.config import Config
 from msflow.errors import MSFlowError
 from msflow.model.checkpoint import load_tensors, migrate_state_dict, save_tensors
 from msflow.model.msflow import MSFlow
-from msflow.train.loop import TrainState
+from msflow.train.loop import FlowAverage, TrainState
 from msflow.train.schedule import Plateau
 
 CHECKPOINT = Path("checkpoint") / "last"
@@ -84,8 +84,11 @@ def save_training_state(
     cfg: Config,
     state: TrainState,
     requested: dict,
+    average: FlowAverage | None = None,
 ) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    if average is not None:
+        tensors.update({f"ema.{k}": v for k, v in average.state_dict().items()})
     opt = optimizer.state_dict()
     for i, s in opt["state"].items():
         for key, value in s.items():
@@ -106,8 +109,15 @@ def save_training_state(
     save_tensors(tensors, meta, run_dir / CHECKPOINT)
 
 
-def load_training_state(run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_training_state(
+    run_dir: Path, model: MSFlow, optimizer: torch.optim.Optimizer, average: FlowAverage | None = None
+) -> TrainState:
     tensors, meta = load_tensors(run_dir / CHECKPOINT)
+    if average is not None:
+        kept = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not kept:
+            raise MSFlowError(f"'{run_dir / CHECKPOINT}' holds no averaged weights for --ema to continue")
+        average.load_state_dict(kept)
     model_state = migrate_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     model.load_state_dict(model_state, strict=False)
     state: dict[int, dict] = {}
