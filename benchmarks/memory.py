@@ -6,7 +6,10 @@
 Synthetic MVTec-layout sets are written once (seeded) under ``--workdir``: smooth grey-level textures
 with bright blob defects and their masks. Every measured command runs in a fresh subprocess; its peak
 resident memory is the kernel's ``ru_maxrss`` for that child (``os.wait4``), its wall time the elapsed
-time around it. Results are printed as a table and written to ``<workdir>/memory.json``.
+time around it. Results are printed as a table and written to ``<workdir>/memory.json``. What it is
+for: checking that memory stays bounded as test sets and predict folders grow (the streamed metrics,
+the on-disk feature cache) before a release or after a change to those paths. Tested by
+tests/test_memory_harness.py (the sets it writes, the child's exit code and peak memory).
 
 Measured:
 
@@ -111,7 +114,7 @@ def measure(argv: list[str], log: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--test-sizes", type=int, nargs="*", default=[100, 1000])
@@ -122,7 +125,7 @@ def main() -> None:
     )
     parser.add_argument("--no-test", action="store_true", help="skip the msflow test measurements")
     parser.add_argument("--no-train-shape", action="store_true", help="skip the 568/536 1130x460 run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -143,6 +143,11 @@ def test_bench_quick_writes_json(tmp_path, capsys) -> None:
         tr["reference"], ["train_img_per_s", "epoch_seconds", "e2e_seconds", "measured_seconds"]
     )
     _positive_numbers(tr, ["e2e_speedup", "per_epoch_speedup"])
+    lite0 = res["lite0_flow_training"]  # the flows of the default backbone, torch's path against msflow's
+    assert set(lite0["levers"]) == {"plain", "default"} and lite0["image_size"] == 64
+    for r in lite0["levers"].values():
+        _positive_numbers(r, ["img_per_s", "img_per_cpu_s", "gflops", "fraction_of_bench_ceiling"])
+    assert "Flow training of efficientnet_lite0 (64 px" in printed and "default vs plain: " in printed
     assert tr["ours"]["epoch_fixed_seconds"] >= 0 and np.isfinite(tr["ours"]["final_loss"])
     _positive_numbers(tr["ours"], ["holdout_nll_seconds_per_image"])
     # Time to accuracy: this run's per-image costs at the pairs' epochs (holdout_fraction 0.2 -> h 0.25).
@@ -328,3 +333,40 @@ def test_batch1_times_torch_its_old_input_layout_and_the_reference(tmp_path, cap
     results = json.loads(out.read_text())["results"]
     assert [(r["threads"], r["batch"]) for r in results] == [(1, 1), (1, 2)]
     assert all(len(t["cpu_ms"]) == 2 for r in results for t in r["times"].values())
+
+
+def test_flow_paths_differ_where_msflow_differs_from_torch(one_thread) -> None:
+    from benchmarks.speed import flow_paths
+    from msflow.train.loop import make_optimizer
+
+    trainer = flow_paths.FlowTrainer("efficientnet_lite0", 64, batch_size=2, steps=1)
+    plain, default = trainer.optimizers["plain"], trainer.optimizers["default"]
+    assert plain.defaults["foreach"] is False and plain.defaults.get("fused") in (None, False)
+    own = make_optimizer(trainer.model.trainable_parameters(), 1e-4, torch.device("cpu"))
+    assert type(default) is type(own) and default.defaults == own.defaults
+    before = [p.detach().clone() for p in trainer.model.trainable_parameters()]
+    for path, layout in (("plain", "contiguous"), ("default", "auto")):
+        seconds = trainer.epoch(path)
+        assert trainer.model.flow_layout == layout and seconds["wall"] > 0 and seconds["cpu"] > 0
+    moved = [not torch.equal(a, b) for a, b in zip(before, trainer.model.trainable_parameters(), strict=True)]
+    assert all(moved)  # each epoch really trained every flow parameter
+    # One step's FLOPs: the forward and its backward (about twice the forward) of the flows.
+    feats = trainer.cache.batch(torch.arange(2))
+    with torch.no_grad():
+        from benchmarks.speed.machine import count_flops
+
+        forward = count_flops(lambda: trainer.model.flow(feats)) / 2 / 1e9
+    assert 2 * forward < trainer.step_gflop() < 3.5 * forward  # 2.65x here
+
+
+def test_flow_paths_measure_reports_both_paths_against_plain(one_thread) -> None:
+    from benchmarks.speed.flow_paths import measure
+
+    res = measure("efficientnet_lite0", 64, batch_size=2, steps=1, rounds=2, threads=1)
+    assert res["threads"] == 1 and set(res["levers"]) == {"plain", "default"} and res["gflop_per_image"] > 0
+    plain, default = res["levers"]["plain"], res["levers"]["default"]
+    assert plain["speedup"] == plain["speedup_cpu"] == 1.0
+    for r in (plain, default):
+        _positive_numbers(r, ["img_per_s", "img_per_cpu_s", "gflops", "first_epoch_seconds"])
+        assert r["gflops"] == pytest.approx(r["img_per_s"] * res["gflop_per_image"])
+    assert default["speedup"] == pytest.approx(default["img_per_s"] / plain["img_per_s"])

@@ -8,6 +8,7 @@ count of ``--threads`` (default: 1 and all cores), each phase in a fresh subproc
 - ``machine``    the CPU's features, cores and load, the matmul ceiling, timing and memory helpers;
 - ``training``   ours (extract once, train the flows from the cache) against the reference loop, and
                  EfficientNet-Lite0's flows on the plain and the default path;
+- ``flow_paths`` the flows' training step on torch's default path and on msflow's (the Lite0 phase);
 - ``inference``  every runtime of :data:`~benchmarks.speed.inference.RUNTIME_ROWS` beside the reference
                  path, their agreement with float32 torch, what ``--runtime auto`` would pick;
 - ``aupro``      the vectorised AUPRO against the official 800-threshold loop;

@@ -9,7 +9,7 @@
   its loss is checked against ours.
 - **EfficientNet-Lite0 flows.** Flow-training img/s of the default backbone on the plain path (NCHW,
   Adam's for-loop: torch's defaults) and on msflow's default path (channels-last on oneDNN CPUs,
-  foreach Adam), from ``benchmarks/train_profile.py``.
+  foreach Adam), from :mod:`benchmarks.speed.flow_paths`.
 """
 
 from __future__ import annotations
@@ -171,10 +171,9 @@ def phase_train_lite0(p: SpeedSettings) -> dict:
     """train_flows of EfficientNet-Lite0's flows from random cached features: plain vs default path."""
     import torch
 
-    from benchmarks.train_profile import measure
+    from benchmarks.speed.flow_paths import measure
 
     res = measure(
-        ["plain", "default"],
         "efficientnet_lite0",
         p.lite0_image_size,
         p.batch_size,
