@@ -10,8 +10,8 @@ one thread that is the time the step actually ran, far less disturbed by a busy 
 the FLOPs of one step counted by torch (a multiply-add is 2).
 
 The study that chose the default path timed more levers (fused Adam, oneDNN off, ``torch.compile``,
-4x the batch, each convolution's GFLOP/s, the op profile); it was ``benchmarks/train_profile.py``,
-removed since: docs/results.md ("Training speed of the default model") cites it with its commit.
+4x the batch, each convolution's GFLOP/s, the op profile): ``benchmarks/train_profile.py`` of commit
+fe1c168, removed since; docs/results.md ("Training speed of the default model") keeps its figures.
 """
 
 from __future__ import annotations
