@@ -57,11 +57,7 @@ def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class FusionSubnet(nn.Module):
-    """Cross-scale mixer plus per-scale heads; returns (sigma_s, tau_s) for each scale.
-
-    Arguments:
-        channels: the half-widths c_s of the scales (128, 256, 512 for WideResNet-50-2).
-    """
+    """Cross-scale mixer plus per-scale heads: (sigma_s, tau_s) for each scale of half-width c_s."""
 
     def __init__(self, channels: list[int]) -> None:
         super().__init__()
@@ -78,15 +74,13 @@ class FusionSubnet(nn.Module):
         self.tau_heads = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in channels)
 
     def forward(self, xs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        coarsest = min((x.shape[-2:] for x in xs), key=lambda s: s[0] * s[1])
-        coarse = (int(coarsest[0]), int(coarsest[1]))
+        coarse = min(((int(x.shape[-2]), int(x.shape[-1])) for x in xs), key=lambda s: s[0] * s[1])
         mixed = self.mixer(torch.cat([pool_to(x, coarse) for x in xs], dim=1))  # (B, S, h, w)
         out = []
         for x, message, sigma_head, tau_head in zip(
             xs, mixed.split(self.channels, dim=1), self.sigma_heads, self.tau_heads, strict=True
         ):
-            up = F.interpolate(message, size=x.shape[-2:], mode="bilinear", align_corners=True)
-            r = x + up
+            r = x + F.interpolate(message, size=x.shape[-2:], mode="bilinear", align_corners=True)
             out.append((sigma_head(r), tau_head(r)))
         return out
 
@@ -110,10 +104,7 @@ class ChannelPermutation(nn.Module):
 class FusionFlow(nn.Module):
     """Fixed per-scale permutations followed by the two-step fusion coupling (see module doc).
 
-    Arguments:
-        channels: C_s of each scale (each must be even).
-        clamp_alpha: alpha of the atan soft clamp.
-        generator: draws the permutations.
+    ``channels`` are the C_s of the scales (each even); ``generator`` draws the permutations.
     """
 
     def __init__(
@@ -129,41 +120,41 @@ class FusionFlow(nn.Module):
         self.subnet_u_to_v = FusionSubnet(self.halves)  # reads u', moves v (step B)
         self.permutations = nn.ModuleList(ChannelPermutation(c, generator) for c in channels)
 
-    def _clamp(self, x: Tensor) -> Tensor:
-        return self.clamp_alpha * ATAN_FACTOR * torch.atan(x / self.clamp_alpha)
+    def _split(self, xs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Each scale's halves: u_s (its first C_s/2 channels) and v_s (the last C_s/2)."""
+        us = [x[:, :h] for x, h in zip(xs, self.halves, strict=True)]
+        return us, [x[:, h:] for x, h in zip(xs, self.halves, strict=True)]
+
+    def _step(
+        self, subnet: FusionSubnet, reads: list[Tensor], moves: list[Tensor], log_det: Tensor, inverse: bool
+    ) -> tuple[list[Tensor], Tensor]:
+        """One coupling step: ``moves`` scaled by exp(k(sigma)) and shifted by tau, both read by ``subnet``
+        from ``reads`` (inverse: the shift undone, then the scale), and the log-det updated by +-sum k."""
+        out = []
+        for x, (sigma, tau) in zip(moves, subnet(reads), strict=True):
+            k = self.clamp_alpha * ATAN_FACTOR * torch.atan(sigma / self.clamp_alpha)
+            if inverse:
+                out.append((x - tau) * torch.exp(-k))
+                log_det = log_det - k.sum(dim=(1, 2, 3))
+            else:
+                out.append(torch.exp(k) * x + tau)
+                log_det = log_det + k.sum(dim=(1, 2, 3))
+        return out, log_det
 
     def forward(self, xs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Three (B, C_s, H_s, W_s) tensors -> three tensors of the same shapes, log_det (B,)."""
         xs = [permute(x) for permute, x in zip(self.permutations, xs, strict=True)]
-        us = [x[:, :h] for x, h in zip(xs, self.halves, strict=True)]
-        vs = [x[:, h:] for x, h in zip(xs, self.halves, strict=True)]
+        us, vs = self._split(xs)
         log_det = xs[0].new_zeros(xs[0].shape[0])
-        new_us = []
-        for u, (sigma, tau) in zip(us, self.subnet_v_to_u(vs), strict=True):
-            k = self._clamp(sigma)
-            new_us.append(torch.exp(k) * u + tau)
-            log_det = log_det + k.sum(dim=(1, 2, 3))
-        new_vs = []
-        for v, (sigma, tau) in zip(vs, self.subnet_u_to_v(new_us), strict=True):
-            k = self._clamp(sigma)
-            new_vs.append(torch.exp(k) * v + tau)
-            log_det = log_det + k.sum(dim=(1, 2, 3))
-        return [torch.cat([u, v], dim=1) for u, v in zip(new_us, new_vs, strict=True)], log_det
+        us, log_det = self._step(self.subnet_v_to_u, vs, us, log_det, inverse=False)  # step A
+        vs, log_det = self._step(self.subnet_u_to_v, us, vs, log_det, inverse=False)  # step B
+        return [torch.cat([u, v], dim=1) for u, v in zip(us, vs, strict=True)], log_det
 
     def inverse(self, zs: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Exact inverse (solve v from u' first, then u); the log-det is the negated forward one."""
-        new_us = [z[:, :h] for z, h in zip(zs, self.halves, strict=True)]
-        new_vs = [z[:, h:] for z, h in zip(zs, self.halves, strict=True)]
+        us, vs = self._split(zs)
         log_det = zs[0].new_zeros(zs[0].shape[0])
-        vs = []
-        for v, (sigma, tau) in zip(new_vs, self.subnet_u_to_v(new_us), strict=True):
-            k = self._clamp(sigma)
-            vs.append((v - tau) * torch.exp(-k))
-            log_det = log_det - k.sum(dim=(1, 2, 3))
-        us = []
-        for u, (sigma, tau) in zip(new_us, self.subnet_v_to_u(vs), strict=True):
-            k = self._clamp(sigma)
-            us.append((u - tau) * torch.exp(-k))
-            log_det = log_det - k.sum(dim=(1, 2, 3))
+        vs, log_det = self._step(self.subnet_u_to_v, us, vs, log_det, inverse=True)
+        us, log_det = self._step(self.subnet_v_to_u, vs, us, log_det, inverse=True)
         xs = [torch.cat([u, v], dim=1) for u, v in zip(us, vs, strict=True)]
         return [permute.inverse(x) for permute, x in zip(self.permutations, xs, strict=True)], log_det
