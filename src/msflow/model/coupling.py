@@ -13,10 +13,8 @@ channels) and active half x2 (the last floor(C/2)):
 FrEIA 0.2 is what the official code ran; its ``rev=True`` flag becomes
 ``forward``/``inverse`` here and the permutation is an index buffer, not a one-hot parameter.
 
-References:
-    Zhou et al., "MSFlow: Multi-Scale Flow-based Framework for Unsupervised Anomaly Detection",
-    https://arxiv.org/abs/2308.15300. Dinh et al., "Density estimation using Real NVP",
-    https://arxiv.org/abs/1605.08803. Kingma & Dhariwal, "Glow", https://arxiv.org/abs/1807.03039.
+References: Dinh et al., "Density estimation using Real NVP", https://arxiv.org/abs/1605.08803;
+Kingma & Dhariwal, "Glow", https://arxiv.org/abs/1807.03039.
 """
 
 from __future__ import annotations
@@ -39,27 +37,21 @@ class ChannelLayerNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class ConvSubnet(nn.Sequential):
-    """MSFlow's ``subnet_conv_ln``: conv3x3 (C_in -> C_in) -> channel LN -> ReLU -> conv3x3 (-> C_out)."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, in_channels, 3, padding=1),
-            ChannelLayerNorm(in_channels),
-            nn.ReLU(),
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
-        )
+def conv_ln_subnet(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
+    """MSFlow's ``subnet_conv_ln`` (in both flows): conv3x3 -> channel LayerNorm -> ReLU -> conv3x3."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, mid_channels, 3, padding=1),
+        ChannelLayerNorm(mid_channels),
+        nn.ReLU(),
+        nn.Conv2d(mid_channels, out_channels, 3, padding=1),
+    )
 
 
 class AffineCouplingBlock(nn.Module):
     """Conditional affine coupling + soft clamp + global affine + fixed permutation (see module doc).
 
-    Arguments:
-        channels: C, the number of feature channels.
-        cond_channels: D, channels of the positional-encoding condition.
-        clamp_alpha: alpha of the soft clamp (1.9 in MSFlow).
-        clamp: ``"freia02"`` (the formula MSFlow ran) or ``"freia_new"`` (FrEIA after Aug 2023).
-        generator: the random generator that draws the permutation, for reproducible models.
+    C = ``channels``, D = ``cond_channels``; ``clamp`` is ``"freia02"`` (the formula MSFlow ran) or
+    ``"freia_new"`` (FrEIA after Aug 2023); ``generator`` draws the permutation (reproducible models).
     """
 
     def __init__(
@@ -76,7 +68,8 @@ class AffineCouplingBlock(nn.Module):
         self.passive = channels - channels // 2
         self.active = channels // 2
         self.clamp_alpha, self.clamp = clamp_alpha, clamp
-        self.subnet = ConvSubnet(self.passive + cond_channels, 2 * self.active)
+        width = self.passive + cond_channels
+        self.subnet = conv_ln_subnet(width, width, 2 * self.active)
         # softplus_{beta=0.5}(g) * 0.1 = 0.2 ln(1 + e^{g/2}) equals 1 at g = 2 ln(e^5 - 1).
         self.global_scale_raw = nn.Parameter(torch.full((1, channels, 1, 1), 2 * math.log(math.exp(5) - 1)))
         self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
@@ -120,9 +113,7 @@ class AffineCouplingBlock(nn.Module):
     def _log_scale_and_shift(self, x1: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         a = 0.1 * self._subnet(x1, cond)
         s, t = a[:, : self.active], a[:, self.active :]
-        if self.clamp == "freia02":
-            return self.clamp_alpha * torch.tanh(s), t
-        return self.clamp_alpha * torch.tanh(s / self.clamp_alpha), t
+        return self.clamp_alpha * torch.tanh(s / self.clamp_alpha if self.clamp == "freia_new" else s), t
 
     def global_scale(self) -> Tensor:
         """The per-channel factor gamma of the block's global affine step (1 at initialisation)."""
@@ -135,8 +126,7 @@ class AffineCouplingBlock(nn.Module):
         y = torch.cat([x1, x2 * torch.exp(log_scale) + shift], dim=1)
         gamma = self.global_scale()
         y = permute_channels(y * gamma + self.global_offset, self.perm)
-        pixels = x.shape[2] * x.shape[3]
-        return y, log_scale.sum(dim=(1, 2, 3)) + pixels * torch.log(gamma).sum()
+        return y, log_scale.sum(dim=(1, 2, 3)) + x.shape[2] * x.shape[3] * torch.log(gamma).sum()
 
     def inverse(self, y: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Exact inverse of ``forward``; returns x and the inverse log-det (= -forward log-det)."""
@@ -145,5 +135,4 @@ class AffineCouplingBlock(nn.Module):
         y1, y2 = y[:, : self.passive], y[:, self.passive :]
         log_scale, shift = self._log_scale_and_shift(y1, cond)
         x = torch.cat([y1, (y2 - shift) * torch.exp(-log_scale)], dim=1)
-        pixels = y.shape[2] * y.shape[3]
-        return x, -log_scale.sum(dim=(1, 2, 3)) - pixels * torch.log(gamma).sum()
+        return x, -log_scale.sum(dim=(1, 2, 3)) - y.shape[2] * y.shape[3] * torch.log(gamma).sum()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msflow.model.coupling import ChannelLayerNorm
+from msflow.model.coupling import conv_ln_subnet
 from msflow.model.layout import permute_channels
 
 ATAN_FACTOR = 0.636  # the official constant, ~2/pi, so that k maps onto (-alpha, alpha)
@@ -64,10 +64,7 @@ class FusionSubnet(nn.Module):
         self.channels = list(channels)
         total = sum(channels)
         self.mixer = nn.Sequential(
-            nn.Conv2d(total, total // 4, 3, padding=1),  # S -> S/4 (official: mid_channels ignored, B13)
-            ChannelLayerNorm(total // 4),
-            nn.ReLU(),
-            nn.Conv2d(total // 4, total, 3, padding=1),
+            *conv_ln_subnet(total, total // 4, total),  # S -> S/4 -> S (official: mid_channels ignored, B13)
             nn.ReLU(),  # the cross-scale message is non-negative, as in the official code
         )
         self.sigma_heads = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in channels)
