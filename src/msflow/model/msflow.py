@@ -99,18 +99,10 @@ class MSFlow(nn.Module):
             return
         sums: list[Tensor] | None = None
         for feats in feature_batches:
-            stats = [
-                torch.stack(
-                    [
-                        f.double().sum((0, 2, 3)),
-                        f.double().pow(2).sum((0, 2, 3)),
-                        torch.full(
-                            (f.shape[1],), f.numel() / f.shape[1], dtype=torch.float64, device=f.device
-                        ),
-                    ]
-                )
-                for f in feats
-            ]
+            stats = []  # per scale: the (3, C) sums of x, of x^2 and the count of values per channel
+            for f in (f.double() for f in feats):
+                count = torch.full_like(f[0, :, 0, 0], f.numel() / f.shape[1])
+                stats.append(torch.stack([f.sum((0, 2, 3)), f.pow(2).sum((0, 2, 3)), count]))
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
         if reduce is not None:
             if sums is None:

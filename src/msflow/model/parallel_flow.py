@@ -36,16 +36,8 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
 
 
 class ParallelFlow(nn.Module):
-    """A stack of ``num_blocks`` :class:`AffineCouplingBlock` on one scale, conditioned on position.
-
-    Arguments:
-        channels: C of this scale's features.
-        num_blocks: coupling blocks in the stack.
-        height, width: the feature map size; the positional encoding is built for it.
-        cond_channels: positional-encoding channels (64 in MSFlow).
-        clamp_alpha, clamp: passed to every block.
-        generator: draws the blocks' permutations.
-    """
+    """``num_blocks`` :class:`AffineCouplingBlock` on one scale's ``height`` x ``width`` map, each
+    conditioned on the encoding of ``cond_channels`` (64 in MSFlow) built for that size."""
 
     def __init__(
         self,
