@@ -23,14 +23,11 @@ immutable :class:`msflow.scoring.MapSettings`; :meth:`AnomalyMapper.with_setting
 other settings that shares the calibrated references.
 
 ``smoothing`` (ours; 0 = the paper) blurs every map with a Gaussian of that many model-input pixels
-before it is reduced or returned (:func:`gaussian_smooth`): a feature vector's likelihood describes a
-receptive field, not one pixel, so averaging neighbours removes isolated false peaks in good images and
-joins a defect's pixels (anomalib and PatchCore blur with sigma 4 for the same reason).
+(:func:`gaussian_smooth`): a feature vector's likelihood describes a receptive field, not one pixel,
+so averaging neighbours removes isolated false peaks and joins a defect's pixels.
 
-An image judged by tiles (``msflow.data.tiles``) gets these maps from its stitched per-scale maps:
-per-image references are the whole image's, and a fraction is of ONE model input's area, so a small
-defect weighs the same in a 900 x 1200 photograph as in one 256 px tile instead of being averaged with
-30 tiles' worth of normal pixels.
+An image judged by tiles gets these maps from its stitched per-scale maps (``msflow.data.tiles``): its
+references are the whole image's, and a fraction is of ONE model input's area (docs/choices.md, tiles).
 """
 
 from __future__ import annotations
@@ -166,15 +163,9 @@ def image_score(
 
 
 class AnomalyMapper(nn.Module):
-    """Turns latents into :class:`AnomalyOutput`; holds the global-normalisation references as buffers.
-
-    Arguments:
-        num_scales: number of latent scales.
-        image_size: (H, W) of the output maps (the model's input size).
-        settings: normalisation, smoothing, score and top_k (``msflow.scoring.MapSettings``); an
-            unresolved ``auto`` (a model before training has chosen) means its incumbent
-            (:meth:`MapSettings.resolved`).
-    """
+    """Turns latents into :class:`AnomalyOutput` maps of ``image_size`` (the model's input); holds the
+    global-normalisation references as buffers. An unresolved ``auto`` in ``settings`` (a model before
+    training has chosen) means its incumbent (:meth:`MapSettings.resolved`)."""
 
     def __init__(
         self, num_scales: int, image_size: tuple[int, int], settings: MapSettings | None = None

@@ -13,13 +13,13 @@ indexing along the channels (it returns NCHW), hence :func:`permute_channels`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 Layout = Literal["auto", "channels_last", "contiguous"]
-LAYOUTS = ("auto", "channels_last", "contiguous")
+LAYOUTS = get_args(Layout)
 
 
 def channels_last_pays(x: Tensor) -> bool:

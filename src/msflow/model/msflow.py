@@ -48,12 +48,8 @@ class ChannelStandardization(nn.Module):
 
 
 class MSFlow(nn.Module):
-    """The MSFlow model. Build it with ``MSFlow(ModelConfig(...))``.
-
-    References:
-        Zhou et al., "MSFlow: Multi-Scale Flow-based Framework for Unsupervised Anomaly Detection",
-        IEEE TNNLS 2024, https://arxiv.org/abs/2308.15300.
-    """
+    """The MSFlow model of a ``ModelConfig``: Zhou et al., "MSFlow: Multi-Scale Flow-based Framework for
+    Unsupervised Anomaly Detection", IEEE TNNLS 2024, https://arxiv.org/abs/2308.15300."""
 
     def __init__(self, config: ModelConfig, backbone: FeatureExtractor | None = None) -> None:
         super().__init__()
@@ -151,11 +147,8 @@ class MSFlow(nn.Module):
     def calibrate_global_normalization(
         self, feature_batches: Iterable[list[Tensor]], gather: Callable[[Tensor], Tensor] | None = None
     ) -> None:
-        """Set the "global" normalisation references from standardised training features.
-
-        ``gather`` collects every rank's per-image maxima in data-parallel training (see
-        :meth:`AnomalyMapper.calibrate`).
-        """
+        """Set the "global" normalisation references from standardised training features (``gather``:
+        every rank's per-image maxima in data-parallel training, :meth:`AnomalyMapper.calibrate`)."""
         self.anomaly.calibrate((log_likelihood_maps(self.flow(f).zs) for f in feature_batches), gather)
 
     def with_settings(self, settings: MapSettings) -> MSFlow:

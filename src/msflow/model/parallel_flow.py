@@ -28,10 +28,10 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
     xs = torch.arange(width, dtype=torch.float64)[:, None] * freq  # (W, D'/2)
     ys = torch.arange(height, dtype=torch.float64)[:, None] * freq  # (H, D'/2)
     enc = torch.zeros(channels, height, width, dtype=torch.float64)
-    enc[0:half:2] = torch.sin(xs).T[:, None, :].expand(-1, height, -1)
-    enc[1:half:2] = torch.cos(xs).T[:, None, :].expand(-1, height, -1)
-    enc[half::2] = torch.sin(ys).T[:, :, None].expand(-1, -1, width)
-    enc[half + 1 :: 2] = torch.cos(ys).T[:, :, None].expand(-1, -1, width)
+    enc[0:half:2] = torch.sin(xs).T[:, None, :]  # broadcast over the rows
+    enc[1:half:2] = torch.cos(xs).T[:, None, :]
+    enc[half::2] = torch.sin(ys).T[:, :, None]  # broadcast over the columns
+    enc[half + 1 :: 2] = torch.cos(ys).T[:, :, None]
     return enc.to(torch.get_default_dtype())
 
 
