@@ -18,9 +18,7 @@ has a pixel scored 0 and the maps are relative. With ``"global"`` (ours, B15) it
 images (the mean of their per-image maxima) and values above it are clipped to it: an image that is
 off-distribution everywhere then scores high everywhere. An image score (names: ``msflow.scoring``)
 reduces one map to the mean of its ``fraction`` largest values ("max": the largest one); ``official``
-is ``mul``/``gmul`` at ``top_k``, the paper's score (spec section 6). What a run computes is one
-immutable :class:`msflow.scoring.MapSettings`; :meth:`AnomalyMapper.with_settings` gives a mapper with
-other settings that shares the calibrated references.
+is ``mul``/``gmul`` at ``top_k``, the paper's score (spec section 6).
 
 ``smoothing`` (ours; 0 = the paper) blurs every map with a Gaussian of that many model-input pixels
 (:func:`gaussian_smooth`): a feature vector's likelihood describes a receptive field, not one pixel,

@@ -31,8 +31,7 @@ BACKBONES = get_args(BackboneName)  # declared once, as the config's Literal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # TF-Lite models were trained on inputs scaled to [-1, 1] (mean 127, std 128 on 8-bit pixels).
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
+LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)
 
 
 def packaged_lite_weights(variant: int = 0) -> Path:
@@ -125,15 +124,12 @@ def _build_lite(name: str, pretrained: bool, weights: str | Path | None) -> tupl
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen multi-scale feature extractor.
+    """Frozen multi-scale feature extractor ``name`` (one of ``BACKBONES``).
 
-    Arguments:
-        name: one of ``BACKBONES``.
-        pretrained: load ImageNet weights (downloaded for ResNets, packaged for EfficientNet-Lite0/1/2).
-            ``False`` gives random weights, meant for tests and speed benchmarks only.
-        weights: a local weights file (safetensors or a torch state dict); overrides ``pretrained``.
-        reflect_padding: the official code's reflect padding (ResNets only).
-        pool: ``"avg"`` (official 3x3/2 average pool, count_include_pad=True), ``"max"`` or ``"none"``.
+    ``pretrained``: ImageNet weights (downloaded for ResNets, packaged for EfficientNet-Lite0/1/2), else
+    random ones for tests and speed benchmarks; ``weights``: a local file (safetensors or a torch state
+    dict) instead; ``reflect_padding``: the official code's (ResNets only); ``pool``: ``"avg"`` (the
+    official 3x3/2 average pool, count_include_pad=True), ``"max"`` or ``"none"``.
     """
 
     def __init__(

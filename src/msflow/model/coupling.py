@@ -80,10 +80,9 @@ class AffineCouplingBlock(nn.Module):
     def _subnet(self, x1: Tensor, cond: Tensor) -> Tensor:
         """g([x1, cond]) with the first conv split by input channels (exact: convolution is linear).
 
-        The condition is the same for every image, so its share of the first conv is computed once
-        for a (1, D, H, W) ``cond`` and broadcast over the batch; its weight gradient then costs one
-        image instead of B. Where the condition dominates the input (EfficientNet-Lite0: 64 of 76
-        channels at scale 1) this roughly halves the cost of a block.
+        The condition's share is computed for a (1, D, H, W) ``cond`` and broadcast over the batch, so
+        its weight gradient costs one image instead of B: about half a block where the condition
+        dominates the input (EfficientNet-Lite0: 64 of 76 channels at scale 1).
         """
         conv = self.subnet[0]
         h = F.conv2d(x1, conv.weight[:, : self.passive], conv.bias, padding=1)

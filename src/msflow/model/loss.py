@@ -6,17 +6,12 @@ from torch import Tensor
 
 
 def nll(zs: list[Tensor], log_det: Tensor) -> Tensor:
-    """Per-image negative log-likelihood under a standard normal, without the 0.5 log(2 pi) constant.
+    """(B,) negative log-likelihoods of the latents under a standard normal, without 0.5 log(2 pi):
 
         L_b = sum_s 0.5 * ||z_s||^2 - log_det       (sum over C_s * H_s * W_s, no per-dim averaging)
 
-    Arguments:
-        zs: the latents, one (B, C_s, H_s, W_s) tensor per scale.
-        log_det: (B,) total log|det J| of the parallel and fusion flows.
-
-    Returns:
-        (B,) losses; training minimises their mean, as the official code (gradient clipping at norm 2
-        interacts with this scale, so it is kept for parity).
+    Training minimises their mean, as the official code (gradient clipping at norm 2 interacts with this
+    scale, so it is kept for parity).
     """
     # Summed over (C, H, W) rather than flattened: flattening a channels-last z would copy it.
     return sum(0.5 * z.pow(2).sum(dim=(1, 2, 3)) for z in zs) - log_det
