@@ -67,13 +67,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _set_reflect_padding(module: nn.Module) -> None:
-    """Official MSFlow quirk: reflect padding on the 7x7 stem and every 3x3 conv."""
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv2d) and conv.kernel_size in ((7, 7), (3, 3)):
-            conv.padding_mode = "reflect"
-
-
 def _load_weights(net: nn.Module, path: str | Path, name: str, unused: tuple[str, ...] = ()) -> None:
     """Load a weights file into ``net``; only keys under ``unused`` (parts never run) may be missing."""
     state = load_state_dict_file(path)
@@ -107,8 +100,10 @@ def _build_resnet(
                 "connect to the internet once, pass weights=PATH (--weights) to a local file, use backbone "
                 "efficientnet_lite0 (weights ship with pip), or pretrained=False for random weights"
             ) from err
-    if reflect_padding:
-        _set_reflect_padding(net)
+    if reflect_padding:  # the official code's quirk: reflect padding on the 7x7 stem and every 3x3 conv
+        for conv in net.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size in ((7, 7), (3, 3)):
+                conv.padding_mode = "reflect"
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), [net.layer1, net.layer2, net.layer3]
 
 
