@@ -94,10 +94,9 @@ class AffineCouplingBlock(nn.Module):
     def _cond_term(self, cond: Tensor) -> Tensor:
         """The condition's share of the first conv; kept between calls while nothing can change it.
 
-        Without autograd and autocast (inference), it depends only on the weight and the condition, so
-        it is computed once and reused until the weight is updated in place (its version counter moves),
-        moved, or another condition comes: the same numbers, without a batch-1 convolution per block
-        and batch (which runs on one thread whatever the thread count).
+        Without autograd and autocast (inference) it depends only on the weight and the condition: it is
+        reused until the weight is updated in place (its version counter moves) or moved, or another
+        condition comes, saving a batch-1 convolution (one thread whatever the thread count) per block.
         """
         weight = self.subnet[0].weight
         if torch.is_grad_enabled() or torch.is_autocast_enabled(cond.device.type) or cond.is_inference():
