@@ -1,27 +1,9 @@
 """Which runtime runs a trained model's inference, how each one runs it, and ``auto``: the fastest one.
 
-Three runtimes compute the same :meth:`MSFlow.predict`:
-
-- ``torch``       float32 torch, the reference every other runtime is checked against;
-- ``torch-bf16``  torch under bfloat16 autocast. Offered to ``auto`` only where bf16 is native (a CPU
-                  with AMX or AVX512-BF16 in ``/proc/cpuinfo``, or a CUDA GPU that supports it): on an
-                  AVX2 CPU torch emulates bf16 and runs about 10x slower than float32;
-- ``onnx``        onnxruntime on the model's ONNX export (:mod:`msflow.infer.export`), when
-                  ``onnxruntime`` imports (on a GPU only with its CUDA provider).
-
-``auto`` (the default of ``msflow predict``/``serve`` and :class:`~msflow.detector.Detector`) runs each
-available runtime on a synthetic batch at the model's image size and the batch size in use: one warm-up
-batch, whose outputs must agree with float32 torch within the tolerances below (a runtime that disagrees
-is rejected), then ``TIMED_ROUNDS`` timed batches, interleaved across runtimes so that other processes'
-load hits all of them alike; the fastest batch of each is its speed. The fastest agreeing runtime wins.
-
-The decision (img/s of each runtime, the differences, the choice) is cached in ``runtime.json`` in the
-run folder, keyed by everything that changes the answer (model digest, machine, threads, batch size,
-device, library versions), so the next ``predict`` skips the measurement. The ONNX export is cached as
-``model.onnx`` beside the model (the name ``msflow export`` uses), carrying the checkpoint digest that
-proves it belongs to this model. A read-only run folder still works: both then go to the user cache
-(``$XDG_CACHE_HOME/msflow`` or ``~/.cache/msflow``), and failing that to a temporary file; the log line
-says where.
+The runtimes compute the same :meth:`MSFlow.predict`: ``torch`` (float32, the reference), ``torch-bf16``
+(bfloat16 autocast, offered to ``auto`` only where bf16 is native) and ``onnx`` (onnxruntime on the
+model's export, :mod:`msflow.infer.export`). How ``auto`` measures and checks them, and where its
+decision (``runtime.json``) and the export (``model.onnx``) are cached: docs/choices.md, "Runtimes".
 """
 
 from __future__ import annotations
@@ -110,11 +92,12 @@ def cpu_info() -> dict[str, Any]:
 
 def describe_cpu(info: dict[str, Any]) -> str:
     """One line: ``model, N cores; has: ...; lacks: ...``."""
-    has = [f for f, present in info["features"].items() if present]
-    lacks = [f for f, present in info["features"].items() if not present]
-    found = " ".join(has) or "none of " + " ".join(SPEED_FLAGS)
-    return f"{info['model']}, {info['cores']} logical cores; has: {found}" + (
-        f"; lacks: {' '.join(lacks)}" if lacks else ""
+    has = " ".join(f for f, present in info["features"].items() if present) or "none of " + " ".join(
+        SPEED_FLAGS
+    )
+    lacks = " ".join(f for f, present in info["features"].items() if not present)
+    return f"{info['model']}, {info['cores']} logical cores; has: {has}" + (
+        f"; lacks: {lacks}" if lacks else ""
     )
 
 
@@ -170,45 +153,41 @@ def _folders(run_dir: Path, sha: str) -> list[tuple[Path, str]]:
     return [(run_dir, "run folder"), (user_cache_dir() / sha[:16], "user cache")]
 
 
-def _onnx_model(run_dir: Path, model: Any, sha: str, forced: bool, threads: int) -> tuple[Any, str]:
-    """The ONNX export of this checkpoint (reused when its digest matches, else exported); and where."""
-    from msflow.infer.export import OnnxModel, export_onnx
-
-    def matching(path: Path) -> Any | None:
-        try:
-            onnx = OnnxModel(path, threads=threads)
-        except CheckpointError:
-            if forced and path.parent == run_dir:
-                raise
-            return None
-        if onnx.metadata.get("checkpoint_sha256") == sha:
-            return onnx
-        if forced and path.parent == run_dir:  # the user's own export, of another checkpoint
-            raise MSFlowError(f"'{path}' was not exported from this model; run 'msflow export' again")
-        return None
-
-    paths = [(folder / ONNX_FILE, where) for folder, where in _folders(run_dir, sha)]
-    for path, where in paths:
-        if path.is_file() and (onnx := matching(path)) is not None:
-            return onnx, f"{where} {path}"
-    for path, where in paths:
-        if not path.exists() and writable(path.parent):  # never replace a file the user exported
-            export_onnx(model, path, metadata={"checkpoint_sha256": sha})
-            return OnnxModel(path, threads=threads), f"exported to {where} {path}"
-    with tempfile.TemporaryDirectory(prefix="msflow-onnx-") as tmp:  # onnxruntime keeps its own copy
-        path = export_onnx(model, Path(tmp) / ONNX_FILE, metadata={"checkpoint_sha256": sha})
-        return OnnxModel(path, threads=threads), "exported to a temporary file (no writable cache folder)"
-
-
 def open_runtime(
     runtime: str, model: Any, run_dir: Path, sha: str, device: torch.device, forced: bool = True
 ) -> tuple[Any, str]:
-    """(the model object ``runtime`` runs, a note on where it came from)."""
+    """(the model object ``runtime`` runs, a note on where it came from). For ``onnx``: the export of
+    this checkpoint, reused when its digest matches, else exported; ``forced`` (a runtime the user named)
+    makes a broken or foreign ``model.onnx`` in the run folder an error rather than a reason to look on."""
     if runtime != "onnx":  # torch and torch-bf16 run the model itself
         return model, ""
     if not onnx_available(device):
         raise MSFlowError(f"runtime 'onnx' needs onnxruntime able to run on '{device.type}'")
-    return _onnx_model(run_dir, model, sha, forced, torch.get_num_threads())
+    from msflow.infer.export import OnnxModel, export_onnx
+
+    threads, stamp = torch.get_num_threads(), {"checkpoint_sha256": sha}
+    paths = [(folder / ONNX_FILE, where) for folder, where in _folders(run_dir, sha)]
+    for path, where in paths:
+        if not path.is_file():
+            continue
+        users_own = forced and path.parent == run_dir
+        try:
+            onnx = OnnxModel(path, threads=threads)
+        except CheckpointError:
+            if users_own:
+                raise
+            continue
+        if onnx.metadata.get("checkpoint_sha256") == sha:
+            return onnx, f"{where} {path}"
+        if users_own:  # the user's own export, of another checkpoint
+            raise MSFlowError(f"'{path}' was not exported from this model; run 'msflow export' again")
+    for path, where in paths:
+        if not path.exists() and writable(path.parent):  # never replace a file the user exported
+            export_onnx(model, path, metadata=stamp)
+            return OnnxModel(path, threads=threads), f"exported to {where} {path}"
+    with tempfile.TemporaryDirectory(prefix="msflow-onnx-") as tmp:  # onnxruntime keeps its own copy
+        path = export_onnx(model, Path(tmp) / ONNX_FILE, metadata=stamp)
+        return OnnxModel(path, threads=threads), "exported to a temporary file (no writable cache folder)"
 
 
 # --- measuring --------------------------------------------------------------------------------------------
@@ -291,28 +270,28 @@ class Decision:
 def measure(
     runners: dict[str, Runner], batch: Tensor, pixel_range: float, timer: Timer
 ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
-    """(img/s, differences to float32 torch, rejections) of each runner; ``runners`` must hold "torch"."""
-    reference = runners["torch"](batch)  # also torch's warm-up
-    diffs, rejected, live = {}, {}, ["torch"]
+    """(img/s, differences to float32 torch, rejections) of each runner; ``runners`` must hold "torch".
+    Each runner's first batch is its warm-up and the check of its outputs; then every runner that ran
+    (disagreeing ones too, for the record) is timed ``TIMED_ROUNDS`` times, interleaved so that other
+    processes' load hits all of them alike, and its fastest batch is its speed."""
+    reference = runners["torch"](batch)
+    diffs, rejected = {}, {}
     for name, run in runners.items():
         if name == "torch":
             continue
         try:
-            diffs[name] = differences(reference, run(batch), pixel_range)  # also the warm-up
+            diffs[name] = differences(reference, run(batch), pixel_range)
         except Exception as err:  # noqa: BLE001 - a runtime that cannot run is one that is not chosen
             rejected[name] = f"failed: {_one_line(err)}"
             continue
-        if agrees(diffs[name]):
-            live.append(name)
-        else:
+        if not agrees(diffs[name]):
             worst = ", ".join(f"{k} {v:.1e}" for k, v in diffs[name].items())
             rejected[name] = f"disagrees with float32 torch ({worst})"
     best: dict[str, float] = {}
     for _ in range(TIMED_ROUNDS):
-        for name in runners:
-            if name in live or name in diffs:  # disagreeing ones are timed too, for the record
-                seconds = timer(name, lambda run=runners[name]: run(batch))
-                best[name] = min(best.get(name, float("inf")), seconds)
+        for name in ["torch", *diffs]:
+            seconds = timer(name, lambda run=runners[name]: run(batch))
+            best[name] = min(best.get(name, float("inf")), seconds)
     return {k: len(batch) / max(s, 1e-12) for k, s in best.items()}, diffs, rejected
 
 
@@ -388,14 +367,6 @@ def save_decision(run_dir: Path, decision: Decision) -> str:
 
 
 # --- the entry point --------------------------------------------------------------------------------
-def _opened(runtime: str, model: Any, run_dir: Path, sha: str, device: torch.device, forced: bool) -> Any:
-    """:func:`open_runtime`'s model object; where it came from goes to the log."""
-    obj, where = open_runtime(runtime, model, run_dir, sha, device, forced)
-    if where:
-        log.info("runtime %s: %s", runtime, where)
-    return obj
-
-
 def select_runtime(
     runtime: str,
     model: Any,
@@ -413,29 +384,38 @@ def select_runtime(
         raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
     if batch_size < 1:
         raise MSFlowError(f"batch size must be >= 1, got {batch_size}")
-    if runtime != "auto":
-        if runtime == "torch-bf16" and not native_bf16(device):
-            log.warning("runtime torch-bf16 on %s without native bfloat16: slower than fp32", device)
-        return runtime, _opened(runtime, model, run_dir, sha, device, forced=True), None
-    key = decision_key(sha, device, batch_size, candidates(device))
-    decision, objects = cached_decision(run_dir, key), {}
-    if decision is None:  # measure every candidate now
-        runners, rejected, notes = {}, {}, []
-        for name in key["candidates"]:
-            try:
-                objects[name], note = open_runtime(name, model, run_dir, sha, device, forced=False)
-            except Exception as err:  # noqa: BLE001 - e.g. an export that fails: then not a candidate
-                rejected[name] = f"unavailable: {_one_line(err)}"
-                continue
-            runners[name] = runner(name, objects[name], device)
-            notes += [f"{name}: {note}"] if note else []
-        batch = synthetic_batch(model.anomaly.image_size, batch_size)
-        pixel_range = float(len(model.parallel_flows))
-        speeds, diffs, failed = measure(runners, batch, pixel_range, timer or wall_seconds(device))
-        rejected.update(failed)
-        decision = Decision(fastest(speeds, rejected), speeds, diffs, rejected, key)
-        decision.where = " ".join([save_decision(run_dir, decision), *notes])
-    log.info(decision.line())
-    if decision.runtime in objects:
-        return decision.runtime, objects[decision.runtime], decision
-    return decision.runtime, _opened(decision.runtime, model, run_dir, sha, device, forced=False), decision
+    decision, opened = None, {}
+    if runtime == "auto":
+        key = decision_key(sha, device, batch_size, candidates(device))
+        decision = cached_decision(run_dir, key) or _decide(key, model, run_dir, device, timer, opened)
+        log.info(decision.line())
+        runtime = decision.runtime
+    elif runtime == "torch-bf16" and not native_bf16(device):
+        log.warning("runtime torch-bf16 on %s without native bfloat16: slower than fp32", device)
+    if runtime not in opened:
+        opened[runtime], where = open_runtime(runtime, model, run_dir, sha, device, forced=decision is None)
+        if where:
+            log.info("runtime %s: %s", runtime, where)
+    return runtime, opened[runtime], decision
+
+
+def _decide(
+    key: dict[str, Any], model: Any, run_dir: Path, device: torch.device, timer: Timer | None, opened: dict
+) -> Decision:
+    """Measure every candidate of ``key`` now and save the decision; the runtimes opened go to ``opened``."""
+    sha, runners, rejected, notes = key["model_sha256"], {}, {}, []
+    for name in key["candidates"]:
+        try:
+            opened[name], note = open_runtime(name, model, run_dir, sha, device, forced=False)
+        except Exception as err:  # noqa: BLE001 - e.g. an export that fails: then not a candidate
+            rejected[name] = f"unavailable: {_one_line(err)}"
+            continue
+        runners[name] = runner(name, opened[name], device)
+        notes += [f"{name}: {note}"] if note else []
+    batch = synthetic_batch(model.anomaly.image_size, key["batch_size"])
+    pixel_range = float(len(model.parallel_flows))
+    speeds, diffs, failed = measure(runners, batch, pixel_range, timer or wall_seconds(device))
+    rejected.update(failed)
+    decision = Decision(fastest(speeds, rejected), speeds, diffs, rejected, key)
+    decision.where = " ".join([save_decision(run_dir, decision), *notes])
+    return decision

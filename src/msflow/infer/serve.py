@@ -159,10 +159,6 @@ class TokenBuckets:
             del self.buckets[client]
 
 
-def _is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith("/static/")
-
-
 def _header(scope: Scope, name: bytes) -> bytes | None:
     return next((v for k, v in scope.get("headers", []) if k.lower() == name), None)
 
@@ -180,18 +176,18 @@ class GuardMiddleware:
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.limits = limits
         self.max_body = int(limits.max_body)
+        mib = self.max_body / 2**20
+        self.too_large = f"request body too large: the limit is {self.max_body:,} bytes ({mib:.3g} MiB)"
         rate, burst = limits.rate, limits.burst
         self.buckets = TokenBuckets(rate, burst or max(1, math.ceil(rate))) if rate else None
         self.active = 0  # requests in progress (one event loop: no lock needed)
 
-    async def _reply(
-        self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
-    ) -> None:
+    async def _reply(self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
         body = json.dumps({"detail": detail}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            *(headers or []),
+            *headers,
             *SECURITY_HEADERS,
         ]
         if status == 413:  # the rest of the body is not read: the connection cannot be reused
@@ -205,34 +201,34 @@ class GuardMiddleware:
         given = _header(scope, API_KEY_HEADER.lower().encode())
         return given is not None and hmac.compare_digest(given, self.api_key)
 
-    def _refusal(self, scope: Scope) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
-        """Why a request to the API is refused before anything is read, or ``None`` to let it in."""
-        wait = self.buckets.take((scope.get("client") or ("?",))[0]) if self.buckets else 0.0
-        if wait > 0:
-            return 429, "too many requests from this client; retry later", _retry_after(wait)
-        if not self._authorised(scope):
-            why = f"missing or invalid API key (send it in the {API_KEY_HEADER} header)"
-            return 401, why, [(b"www-authenticate", API_KEY_HEADER.encode())]
-        limit = self.limits.max_concurrent
-        if limit is not None and self.active >= limit:
-            return 429, f"the service is busy ({limit} requests in progress); retry later", _retry_after(1)
-        return None
-
-    def _declared_size_refusal(self, scope: Scope) -> tuple[int, str] | None:
+    def _refusal(self, scope: Scope, api: bool) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+        """Why a request is refused before anything is read, or ``None`` to let it in: the limits and
+        the key first (API paths only), then the declared size (every path)."""
+        if api:
+            wait = self.buckets.take((scope.get("client") or ("?",))[0]) if self.buckets else 0.0
+            if wait > 0:
+                return 429, "too many requests from this client; retry later", _retry_after(wait)
+            if not self._authorised(scope):
+                why = f"missing or invalid API key (send it in the {API_KEY_HEADER} header)"
+                return 401, why, [(b"www-authenticate", API_KEY_HEADER.encode())]
+            limit = self.limits.max_concurrent
+            if limit is not None and self.active >= limit:
+                busy = f"the service is busy ({limit} requests in progress); retry later"
+                return 429, busy, _retry_after(1)
         declared = _header(scope, b"content-length")
         try:
             size = int(declared) if declared is not None else 0
         except ValueError:
-            return 400, "invalid Content-Length header"
-        return (413, self._too_large_message()) if size > self.max_body else None
+            return 400, "invalid Content-Length header", []
+        return (413, self.too_large, []) if size > self.max_body else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        api = not _is_open(scope.get("path", ""))
-        # Limits and key first (API paths only), then the declared size (every path)
-        refusal = (self._refusal(scope) if api else None) or self._declared_size_refusal(scope)
+        path = scope.get("path", "")
+        api = path not in OPEN_PATHS and not path.startswith("/static/")
+        refusal = self._refusal(scope, api)
         if refusal is not None:
             await self._reply(send, *refusal)
             return
@@ -267,11 +263,7 @@ class GuardMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reply(send, 413, self._too_large_message())
-
-    def _too_large_message(self) -> str:
-        mib = self.max_body / 2**20
-        return f"request body too large: the limit is {self.max_body:,} bytes ({mib:.3g} MiB)"
+                await self._reply(send, 413, self.too_large, [])
 
 
 def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
@@ -351,8 +343,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
-        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
-        detail = detail or "invalid request"
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
     @app.exception_handler(Exception)
@@ -403,21 +394,13 @@ def model_info(predictor: Predictor) -> dict[str, Any]:
     return _finite(without_paths(info))
 
 
+UPLOAD_FORM = {  # what /predict reads by hand, for its OpenAPI schema
+    "type": "object",
+    "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "the image"}},
+}
 UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "the image"}
-                    },
-                }
-            }
-        },
-    }
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": UPLOAD_FORM}}}
 }
 
 
