@@ -145,8 +145,7 @@ def _trace(graph: _PredictGraph, outputs: Sequence[str], opset: int, batch_dynam
     """The ONNX bytes of ``graph`` traced on a random batch, in eval mode (the model's mode is kept)."""
     model = graph.model
     height, width = model.anomaly.image_size
-    tensors = [*model.parameters(), *model.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")
+    device = next(model.parameters()).device
     # Trace with a batch of 2, not 1, so that no size-1 batch gets specialised into the graph.
     example = torch.rand(2 if batch_dynamic else 1, 3, height, width, device=device)
     dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)} if batch_dynamic else None
@@ -220,14 +219,6 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
-def _default_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return [*providers, "CPUExecutionProvider"]
-
-
 def _read_checked(path: Path) -> tuple[bytes, dict[str, str]]:
     """The bytes and metadata of an msflow export, refused with one line when it is not one or not whole."""
     onnx = require_extra("onnx", "onnx", "the ONNX runtime")
@@ -277,14 +268,13 @@ class OnnxModel:
         data, self.metadata = _read_checked(self.path)
         try:
             self.image_shape = (int(self.metadata["image_height"]), int(self.metadata["image_width"]))
-            # A side when square (as before), else (height, width): what to_tensor and the config take.
-            self.image_size: int | tuple[int, int] = (
-                self.image_shape[0] if self.image_shape[0] == self.image_shape[1] else self.image_shape
-            )
         except (KeyError, ValueError) as err:
             raise CheckpointError(
                 f"exported model '{self.path}' has no valid image size in its metadata"
             ) from err
+        # A side when square (as before), else (height, width): what to_tensor and the config take.
+        h, w = self.image_shape
+        self.image_size = h if h == w else self.image_shape
 
         options = ort.SessionOptions()
         if threads is not None:
@@ -292,10 +282,10 @@ class OnnxModel:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        best = ("CUDAExecutionProvider", "CPUExecutionProvider")  # CUDA where onnxruntime has it
+        providers = providers or [p for p in best if p in ort.get_available_providers()]
         try:
-            self.session = ort.InferenceSession(
-                data, sess_options=options, providers=list(providers or _default_providers())
-            )
+            self.session = ort.InferenceSession(data, sess_options=options, providers=list(providers))
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise CheckpointError(
                 f"onnxruntime cannot load exported model '{self.path}': {_one_line(err)}"
@@ -320,12 +310,8 @@ class OnnxModel:
         images = np.ascontiguousarray(images, dtype=np.float32)
         h, w = self.image_shape
         batch = "B" if self.batch_size is None else str(self.batch_size)
-        if (
-            images.ndim != 4
-            or images.shape[1:] != (3, h, w)
-            or images.shape[0] < 1
-            or (self.batch_size is not None and images.shape[0] != self.batch_size)
-        ):
+        batch_ok = images.ndim == 4 and images.shape[0] >= 1 and self.batch_size in (None, images.shape[0])
+        if not batch_ok or images.shape[1:] != (3, h, w):
             raise DataError(
                 f"'{self.path.name}' expects float images of shape ({batch}, 3, {h}, {w}), "
                 f"got {tuple(images.shape)}"

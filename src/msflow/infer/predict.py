@@ -33,23 +33,6 @@ from msflow.infer.predictor import Prediction, Predictor
 from msflow.logs import Progress
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted, de-duplicated list of image files."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(list_images(path, recursive=True))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise MSFlowError(f"input '{path}' does not exist")
-    unique: dict[Path, Path] = {}
-    for f in files:
-        unique.setdefault(f.resolve(), f)  # the first spelling of a file given twice
-    return list(unique.values())
-
-
 def _out_name(path: Path, used: set[str]) -> str:
     name = path.stem
     while name in used:  # same stem in two folders: keep both
@@ -62,13 +45,19 @@ RAY_CHUNK = 256  # files per Ray task: loading the model once per task is small 
 
 
 def _plan(inputs: list[str], output: Path) -> list[tuple[Path, str]]:
-    """The input files with their output names (decided up front, so any split of the work agrees)."""
-    files = collect_inputs(inputs)
+    """The image files of ``inputs`` (folders searched recursively, each file once) with their output
+    names, decided up front so that any split of the work agrees."""
+    files: dict[Path, Path] = {}
+    for path in map(Path, inputs):
+        if not (path.is_dir() or path.is_file()):
+            raise MSFlowError(f"input '{path}' does not exist")
+        for f in list_images(path, recursive=True) if path.is_dir() else [path]:
+            files.setdefault(f.resolve(), f)  # the first spelling of a file given twice
     if not files:
         raise MSFlowError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(inputs)}")
     output.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    return [(f, _out_name(f, used)) for f in files]
+    return [(f, _out_name(f, used)) for f in files.values()]
 
 
 ImageOutputs = Literal["all", "overlay", "none"]  # what predict writes per image besides its CSV row

@@ -5,12 +5,9 @@ Everything that judges images (``msflow test``/``predict``, the HTTP service, th
 training) runs them through a :class:`Predictor`: the forward pass, the maps resized back to each
 image's original size (or kept at the model's input resolution) and the
 :class:`~msflow.evaluate.threshold.Threshold`'s decision. Over a dataset it yields results batch by
-batch, so memory is one batch of maps, whatever the number of images.
-
-A model trained with tiles (``ModelConfig.tile``, :mod:`msflow.data.tiles`) is run on each image's
-tiles; their per-scale log-likelihood maps are stitched into maps of the whole image, from which the
-anomaly maps and the score are computed (so every score means what it means untiled, see
-``msflow.model.anomaly_map``), and every caller above tiles the same way.
+batch, so memory is one batch of maps, whatever the number of images. A model trained with tiles is
+run on each image's tiles and their log-likelihood maps stitched before scoring (docs/choices.md,
+"Tiles for large images").
 """
 
 from __future__ import annotations
@@ -156,32 +153,14 @@ class Predictor:
         return Predictor(model, config, self.threshold, self.device, self.runtime, self.meta)
 
     # -- the steps ---------------------------------------------------------------------------------
-    def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(B, 3, S, S) images in [0, 1] -> scores (B,), "add" maps and "mul" maps (B, S, S), numpy."""
-        with self._lock:
-            return self._run(batch)
-
-    @staticmethod
-    def _resize(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
-        if anomaly_map.shape == (height, width):
-            return np.ascontiguousarray(anomaly_map, dtype=np.float32)
-        return to_original_size(torch.from_numpy(np.ascontiguousarray(anomaly_map)), height, width)
-
-    def _at(
-        self, score: Any, pmap: np.ndarray, imap: np.ndarray, size: tuple[int, int], resolution: str
-    ) -> Maps:
-        """One image's :class:`Maps` from its model-resolution maps (``size``: its original (W, H))."""
-        if resolution == "model":
-            return Maps(float(score), pmap, imap)
-        w, h = size
-        return Maps(float(score), self._resize(pmap, h, w), self._resize(imap, h, w), pmap, imap)
-
     def _maps(
         self, batch: torch.Tensor, sizes: list[tuple[int, int]], resolution: Resolution
     ) -> Iterator[Maps]:
-        scores, pixel_maps, image_maps = self.forward(batch)
+        """Each image's :class:`Maps` from one forward pass of (B, 3, S, S) images in [0, 1]."""
+        with self._lock:
+            scores, pixel_maps, image_maps = self._run(batch)
         for size, score, pmap, imap in zip(sizes, scores, pixel_maps, image_maps, strict=True):
-            yield self._at(score, pmap, imap, size, resolution)
+            yield _at(score, pmap, imap, size, resolution)
 
     # -- tiles (ModelConfig.tile) -------------------------------------------------------------------
     @property
@@ -204,7 +183,7 @@ class Predictor:
         with torch.inference_mode():
             out = self.model.anomaly.from_log_likelihoods(logps, size=tuple(stitched.shape[-2:]))
         pmap, imap = out.pixel_map[0].float().cpu().numpy(), out.image_map[0].float().cpu().numpy()
-        return self._at(out.scores[0], pmap, imap, (stitcher.grid.width, stitcher.grid.height), resolution)
+        return _at(out.scores[0], pmap, imap, (stitcher.grid.width, stitcher.grid.height), resolution)
 
     def _stitched(
         self, grids: list[TileGrid], batches: Iterable[tuple[torch.Tensor, list[int]]]
@@ -292,6 +271,20 @@ class Predictor:
         for m in maps:
             bar.update()  # before the yield: the phase is reported when its last image is out
             yield m
+
+
+def _at(score: Any, pmap: np.ndarray, imap: np.ndarray, size: tuple[int, int], resolution: str) -> Maps:
+    """One image's :class:`Maps` from its model-resolution maps (``size``: its original (W, H))."""
+    if resolution == "model":
+        return Maps(float(score), pmap, imap)
+    w, h = size
+    return Maps(float(score), _resized(pmap, h, w), _resized(imap, h, w), pmap, imap)
+
+
+def _resized(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    if anomaly_map.shape == (height, width):
+        return np.ascontiguousarray(anomaly_map, dtype=np.float32)
+    return to_original_size(torch.from_numpy(np.ascontiguousarray(anomaly_map)), height, width)
 
 
 def _sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:

@@ -87,10 +87,8 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~ 8000 x 5000; a bigger image needs GBs for i
 # Ghostscript); camera images come in these.
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 OPEN_PATHS = frozenset({"/", "/health"})  # no API key needed (plus /static/*)
-STATIC_FILES = {  # URL name -> (package file, media type); the only files the service ever serves
-    "app.js": ("app.js", "text/javascript; charset=utf-8"),
-    "style.css": ("style.css", "text/css; charset=utf-8"),
-}
+# The only files the service ever serves (name in msflow/static -> media type), besides the page.
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -304,12 +302,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _static_assets() -> dict[str, tuple[bytes, str]]:
-    root = resources.files("msflow") / "static"
-    files = {**STATIC_FILES, "index.html": ("index.html", "text/html; charset=utf-8")}
-    return {name: (root.joinpath(fname).read_bytes(), media) for name, (fname, media) in files.items()}
-
-
 def create_app(
     predictor: Predictor,
     api_key: str | None = None,
@@ -330,7 +322,7 @@ def create_app(
     )  # the interactive docs load assets from a CDN
     app.state.predictor = predictor
     _add_error_handlers(app)
-    _add_read_routes(app, _static_assets(), model_info(predictor))
+    _add_read_routes(app, model_info(predictor))
     _add_predict_route(app, predictor, max_pixels)
     app.add_middleware(GuardMiddleware, api_key=api_key, limits=limits)
     return app
@@ -353,9 +345,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
-def _add_read_routes(app: FastAPI, assets: dict[str, tuple[bytes, str]], info: dict[str, Any]) -> None:
-    """The web page, its static files, /health and /model. They are coroutines: they never wait for a
-    worker thread, so /health answers at once even when every worker thread is busy with predictions."""
+def _add_read_routes(app: FastAPI, info: dict[str, Any]) -> None:
+    """The web page, its static files (read once, here), /health and /model. They are coroutines: they
+    never wait for a worker thread, so /health answers at once even when every worker thread is busy
+    with predictions."""
+    root = resources.files("msflow") / "static"
+    files = {**STATIC_FILES, "index.html": "text/html; charset=utf-8"}
+    assets = {name: (root.joinpath(name).read_bytes(), media) for name, media in files.items()}
 
     def asset(name: str) -> Response:
         body, media = assets[name]
