@@ -125,7 +125,6 @@ def export_onnx(
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved by msflow")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     outputs = OUTPUT_NAMES + ((NORMALIZED_SCORE,) if threshold is not None else ())
     graph = _trace(_PredictGraph(model, threshold), outputs, opset, batch_size_dynamic)
     proto = onnx.load_from_string(graph)
