@@ -132,26 +132,30 @@ def f1_max(labels: Any, scores: Any) -> tuple[float, float]:
     return float(f1[best] * 100.0), float(thresholds[best])
 
 
-def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[np.ndarray, ...]:
-    """Sort the pixels by descending score and accumulate the PRO / FPR counts.
-
-    A pixel of a GT region of area ``a`` weighs ``1 / (a * R)`` (R = regions in all images), so the
-    weight sum of the predicted-positive pixels is the mean per-region overlap (PRO). Every threshold
-    selects a prefix of the descending sort, so prefix sums give PRO and FPR at all of them at once;
-    only the top pixels needed to pass FPR = ``fpr_limit`` are sorted. Returns the kept scores sorted
-    (P values), cumulative negatives and PRO (length P + 1, entry ``c``: the top ``c`` pixels), the
-    number of negatives and the minimum score.
-    """
+def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each pixel's 1 / (area of its 8-connected defect region), 0 outside the regions, and the number
+    of regions: divided by the regions of all images, the weights of the pixels predicted defective sum
+    to the mean per-region overlap (PRO)."""
     from skimage.measure import label  # imported lazily: skimage is slow to import
 
+    regions, n = label(mask, connectivity=2, return_num=True)
+    inv_area = np.zeros(n + 1)
+    inv_area[1:] = 1.0 / np.bincount(regions.ravel(), minlength=n + 1)[1:]
+    return inv_area[regions], n  # label 0 (background) gets weight 0
+
+
+def _sorted_pixels(masks: MapsLike, maps: MapsLike, fpr_limit: float) -> tuple[np.ndarray, ...]:
+    """Every threshold selects a prefix of the pixels sorted by descending score, so prefix sums of the
+    negatives and PRO weights (:func:`region_weights`) give FPR and PRO at all of them at once; only the
+    top pixels needed to pass FPR = ``fpr_limit`` are sorted. Returns the kept scores sorted (P values),
+    cumulative negatives and PRO (length P + 1, entry ``c``: the top ``c`` pixels), the number of
+    negatives and the minimum score."""
     scores, neg, weights, n_regions = [], [], [], 0
     for m, a in _pairs(masks, maps):
-        lab, n = label(m, connectivity=2, return_num=True)  # 8-connected components
-        inv_area = np.zeros(n + 1)
-        inv_area[1:] = 1.0 / np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        weight, n = region_weights(m)
         scores.append(a.ravel())
         neg.append(~m.ravel())
-        weights.append(inv_area[lab.ravel()])  # label 0 (background) gets weight 0
+        weights.append(weight.ravel())
         n_regions += n
     if n_regions == 0:
         raise DataError("aupro: the masks contain no defect region (all masks are empty)")

@@ -45,7 +45,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from msflow.errors import DataError
-from msflow.evaluate.metrics import image_metrics, official_pro_area, official_thresholds, standard_pro_area
+from msflow.evaluate.metrics import (
+    image_metrics,
+    official_pro_area,
+    official_thresholds,
+    region_weights,
+    standard_pro_area,
+)
 
 DEFAULT_BINS = 2**20
 MAX_BINS = 2**21  # per map, after refinement (5 arrays of 16 MiB each)
@@ -251,17 +257,14 @@ class Mergeable(Protocol):
     def empty_copy(self) -> Any: ...
 
     def add_histograms(self, histograms: list[np.ndarray]) -> None:
-        add_histograms(self.histograms(), histograms)
-
-
-def add_histograms(into: list[np.ndarray], histograms: list[np.ndarray]) -> None:
-    """``into[i] += histograms[i]``, refusing a shape or dtype mismatch (a cast could lose counts)."""
-    for mine, theirs in zip(into, histograms, strict=True):
-        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-            raise DataError(
-                f"cannot merge histograms of {theirs.shape} {theirs.dtype} into {mine.shape} {mine.dtype}"
-            )
-        mine += theirs
+        """Add another accumulator's :meth:`histograms`, refusing a shape or dtype mismatch (a cast could
+        lose counts)."""
+        for mine, theirs in zip(self.histograms(), histograms, strict=True):
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise DataError(
+                    f"cannot merge histograms of {theirs.shape} {theirs.dtype} into {mine.shape} {mine.dtype}"
+                )
+            mine += theirs
 
 
 def _worst_until(errors: np.ndarray, bound: float, target: float) -> np.ndarray:
@@ -334,8 +337,6 @@ class StreamingMetrics(Mergeable):
 
     def add_maps(self, mask: np.ndarray, pixel_map: np.ndarray, pro_map: np.ndarray) -> None:
         """One image's ground truth (non-zero = defect) with its "add" and "mul" maps (same shape)."""
-        from skimage.measure import label  # imported lazily: skimage is slow to import
-
         mask = np.asarray(mask) != 0
         if mask.shape != pixel_map.shape or mask.shape != pro_map.shape:
             shapes = f"mask {mask.shape} and maps {pixel_map.shape}, {pro_map.shape}"
@@ -345,11 +346,9 @@ class StreamingMetrics(Mergeable):
         self.pixel.add(pixel_map, mask)
         inside = self.pro.add(pro_map, mask)
         if inside.size:
-            regions, n = label(mask, connectivity=2, return_num=True)  # 8-connected components
-            of_pixel = regions[mask]
-            area = np.bincount(of_pixel, minlength=n + 1)
+            weight, n = region_weights(mask)
             hit, where = np.unique(inside, return_inverse=True)
-            self.pro_weight[hit] += np.bincount(where, weights=1.0 / area[of_pixel])
+            self.pro_weight[hit] += np.bincount(where, weights=weight[mask])
             self.regions += n
         self.pro_min = min(self.pro_min, float(pro_map.min()))
         self.pro_max = max(self.pro_max, float(pro_map.max()))
