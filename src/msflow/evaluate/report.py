@@ -25,6 +25,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from msflow.errors import MSFlowError
+from msflow.evaluate.streaming import suffix_sums
 
 GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 0)
@@ -98,9 +99,7 @@ def save_overlay(path: str | Path, image: np.ndarray, anomaly_map: np.ndarray, *
     """Write :func:`jet_overlay` ``(image, anomaly_map, **kw)`` as a PNG (parent folders made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(jet_overlay(image, anomaly_map, **kw), mode="RGB").save(
-        path, format="PNG", compress_level=3
-    )
+    Image.fromarray(jet_overlay(image, anomaly_map, **kw)).save(path, format="PNG", compress_level=3)
     return path
 
 
@@ -196,24 +195,21 @@ def plot_score_histogram(
     labels: Sequence[int] | np.ndarray,
     threshold: float | None = None,
 ) -> Path:
-    """Save overlapping histograms of good vs defective image scores (:func:`_draw_score_histogram`)."""
+    """Save overlapping histograms of good vs defective image scores (:func:`_score_histogram`)."""
+    return _render(_score_histogram(scores, labels, threshold, "Image score distribution", 4.5), path)
+
+
+def _score_histogram(scores: Any, labels: Any, threshold: float | None, title: str, height: float) -> Figure:
+    """Good (label 0) and defective (label 1) finite scores over shared bins, the threshold dashed; one
+    drawing for the run folder's PNG and report.html."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).astype(int).ravel()
     if scores.shape != labels.shape:
         raise ValueError(f"{scores.size} scores but {labels.size} labels")
     finite = np.isfinite(scores)
-    fig = Figure(figsize=(7, 4.5))
-    _draw_score_histogram(
-        fig.add_subplot(), scores[finite], labels[finite], threshold, "Image score distribution"
-    )
-    return _render(fig, path)
-
-
-def _draw_score_histogram(
-    ax: Any, scores: np.ndarray, labels: np.ndarray, threshold: float | None, title: str
-) -> None:
-    """Good (label 0) and defective (label 1) scores over shared bins, the threshold dashed; one drawing
-    for the run folder's PNG and report.html."""
+    scores, labels = scores[finite], labels[finite]
+    fig = Figure(figsize=(7, height))
+    ax = fig.add_subplot()
     bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 5))) if scores.size else 10
     for value, name, colour in ((0, "good", "tab:blue"), (1, "defective", "tab:red")):
         subset = scores[labels == value]
@@ -224,6 +220,7 @@ def _draw_score_histogram(
     ax.set(xlabel="image anomaly score", ylabel="number of images", title=title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    return fig
 
 
 def plot_loss_curve(path: str | Path, history: Sequence[Mapping[str, Any]]) -> Path | None:
@@ -383,14 +380,12 @@ def histogram_curves(pos: np.ndarray, neg: np.ndarray, points: int = CURVE_POINT
     p, n = pos.sum(), neg.sum()
     if not (p and n):
         return {}
-    tp = np.concatenate((np.cumsum(pos[::-1])[::-1], [0.0]))  # pixels at or above each bin edge
-    fp = np.concatenate((np.cumsum(neg[::-1])[::-1], [0.0]))
     mass = np.cumsum(pos + neg)
-    edges = np.unique(np.searchsorted(mass, np.linspace(0, mass[-1], points), side="left"))
-    edges = np.unique(np.concatenate(([0], edges, [pos.size])))
-    tpr, fpr = tp[edges] / p, fp[edges] / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tp[edges] + fp[edges] > 0, tp[edges] / (tp[edges] + fp[edges]), 1.0)
+    at = np.searchsorted(mass, np.linspace(0, mass[-1], points), side="left")
+    edges = np.unique(np.concatenate(([0], at, [pos.size])))
+    tp, fp = suffix_sums(pos)[edges], suffix_sums(neg)[edges]  # pixels at or above each edge
+    tpr, fpr = tp / p, fp / n
+    precision = np.divide(tp, tp + fp, out=np.ones_like(tp), where=tp + fp > 0)
     return {"roc": {"x": fpr.tolist(), "y": tpr.tolist()}, "pr": {"x": tpr.tolist(), "y": precision.tolist()}}
 
 
@@ -507,9 +502,7 @@ def write_html_report(out_dir: str | Path, history: Sequence[Mapping[str, Any]] 
     figures = [_curve_figure(data["curves"], "roc", metrics), _curve_figure(data["curves"], "pr", metrics)]
     loss_fig = Figure(figsize=(7, 3.5))
     loss = _render(loss_fig) if _draw_loss(loss_fig, history or []) else None
-    hist_fig = Figure(figsize=(7, 4))
-    _draw_score_histogram(hist_fig.add_subplot(), scores, labels, threshold, f"Test image scores: {rates}")
-    histogram = _render(hist_fig)
+    histogram = _render(_score_histogram(scores, labels, threshold, f"Test image scores: {rates}", 4))
     body = [
         f"<h1>msflow report: {html.escape(str(metrics.get('dataset', out_dir.name)))}</h1>",
         f"<p>{len(rows)} test images; image threshold {threshold:.6g} "

@@ -150,8 +150,8 @@ class BinStats:
         np.maximum(self.high, high, out=self.high)
 
 
-def _suffix(counts: np.ndarray) -> np.ndarray:
-    """``out[b]`` = sum of counts[b:], length bins + 1 (out[bins] = 0)."""
+def suffix_sums(counts: np.ndarray) -> np.ndarray:
+    """``out[b]`` = sum of counts[b:] (float64; the counts at or above edge b), length bins + 1."""
     return np.concatenate((np.cumsum(counts[::-1], dtype=np.float64)[::-1], [0.0]))
 
 
@@ -172,7 +172,7 @@ def auroc_from_histograms(
 def _f1_curves(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(F1 selecting every bin >= b, the most F1 a threshold inside bin b can reach), per bin."""
     p = float(pos.sum())
-    tp, fp = _suffix(pos), _suffix(neg)
+    tp, fp = suffix_sums(pos), suffix_sums(neg)
     f1 = 2 * tp[:-1] / (tp[:-1] + fp[:-1] + p)
     inside = 2 * tp[:-1] / (tp[:-1] + fp[1:] + p)  # all of the bin's positives, none of its negatives
     return f1, inside
@@ -195,7 +195,7 @@ def f1_max_from_histograms(
 
 def _pro_points(weight: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) at the edges from the top bin down, (0, 0) first: point k selects the top k bins."""
-    return _suffix(neg)[::-1] / float(neg.sum()), _suffix(weight)[::-1]
+    return suffix_sums(neg)[::-1] / float(neg.sum()), suffix_sums(weight)[::-1]
 
 
 def _pro_segment_errors(
@@ -230,7 +230,7 @@ def official_aupro_from_histograms(
     thresholds = official_thresholds(lo, hi)
     neg, binning = stats.neg, stats.binning
     n_neg = float(neg.sum())
-    neg_above, w_above = _suffix(neg), _suffix(weight)
+    neg_above, w_above = suffix_sums(neg), suffix_sums(weight)
     # Pixels > θ: whole bins above θ's bin, plus the part of θ's bin above θ: all of it when its
     # smallest value is above θ, none when its largest is not, else a linear share (spread evenly).
     b = binning.index(thresholds)
