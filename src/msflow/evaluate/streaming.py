@@ -1,12 +1,11 @@
 """Test-set metrics accumulated image by image, in memory that does not grow with the number of images.
 
-Why histograms: the maps have a known range (model/anomaly_map.py): the "add" map lies in [0, number
-of scales] and the "mul" map in [0, 1), in both normalisations, and the bilinear resize to the original
-size keeps them there (convex combinations). So every pixel is counted into one of ``bins`` bins over
-that range, and the curves (ROC, PR, PRO) get a point at every bin edge. Each bin also keeps its
-smallest and largest value: a bin whose pixels share one value (the clipped zeros of a "global" map, a
-saturated plateau) is an exact tie, as the exact metrics see it, and adds no error. State is a few
-fixed arrays (8 MiB each at 2^20 bins) plus the O(N) image scores and labels the exact image metrics need.
+Why histograms: the maps have a known range (model/anomaly_map.py: the "add" map in [0, number of
+scales], the "mul" map in [0, 1), kept by the bilinear resize to the original size), so every pixel is
+counted into one of ``bins`` bins over it and the curves (ROC, PR, PRO) get a point at every bin edge.
+Each bin also keeps its smallest and largest value: a bin whose pixels share one value (the clipped zeros
+of a "global" map, a saturated plateau) is an exact tie, as the exact metrics see it, and adds no error.
+State: a few fixed arrays (8 MiB each at 2^20 bins) plus the O(N) image scores and labels.
 
 Error against the exact computation (evaluate/metrics.py), returned next to each metric
 (``*_error_bound``, percent points). Only bins holding more than one distinct value ("open") can err:
@@ -30,10 +29,8 @@ Error against the exact computation (evaluate/metrics.py), returned next to each
 **Refinement** (:meth:`StreamingMetrics.refined`): when a bound is above ``BOUND_TARGET`` (0.1 points),
 the open bins that carry the error are split between their smallest and largest value and the maps are
 streamed again into the finer bins (by :func:`msflow.evaluate.evaluation.evaluate_stream` when it can
-get the maps a second time). Memory stays that of the bins, ``MAX_BINS`` at most.
-
-AUPRO regions are the 8-connected components of each image's mask; each region pixel weighs
-1 / (area * R), R = regions in all images, so a weight histogram gives PRO.
+get the maps a second time). Memory stays that of the bins, ``MAX_BINS`` at most. AUPRO's region
+weights (:func:`metrics.region_weights`) are histogrammed like the counts.
 """
 
 from __future__ import annotations
@@ -45,13 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from msflow.errors import DataError
-from msflow.evaluate.metrics import (
-    image_metrics,
-    official_pro_area,
-    official_thresholds,
-    region_weights,
-    standard_pro_area,
-)
+from msflow.evaluate import metrics as exact
 
 DEFAULT_BINS = 2**20
 MAX_BINS = 2**21  # per map, after refinement (5 arrays of 16 MiB each)
@@ -219,7 +210,7 @@ def aupro_from_histograms(
     negative counts; without ``open_bins`` every bin counts as open."""
     fpr, pro = _pro_points(weight, neg)
     bound = float(_pro_segment_errors(fpr, pro, open_bins, fpr_limit).sum())
-    return standard_pro_area(fpr, pro, fpr_limit), bound / fpr_limit * 100.0
+    return exact.standard_pro_area(fpr, pro, fpr_limit), bound / fpr_limit * 100.0
 
 
 def official_aupro_from_histograms(
@@ -227,7 +218,7 @@ def official_aupro_from_histograms(
 ) -> tuple[float, float]:
     """Official MSFlow PRO (percent, see :func:`metrics.aupro`) from the PRO map's ``stats`` and region
     ``weight``, and the largest share of an open bin that a threshold splits (0: exact)."""
-    thresholds = official_thresholds(lo, hi)
+    thresholds = exact.official_thresholds(lo, hi)
     neg, binning = stats.neg, stats.binning
     n_neg = float(neg.sum())
     neg_above, w_above = suffix_sums(neg), suffix_sums(weight)
@@ -240,7 +231,7 @@ def official_aupro_from_histograms(
     frac_above = np.where(thresholds < left, 1.0, np.clip((right - thresholds) / span, 0.0, 1.0))
     split = (thresholds >= left) & (thresholds < right)
     fpr = (neg_above[b + 1] + frac_above * neg[b]) / n_neg
-    area = official_pro_area(fpr, w_above[b + 1] + frac_above * weight[b], fpr_limit)
+    area = exact.official_pro_area(fpr, w_above[b + 1] + frac_above * weight[b], fpr_limit)
     share = np.maximum(neg[b] / n_neg, weight[b]) * split
     return area, float(share.max(initial=0.0)) * 100.0
 
@@ -267,10 +258,10 @@ class Mergeable(Protocol):
             mine += theirs
 
 
-def _worst_until(errors: np.ndarray, bound: float, target: float) -> np.ndarray:
+def _worst_until(errors: np.ndarray, target: float) -> np.ndarray:
     """Priorities (0 = leave) of the bins to split so that the errors of the bins left sum to at most
-    a quarter of ``target``: the largest first; nothing when ``bound`` already meets ``target``."""
-    if bound <= target:
+    a quarter of ``target``: the largest first; nothing when their sum already meets ``target``."""
+    if errors.sum() <= target:
         return np.zeros_like(errors)
     order = np.argsort(errors)  # ascending: the smallest are left alone while they fit
     left = np.cumsum(errors[order]) <= target / 4
@@ -346,7 +337,7 @@ class StreamingMetrics(Mergeable):
         self.pixel.add(pixel_map, mask)
         inside = self.pro.add(pro_map, mask)
         if inside.size:
-            weight, n = region_weights(mask)
+            weight, n = exact.region_weights(mask)
             hit, where = np.unique(inside, return_inverse=True)
             self.pro_weight[hit] += np.bincount(where, weights=weight[mask])
             self.regions += n
@@ -425,7 +416,7 @@ class StreamingMetrics(Mergeable):
         if not (n_bad and n_good):
             why = f"needs good and defective test images, got {n_good} good and {n_bad} defective"
             return {}, {"image_auroc": why, "image_f1_max": why, "per_defect_type": why}
-        return image_metrics(labels, scores, self.image_types()), {}
+        return exact.image_metrics(labels, scores, self.image_types()), {}
 
     def pixel_metrics(self) -> tuple[dict[str, Any], dict[str, str]]:
         """Pixel AUROC, F1-max and AUPRO with their error bounds, and the reasons for those missing."""
@@ -446,8 +437,7 @@ class StreamingMetrics(Mergeable):
         else:
             aupro = official_aupro_from_histograms(weight, self.pro, *self._pro_extremes(), self.fpr_limit)
         out["aupro"], out["aupro_error_bound"] = aupro
-        out["pro_mode"] = self.pro_mode
-        out["metric_passes"] = self.passes
+        out.update(pro_mode=self.pro_mode, metric_passes=self.passes)
         return out, {}
 
     def _pro_extremes(self) -> tuple[Any, Any]:
@@ -457,13 +447,9 @@ class StreamingMetrics(Mergeable):
 
     def result(self) -> dict[str, Any]:
         """Metrics in percent; those the data cannot give are listed in ``not_available`` with the reason."""
-        out, missing = self.image_metrics()
-        pixel, missing_pixel = self.pixel_metrics()
-        out.update(pixel)
-        missing.update(missing_pixel)
-        if missing:
-            out["not_available"] = missing
-        return out
+        (out, missing), (pixel, missing_pixel) = self.image_metrics(), self.pixel_metrics()
+        out, missing = {**out, **pixel}, {**missing, **missing_pixel}
+        return {**out, "not_available": missing} if missing else out
 
     # -- refinement: a second pass over the same maps in finer bins where the error is ----------------
     def bounds(self) -> dict[str, float]:
@@ -477,7 +463,7 @@ class StreamingMetrics(Mergeable):
         is_open = px.open_bins()
         pos, neg = px.pos.astype(np.float64), px.neg.astype(np.float64)
         tied = 50.0 * pos * neg * is_open / (pos.sum() * neg.sum())
-        priority = _worst_until(tied, float(tied.sum()), target)
+        priority = _worst_until(tied, target)
         f1, inside = _f1_curves(px.pos, px.neg)
         excess = np.clip(inside - f1.max(), 0.0, None) * 100.0 * is_open
         if excess.max(initial=0.0) > target:
@@ -489,11 +475,11 @@ class StreamingMetrics(Mergeable):
         one: a pixel is then above θ exactly when its bin is)."""
         weight, pro = self.pro_weight / self.regions, self.pro
         if self.pro_mode == "official":
-            thresholds = official_thresholds(*self._pro_extremes()).astype(np.float64)
+            thresholds = exact.official_thresholds(*self._pro_extremes()).astype(np.float64)
             return np.zeros(pro.binning.bins), np.nextafter(thresholds, np.inf)
         fpr, curve = _pro_points(weight, pro.neg)
         errors = _pro_segment_errors(fpr, curve, pro.open_bins(), self.fpr_limit) / self.fpr_limit * 100
-        return _worst_until(errors, float(errors.sum()), target), np.zeros(0)
+        return _worst_until(errors, target), np.zeros(0)
 
     def refined(self, target: float = BOUND_TARGET, max_bins: int = MAX_BINS) -> StreamingMetrics | None:
         """An empty accumulator with finer bins where this one's bounds exceed ``target``, sharing this

@@ -1,17 +1,8 @@
 """Decision thresholds and normalised scores.
 
-Rules (stored with the model, overridable with ``--threshold``):
-
-- **Good images only (default).** Part of ``train/good`` is held out from training (``holdout_fraction``).
-  The image threshold is the 99th percentile of their image scores, the pixel threshold the 99.9th
-  percentile of their pixel-map values: about 1 % of good parts are expected to be flagged.
-- **Labelled validation folder.** The image threshold maximises image-level F1 on it, and the pixel
-  threshold pixel-level F1 when it has masks.
-
-The normalised score follows anomalib's convention, so the threshold sits at 0.5:
-``clip(0.5 + (score - threshold) / (max - min), 0, 1)`` with min/max the calibration scores' range.
-A predicted defect mask is ``pixel_map >= pixel threshold`` within images judged defective (empty for
-images judged good, so a good part never shows spurious defect regions).
+The rules (docs/choices.md, "Thresholds"): quantiles of held-out good images by default, F1-optimal on a
+labelled validation folder; the normalised score puts the threshold at 0.5. A predicted defect mask is
+empty in images judged good, so a good part never shows spurious defect regions.
 """
 
 from __future__ import annotations
@@ -66,6 +57,7 @@ class Threshold:
         return pixel_map >= self.pixel
 
     def normalize(self, scores: np.ndarray | float) -> np.ndarray:
+        """``clip(0.5 + (score - image) / (score_max - score_min), 0, 1)``: the threshold at 0.5."""
         spread = self.score_max - self.score_min
         spread = spread if spread > 0 else 1.0
         return np.clip(0.5 + (np.asarray(scores, dtype=np.float64) - self.image) / spread, 0.0, 1.0)
@@ -74,19 +66,15 @@ class Threshold:
 def _quantile(binning: Binning, counts: np.ndarray, q: float) -> float:
     """The ``q`` quantile of histogrammed values: the upper edge of the bin holding the value of rank
     ceil(q * (n - 1)) (0-based). Never below ``np.quantile``'s linear interpolation, and at most one bin
-    width ((hi - lo) / bins) above that value of rank ceil(q * (n - 1)).
-    """
+    width above that value."""
     rank = math.ceil(q * (float(counts.sum()) - 1))
     b = int(np.searchsorted(np.cumsum(counts, dtype=np.float64), rank, side="right"))
     return float(binning.edge(min(b, binning.bins - 1) + 1))
 
 
 class GoodImageCalibration(Mergeable):
-    """Quantile thresholds from defect-free images (see the module docstring), fed image by image.
-
-    Image scores are kept (one float each); pixel values go into a fixed histogram over the "add" map's
-    range, so memory does not grow with the number or size of the images.
-    """
+    """Quantile thresholds from defect-free images, fed image by image: image scores are kept (one float
+    each), pixel values counted into a fixed histogram over the "add" map's range."""
 
     def __init__(self, pixel_range: tuple[float, float], bins: int = DEFAULT_BINS) -> None:
         self.binning = Binning(*pixel_range, bins)
@@ -128,16 +116,14 @@ class LabelledCalibration:
         self.binning = Binning(*pixel_range, bins)
         self.scores: list[float] = []
         self.labels: list[int] = []
-        self.pos = np.zeros(bins, np.int64)
-        self.neg = np.zeros(bins, np.int64)
+        self.pos, self.neg = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
 
     def add(self, score: float, label: int, mask: np.ndarray | None, pixel_map: np.ndarray) -> None:
         self.scores.append(float(score))
         self.labels.append(int(label))
         if mask is not None:
             pos, neg = self.binning.joint_counts(pixel_map, mask)
-            self.pos += pos
-            self.neg += neg
+            self.pos, self.neg = self.pos + pos, self.neg + neg
 
     def threshold(self, fallback_pixel: float) -> Threshold:
         scores, labels = np.asarray(self.scores, dtype=np.float64), np.asarray(self.labels)
