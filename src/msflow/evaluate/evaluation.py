@@ -27,7 +27,6 @@ from msflow.evaluate.threshold import Threshold
 from msflow.files import atomic_write_bytes
 
 NUM_OVERLAYS = 16
-CSV_FIELDS = report.PREDICTION_FIELDS
 
 
 class ImageResult(Protocol):
@@ -47,9 +46,7 @@ def overlay_indices(samples: list[Sample], count: int = NUM_OVERLAYS) -> set[int
 
 def _mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
     """The ground truth at the map's resolution (nearest resize when evaluating at model size)."""
-    if sample.mask is None:
-        return np.zeros(shape, bool)
-    return resize_mask(read_mask(sample.mask), shape)
+    return np.zeros(shape, bool) if sample.mask is None else resize_mask(read_mask(sample.mask), shape)
 
 
 class ShardMerge(Protocol):
@@ -62,7 +59,6 @@ class ShardMerge(Protocol):
     def merge_to_main(self, acc: StreamingMetrics) -> tuple[StreamingMetrics, list[int]] | None:
         """On rank 0: the accumulator of all ranks' images in rank order, and each rank's image count;
         ``None`` on the other ranks."""
-        ...
 
 
 def evaluate_stream(
@@ -80,19 +76,16 @@ def evaluate_stream(
     replay: Callable[[], Iterable[ImageResult]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``results`` (one per sample, same order); with ``out_dir`` also the report
-    (``predictions.csv`` row by row, ``overlays/*.png`` for a sample of images, ``score_histogram.png``).
+    (``predictions.csv`` row by row, ``overlays/*.png`` for a sample of images, ``score_histogram.png``,
+    with a threshold the data of report.html). Metrics the test set cannot give are listed under
+    ``not_available``; with a threshold, :func:`decision_rates` are added. Results that also carry maps at
+    the model's resolution (``model_anomaly_map``, ``model_image_map``) get pixel metrics there too, under
+    ``model_resolution``. ``replay`` gives the same results again, for up to ``MAX_PASSES`` passes into
+    finer bins while an error bound is above ``streaming.BOUND_TARGET``.
 
-    Metrics the test set cannot give (one class only, no masks or defect pixels) are listed under
-    ``not_available``. With a threshold, ``false_positive_rate`` is the share of good test images judged
-    defective. Results that also carry maps at the model's resolution (``model_anomaly_map``,
-    ``model_image_map``) get pixel metrics there too, under ``model_resolution``. ``replay`` gives the
-    same results again, for up to ``MAX_PASSES`` passes into finer bins while an error bound is above
-    ``streaming.BOUND_TARGET``.
-
-    With ``sharding`` (data-parallel), ``results`` are this rank's shard's only; rank 0 gets the merged
-    metrics and writes the same report as one process (rows from the merged scores, overlays from
-    ``redraw``, which predicts the few images to draw) plus ``test_images_per_rank``; the other ranks
-    return ``{}`` (no refinement, no model resolution).
+    With ``sharding``, ``results`` are this rank's shard's only; rank 0 gets the merged metrics and
+    writes the same report as one process (overlays from ``redraw``, which predicts the few images to
+    draw) plus ``test_images_per_rank``; the other ranks return ``{}`` (no refinement or model resolution).
     """
     acc = _Accumulators(StreamingMetrics(pixel_range=pixel_range, bins=bins, pro_mode=pro_mode), None)
     mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))
@@ -205,12 +198,8 @@ def decision_rates(scores: np.ndarray, labels: np.ndarray, threshold: Threshold)
     """At the threshold, in percent: good test images judged defective (``false_positive_rate``) and
     defective ones judged good (``miss_rate``); a class the test set lacks gives no rate."""
     judged = np.array([threshold.is_defective(float(s)) for s in scores], bool)
-    rates = {}
-    if (labels == 0).any():
-        rates["false_positive_rate"] = round(100.0 * float(judged[labels == 0].mean()), 4)
-    if (labels == 1).any():
-        rates["miss_rate"] = round(100.0 * float((~judged[labels == 1]).mean()), 4)
-    return rates
+    wrong = {"false_positive_rate": judged[labels == 0], "miss_rate": ~judged[labels == 1]}
+    return {key: round(100.0 * float(w.mean()), 4) for key, w in wrong.items() if w.size}
 
 
 @dataclass
@@ -226,7 +215,7 @@ class _Report:
     redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None
 
     def rows(self) -> closing[report.RowWriter]:
-        return closing(report.RowWriter(self.out_dir / "predictions.csv", CSV_FIELDS))
+        return closing(report.RowWriter(self.out_dir / "predictions.csv", report.PREDICTION_FIELDS))
 
     def row(self, sample: Sample, score: float) -> dict[str, Any]:
         assert self.threshold is not None  # rows are written only with a decision

@@ -185,17 +185,13 @@ def aupro(
 ) -> float:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, in percent.
 
-    Regions are the 8-connected components of each image's GT mask. PRO(θ) is the mean, over all
-    regions of all images, of the fraction of region pixels predicted defective; FPR(θ) the fraction of
-    all GT-negative pixels predicted defective (images without defects add only negatives).
-
-    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ, θ over every distinct score
-    (exact curve), integrated as :func:`standard_pro_area`. ``mode="official"`` (the official code's
-    evaluations.py): prediction = score > θ for :func:`official_thresholds`, integrated as
-    :func:`official_pro_area`; not comparable with the standard number
-    (docs/official-code-differences.md, B17). ``max_thresholds`` (standard mode only): about this many
-    thresholds at score quantiles instead of every distinct score (approximate, faster). Masks and
-    maps as :func:`pixel_auroc`'s.
+    PRO(θ) is the mean, over the regions of all images (:func:`region_weights`), of the fraction of
+    region pixels predicted defective; FPR(θ) the fraction of all GT-negative pixels predicted defective.
+    ``mode="standard"`` (MVTec AD / anomalib): prediction = score >= θ at every distinct score (exact
+    curve; with ``max_thresholds``, about that many at score quantiles: approximate, faster), integrated
+    as :func:`standard_pro_area`. ``mode="official"`` (the official evaluations.py): score > θ at
+    :func:`official_thresholds`, integrated as :func:`official_pro_area`; not comparable with the
+    standard number (docs/official-code-differences.md, B17). Masks and maps as :func:`pixel_auroc`'s.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise DataError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
