@@ -315,7 +315,7 @@ class StreamingMetrics(Mergeable):
         self.types: dict[str, int] = {}
         self.pro_weight = np.zeros(binnings[1].bins, np.float64)  # sum of 1 / region area; / R at the end
         self.regions = 0
-        self.pro_min, self.pro_max, self.pro_dtype = math.inf, -math.inf, "float64"
+        self.pro_dtype = "float64"
         self.map_images = 0
         self.passes = 1
 
@@ -341,8 +341,6 @@ class StreamingMetrics(Mergeable):
             hit, where = np.unique(inside, return_inverse=True)
             self.pro_weight[hit] += np.bincount(where, weights=weight[mask])
             self.regions += n
-        self.pro_min = min(self.pro_min, float(pro_map.min()))
-        self.pro_max = max(self.pro_max, float(pro_map.max()))
         self.pro_dtype = str(pro_map.dtype)
         self.map_images += 1
 
@@ -357,7 +355,7 @@ class StreamingMetrics(Mergeable):
     def image_state(self) -> dict[str, Any]:
         """Everything but the summed histograms, as plain values (picklable): O(images) floats and the
         bins' value ranges."""
-        state = {k: getattr(self, k) for k in ("regions", "pro_min", "pro_max", "pro_dtype", "map_images")}
+        state = {k: getattr(self, k) for k in ("regions", "pro_dtype", "map_images")}
         return {
             **state,
             "scores": self.scores.tolist(),
@@ -371,8 +369,6 @@ class StreamingMetrics(Mergeable):
         for score, label, defect_type in zip(state["scores"], state["labels"], state["types"], strict=True):
             self.add_image(score, label, defect_type)
         self.regions += int(state["regions"])
-        self.pro_min = min(self.pro_min, float(state["pro_min"]))
-        self.pro_max = max(self.pro_max, float(state["pro_max"]))
         if state["map_images"]:
             self.pro_dtype = state["pro_dtype"]
         self.map_images += int(state["map_images"])
@@ -441,9 +437,10 @@ class StreamingMetrics(Mergeable):
         return out, {}
 
     def _pro_extremes(self) -> tuple[Any, Any]:
-        """The PRO maps' min and max in their own dtype, so the official thresholds are the exact ones."""
+        """The PRO maps' min and max (the extreme bins' smallest and largest value) in their own dtype,
+        so the official thresholds are the exact ones."""
         kind = np.dtype(self.pro_dtype).type
-        return kind(self.pro_min), kind(self.pro_max)
+        return kind(self.pro.low.min()), kind(self.pro.high.max())
 
     def result(self) -> dict[str, Any]:
         """Metrics in percent; those the data cannot give are listed in ``not_available`` with the reason."""
@@ -501,7 +498,7 @@ class StreamingMetrics(Mergeable):
     def _fingerprint(self) -> tuple[tuple, tuple]:
         """(images, regions, defect and defect-free pixels), (the maps' extremes and checksums)."""
         counts = (self.map_images, self.regions, int(self.pixel.pos.sum()), int(self.pixel.neg.sum()))
-        return counts, (self.pro_min, self.pro_max, self.pixel.checksum, self.pro.checksum)
+        return counts, (*self._pro_extremes(), self.pixel.checksum, self.pro.checksum)
 
     def check_same_maps(self, first: StreamingMetrics) -> None:
         """Refuse a refinement pass that did not see the maps of the pass it refines (other images, or
