@@ -147,22 +147,14 @@ class RowWriter:
 
 
 def _drop_partial_line(path: Path) -> None:
-    """Cut a last line that a crash left without its newline (it is redone); reads only the tail."""
+    """Cut a last line that a crash left without its newline (it is redone). Reads only the last MiB: a
+    row is a few hundred bytes, so the last complete one ends there."""
     with path.open("r+b") as fh:
         end = fh.seek(0, io.SEEK_END)
-        pos = end
-        while pos > 0:
-            start = max(0, pos - 65536)
-            fh.seek(start)
-            chunk = fh.read(pos - start)
-            if pos == end and chunk.endswith(b"\n"):
-                return
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                fh.truncate(start + cut + 1)
-                return
-            pos = start
-        fh.truncate(0)
+        start = fh.seek(max(0, end - 2**20))
+        tail = fh.read()
+        if not tail.endswith(b"\n"):
+            fh.truncate(start + tail.rfind(b"\n") + 1)
 
 
 def read_rows(path: str | Path) -> Iterator[dict[str, str]]:
