@@ -251,14 +251,9 @@ class _Report:
         h, w = res.anomaly_map.shape
         if image.shape[:2] != (h, w):  # model resolution: draw on the resized image
             image = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
-        defective = self.threshold.is_defective(res.score)
-        report.save_overlay(
-            path or self.out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png",
-            image,
-            res.image_map,
-            gt_mask=_mask_at(sample, (h, w)) if sample.mask is not None else None,
-            pred_mask=self.threshold.defect_mask(res.anomaly_map, defective) if defective else None,
-        )
+        path = path or self.out_dir / "overlays" / f"{i:04d}_{sample.defect_type}_{sample.image.stem}.png"
+        pred = self.threshold.defect_mask(res.anomaly_map, self.threshold.is_defective(res.score))
+        report.save_overlay(path, image, res.image_map, gt_mask=_mask_at(sample, (h, w)), pred_mask=pred)
 
     def figures(self, acc: StreamingMetrics) -> None:
         """``score_histogram.png`` and, with a threshold, what report.html shows (``report_data.json``):
