@@ -262,11 +262,8 @@ def per_defect_type(labels: Any, scores: Any, defect_types: Sequence[str]) -> di
         raise DataError(f"per_defect_type: image {i} has type {types[i]!r} but label {int(y[i])}")
     if not is_good.any():
         raise DataError("per_defect_type: no 'good' images to compare against")
-    out = {}
-    for t in sorted(set(types[~is_good])):
-        sel = is_good | (types == t)
-        out[str(t)] = _auroc(y[sel], s[sel], f"per_defect_type[{t}]")
-    return out
+    chosen = {str(t): is_good | (types == t) for t in sorted(set(types[~is_good]))}
+    return {t: _auroc(y[sel], s[sel], f"per_defect_type[{t}]") for t, sel in chosen.items()}
 
 
 def evaluate(

@@ -346,8 +346,6 @@ GALLERY = (  # (kind, title, how many)
     ("typical_defective", "Typical defective images (correctly found, scores near their median)", 2),
     ("typical_good", "Typical good images (correctly passed, scores near their median)", 2),
 )
-_ERROR_BOUNDS = {"pixel_auroc": "pixel_auroc_error_bound", "aupro": "aupro_error_bound"}
-_ERROR_BOUNDS["pixel_f1_max"] = "pixel_f1_error_bound"
 
 
 def image_curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, list[float]]]:
@@ -442,7 +440,7 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
     rows = []
     for key, label in _METRIC_LABELS:
         if key in metrics:
-            bound = metrics.get(_ERROR_BOUNDS.get(key, ""))
+            bound = metrics.get(key.removesuffix("_max") + "_error_bound")  # the streamed pixel metrics
             shown = _cell(metrics[key]) + (f" ± {float(bound):.2g}" if _is_number(bound) else "")
         elif key in (metrics.get("not_available") or {}):
             shown = f"n/a ({metrics['not_available'][key]})"
