@@ -29,10 +29,8 @@ SMOOTHING_CANDIDATES = (0.0, 2.0, 4.0, 8.0)
 
 # The incumbents: what "auto" keeps unless a challenger wins under the rule of msflow.train.choice.
 # Maps: the paper's (each image against its own maximum, no blur). The score: logp:0.03, the paper's
-# share (the top 3 % of the map) of the summed log-likelihood instead of the product of the scales'
-# probabilities. On real defects after 10-100 epochs it was at or above the paper's score on every set
-# (100 epochs: Magnetic Tile +0.56, BSData +1.62, CrackForest +0.76), where logp:0.01, the incumbent
-# before, lost 0.59 on Magnetic Tile (docs/results.md "Real defects at 100 epochs").
+# share of the summed log-likelihood instead of the product of the scales' probabilities; why (measured
+# on real defects): docs/choices.md, "Image score".
 MAPS_INCUMBENT = ("per_image", 0.0)
 SCORE_INCUMBENT = "logp:0.03"
 
@@ -102,19 +100,12 @@ def split_score(name: str) -> tuple[str, str, float | None]:
 
 @dataclass(frozen=True)
 class MapSettings:
-    """How latents become maps and a score: one immutable value (``ModelConfig.maps`` makes it).
+    """How latents become maps and a score: one immutable value (``ModelConfig.maps`` makes it)."""
 
-    Arguments:
-        normalization: ``per_image`` (the paper), ``global`` (training references) or ``auto``.
-        smoothing: Gaussian sigma in model-input pixels applied to every map (0 = the paper) or ``auto``.
-        score: a score name (module doc), ``official`` or ``auto``.
-        top_k: the fraction of the "mul" map that ``official`` averages.
-    """
-
-    normalization: str = "per_image"
-    smoothing: float | str = 0.0
-    score: str = "official"
-    top_k: float = 0.03
+    normalization: str = "per_image"  # the paper's; "global" (training references) or "auto"
+    smoothing: float | str = 0.0  # Gaussian sigma (model-input pixels) on every map, 0 = the paper, or "auto"
+    score: str = "official"  # a score name (module doc), "official" or "auto"
+    top_k: float = 0.03  # the fraction of the "mul" map that "official" averages
 
     def __post_init__(self) -> None:
         if self.normalization not in (*NORMALIZATIONS, "auto"):
@@ -166,21 +157,3 @@ def map_candidates(normalization: str, smoothing: float | str) -> list[tuple[str
 
 def map_setting_name(setting: tuple[str, float]) -> str:
     return f"{setting[0]}, smoothing {float(setting[1]):g}"
-
-
-__all__ = [
-    "FRACTIONS",
-    "MAPS_INCUMBENT",
-    "MAP_SCORES",
-    "NORMALIZATIONS",
-    "SCORE_CANDIDATES",
-    "SCORE_INCUMBENT",
-    "SCORE_KINDS",
-    "SMOOTHING_CANDIDATES",
-    "MapSettings",
-    "map_candidates",
-    "map_setting_name",
-    "parse_score",
-    "parse_smoothing",
-    "split_score",
-]
