@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from msflow.errors import ConfigError
-from msflow.scoring import SCORE_INCUMBENT, SMOOTHING_CANDIDATES, MapSettings, parse_score, parse_smoothing
+from msflow.scoring import SCORE_INCUMBENT, SMOOTHING_CANDIDATES, MapSettings
 
 SCHEMA_VERSION = 1  # bump when a saved config or checkpoint can no longer be read by this code
 
@@ -96,7 +96,7 @@ def add_option_argument(
 def _check_literals(obj: Any) -> None:
     hints = get_type_hints(type(obj))
     for f in fields(obj):
-        allowed = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else None
+        allowed = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else None
         if allowed and getattr(obj, f.name) not in allowed:
             raise ConfigError(f"{f.name}={getattr(obj, f.name)!r} is not one of {list(allowed)}")
 
@@ -219,16 +219,15 @@ class ModelConfig:
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 1:
             raise ConfigError(f"num_blocks must be three positive counts, got {self.num_blocks}")
         object.__setattr__(self, "image_size", parse_image_size(self.image_size))
-        object.__setattr__(self, "score", parse_score(self.score))
-        object.__setattr__(self, "smoothing", parse_smoothing(self.smoothing))
+        # The map and score settings are checked and made canonical in their one home, msflow.scoring.
+        for name, value in asdict(self.maps).items():
+            object.__setattr__(self, name, value)
         if self.tile and isinstance(self.image_size, tuple):
             raise ConfigError(
                 f"tiles are square: with tile={self.tile} image_size must be square, got {self.image_size}"
             )
         if self.cond_channels % 4 or self.cond_channels < 4:
             raise ConfigError(f"cond_channels must be a positive multiple of 4, got {self.cond_channels}")
-        if not 0 < self.top_k <= 1:
-            raise ConfigError(f"top_k must be in (0, 1], got {self.top_k}")
         if self.clamp_alpha <= 0:
             raise ConfigError(f"clamp_alpha must be positive, got {self.clamp_alpha}")
 
@@ -239,9 +238,7 @@ class ModelConfig:
             raise ConfigError(
                 f"image_size={self.image_size!r} must be resolved from the training images first"
             )
-        if isinstance(self.image_size, int):
-            return (self.image_size, self.image_size)
-        return self.image_size
+        return (self.image_size,) * 2 if isinstance(self.image_size, int) else self.image_size
 
     @property
     def standardize_features(self) -> bool:
@@ -402,8 +399,7 @@ class Config:
             raise ConfigError(
                 f"config schema version {version} is not supported (this msflow reads {SCHEMA_VERSION})"
             )
-        unknown = set(data) - set(SECTIONS)
-        if unknown:
+        if unknown := set(data) - set(SECTIONS):
             raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
         parts = {}
         for name, klass in SECTIONS.items():
@@ -411,8 +407,7 @@ class Config:
             if not isinstance(section, dict):
                 raise ConfigError(f"config section '{name}' must be a mapping")
             known = {f.name for f in fields(klass)}
-            bad = set(section) - known
-            if bad:
+            if bad := set(section) - known:
                 raise ConfigError(f"unknown key(s) in '{name}': {sorted(bad)}; known: {sorted(known)}")
             try:
                 parts[name] = klass(**section)
@@ -441,17 +436,3 @@ def load_yaml(path: str | Path) -> Config:
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-__all__ = [
-    "SECTIONS",
-    "BackboneName",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "load_yaml",
-    "save_yaml",
-    "replace",
-]
