@@ -68,11 +68,6 @@ def _add(handler: logging.Handler) -> None:
     log.setLevel(min(h.level for h in log.handlers if getattr(h, "_msflow", False)))
 
 
-def bars_on_stderr() -> bool:
-    """True where progress redraws in place: stderr is a terminal and ``--quiet`` was not given."""
-    return _bars and sys.stderr.isatty()
-
-
 def duration(seconds: float) -> str:
     """``0:42``, ``12:05`` or ``3:07:12`` (h:mm:ss)."""
     minutes, secs = divmod(int(round(max(seconds, 0.0))), 60)
@@ -98,10 +93,10 @@ class Progress:
         summary: bool = True,
     ) -> None:
         self.iterable, self.desc, self.unit, self.total = iterable, desc, unit, total
-        self.enabled, self.summary, self.count, self.postfix = enabled, summary, 0, ""
+        self.enabled, self.summary, self.count = enabled, summary, 0
         self.start = time.perf_counter()
         self.bar = None
-        if enabled and bars_on_stderr() and total != 0:
+        if enabled and _bars and sys.stderr.isatty() and total != 0:  # bars redraw in place on a terminal
             from tqdm import tqdm
 
             self.bar = tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
@@ -123,7 +118,6 @@ class Progress:
             self.close()  # done: a generator that is never exhausted still reports its phase now
 
     def set_postfix(self, **values: Any) -> None:
-        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
         if self.bar is not None:
             self.bar.set_postfix(**values)
 
@@ -134,11 +128,8 @@ class Progress:
         if self.enabled and self.summary and self.count:
             self.enabled = False  # one line, however often close() is called
             seconds = time.perf_counter() - self.start
-            extra = f", {self.postfix}" if self.postfix else ""
-            log.info(
-                f"{self.desc}: {self.count} {self.unit} in {seconds:.1f} s, "
-                f"{self.count / max(seconds, 1e-9):.1f} {self.unit}/s{extra}"
-            )
+            rate = self.count / max(seconds, 1e-9)
+            log.info(f"{self.desc}: {self.count} {self.unit} in {seconds:.1f} s, {rate:.1f} {self.unit}/s")
 
     def __enter__(self) -> Progress:
         return self
