@@ -215,12 +215,11 @@ def _elpv_rows() -> tuple[list[tuple[str, float, str]], Any]:
 def elpv_samples(category: Literal["mono", "poly"], seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """Split the ELPV solar-cell set (elpv-dataset package, 2,624 300x300 EL images) for one cell type.
 
-    Each cell has an expert defect probability of 0, 1/3, 2/3 or 1. Train: 70 % (rounded down) of the
-    defect-free cells, chosen by ``np.random.default_rng(seed).permutation`` over the cells sorted by
-    name. Test: the other defect-free cells ("good") and every cell of probability 1 ("defect"). Cells
-    of 1/3 or 2/3 are left out: the experts themselves were unsure, so either label would be noise.
-    Labels are image-level only. The package's PNGs are used in place when they are plain files, else
-    (e.g. zipped) copied once to ``$MSFLOW_CACHE/elpv/<category>/`` (default ``~/.cache/msflow``).
+    Train: 70 % (rounded down) of the defect-free cells, drawn by ``default_rng(seed).permutation`` of
+    the cells sorted by name; test: the others ("good") and every cell of defect probability 1
+    ("defect"). Cells the experts rated 1/3 or 2/3 are left out: either label would be noise. The PNGs
+    are used in place, or (e.g. zipped) copied once to ``$MSFLOW_CACHE/elpv/<category>/`` (default
+    ``~/.cache/msflow``).
     """
     if category not in ("mono", "poly"):
         raise DataError(f"elpv category must be 'mono' or 'poly', not {category!r}")

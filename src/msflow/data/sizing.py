@@ -22,13 +22,6 @@ from msflow.errors import DataError
 STRIDE = 32  # every side of the input must be a multiple of the coarsest feature stride
 
 
-def median_aspect(samples: Sequence[Sample]) -> float:
-    """Median width / height of the images (headers only)."""
-    if not samples:
-        raise DataError("image_size 'auto' needs training images to measure")
-    return float(np.median([w / h for h, w in (header_size(s.image) for s in samples)]))
-
-
 def size_for_aspect(aspect: float, budget: int) -> int | tuple[int, int]:
     """(H, W) multiples of 32 with W/H close to ``aspect`` and H*W close to budget**2 (an int if square)."""
 
@@ -42,8 +35,11 @@ def size_for_aspect(aspect: float, budget: int) -> int | tuple[int, int]:
 def resolve_image_size(
     image_size: int | tuple[int, int] | str, samples: Sequence[Sample]
 ) -> int | tuple[int, int]:
-    """A concrete size: ``image_size`` itself, or "auto:N" resolved from ``samples``."""
+    """A concrete size: ``image_size`` itself, or "auto:N" resolved from the median width / height of
+    ``samples`` (headers only)."""
     if not isinstance(image_size, str):
         return image_size
-    budget = int(image_size.partition(":")[2])
-    return size_for_aspect(median_aspect(samples), budget)
+    if not samples:
+        raise DataError("image_size 'auto' needs training images to measure")
+    aspect = float(np.median([w / h for h, w in (header_size(s.image) for s in samples)]))
+    return size_for_aspect(aspect, int(image_size.partition(":")[2]))

@@ -1,22 +1,9 @@
 """Tiles for large images: where the tiles lie, the tiles as model inputs, and stitching their maps.
 
-A photograph much larger than the model input loses its small defects when it is squashed to the input
-size. With ``tile: T`` (``msflow train --tile T``) an image is cut into T x T pixel tiles of the
-ORIGINAL image, each resized to the model input (``--tile 256 --image-size 256`` keeps the original
-resolution). Training learns the good tiles; a test image is judged from its tiles' per-scale
-log-likelihood maps stitched into one map of the whole image (``msflow.infer.predictor``).
-
-Geometry (:func:`tile_grid`): along each axis the first tile starts at 0 and the last ends at the
-image's edge; in between the fewest tiles are spread evenly so that neighbours overlap by at least
-``ceil(overlap * T)`` pixels. A side shorter than T gets a single tile spanning it: an image smaller
-than a tile is one tile, as without tiling. Training refuses such images (:func:`training_grids`): a
-model should learn at the scale it will judge.
-
-Stitching (:class:`Stitcher`): each tile's map is weighted by a separable window that falls smoothly
-(half a Hann window, sin^2) from 1 at the tile's centre to almost 0 at each edge it shares with a
-neighbour, and stays 1 towards the image border; the weighted sum is divided by the sum of weights, so
-the stitched map moves continuously from one tile's values to the next (no seam), and where one tile
-alone covers a pixel it is that tile's value. With ``overlap: 0`` tiles only touch (seams possible).
+With ``tile: T`` (``msflow train --tile T``) an image is cut into T x T pixel tiles of the ORIGINAL image,
+each resized to the model input. Training learns the good tiles; a test image is judged from its tiles'
+per-scale log-likelihood maps stitched into one map of the whole image (``msflow.infer.predictor``).
+Why and when to use them: docs/choices.md, "Tiles for large images".
 """
 
 from __future__ import annotations
@@ -38,10 +25,11 @@ Box = tuple[int, int, int, int]  # (top, left, bottom, right) in original pixels
 
 
 def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of the tiles along one axis of ``length`` pixels (see the module doc).
+    """Start offsets of the tiles along one axis of ``length`` pixels.
 
-    Neighbours overlap by at least ``ceil(overlap * tile)`` pixels; integer floor arithmetic keeps
-    the even spread exact (no banker's rounding).
+    The first tile starts at 0 and the last ends at the edge; in between the fewest tiles are spread
+    evenly so that neighbours overlap by at least ``ceil(overlap * tile)`` pixels (integer floor
+    arithmetic keeps the spread exact). A side no longer than a tile gets a single tile spanning it.
     """
     if length <= tile:
         return [0]
@@ -89,7 +77,8 @@ def grids_for(samples: Sequence[Sample], tile: int, overlap: float) -> list[Tile
 
 
 def training_grids(samples: Sequence[Sample], tile: int, overlap: float) -> list[TileGrid]:
-    """:func:`grids_for` the training images; one smaller than the tile on a side is refused, naming it."""
+    """:func:`grids_for` the training images; one smaller than the tile on a side is refused, naming it:
+    a model should learn at the scale it will judge."""
     grids = grids_for(samples, tile, overlap)
     for sample, grid in zip(samples, grids, strict=True):
         if grid.height < tile or grid.width < tile:
@@ -172,6 +161,9 @@ def _canvas_offsets(starts: tuple[int, ...], length: int, tile: int, extent: int
 class Stitcher:
     """Blends the maps of one image's tiles, given in grid order, into one map of the whole image.
 
+    Each tile's map is weighted by a separable window that falls smoothly (half a Hann window) from 1
+    to almost 0 at each edge it shares with a neighbour and stays 1 towards the image border; the
+    weighted sum divided by the summed weights moves continuously from tile to tile (no seam).
     ``tile_shape`` is (h, w) of each tile's map (all channels of a map are blended alike). The stitched
     map has one cell per tile-map cell: (``round(H * h / tile)``, ``round(W * w / tile)``) for an
     H x W image; at ``--tile S --image-size S`` with maps at the input size, that is H x W.
