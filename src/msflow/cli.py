@@ -41,11 +41,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_option(p: argparse.ArgumentParser, key: str, **kwargs: Any) -> None:
-    """The config option ``key`` ("section.name") as a flag (its ``args`` attribute is ``key``).
-
-    Type, choices and help come from its one declaration in ``msflow.config``; ``kwargs`` (``default``,
-    ``help``, ``shown``) adapt it to a command other than ``train``, e.g. ``demo``'s shorter schedule.
-    """
+    """The config option ``key`` ("section.name") as a flag with dest ``key``, from its one declaration in
+    ``msflow.config``; ``kwargs`` (``default``, ``help``, ``shown``) adapt it to a command, e.g. ``demo``."""
     add_option_argument(p, *_config_options()[key], dest=key, **kwargs)
 
 

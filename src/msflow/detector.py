@@ -23,12 +23,8 @@ __all__ = ["Detector", "ImageLike", "Prediction"]
 
 
 class Detector:
-    """A trained MSFlow model with its threshold, ready to judge images (thread-safe).
-
-    A thin front over :class:`~msflow.infer.predictor.Predictor`, which does the work for every entry
-    point (CLI, service, evaluation); this class adds the input decoding (paths, PIL images, arrays,
-    bytes: :func:`msflow.data.images.decode`) and training from Python.
-    """
+    """A trained MSFlow model with its threshold, ready to judge images (thread-safe): the
+    :class:`~msflow.infer.predictor.Predictor` of every entry point, plus input decoding and training."""
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
