@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from msflow.config import Config, ModelConfig, parse_score
+from msflow.config import Config, ModelConfig
 from msflow.data.synthetic import AREA_RANGE, KINDS, add_defect, synthetic_set
 from msflow.errors import ConfigError
 from msflow.model.anomaly_map import AnomalyMapper, image_score, score_map, upsample
-from msflow.scoring import MapSettings
+from msflow.scoring import MapSettings, parse_score
 from msflow.train.score_selection import INCUMBENT, difference_lower_bounds, rank_candidates
 
 SIZE = (8, 12)
