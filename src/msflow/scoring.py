@@ -15,7 +15,6 @@ under the run's normalisation (:meth:`MapSettings.score_name`); ``auto`` is left
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,7 +51,7 @@ def parse_smoothing(value: Any) -> float | str:
         sigma = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"smoothing {value!r} is not a sigma in pixels (0 = off) or auto") from None
-    if not 0 <= sigma <= 64 or math.isnan(sigma):
+    if not 0 <= sigma <= 64:  # NaN fails every comparison, so it is refused here too
         raise ConfigError(f"smoothing must be auto or a sigma in [0, 64] pixels, got {value!r}")
     return sigma
 
