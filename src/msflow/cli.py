@@ -232,7 +232,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     from msflow.infer.export import export_onnx
     from msflow.model.checkpoint import load_model
 
-    exporters = {"onnx": export_onnx}  # --format picks one; ONNX is the only format so far
     model, cfg, meta = load_model(args.model)
     out = Path(args.output) if args.output else Path(args.model) / f"model.{args.format}"
     if out.suffix != f".{args.format}":
@@ -240,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     # The checkpoint's digest lets `--runtime onnx` refuse an export of another (older) model.
     # The run's decision goes with the file, so that it can be deployed without msflow.
     threshold = Threshold.from_dict(meta["threshold"]) if meta.get("threshold") else None
-    exporters[args.format](model, out, metadata={"checkpoint_sha256": meta["sha256"]}, threshold=threshold)
+    export_onnx(model, out, metadata={"checkpoint_sha256": meta["sha256"]}, threshold=threshold)
     decided = f" with its threshold {threshold.image:.6g} (normalized_score: 0.5)" if threshold else ""
     print(f"exported {out}{decided}")
 
