@@ -167,14 +167,18 @@ class Predictor:
     def tiled(self) -> bool:
         return bool(self.config.model.tile)
 
+    def _log_likelihoods(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, h, w) images -> per-scale (B, h_s, w_s) log-likelihood maps, float32 on the device."""
+        with self._lock, torch.inference_mode():
+            return [m.float() for m in log_likelihood_maps(self.model(batch.to(self.device)).zs)]
+
     def _tile_log_likelihoods(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) tiles -> (B, scales, h, w) log-likelihood maps at the input size (CPU float32)."""
         if self.runtime != "torch":
             raise MSFlowError("tiled models run with the torch runtime only")
-        with self._lock, torch.inference_mode():
-            logps = log_likelihood_maps(self.model(batch.to(self.device)).zs)
-            size = self.model.anomaly.image_size
-            return torch.stack([upsample(m.float(), size) for m in logps], dim=1).cpu()
+        size = self.model.anomaly.image_size
+        with torch.inference_mode():
+            return torch.stack([upsample(m, size) for m in self._log_likelihoods(batch)], dim=1).cpu()
 
     def _stitched_maps(self, stitcher: Stitcher, resolution: Resolution) -> Maps:
         """Maps and score of one whole image from its stitched per-scale log-likelihood maps."""
@@ -213,12 +217,9 @@ class Predictor:
         stitched over the whole image for a tiled model, the model's own maps otherwise (CPU float32)."""
         if self.tiled:
             return [[m[None] for m in self._stitch_image(im).result()] for im in images]
-        out = []
-        for image in images:
-            batch = to_tensor(image, self.image_size)[None].to(self.device)
-            with self._lock, torch.inference_mode():
-                out.append([m.float().cpu() for m in log_likelihood_maps(self.model(batch).zs)])
-        return out
+        return [
+            [m.cpu() for m in self._log_likelihoods(to_tensor(im, self.image_size)[None])] for im in images
+        ]
 
     def judge(self, maps: Maps) -> Prediction:
         """The verdict on one image's maps (needs a threshold)."""
