@@ -94,14 +94,17 @@ def gaussian_smooth(maps: Tensor, sigma: float) -> Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1))[:, 0]  # along the height
 
 
-def top_k_score(anomaly_map: Tensor, top_k: float, area: int | None = None) -> Tensor:
-    """Mean of the ``int(area * top_k)`` largest values of each (B, H, W) map (at least one, at most all).
+def top_k_score(anomaly_map: Tensor, top_k: float | str, area: int | None = None) -> Tensor:
+    """Mean of the ``int(area * top_k)`` largest values of each (B, H, W) map (at least one, at most all);
+    ``top_k`` "max" (a score name's fraction) takes the largest one.
 
     ``area`` defaults to H * W. A map stitched from tiles passes the area of one model input instead, so
     that a fraction means the same number of pixels at the same scale however large the image is.
     """
+    if top_k == "max":
+        return anomaly_map.flatten(1).max(dim=1).values
     pixels = anomaly_map.shape[-1] * anomaly_map.shape[-2]
-    k = min(pixels, max(1, int((pixels if area is None else area) * top_k)))
+    k = min(pixels, max(1, int((pixels if area is None else area) * float(top_k))))
     return torch.topk(anomaly_map.flatten(1), k, dim=1).values.mean(dim=1)
 
 
@@ -133,13 +136,6 @@ def score_map(
     raise ValueError(f"unknown score map {kind!r}")
 
 
-def reduce_score(anomaly_map: Tensor, fraction: str, area: int | None = None) -> Tensor:
-    """Reduce (B, H, W) maps to (B,) scores: "max" or the top-``fraction`` mean (:func:`top_k_score`)."""
-    if fraction == "max":
-        return anomaly_map.flatten(1).max(dim=1).values
-    return top_k_score(anomaly_map, float(fraction), area)
-
-
 def image_score(
     score: str,
     logps: list[Tensor],
@@ -156,8 +152,8 @@ def image_score(
     kind, fraction, sigma = split_score(score)
     sigma = smoothing if sigma is None else sigma
     if kind == "scales":  # each scale reduced on its own, then added (a log of a product of maxima)
-        return sum(reduce_score(gaussian_smooth(-upsample(m, size), sigma), fraction, area) for m in logps)
-    return reduce_score(gaussian_smooth(score_map(kind, logps, size, ref_mul), sigma), fraction, area)
+        return sum(top_k_score(gaussian_smooth(-upsample(m, size), sigma), fraction, area) for m in logps)
+    return top_k_score(gaussian_smooth(score_map(kind, logps, size, ref_mul), sigma), fraction, area)
 
 
 class AnomalyMapper(nn.Module):
@@ -232,7 +228,7 @@ class AnomalyMapper(nn.Module):
         name = self.settings.score_name()  # "official" is the image map's kind at top_k
         kind, fraction, sigma = split_score(name)
         if kind == image_kind and sigma is None:  # the image map is already there
-            scores = reduce_score(image_map, fraction, area)
+            scores = top_k_score(image_map, fraction, area)
         else:
             scores = image_score(name, logps, size, self.ref_mul, area, self.smoothing)
         return AnomalyOutput(scores, pixel_map, image_map)
