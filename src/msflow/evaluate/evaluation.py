@@ -188,7 +188,7 @@ def _refine(
         if replayed != len(samples):
             raise DataError(f"the refinement pass got {replayed} predictions for {len(samples)} test images")
         for finer, first in ((main, acc.main), (model, acc.model)):
-            if finer is not None and first is not None:
+            if finer is not None:  # refined from ``first``
                 finer.check_same_maps(first)
         acc = _Accumulators(main or acc.main, model or acc.model)
     return acc

@@ -113,11 +113,9 @@ PREDICTION_FIELDS = [
 
 
 class RowWriter:
-    """CSV rows written as they come and flushed, so a crash keeps every finished row.
-
-    ``append=True`` continues an existing file (its header is kept; a last line cut short by a crash
-    is dropped first). Columns are fixed up front; values a row lacks are left empty.
-    """
+    """CSV rows written as they come and flushed, so a crash keeps every finished row. Columns are fixed
+    up front (values a row lacks are left empty); ``append=True`` continues an existing file under the
+    same header, a last line cut short by a crash dropped first."""
 
     def __init__(self, path: str | Path, fields: Sequence[str], append: bool = False) -> None:
         self.path = Path(path)

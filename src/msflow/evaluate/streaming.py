@@ -238,9 +238,8 @@ def official_aupro_from_histograms(
 
 class Mergeable(Protocol):
     """An accumulator that the ranks of a data-parallel job feed with their shards and then merge
-    (:meth:`msflow.train.distributed.Distributed.merge_to_main`): histograms add, per-image state
-    (``image_state()["scores"]`` and the rest) is appended in rank order. Subclasses inherit
-    :meth:`add_histograms`."""
+    (:meth:`msflow.train.distributed.Distributed.merge_to_main`): histograms add (:meth:`add_histograms`,
+    inherited), per-image state (``image_state()["scores"]`` and the rest) is appended in rank order."""
 
     def histograms(self) -> list[np.ndarray]: ...
     def image_state(self) -> dict[str, Any]: ...
@@ -346,10 +345,9 @@ class StreamingMetrics(Mergeable):
 
     # -- merging (data-parallel evaluation: each rank feeds its shard, msflow.train.distributed merges) --
     def histograms(self) -> list[np.ndarray]:
-        """The per-bin state merged by summation: pixel positives, negatives (int64), PRO negatives
-        (int64), PRO weights (float64), PRO positives (int64). Integer sums are exact in any order; the
-        float64 weights are sums of 1 / region area, so a different grouping can change their last bit
-        only. (Each bin's smallest and largest value merge by min and max: see :meth:`image_state`.)"""
+        """The per-bin state merged by summation (the bins' value ranges merge by min and max, in
+        :meth:`image_state`): the int64 counts add exactly in any order, the float64 PRO weights (sums of
+        1 / region area) up to their last bit."""
         return [self.pixel.pos, self.pixel.neg, self.pro.neg, self.pro_weight, self.pro.pos]
 
     def image_state(self) -> dict[str, Any]:
