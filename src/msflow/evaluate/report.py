@@ -453,22 +453,21 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
 def _gallery_html(out_dir: Path, entries: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for kind, title, _ in GALLERY:
-        mine = [e for e in entries if e["kind"] == kind]
+        figures = [_gallery_figure(out_dir, e) for e in entries if e["kind"] == kind]
         parts.append(f"<h3>{html.escape(title)}</h3>")
-        if not mine:
-            parts.append("<p>none</p>")
-            continue
-        figures = []
-        for e in mine:
-            data = base64.b64encode((out_dir / e["file"]).read_bytes()).decode("ascii")
-            truth = "defective" if e["label"] else "good"
-            figures.append(
-                f'<figure><img alt="{html.escape(e["name"])}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(e['name'])}<br>score {e['score']:.4g}: judged "
-                f'<span class="{e["decision"]}">{e["decision"]}</span>, truly {truth}</figcaption></figure>'
-            )
-        parts.append('<div class="gallery">' + "".join(figures) + "</div>")
+        parts.append('<div class="gallery">' + "".join(figures) + "</div>" if figures else "<p>none</p>")
     return "\n".join(parts)
+
+
+def _gallery_figure(out_dir: Path, e: Mapping[str, Any]) -> str:
+    """One gallery image, inline, with its score, the decision and the truth."""
+    data = base64.b64encode((out_dir / e["file"]).read_bytes()).decode("ascii")
+    truth = "defective" if e["label"] else "good"
+    return (
+        f'<figure><img alt="{html.escape(e["name"])}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(e['name'])}<br>score {e['score']:.4g}: judged "
+        f'<span class="{e["decision"]}">{e["decision"]}</span>, truly {truth}</figcaption></figure>'
+    )
 
 
 def write_html_report(out_dir: str | Path, history: Sequence[Mapping[str, Any]] | None = None) -> Path:
