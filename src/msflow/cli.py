@@ -300,15 +300,6 @@ def cmd_speed(args: argparse.Namespace) -> int:
 # One function per command declares its flags; the flags of several commands are declared once below.
 
 
-def _common_flags() -> argparse.ArgumentParser:
-    """Flags of every command (argparse parent): how it reports."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--quiet", action="store_true", help="no progress and no messages but warnings on stderr")
-    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS, help="(default: INFO)")
-    p.add_argument("--log-file", metavar="PATH", help="also append every message, time-stamped, to PATH")
-    return p
-
-
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="the result as one JSON line on stdout, for scripts")
 
@@ -499,7 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"msflow {__import__('msflow').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _common_flags()
+    common = argparse.ArgumentParser(add_help=False)  # the flags of every command: how it reports
+    common.add_argument(
+        "--quiet", action="store_true", help="no progress and no messages but warnings on stderr"
+    )
+    common.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS, help="(default: INFO)")
+    common.add_argument("--log-file", metavar="PATH", help="also append every message, time-stamped, to PATH")
     for name, (text, add_flags, func) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, parents=[common])
         add_flags(p)

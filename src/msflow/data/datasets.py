@@ -79,11 +79,6 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _mask_key(mask: Path, root: Path) -> str:
-    stem = next((mask.stem.removesuffix(s) for s in MASK_SUFFIXES if mask.stem.endswith(s)), mask.stem)
-    return (mask.parent.relative_to(root) / stem).as_posix()
-
-
 def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = None) -> list[Path]:
     """The mask of each image in ``images`` (same order), matched by file stem.
 
@@ -93,7 +88,8 @@ def _match_masks(images: list[Path], gt_dir: Path, image_root: Path | None = Non
     by_path: dict[str, Path] = {}
     stems: dict[str, list[str]] = {}
     for mask in list_images(gt_dir, recursive=True):
-        key = _mask_key(mask, gt_dir)
+        stem = next((mask.stem.removesuffix(s) for s in MASK_SUFFIXES if mask.stem.endswith(s)), mask.stem)
+        key = (mask.parent.relative_to(gt_dir) / stem).as_posix()
         if key in by_path:
             raise DataError(f"two masks for the same image: '{by_path[key]}' and '{mask}'")
         by_path[key] = mask
