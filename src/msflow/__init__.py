@@ -2,8 +2,7 @@
 
 Layers, lowest first (a module imports only from its own layer or lower ones):
 
-    errors, config, files, device, _version,  shared basics (cluster: Ray task fan-out, optional)
-    cluster
+    errors, config, scoring, logs, files, device, _version, cluster    shared basics (cluster: Ray, optional)
     model/      the network: backbone, coupling blocks, flows, anomaly maps and scores, loss, checkpoints
     data/       the image decoder, datasets, image sizing, synthetic defects
     evaluate/   metrics (exact and streaming), thresholds, reports

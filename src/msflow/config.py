@@ -64,10 +64,9 @@ def add_option_argument(
 ) -> None:
     """One command-line flag from one settings field: name, type, choices, default and help come from it.
 
-    A flag left out stays None (or ``default``, for a command with its own default), so a YAML file's
-    value (or the field's default) holds. ``help`` replaces the field's text and ``shown`` the default
-    the help names, for a command that uses the option differently (e.g. "the run's" when overriding a
-    trained run). Booleans become ``--name`` when they default to False and ``--no-name`` when True.
+    A flag left out stays None (or ``default``), so a YAML file's value or the field's default holds;
+    ``help`` and ``shown`` (the default the help names, e.g. "the run's") adapt it to another command.
+    Booleans become ``--name`` when they default to False and ``--no-name`` when True.
     """
     name, text = f.name.replace("_", "-"), help or f.metadata.get("help", "")
     if hint is bool:  # option() fields have a plain default, never a factory

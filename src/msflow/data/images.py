@@ -141,28 +141,25 @@ def _pil_array(img: Image.Image) -> np.ndarray:
 
 
 def decode(
-    image: ImageLike,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    formats: tuple[str, ...] | None = None,
-    what: str | None = None,
+    image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None
 ) -> np.ndarray:
     """Any :data:`ImageLike` as C-contiguous float32 RGB (H, W, 3) in [0, 1] (rules in the module notes).
 
     Files and bytes with more than ``max_pixels`` are refused from their header (Pillow itself refuses
     above about 179 M pixels). An already decoded image comes back as it is (do not modify it in
-    place). Errors are one line naming the input (``what``), e.g. ``bad image 'x.png': truncated or
+    place). Errors are one line naming the input, e.g. ``bad image 'x.png': truncated or
     corrupt file, ...``; too many pixels is an :class:`ImageTooLargeError`.
     """
     if isinstance(image, (str, os.PathLike)):
-        what = what or f"image '{Path(image)}'"
+        what = f"image '{Path(image)}'"
         img = _open_decoded(Path(image), max_pixels, what, formats)
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        what = what or "upload"
+        what = "upload"
         img = _open_decoded(bytes(image), max_pixels, what, formats)
     elif isinstance(image, Image.Image):
-        what, img = what or "image", image
+        what, img = "image", image
     elif isinstance(image, np.ndarray):
-        what, img = what or "image array", None
+        what, img = "image array", None
     else:
         raise DataError(f"cannot read an image from a {type(image).__name__}")
     try:
@@ -205,14 +202,10 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(image) > 0
 
 
-def read_mask(
-    path: str | os.PathLike[str],
-    size: tuple[int, int] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> np.ndarray:
+def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
     """A ground-truth mask as a boolean (H, W) array: any nonzero pixel (in any colour channel) is
     defect. ``size``: the (width, height) it must have, normally its image's."""
-    img = _open_decoded(Path(path), max_pixels, f"mask '{Path(path)}'")
+    img = _open_decoded(Path(path), DEFAULT_MAX_PIXELS, f"mask '{Path(path)}'")
     if size is not None and tuple(img.size) != tuple(size):
         raise DataError(
             f"mask '{Path(path)}' is {img.size[0]}x{img.size[1]} but its image is {size[0]}x{size[1]} (WxH)"
