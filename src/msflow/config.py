@@ -181,9 +181,8 @@ class ModelConfig:
         "held-out good images vs synthetic defects; score_selection.json); ours: auto",
     )
     # ours: auto = the paper's per-image maps unless synthetic defects, whose masks are exact, localise
-    # better with global ones (msflow.train.map_selection). Smoothing stays the paper's 0 unless asked for:
-    # on real masks blur cost 0.9-8.5 pixel-AUROC points on thin cracks and tiny pits where the synthetic
-    # check rated it up to +2.4 (docs/results.md, "Real defects"), so it cannot be trusted to switch it on.
+    # better with global ones (msflow.train.map_selection). Smoothing stays the paper's 0 unless asked
+    # for: the synthetic check misjudged blur on real masks (docs/choices.md, "Maps").
     normalization: Literal["auto", "per_image", "global"] = option(
         "auto",
         "map normalisation: per_image (official), global (training statistics) or auto (train chooses "

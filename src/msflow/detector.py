@@ -5,10 +5,9 @@
     result = detector.predict("part.png")        # a path, PIL image, numpy array or encoded bytes
     result.score, result.normalized_score, result.is_defective, result.anomaly_map, result.mask
 
-``Detector.fit`` trains from Python with the same code path as ``msflow train``. ``runtime="auto"`` (the
-default) times the runtimes this machine offers (float32 torch, ONNX Runtime, bf16 torch where bf16 is
-native) at batch 1 and uses the fastest that agrees with float32 torch (:mod:`msflow.infer.runtime`);
-``"torch"``, ``"onnx"`` or ``"torch-bf16"`` force one.
+``Detector.fit`` trains from Python with the same code path as ``msflow train``. ``runtime`` is
+``--runtime`` of ``msflow predict``: "auto" (the default) times this machine's runtimes at batch 1 and
+uses the fastest that agrees with float32 torch (docs/choices.md, "Runtimes").
 """
 
 from __future__ import annotations
