@@ -150,12 +150,10 @@ def decode(
     place). Errors are one line naming the input, e.g. ``bad image 'x.png': truncated or
     corrupt file, ...``; too many pixels is an :class:`ImageTooLargeError`.
     """
-    if isinstance(image, (str, os.PathLike)):
-        what = f"image '{Path(image)}'"
-        img = _open_decoded(Path(image), max_pixels, what, formats)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        what = "upload"
-        img = _open_decoded(bytes(image), max_pixels, what, formats)
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        source = Path(image) if isinstance(image, (str, os.PathLike)) else bytes(image)
+        what = f"image '{source}'" if isinstance(source, Path) else "upload"
+        img = _open_decoded(source, max_pixels, what, formats)
     elif isinstance(image, Image.Image):
         what, img = "image", image
     elif isinstance(image, np.ndarray):
