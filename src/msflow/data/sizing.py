@@ -1,10 +1,9 @@
 """``image_size: auto[:N]``: a model input with the training images' shape, at a fixed pixel cost.
 
-The paper squashes every image to a square. For elongated parts (a 1130 x 460 photograph) that
-halves the resolution along the long side for nothing. "auto:N" keeps the median aspect ratio r = W/H
-of the training images within the pixel budget of an N x N input: H = N / sqrt(r), W = N * sqrt(r),
-each rounded to the nearest multiple of 32 (the coarsest pooled scale is 1/32 of the input), at least 32.
-Only the image headers are read.
+"auto:N" keeps the median aspect ratio r = W/H of the training images within the pixel budget of an
+N x N input: H = N / sqrt(r), W = N * sqrt(r), each rounded to the nearest multiple of 32 (the coarsest
+pooled scale is 1/32 of the input), at least 32. Only the image headers are read. Why, rather than the
+paper's square: docs/choices.md, "Image size".
 """
 
 from __future__ import annotations
