@@ -9,12 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from msflow.evaluate.streaming import auroc_from_histograms
 from msflow.model.anomaly_map import AnomalyMapper
-from msflow.train.map_selection import (
-    INCUMBENT,
-    bootstrap_pixel_aurocs,
-    candidates,
-    choose_maps,
-)
+from msflow.scoring import map_candidates as candidates
+from msflow.train.map_selection import INCUMBENT, bootstrap_pixel_aurocs, choose_maps
 from msflow.train.synthetic_check import SyntheticCheck
 
 

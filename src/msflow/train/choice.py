@@ -20,8 +20,8 @@ from msflow.data.images import read_image
 from msflow.errors import MSFlowError
 from msflow.files import atomic_write_bytes
 from msflow.infer.predictor import Predictor
-from msflow.scoring import MapSettings
-from msflow.train.map_selection import choose_maps, setting_name
+from msflow.scoring import MapSettings, map_setting_name
+from msflow.train.map_selection import choose_maps
 from msflow.train.score_selection import choose_score
 from msflow.train.synthetic_check import SyntheticCheck, synthetic_check
 
@@ -51,7 +51,6 @@ def choose_settings(
     holdout: list[Sample],
     run_dir: Path,
     batch_size: int,
-    seed: int,
     asked: MapSettings | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[MapSettings, float]:
@@ -63,6 +62,7 @@ def choose_settings(
     log(f"synthetic check: synthetic defects drawn into {len(good)} {which} good images")
     source = "holdout" if holdout else "train (no hold-out: biased)"
     asked = predictor.config.model.maps if asked is None else asked
+    seed = predictor.config.train.seed  # training's: the same synthetic defects when re-made
     check = synthetic_check(predictor, [read_image(s.image) for s in good], batch_size, seed=seed)
     settings, map_evidence, evidence = choose_on_check(predictor, check, asked, source)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def choose_settings(
     maps = (settings.normalization, float(settings.smoothing))
     log(
         f"maps: {maps[0]} normalisation, smoothing {maps[1]:g}: pixel AUROC "
-        f"{map_evidence['pixel_auroc'][setting_name(maps)]} on synthetic defects "
+        f"{map_evidence['pixel_auroc'][map_setting_name(maps)]} on synthetic defects "
         f"(incumbent {map_evidence['incumbent']})"
     )
     # "official" is recorded by its concrete name when chosen (mul or gmul at top_k)
@@ -108,5 +108,4 @@ def remake_choices(
     if asked is None:
         default = ModelConfig()
         asked = MapSettings(default.normalization, default.smoothing, "auto", cfg.model.top_k)
-    seed = cfg.train.seed
-    return choose_settings(predictor, fit_samples, holdout, out_dir, batch_size, seed, asked, log)[0]
+    return choose_settings(predictor, fit_samples, holdout, out_dir, batch_size, asked, log)[0]

@@ -1,26 +1,16 @@
 """Data-parallel training of one model on several processes (torchrun), all in this one file.
 
-``torchrun --nproc-per-node N -m msflow train ...`` starts N copies of the same command and tells each
-its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). :func:`fit` asks
-:meth:`Distributed.from_environment` for a context; without those variables it is the single-process
-context, whose every method is a no-op, so the training code has one path.
+torchrun starts N copies of the same command and tells each its place through the environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); without those, :meth:`Distributed.from_environment` is the
+single process, whose every method is a no-op, so the training code has one path.
 
-Why N ranks train the model of one process with the same settings: each rank extracts a shard of the
-features, the standardisation sums are all-reduced and the shards shared (:meth:`share_shards`), so
-every rank draws the same seeded global batches from the whole cache; each batch is split across ranks
-and DDP averages gradients scaled to the single-process mean (:meth:`batch_loss`); every decision (roll
-back, stop) reads all-reduced values (:meth:`step_totals`). Rank 0 alone writes the run folder and
-makes the label-free choices while the others wait in a group with a long timeout; calibration and
-the test evaluation are sharded and merged on rank 0 (:meth:`merge_to_main`). docs/scaling.md is the
-user's view.
-
-Failure: a collective that loses a peer raises on the survivors and torchrun SIGTERMs the rest; both
-end as one-line :class:`DistributedError` messages, and ``--resume`` or a torchrun restart
-(:attr:`Distributed.restarts`, read by :mod:`msflow.train.resume`) makes every rank load rank 0's last
-checkpoint (on several nodes the run folder must be on a shared filesystem). SIGTERM during training
-only raises a flag that travels with each step's loss all-reduce, so every rank stops after the same
-step and the run checkpoints it before :class:`StoppedError` (exit code 143); elsewhere SIGTERM ends
-the run at once, keeping the last checkpoint. A single process (``Distributed()``) behaves the same.
+N ranks train the model of one process: each extracts a shard of the features, the standardisation
+sums are all-reduced and the shards shared, so every rank draws the same seeded global batches; each
+batch is split across ranks and DDP averages gradients scaled to the single-process mean
+(:meth:`batch_loss`); every decision reads all-reduced values (:meth:`step_totals`). Rank 0 alone
+writes the run folder while the others wait; calibration and the test evaluation are sharded and merged
+on rank 0. A lost peer or SIGTERM ends every rank with one line; SIGTERM during training stops every
+rank after the same step, with a checkpoint. docs/scaling.md is the user's view.
 """
 
 from __future__ import annotations
@@ -111,15 +101,6 @@ class Distributed:
             raise MSFlowError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
         counts = [os.environ.get(k, "").strip() for k in RESTART_ENVS]
         return cls(rank, world, local, max((int(c) for c in counts if c.isdigit()), default=0))
-
-    @property
-    def sharding(self) -> Distributed | None:
-        """What an evaluation shards its images by: this job, or None in a single process."""
-        return self if self.enabled else None
-
-    def main_only(self, log: Callable[[str], None]) -> Callable[[str], None]:
-        """``log`` on rank 0, silence on the others (one voice per job)."""
-        return log if self.is_main else lambda _: None
 
     def on_main(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
         """``fn(*args, **kwargs)`` on rank 0 alone (it writes the run folder); None on the others."""
@@ -266,15 +247,9 @@ class Distributed:
         """Concatenate every rank's ``t`` (any first-dimension size, same trailing shape) in rank order."""
         if not self.enabled:
             return t
-        size = torch.tensor([t.shape[0]], device=self.comm_device)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        tdist.all_gather(sizes, size)
-        longest = int(max(s.item() for s in sizes))
-        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=self.comm_device)
-        padded[: t.shape[0]] = t.to(self.comm_device)
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        tdist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).to(t.device)
+        parts: list = [None] * self.world_size
+        tdist.all_gather_object(parts, t.cpu())
+        return torch.cat(parts).to(t.device)
 
     def merge_to_main(self, acc: M) -> tuple[M, list[int]] | None:
         """Merge every rank's accumulator (test metrics or threshold calibration, each fed this rank's

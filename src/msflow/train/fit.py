@@ -1,13 +1,9 @@
 """``fit``: from a config to a finished run folder (the job behind ``msflow train`` and ``Detector.fit``).
 
-A run is a sequence of named steps, each a function below: open the run folder (fresh, resumed or
-restarted: :mod:`msflow.train.resume`), load the data, resolve the settings, extract the features,
-train, choose the label-free settings, calibrate the threshold, save the model, evaluate. Under
-torchrun every rank runs the same steps; what differs between ranks (who writes, who waits, what is
-sharded) is :class:`~msflow.train.distributed.Distributed`'s business.
-
-The run folder's files are listed in docs/choices.md ("A run folder"); ``budget.json`` records what
-``--budget`` decided.
+A run is a sequence of named steps, each a function below. Under torchrun every rank runs the same
+steps; what differs between ranks (who writes, who waits, what is sharded) is
+:class:`~msflow.train.distributed.Distributed`'s business. The run folder's files: docs/choices.md
+("A run folder"); ``budget.json`` records what ``--budget`` decided.
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +100,18 @@ def fit(
     step_hook: StepHook | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> dict:
-    """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set.
+    """Train a model as ``cfg`` says, save it, then evaluate the last epoch on the test set; returns
+    the test metrics (under torchrun, rank 0's on every rank).
 
-    The model and its threshold are saved before the test evaluation, so a failed evaluation loses
-    nothing trained: ``resume=True`` on such a run only evaluates. ``resume="auto"`` and restarted jobs
-    continue a checkpoint of the same configuration (:mod:`msflow.train.resume`). SIGTERM during
-    training checkpoints the current step and raises :class:`~msflow.errors.StoppedError`. Returns the
-    test metrics (:func:`msflow.evaluate.evaluation.evaluate_stream`); under torchrun every rank calls
-    this and gets rank 0's metrics.
+    The model is saved before the test evaluation: ``resume=True`` on a run whose evaluation failed only
+    evaluates. ``resume="auto"`` and restarted jobs continue a checkpoint of the same configuration
+    (:mod:`msflow.train.resume`). SIGTERM during training checkpoints the step, then raises
+    :class:`~msflow.errors.StoppedError`.
     """
     began = time.perf_counter()
     with Distributed.from_environment() as dist:
-        run = Run(Path(run_dir), dist, dist.main_only(log), progress and dist.is_main, step_hook)
+        voice = log if dist.is_main else lambda _: None  # one voice per job
+        run = Run(Path(run_dir), dist, voice, progress and dist.is_main, step_hook)
         # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
         opening = open_run(cfg, run.folder, resume, dist.restarts, logger.warning)
         t = opening.cfg.train
@@ -149,19 +145,14 @@ def load_training_data(cfg: Config, log: Callable[[str], None]) -> TrainingData:
     if test:  # a folder of good images only may have no test set: the model is still made
         validate_samples(test, f"test set of '{name}'")
     fit_samples, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-    log(_holdout_line(len(holdout), len(train), len(test)))
-    return TrainingData(name, fit_samples, holdout, test)
-
-
-def _holdout_line(held: int, good: int, test: int) -> str:
-    """What the hold-out is for, in one line (and what a run without a test set will not report)."""
     use = "the threshold and the label-free check of scores and maps"
     line = (
-        f"held out {held} of {good} good training images (never trained on) for {use}"
-        if held
-        else f"no hold-out ({good} good images): the training images set {use} (biased low)"
+        f"held out {len(holdout)} of {len(train)} good training images (never trained on) for {use}"
+        if holdout
+        else f"no hold-out ({len(train)} good images): the training images set {use} (biased low)"
     )
-    return line if test else f"{line}; no test set, so no test metrics"
+    log(line if test else f"{line}; no test set, so no test metrics")
+    return TrainingData(name, fit_samples, holdout, test)
 
 
 def resolve_settings(cfg: Config, data: TrainingData, run: Run) -> Config:
@@ -300,26 +291,20 @@ def choose(predictor: Predictor, data: TrainingData, run: Run) -> tuple[Predicto
     """The label-free choices where the settings say "auto" (the maps, then under them the image score:
     :mod:`msflow.train.choice`), made by rank 0 on the synthetic check; every rank gets them. Returns
     a predictor of the trained model under the decided settings, and the score's synthetic AUROC."""
-    decided: dict = {"model": {}, "synthetic_auroc": None}
-    if len(data.calibration) >= 2:  # "auto" with fewer kept its incumbents in resolve_settings
-        decided = run.dist.from_main(lambda: _choose_on_main(predictor, data, run))
-    cfg = predictor.config.updated(model=decided["model"])
-    chosen = predictor.with_settings(cfg.model.maps)  # nothing edited in place
-    chosen.config = cfg
-    return chosen, decided["synthetic_auroc"]
+    if len(data.calibration) < 2:  # "auto" with fewer kept its incumbents in resolve_settings
+        return predictor, None
 
+    def decide() -> dict:
+        cfg = predictor.config
+        settings, auroc = choose_settings(
+            predictor, data.fit, data.holdout, run.folder, cfg.train.batch_size, log=run.log
+        )
+        save_yaml(replace(cfg, model=cfg.model.with_maps(settings)), run.folder / "config.yaml")
+        return {"settings": settings, "synthetic_auroc": auroc}
 
-def _choose_on_main(predictor: Predictor, data: TrainingData, run: Run) -> dict:
-    cfg = predictor.config
-    settings, auroc = choose_settings(
-        predictor, data.fit, data.holdout, run.folder, cfg.train.batch_size, cfg.train.seed, log=run.log
-    )
-    cfg = replace(cfg, model=cfg.model.with_maps(settings))
-    save_yaml(cfg, run.folder / "config.yaml")
-    return {
-        "model": {k: getattr(cfg.model, k) for k in ("score", "normalization", "smoothing")},
-        "synthetic_auroc": auroc,
-    }
+    decided = run.dist.from_main(decide)
+    # A new predictor: nothing edited in place
+    return predictor.with_settings(decided["settings"]), decided["synthetic_auroc"]
 
 
 def calibrate(
@@ -361,7 +346,7 @@ def save(predictor: Predictor, data: TrainingData, state: TrainState, record: di
         "epochs": state.epoch,
         "stop": cfg.train.stop,
         "synthetic_auroc": record.pop("synthetic_auroc"),
-        **({"plateau": state.plateau.to_dict()} if cfg.train.stop == "plateau" else {}),
+        **({"plateau": asdict(state.plateau)} if cfg.train.stop == "plateau" else {}),
         "train_images": len(data.fit),
         **record,
     }
@@ -389,7 +374,7 @@ def evaluate(predictor: Predictor, run: Run, data: TrainingData | None = None) -
         batch_size=cfg.train.batch_size,
         progress=run.progress,
         run_dir=run.folder,
-        sharding=run.dist.sharding if data is not None else None,  # a saved run: rank 0 alone
+        sharding=run.dist if data is not None and run.dist.enabled else None,  # a saved run: rank 0 alone
     )
 
 

@@ -28,8 +28,6 @@ from msflow.train.synthetic_check import (
 
 INCUMBENT = MAPS_INCUMBENT  # the paper's maps
 BINS = 4096  # of the pixel histograms; ties within a bin count 1/2 (the AUROC's error is recorded)
-candidates = map_candidates
-setting_name = map_setting_name
 
 
 @torch.no_grad()
@@ -75,7 +73,7 @@ def choose_maps(
     """The (normalization, smoothing) the run uses and the evidence (see the module doc); ``model``
     is anything with an ``anomaly`` mapper, which is left as it is."""
     mapper: AnomalyMapper = model.anomaly  # type: ignore[attr-defined]
-    settings = candidates(normalization, smoothing)
+    settings = map_candidates(normalization, smoothing)
     incumbent = MapSettings(normalization, smoothing).resolved().maps  # "auto": the paper's
     binning = Binning(0.0, float(len(mapper.ref_add)), BINS)  # the "add" map's range
     rng = np.random.default_rng(seed)
@@ -89,10 +87,10 @@ def choose_maps(
             aurocs[setting] = float(bootstrap_pixel_aurocs(histograms, np.ones((1, n)), check.per_image)[0])
             draws[setting] = bootstrap_pixel_aurocs(histograms, weights, check.per_image)
     lower = lower_bounds(draws, incumbent)
-    chosen, judged = judge(aurocs, lower, incumbent, "pixel AUROC (exact masks)", check, setting_name)
+    chosen, judged = judge(aurocs, lower, incumbent, "pixel AUROC (exact masks)", check, map_setting_name)
     evidence = {
         "chosen": {"normalization": chosen[0], "smoothing": chosen[1]},
-        "pixel_auroc": {setting_name(s): round(aurocs[s], 3) for s in settings},
+        "pixel_auroc": {map_setting_name(s): round(aurocs[s], 3) for s in settings},
         **judged,
         "histogram_bins": BINS,
     }

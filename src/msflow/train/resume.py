@@ -104,7 +104,7 @@ def load_training_state(run_dir: Path, model: MSFlow, optimizer: Optimizer) -> T
             state.setdefault(int(i), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     kept = {f.name: meta[f.name] for f in fields(TrainState) if f.name in meta}  # older ones lack some
-    return TrainState(**{**kept, "plateau": Plateau.from_dict(meta.get("plateau"))})
+    return TrainState(**{**kept, "plateau": Plateau(**(meta.get("plateau") or {}))})
 
 
 def trim_train_log(run_dir: Path, epochs: int) -> None:

@@ -9,25 +9,17 @@ it: it can only shorten the official schedule. Why and how: docs/choices.md, "Tr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from msflow.config import TrainConfig
 
 
-def warmup_epochs(cfg: TrainConfig) -> float:
-    """Warm-up length in epochs: a fraction of ``epochs`` (with ``plateau``, of the most epochs)."""
-    return cfg.warmup * cfg.epochs
-
-
 def plateau_reached(values: list[float], cfg: TrainConfig) -> bool:
-    """Whether the held-out NLL, one value per epoch so far, has reached its plateau.
-
-    Scale-free, so that it means the same for every backbone and dataset: over the last ``patience``
-    epochs the best value improved by less than ``min_improvement`` of the whole improvement since the
-    first epoch. Nothing is decided before the warm-up ends (the learning rate is still rising).
-    """
+    """Whether the held-out NLL, one value per epoch so far, has reached its plateau: over the last
+    ``patience`` epochs the best value improved by less than ``min_improvement`` of the whole improvement
+    since the first epoch (scale-free). Nothing is decided during the warm-up (the learning rate rises)."""
     epoch = len(values)
-    if epoch < warmup_epochs(cfg) or epoch <= cfg.patience:
+    if epoch < cfg.warmup * cfg.epochs or epoch <= cfg.patience:
         return False
     best = min(values)
     recent_gain = min(values[: epoch - cfg.patience]) - best
@@ -43,9 +35,7 @@ class Plateau:
 
     def update(self, values: list[float], cfg: TrainConfig) -> bool:
         """Feed the held-out NLL of every epoch so far; True when the plateau is reached at this epoch.
-
-        The official 70 % mark is the latest point: the rule can shorten the schedule, never lengthen it.
-        """
+        The official 70 % mark is the latest point: the rule can shorten the schedule, never lengthen it."""
         if self.decided_at is not None:
             return False
         epoch = len(values)
@@ -53,13 +43,6 @@ class Plateau:
             self.decided_at = epoch
             return True
         return False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Plateau:
-        return cls(decided_at=(d or {}).get("decided_at"))
 
 
 def total_epochs(cfg: TrainConfig, plateau: Plateau | None = None) -> int:
@@ -72,14 +55,13 @@ def total_epochs(cfg: TrainConfig, plateau: Plateau | None = None) -> int:
 def lr_factor(epoch: int, cfg: TrainConfig, plateau: Plateau | None = None) -> float:
     """Learning-rate multiplier for 0-based ``epoch``: linear warm-up times multi-step decay.
 
-    The official code steps LinearLR(0.1 -> 1, 12 sub-epochs) and MultiStepLR([70, 90], 0.33) once per
-    sub-epoch; with ``warmup`` = 0.12 and ``decay_at`` = (0.7, 0.9) of 100 epochs this reproduces it
-    exactly. With ``stop="plateau"`` there is no decay until the plateau epoch p is known; the decay
-    points are then p * decay_at[i] / decay_at[0].
+    With the defaults this is exactly the official LinearLR(0.1 -> 1, 12) and MultiStepLR([70, 90],
+    0.33) over 100 epochs. With ``stop="plateau"`` there is no decay until the plateau epoch p is known;
+    the decay points are then p * decay_at[i] / decay_at[0].
     """
-    warm = 1.0
-    if warmup_epochs(cfg) > 0:
-        warm = cfg.warmup_from + (1 - cfg.warmup_from) * min(epoch, warmup_epochs(cfg)) / warmup_epochs(cfg)
+    warm, warmup = 1.0, cfg.warmup * cfg.epochs
+    if warmup > 0:
+        warm = cfg.warmup_from + (1 - cfg.warmup_from) * min(epoch, warmup) / warmup
     if cfg.stop == "schedule":
         milestones = [round(f * cfg.epochs) for f in cfg.decay_at]
     elif plateau is None or plateau.decided_at is None:

@@ -32,7 +32,6 @@ from msflow.model.anomaly_map import log_likelihood_maps
 
 if TYPE_CHECKING:
     from msflow.infer.predictor import Predictor
-    from msflow.model.msflow import MSFlow
 
 SYNTHETIC_PER_IMAGE = 2  # defective copies of each held-out good image
 CONFIDENCE = 0.95  # of the bootstrap's lower bound, for all challengers together (Bonferroni)
@@ -51,29 +50,20 @@ Maps = list[Tensor] | list[list[Tensor]]
 
 
 @torch.no_grad()
-def logp_maps(
-    model: MSFlow, images: Sequence[ImageLike], device: torch.device, batch_size: int = 8
-) -> list[Tensor]:
-    """Per-scale (N, h_s, w_s) log-likelihood maps of ``images`` (CPU float32), in input order.
-
-    ``images`` may be files: they are decoded a batch at a time, so a whole test set fits in memory.
-    """
-    model.eval()
+def predictor_maps(predictor: Predictor, images: Sequence[ImageLike], batch_size: int = 8) -> Maps:
+    """Per-scale maps of ``images`` as the predictor judges them: stitched whole images for a tiled
+    model (one list per image), else the model's own (N, h_s, w_s) maps (CPU float32), decoded and run
+    a batch at a time (a whole test set fits in memory)."""
+    if predictor.tiled:
+        return predictor.log_likelihoods([decode(im) for im in images])
+    model = predictor.model.eval()
     out: list[list[Tensor]] = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack(
             [to_tensor(im, model.config.image_size) for im in images[start : start + batch_size]]
         )
-        out.append([m.float().cpu() for m in log_likelihood_maps(model(batch.to(device)).zs)])
+        out.append([m.float().cpu() for m in log_likelihood_maps(model(batch.to(predictor.device)).zs)])
     return [torch.cat([b[s] for b in out]) for s in range(len(out[0]))]
-
-
-def predictor_maps(predictor: Predictor, images: Sequence[ImageLike], batch_size: int = 8) -> Maps:
-    """Per-scale maps of ``images`` as the predictor judges them: stitched whole images for a tiled
-    model (one list per image), the model's own batched maps otherwise."""
-    if predictor.tiled:
-        return predictor.log_likelihoods([decode(im) for im in images])
-    return logp_maps(predictor.model, images, predictor.device, batch_size)
 
 
 def map_batches(
@@ -165,16 +155,6 @@ def keep_unless_beaten(
     return max(winners or [incumbent], key=lambda c: (aurocs[c], -order.index(c)))
 
 
-def rule_text(incumbent: str, what: str, challengers: int) -> str:
-    """The rule, in words, for the evidence files."""
-    return (
-        f"{incumbent} unless candidates have a {what} on held-out good images vs synthetic defects drawn "
-        f"into them higher by at least {MIN_EFFECT:g} point(s) AND beyond the sampling error (lower bound "
-        f"of a paired cluster bootstrap of the difference > 0 at {CONFIDENCE:.0%}, Bonferroni over "
-        f"{challengers} challengers); then the best of those"
-    )
-
-
 def judge(
     aurocs: dict[Key, float],
     lower: dict[Key, float],
@@ -185,8 +165,14 @@ def judge(
 ) -> tuple[Key, dict]:
     """The rule's pick (:func:`keep_unless_beaten`) and the evidence both choices record with it: the
     rule in words, each candidate's gain over the incumbent and its bound, the check it was judged on."""
+    rule = (
+        f"{name(incumbent)} unless candidates have a {what} on held-out good images vs synthetic defects "
+        f"drawn into them higher by at least {MIN_EFFECT:g} point(s) AND beyond the sampling error (lower "
+        f"bound of a paired cluster bootstrap of the difference > 0 at {CONFIDENCE:.0%}, Bonferroni over "
+        f"{len(aurocs) - 1} challengers); then the best of those"
+    )
     evidence = {
-        "rule": rule_text(name(incumbent), what, len(aurocs) - 1),
+        "rule": rule,
         "incumbent": name(incumbent),
         "gain_over_incumbent": {name(c): round(aurocs[c] - aurocs[incumbent], 3) for c in aurocs},
         "difference_lower_bound": {name(c): round(v, 3) for c, v in lower.items()},
