@@ -1,15 +1,10 @@
 """``--budget MINUTES``: how many epochs of the official schedule fit a time budget on this machine.
 
-Before the first epoch, with the features already extracted, msflow times a few training steps of a copy
-of the flows (the model itself is not touched), separates the cost per image from the fixed cost per
-epoch (two epoch lengths, as the speed harness ``benchmarks/speed/`` does), and estimates the
-evaluation from the extraction rate. The epochs that fit what is left of the budget are the run's
-``epochs``; the schedule is the official one compressed (``warmup`` and ``decay_at`` are fractions of
-``epochs``).
-
-What fewer epochs cost in accuracy is read from :data:`ACCURACY_CURVE`: test metrics of real data sets
-with pixel masks, trained with the defaults at several epoch counts (measured, with where they came from).
-It is a guide, not a promise: another data set loses more or less.
+With the features extracted, a copy of the flows is timed over two epoch lengths (the cost per image
+apart from the fixed cost per epoch) and the evaluation estimated from the extraction rate; the epochs
+that fit the rest of the budget become ``epochs`` (the schedule compressed: ``warmup`` and ``decay_at``
+are fractions). What fewer epochs cost in accuracy is read from :data:`ACCURACY_CURVE`, measured on real
+sets: a guide, not a promise.
 """
 
 from __future__ import annotations

@@ -117,10 +117,9 @@ class FeatureCache:
         cache = cls(arrays, folder)
         if fit_statistics:
             model.fit_standardization(cache.batches(64, rows), reduce=dist.all_sum)
-        for standardize, a in zip(model.standardizers, arrays, strict=True):
-            for i in range(rows.start, rows.stop, 64):  # in chunks: a disk cache never has to fit in memory
-                j = min(i + 64, rows.stop)
-                chunk = torch.from_numpy(np.ascontiguousarray(a[i:j])).to(device)
-                a[i:j] = standardize(chunk).cpu().numpy()
+        # In chunks of rows: a disk cache never has to fit in memory.
+        for i, chunks in zip(range(rows.start, rows.stop, 64), cache.batches(64, rows), strict=True):
+            for standardize, a, chunk in zip(model.standardizers, arrays, chunks, strict=True):
+                a[i : i + len(chunk)] = standardize(chunk.to(device)).cpu().numpy()
         dist.share_shards(arrays)
         return cache

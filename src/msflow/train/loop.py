@@ -198,12 +198,8 @@ def _run_epoch(step: _Step, cache: FeatureCache, state: TrainState) -> dict | st
         total, count = total + outcome[0], count + len(idx)
         bar.set_postfix(loss=f"{total / count:.4g}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         if outcome[1]:
-            state.in_epoch = {
-                "step": i + 1,
-                "loss_sum": total,
-                "images": count,
-                "seconds": time.perf_counter() - start,
-            }
+            seconds = time.perf_counter() - start
+            state.in_epoch = {"step": i + 1, "loss_sum": total, "images": count, "seconds": seconds}
             if step.on_stop is not None:
                 step.on_stop(state)
             raise StoppedError(
