@@ -1,16 +1,10 @@
 """``msflow benchmark``: train and test every category under a root; one table with a mean row.
 
 Each category gets its own run folder under ``output``; the table (``results.md``, ``.csv``,
-``.json``) holds the last-epoch test metrics and the training time of each. A category that fails
-(bad data, say) is reported in the table and the others go on. Models are freed between categories
-(the official loop kept them all alive: official-code-differences.md, B19).
-
-Categories run one after the other in this process (``executor="local"``), or each as a Ray task
-(``executor="ray"``, :mod:`msflow.cluster`). Either way each row is printed as its category
-finishes, and the final table lists the categories in the same order. Re-running the same command
-skips the categories whose run folder is finished (model and metrics written) and resumes the ones
-that were interrupted after a checkpoint (of the same configuration: another one is reported as the
-category's error, never continued or overwritten).
+``.json``) holds the last-epoch test metrics and the training time of each, in the categories' order,
+a failed category's error in its row. Categories run one after the other in this process (each model
+freed before the next: B19), or each as a Ray task (:mod:`msflow.cluster`); rerunning skips finished
+categories and resumes interrupted ones (docs/scaling.md).
 """
 
 from __future__ import annotations

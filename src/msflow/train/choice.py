@@ -2,8 +2,7 @@
 
 ``msflow train`` calls :func:`choose_settings` once the flows are trained (``auto`` settings are
 decided, fixed ones only measured); ``msflow test --model RUN --choose`` re-makes them on a finished
-run with today's candidates and rule, without retraining (:func:`remake_choices`), then tests the run
-with what they chose. Both write ``map_selection.json`` and
+run without retraining (:func:`remake_choices`). Both write ``map_selection.json`` and
 ``score_selection.json`` (every candidate's AUROC on the synthetic check, its gain over the incumbent
 and the bootstrap's lower bound of that gain). The rule is ``msflow.train.synthetic_check``'s.
 """

@@ -102,6 +102,15 @@ class Distributed:
         counts = [os.environ.get(k, "").strip() for k in RESTART_ENVS]
         return cls(rank, world, local, max((int(c) for c in counts if c.isdigit()), default=0))
 
+    @property
+    def sharding(self) -> Distributed | None:
+        """What an evaluation shards its images by: this job, or None in a single process."""
+        return self if self.enabled else None
+
+    def main_only(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """``log`` on rank 0, silence on the others (one voice per job)."""
+        return log if self.is_main else lambda _: None
+
     def on_main(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R | None:
         """``fn(*args, **kwargs)`` on rank 0 alone (it writes the run folder); None on the others."""
         return fn(*args, **kwargs) if self.is_main else None

@@ -110,8 +110,7 @@ def fit(
     """
     began = time.perf_counter()
     with Distributed.from_environment() as dist:
-        voice = log if dist.is_main else lambda _: None  # one voice per job
-        run = Run(Path(run_dir), dist, voice, progress and dist.is_main, step_hook)
+        run = Run(Path(run_dir), dist, dist.main_only(log), progress and dist.is_main, step_hook)
         # A warning, so it shows under --quiet too: nobody typed --resume for an automatic continuation.
         opening = open_run(cfg, run.folder, resume, dist.restarts, logger.warning)
         t = opening.cfg.train
@@ -374,7 +373,7 @@ def evaluate(predictor: Predictor, run: Run, data: TrainingData | None = None) -
         batch_size=cfg.train.batch_size,
         progress=run.progress,
         run_dir=run.folder,
-        sharding=run.dist if data is not None and run.dist.enabled else None,  # a saved run: rank 0 alone
+        sharding=run.dist.sharding if data is not None else None,  # a saved run: rank 0 alone
     )
 
 

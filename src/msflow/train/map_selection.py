@@ -10,6 +10,8 @@ draw is a weighted sum of per-image histograms over the maps' fixed range [0, nu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -20,6 +22,7 @@ from msflow.model.anomaly_map import AnomalyMapper
 from msflow.scoring import MAPS_INCUMBENT, MapSettings, map_candidates, map_setting_name
 from msflow.train.synthetic_check import (
     BOOTSTRAP_ROUNDS,
+    Maps,
     SyntheticCheck,
     judge,
     lower_bounds,
@@ -39,18 +42,16 @@ def pixel_histograms(
     mapper = mapper.with_settings(
         mapper.settings.with_changes(normalization=setting[0], smoothing=setting[1])
     )
-    good, pos, neg = [], [], []
-    for batch, size in map_batches(check.good, mapper.image_size):
-        out = mapper.from_log_likelihoods([m.to(mapper.ref_mul.device) for m in batch], size)
-        good.extend(binning.counts(m) for m in out.pixel_map.cpu().numpy())
-    masks = iter(check.masks)
-    for batch, size in map_batches(check.defective, mapper.image_size):
-        out = mapper.from_log_likelihoods([m.to(mapper.ref_mul.device) for m in batch], size)
-        for m in out.pixel_map.cpu().numpy():
-            p, n = binning.joint_counts(m, resize_mask(next(masks), m.shape))
-            pos.append(p)
-            neg.append(n)
-    return np.stack(pos), np.stack(neg), np.stack(good)
+
+    def pixel_maps(maps: Maps) -> Iterator[np.ndarray]:
+        for batch, size in map_batches(maps, mapper.image_size):
+            out = mapper.from_log_likelihoods([m.to(mapper.ref_mul.device) for m in batch], size)
+            yield from out.pixel_map.cpu().numpy()
+
+    good = [binning.counts(m) for m in pixel_maps(check.good)]
+    defective = zip(pixel_maps(check.defective), check.masks, strict=True)
+    joint = [binning.joint_counts(m, resize_mask(mask, m.shape)) for m, mask in defective]
+    return np.stack([p for p, _ in joint]), np.stack([n for _, n in joint]), np.stack(good)
 
 
 def bootstrap_pixel_aurocs(
@@ -81,11 +82,10 @@ def choose_maps(
     n = check.sources
     weights = bootstrap_counts(n, BOOTSTRAP_ROUNDS, rng)
     aurocs, draws = {}, {}
-    with torch.no_grad():
-        for setting in settings:
-            histograms = pixel_histograms(mapper, check, setting, binning)
-            aurocs[setting] = float(bootstrap_pixel_aurocs(histograms, np.ones((1, n)), check.per_image)[0])
-            draws[setting] = bootstrap_pixel_aurocs(histograms, weights, check.per_image)
+    for setting in settings:
+        histograms = pixel_histograms(mapper, check, setting, binning)
+        aurocs[setting] = float(bootstrap_pixel_aurocs(histograms, np.ones((1, n)), check.per_image)[0])
+        draws[setting] = bootstrap_pixel_aurocs(histograms, weights, check.per_image)
     lower = lower_bounds(draws, incumbent)
     chosen, judged = judge(aurocs, lower, incumbent, "pixel AUROC (exact masks)", check, map_setting_name)
     evidence = {
