@@ -293,11 +293,8 @@ class Distributed:
             rows = Distributed(src, self.world_size).shard(n)
             for start in range(rows.start, rows.stop, _SHARE_ROWS):
                 stop = min(start + _SHARE_ROWS, rows.stop)
-                for a in arrays:
-                    if src == self.rank:
-                        buf = torch.from_numpy(np.ascontiguousarray(a[start:stop])).to(self.comm_device)
-                    else:
-                        buf = torch.empty((stop - start, *a.shape[1:]), device=self.comm_device)
+                for a in arrays:  # the receivers' rows are not filled yet: the broadcast overwrites them
+                    buf = torch.from_numpy(np.ascontiguousarray(a[start:stop])).to(self.comm_device)
                     tdist.broadcast(buf, src=src)
                     if src != self.rank:
                         a[start:stop] = buf.cpu().numpy()
