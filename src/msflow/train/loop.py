@@ -29,7 +29,8 @@ from msflow.train.schedule import Plateau, lr_factor, total_epochs
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
     """The flows' optimizer: Adam (no weight decay, as official) with torch's multi-tensor (foreach) kernels:
-    ~12-20 % faster training steps on the 2-core CPU than per-tensor Adam (docs/results.md, "Training speed of the default model").
+    ~12-20 % faster training steps on the 2-core CPU than per-tensor Adam (docs/results.md, "Training
+    speed of the default model").
     The fused kernel was as fast, but a resumed run drifted from the uninterrupted one (beyond 1e-5 in
     tests/test_distributed.py)."""
     return torch.optim.Adam(params, lr=lr, foreach=True)
