@@ -49,8 +49,7 @@ import numpy as np
 import torch
 
 from msflow.data.datasets import Sample, parse_folder
-from msflow.data.images import read_image, to_tensor
-from msflow.data.tiles import header_size
+from msflow.data.images import header_size, read_image, to_tensor
 from msflow.evaluate.evaluation import evaluate_stream
 from msflow.evaluate.metrics import auroc_difference_interval, image_auroc
 from msflow.model.anomaly_map import to_original_size
@@ -146,7 +145,7 @@ def results(
         if not original:
             yield PadimResult(float(score), small, small)
             continue
-        big = to_original_size(torch.from_numpy(small), *header_size(sample))
+        big = to_original_size(torch.from_numpy(small), *header_size(sample.image))
         yield PadimResult(float(score), big, big, small, small)
 
 
