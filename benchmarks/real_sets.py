@@ -8,8 +8,10 @@ licence are recorded there); the images never enter this repository. Both conver
 deterministic given ``--seed`` and write ``train/good``, ``test/good``, ``test/<defect>`` and
 ``ground_truth/<defect>/<stem>_mask.png`` (0/255) at the images' natural resolution (no resizing).
 
-- ``bsdata``: BSData (ball-screw drive surfaces, pitting, labelme polygons). Only the ``crop_2`` view
-  (1130 x 460 px, the view with most images) is used, so train and test show the same scene. An image
+- ``bsdata``: BSData (ball-screw drive surfaces, pitting, labelme polygons). By default only the
+  ``crop_2`` view (1130 x 460 px, the view with most images) is used, so train and test show the same
+  scene; ``--view all`` keeps every image (``crop_1`` at 1540 x 645 and the ~2,700 x 900 images of a
+  second drive type, which are all annotated, so they appear only among the defects). An image
   without an annotation file is defect-free (the dataset annotates every image that shows pitting);
   a seeded shuffle of those gives ``train/good`` (``--train``) and ``test/good`` (``--test-good``);
   every annotated image is ``test/pitting`` with its polygons filled as the mask.
@@ -33,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-BSDATA_VIEW = "crop_2"
+BSDATA_VIEWS = {"crop_2": "*_crop_2.jpg", "all": "*.jpg"}
 
 
 def _save(image: Image.Image, mask: np.ndarray | None, out: Path, split: str, kind: str, stem: str) -> None:
@@ -61,9 +63,11 @@ def polygon_mask(shapes: list[dict], size: tuple[int, int]) -> np.ndarray:
     return np.asarray(canvas) > 0
 
 
-def convert_bsdata(source: Path, out: Path, seed: int = 0, train: int = 300, test_good: int = 100) -> dict:
-    """BSData's ``crop_2`` view in MVTec layout; returns the counts written."""
-    images = sorted(p for p in (source / "data").glob(f"*_{BSDATA_VIEW}.jpg"))
+def convert_bsdata(
+    source: Path, out: Path, seed: int = 0, train: int = 300, test_good: int = 100, view: str = "crop_2"
+) -> dict:
+    """BSData's images of ``view`` (a key of BSDATA_VIEWS) in MVTec layout; returns the counts written."""
+    images = sorted((source / "data").glob(BSDATA_VIEWS[view]))
     labels = {p.stem: p for p in (source / "label").glob("*.json")}
     good = [p for p in images if p.stem not in labels]
     bad = [p for p in images if p.stem in labels]
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=300, help="bsdata: training images")
     parser.add_argument("--test-good", type=int, default=100, help="bsdata: good test images")
+    parser.add_argument("--view", choices=sorted(BSDATA_VIEWS), default="crop_2", help="bsdata: which images")
     parser.add_argument("--crop", type=int, default=128, help="crackforest: tile side in pixels")
     parser.add_argument("--margin", type=int, default=8, help="crackforest: crack-free margin of a good tile")
     parser.add_argument(
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.exists():
         parser.error(f"{args.out} exists; remove it first (nothing is overwritten)")
     if args.dataset == "bsdata":
-        counts = convert_bsdata(args.source, args.out, args.seed, args.train, args.test_good)
+        counts = convert_bsdata(args.source, args.out, args.seed, args.train, args.test_good, args.view)
     else:
         counts = convert_crackforest(
             args.source, args.out, args.seed, args.crop, args.margin, args.min_defect, args.train_share

@@ -53,6 +53,14 @@ def test_bsdata_layout_masks_and_disjoint_good_splits(tmp_path, real_sets):
         real_sets.convert_bsdata(tmp_path / "src", tmp_path / "again", train=6, test_good=2)
 
 
+def test_bsdata_view_all_keeps_the_other_view(tmp_path, real_sets):
+    _bsdata_source(tmp_path / "src")
+    counts = real_sets.convert_bsdata(tmp_path / "src", tmp_path / "out", train=5, test_good=2, view="all")
+    assert counts == {"train/good": 5, "test/good": 2, "test/pitting": 2}
+    good = list((tmp_path / "out").glob("*/good/*.png"))
+    assert sum("crop_1" in p.stem for p in good) == 1
+
+
 def test_polygon_mask_refuses_other_shapes(real_sets):
     with pytest.raises(ValueError, match="unsupported"):
         real_sets.polygon_mask([{"points": [[0, 0], [3, 3]], "shape_type": "line"}], (8, 8))
