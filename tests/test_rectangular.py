@@ -364,6 +364,32 @@ def test_test_command_choose_re_makes_the_choices_and_tests_with_them(wide_run: 
     assert json.loads((wide_run / "score_selection.json").read_text()) == recorded
 
 
+def test_a_rescored_run_judges_with_a_threshold_calibrated_for_its_score(wide_run: Path, tmp_path: Path) -> None:
+    """``msflow test --score X``: the threshold is the 0.99 quantile of X on the run's held-out good images
+    (the training split), not the run's threshold for another score (whose decisions would mean nothing)."""
+    from msflow.cli import main
+    from msflow.data.datasets import load_dataset
+    from msflow.data.images import read_image
+    from msflow.evaluate.report import read_rows
+    from msflow.infer.predictor import Predictor
+    from msflow.train.fit import split_holdout
+
+    run = Predictor.load(wide_run)
+    score = "logp:max" if run.config.model.score != "logp:max" else "mul:0.1"
+    out = tmp_path / "rescored"
+    assert main(["test", "--model", str(wide_run), "--quiet", "--score", score, "--output", str(out)]) == 0
+    used = {float(r["threshold"]) for r in read_rows(out / "predictions.csv")}
+
+    cfg = run.config
+    _, train, _ = load_dataset(cfg.data.dataset)
+    _, holdout = split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+    rescored = run.with_settings(cfg.model.maps.with_changes(score=score))
+    scores = [p.score for p in rescored.predict_images([read_image(s.image) for s in holdout])]
+    assert len(holdout) >= 2 and len(used) == 1
+    assert used.pop() == pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-5)
+    assert run.threshold.image != pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-3)
+
+
 def test_predict_and_serve_a_rectangular_run(wide_run: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 

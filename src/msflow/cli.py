@@ -151,7 +151,16 @@ def _test_settings(predictor: Any, args: argparse.Namespace, out: Path) -> Any:
     )
     if score and settings.score == "auto":
         raise MSFlowError("--score auto is decided at training time; name a score, or use --choose")
-    return predictor.with_settings(settings) if settings != cfg.model.maps else predictor
+    if settings == cfg.model.maps:
+        return predictor
+    from msflow.train.choice import recalibrate_threshold
+
+    rescored = predictor.with_settings(settings)
+    try:  # a threshold is a quantile of one score's values: another score needs its own
+        return recalibrate_threshold(rescored, batch_size=getattr(args, "train.batch_size"), log=log.info)
+    except MSFlowError as error:  # e.g. the training images have moved
+        log.warning(f"{error}; the decisions use the run's threshold, calibrated for {cfg.model.score}")
+        return rescored
 
 
 def _print_all_scores(predictor: Any, test: list, out: Path, batch_size: int) -> None:

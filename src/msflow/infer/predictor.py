@@ -142,7 +142,8 @@ class Predictor:
     def with_settings(self, settings: MapSettings) -> Predictor:
         """A predictor of the same trained model with other map and score settings (re-scoring a run:
         ``msflow test --score/--normalization/--smoothing``, the label-free choices). Nothing is copied
-        and this predictor is left as it is; the threshold stays the run's (calibrated for its score).
+        and this predictor is left as it is; the threshold stays the run's, calibrated for its own score
+        (``msflow.train.choice.recalibrate_threshold`` makes one for the new settings).
         """
         if not hasattr(self.model, "with_settings"):  # an exported graph has its settings built in
             raise MSFlowError(
@@ -151,6 +152,12 @@ class Predictor:
         model = self.model.with_settings(settings)
         config = replace(self.config, model=model.config)
         return Predictor(model, config, self.threshold, self.device, self.runtime, self.meta)
+
+    def with_threshold(self, threshold: Threshold) -> Predictor:
+        """The same model and settings with other thresholds (calibrated for these settings)."""
+        predictor = Predictor(self.model, self.config, threshold, self.device, self.runtime, self.meta)
+        predictor.runtime_decision = self.runtime_decision
+        return predictor
 
     # -- the steps ---------------------------------------------------------------------------------
     def _maps(
