@@ -364,7 +364,7 @@ def test_test_command_choose_re_makes_the_choices_and_tests_with_them(wide_run: 
     assert json.loads((wide_run / "score_selection.json").read_text()) == recorded
 
 
-def test_a_rescored_run_judges_with_a_threshold_calibrated_for_its_score(wide_run: Path, tmp_path: Path) -> None:
+def test_a_rescored_run_judges_with_a_threshold_for_its_score(wide_run: Path, tmp_path: Path) -> None:
     """``msflow test --score X``: the threshold is the 0.99 quantile of X on the run's held-out good images
     (the training split), not the run's threshold for another score (whose decisions would mean nothing)."""
     from msflow.cli import main

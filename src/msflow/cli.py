@@ -153,7 +153,7 @@ def _test_settings(predictor: Any, args: argparse.Namespace, out: Path) -> Any:
         raise MSFlowError("--score auto is decided at training time; name a score, or use --choose")
     if settings == cfg.model.maps:
         return predictor
-    from msflow.train.choice import recalibrate_threshold
+    from msflow.train.fit import recalibrate_threshold
 
     rescored = predictor.with_settings(settings)
     try:  # a threshold is a quantile of one score's values: another score needs its own

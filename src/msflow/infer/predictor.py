@@ -143,7 +143,7 @@ class Predictor:
         """A predictor of the same trained model with other map and score settings (re-scoring a run:
         ``msflow test --score/--normalization/--smoothing``, the label-free choices). Nothing is copied
         and this predictor is left as it is; the threshold stays the run's, calibrated for its own score
-        (``msflow.train.choice.recalibrate_threshold`` makes one for the new settings).
+        (``msflow.train.fit.recalibrate_threshold`` makes one for the new settings).
         """
         if not hasattr(self.model, "with_settings"):  # an exported graph has its settings built in
             raise MSFlowError(

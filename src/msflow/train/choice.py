@@ -4,8 +4,7 @@
 decided, fixed ones only measured); ``msflow test --model RUN --choose`` re-makes them on a finished
 run without retraining (:func:`remake_choices`). Both write ``map_selection.json`` and
 ``score_selection.json`` (every candidate's AUROC on the synthetic check, its gain over the incumbent
-and the bootstrap's lower bound of that gain). The rule is ``msflow.train.synthetic_check``'s. A run
-re-scored with other settings gets a threshold for them the same way (:func:`recalibrate_threshold`).
+and the bootstrap's lower bound of that gain). The rule is ``msflow.train.synthetic_check``'s.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from msflow.config import ModelConfig
-from msflow.data.datasets import Sample, load_dataset
+from msflow.data.datasets import Sample
 from msflow.data.images import read_image
 from msflow.errors import MSFlowError
-from msflow.evaluate.threshold import GoodImageCalibration
 from msflow.files import atomic_write_bytes
 from msflow.infer.predictor import Predictor
 from msflow.scoring import MapSettings, map_setting_name
@@ -85,36 +83,6 @@ def choose_settings(
     return settings, auroc
 
 
-def _run_holdout(predictor: Predictor, data: str | None) -> tuple[list[Sample], list[Sample]]:
-    """(fit, held-out) good images of the run's dataset (``data`` when it has moved): training's split."""
-    from msflow.train.fit import split_holdout  # fit calls this module: imported when needed
-
-    cfg = predictor.config
-    _, train, _ = load_dataset(data or cfg.data.dataset)
-    return split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
-
-
-def recalibrate_threshold(
-    predictor: Predictor, data: str | None = None, batch_size: int = 8, log: Callable[[str], None] = print
-) -> Predictor:
-    """The predictor with thresholds for its own maps and score, from the run's held-out good images.
-
-    A threshold is a quantile of the scores it was calibrated on, so a run re-scored with another score
-    or other maps (``msflow test --score ...``) would otherwise judge new scores against an old scale:
-    the decision rates would mean nothing. Same images and rule as training; no test image is read.
-    """
-    fit_samples, holdout = _run_holdout(predictor, data)
-    calibration = GoodImageCalibration(predictor.pixel_range)
-    for maps in predictor.iter_maps(holdout or fit_samples, batch_size, progress=False, desc="calibrate"):
-        calibration.add(maps.score, maps.anomaly_map)
-    threshold = calibration.threshold("holdout" if holdout else "train")
-    log(
-        f"threshold re-calibrated for score {predictor.config.model.score} on {threshold.num_images} "
-        f"{'held-out' if holdout else 'training'} good images: {threshold.image:.6g}"
-    )
-    return predictor.with_threshold(threshold)
-
-
 def remake_choices(
     predictor: Predictor,
     out_dir: Path,
@@ -128,8 +96,10 @@ def remake_choices(
     paper's smoothing) are judged on the run's own held-out good images (the same seeded split and
     synthetic defects as training; ``data`` when the dataset has moved). The evidence goes to
     ``out_dir``; returns the settings chosen. No test image is read."""
+    from msflow.train.fit import run_holdout  # fit calls this module: imported when needed
+
     cfg = predictor.config
-    fit_samples, holdout = _run_holdout(predictor, data)
+    fit_samples, holdout = run_holdout(predictor.config, data)
     good = len(holdout or fit_samples)
     if good < 2:
         raise MSFlowError(f"the run's dataset has {good} good images to judge on; at least 2 are needed")

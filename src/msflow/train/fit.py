@@ -316,11 +316,8 @@ def calibrate(
     reads the labelled folder; every rank gets the threshold.
     """
     mine = run.dist.shard(len(data.calibration))
-    calib = GoodImageCalibration(predictor.pixel_range)
-    batch_size = predictor.config.train.batch_size
-    images = data.calibration[mine.start : mine.stop]
-    for maps in predictor.iter_maps(images, batch_size=batch_size, progress=run.progress, desc="calibrate"):
-        calib.add(maps.score, maps.anomaly_map)
+    images, batch_size = data.calibration[mine.start : mine.stop], predictor.config.train.batch_size
+    calib = good_image_calibration(predictor, images, batch_size, run.progress)
     merged = run.dist.merge_to_main(calib)  # rank 0's, with every rank's images
 
     def decide() -> dict:
@@ -335,6 +332,43 @@ def calibrate(
 
     decided = run.dist.from_main(decide)  # the other ranks wait for rank 0's threshold
     return Threshold.from_dict(decided["threshold"]), decided["info"]
+
+
+def good_image_calibration(
+    predictor: Predictor, images: list[Sample], batch_size: int, progress: bool = False
+) -> GoodImageCalibration:
+    """The scores and pixel-map values of good images, of which the thresholds are quantiles."""
+    calib = GoodImageCalibration(predictor.pixel_range)
+    for maps in predictor.iter_maps(images, batch_size=batch_size, progress=progress, desc="calibrate"):
+        calib.add(maps.score, maps.anomaly_map)
+    return calib
+
+
+def run_holdout(cfg: Config, data: str | None = None) -> tuple[list[Sample], list[Sample]]:
+    """(fit, held-out) good images of a finished run's dataset (``data`` when it has moved): the split
+    its training made."""
+    _, train, _ = load_dataset(data or cfg.data.dataset)
+    return split_holdout(train, cfg.data.holdout_fraction, cfg.train.seed)
+
+
+def recalibrate_threshold(
+    predictor: Predictor, data: str | None = None, batch_size: int = 8, log: Callable[[str], None] = print
+) -> Predictor:
+    """The predictor with thresholds for its own maps and score, from the run's held-out good images.
+
+    A threshold is a quantile of the scores it was calibrated on, so a run re-scored with another score
+    or other maps (``msflow test --score ...``) would otherwise judge new scores against an old scale:
+    the decision rates would mean nothing. Same images and rule as :func:`calibrate`; no test image.
+    """
+    fit_samples, holdout = run_holdout(predictor.config, data)
+    threshold = good_image_calibration(predictor, holdout or fit_samples, batch_size).threshold(
+        "holdout" if holdout else "train"
+    )
+    log(
+        f"threshold re-calibrated for score {predictor.config.model.score} on {threshold.num_images} "
+        f"{'held-out' if holdout else 'training'} good images: {threshold.image:.6g}"
+    )
+    return predictor.with_threshold(threshold)
 
 
 def save(predictor: Predictor, data: TrainingData, state: TrainState, record: dict, run: Run) -> None:
