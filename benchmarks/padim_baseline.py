@@ -159,6 +159,17 @@ def msflow_scores(predictions: Path, samples: list[Sample]) -> np.ndarray:
     return np.array([by_image[s.image.resolve()] for s in samples])
 
 
+def write_scores(path: Path, samples: list[Sample], scores: np.ndarray) -> None:
+    """PaDiM's image score of every test image (``image,label,defect_type,score``, msflow's first
+    columns), for comparisons by view or defect type beside an msflow ``predictions.csv``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "defect_type", "score"])
+        for sample, score in zip(samples, scores, strict=True):
+            writer.writerow([sample.image, sample.label, sample.defect_type, repr(float(score))])
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -200,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
+    if args.scores is not None:
+        write_scores(args.scores, test, scores)
     if args.compare is not None:
         labels = np.array([s.label for s in test])
         other = msflow_scores(args.compare, test)
@@ -235,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--holdout-seed", type=int, default=9826, help="the seed in the run's config.yaml")
     parser.add_argument("--no-original", action="store_true", help="pixel metrics at --size only")
     parser.add_argument("--compare", type=Path, help="an msflow test report's predictions.csv")
+    parser.add_argument("--scores", type=Path, help="also write PaDiM's per-image scores to this CSV")
     args = parser.parse_args(argv)
     if not 0 < args.n_features <= 176:
         parser.error(

@@ -3,6 +3,7 @@ PaDiM's features equal to msflow's and a whole run on a tiny set."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -46,7 +47,21 @@ def test_a_whole_run_writes_every_metric(benchmark_module, torch_single_thread, 
     padim = benchmark_module("padim_baseline")
     data = make_fake_category(tmp_path / "cat", n_train=6, n_good=3, n_bad=3, size=48)
     out = tmp_path / "padim.json"
-    padim.main(["--data", str(data), "--out", str(out), "--size", "64", "--n-features", "20"])
+    scores = tmp_path / "scores.csv"
+    padim.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--size",
+            "64",
+            "--n-features",
+            "20",
+            "--scores",
+            str(scores),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["fit_images"] == 5 and report["held_out_images"] == 1  # msflow's 10 % hold-out
     metrics = report["metrics"]
@@ -54,3 +69,8 @@ def test_a_whole_run_writes_every_metric(benchmark_module, torch_single_thread, 
     # the pasted white squares are far from the training texture: PaDiM finds them
     assert metrics["image_auroc"] == 100.0 and metrics["pixel_auroc"] > 90
     assert 0 <= metrics["model_resolution"]["aupro"] <= 100
+    with open(scores, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["label"] for r in rows} == {"0", "1"}
+    bad = min(float(r["score"]) for r in rows if r["label"] == "1")
+    assert all(float(r["score"]) < bad for r in rows if r["label"] == "0")  # the AUROC of 100 above
