@@ -1,25 +1,20 @@
 """ONNX export of a whole MSFlow model, and an onnxruntime-backed predictor that reads it back.
 
-One graph holds everything :meth:`MSFlow.predict` does: backbone (with its input normalisation),
-feature standardisation, parallel and fusion flows, and the anomaly maps.
+One graph holds everything :meth:`MSFlow.predict` does (backbone with its input normalisation, feature
+standardisation, parallel and fusion flows, anomaly maps):
 
     input   images     (B, 3, S, S) float32 RGB in [0, 1]
     outputs scores     (B,)         image anomaly scores
             pixel_map  (B, S, S)    the "add" map
             image_map  (B, S, S)    the "mul" map
-            normalized_score (B,)   only in exports given the run's threshold: the score mapped so that
-                                    the threshold is at 0.5 (see :data:`NORMALIZED_RULE`)
+            normalized_score (B,)   only in exports given the run's threshold (:data:`NORMALIZED_RULE`)
 
 The batch axis is dynamic; the image size S is fixed at export time (TF "SAME" padding, pooling to the
-coarsest grid and the top-k count are all computed from it and baked into the graph).
-
-The file carries ``metadata_props``: the msflow version, the image size, how to prepare the input
-(``preprocess``), the maps' and the score's settings, the model config as JSON (filesystem paths cut to
-their last part) and a SHA-256 over the graph and the other metadata, so that :class:`OnnxModel` can
-reject a truncated or altered file with one :class:`~msflow.errors.CheckpointError` line instead of wrong
-scores. ``msflow export`` also writes the run's decision (``threshold_image``, ``threshold_pixel``,
-``score_min``, ``score_max``, the rules in words): with onnxruntime alone, reading
-``InferenceSession.get_modelmeta().custom_metadata_map``, a user decides exactly as msflow does.
+coarsest grid and the top-k count are computed from it). The file's ``metadata_props`` describe the input
+(``preprocess``), the maps, the config (paths cut to their last part) and, from ``msflow export``, the
+run's decision, so that onnxruntime alone (``get_modelmeta().custom_metadata_map``) decides exactly as
+msflow does. A SHA-256 over the graph and the metadata lets :class:`OnnxModel` refuse a truncated or
+altered file with one :class:`~msflow.errors.CheckpointError` line instead of giving wrong scores.
 """
 
 from __future__ import annotations
@@ -221,10 +216,9 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 def _read_checked(path: Path) -> tuple[bytes, dict[str, str]]:
     """The bytes and metadata of an msflow export, refused with one line when it is not one or not whole."""
     onnx = require_extra("onnx", "onnx", "the ONNX runtime")
-    if not path.exists():
-        raise CheckpointError(f"exported model '{path}' does not exist")
     if not path.is_file():
-        raise CheckpointError(f"exported model '{path}' is not a file")
+        why = "is not a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"exported model '{path}' {why}")
     try:
         data = path.read_bytes()
     except OSError as err:
