@@ -44,12 +44,6 @@ DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime 
 FORMAT = "msflow-onnx"
 FORMAT_VERSION = "1"
 _HASH_KEY = "msflow_sha256"
-# metadata_props keys that export_onnx writes itself
-_RESERVED_KEYS = frozenset(
-    "format format_version msflow_version image_size image_height image_width batch_dynamic inputs outputs "
-    "preprocess normalization smoothing score config threshold_image threshold_pixel score_min score_max "
-    f"threshold_method decision normalized_score {_HASH_KEY}".split()
-)
 NORMALIZED_SCORE = "normalized_score"  # the optional fourth output (exports that carry a threshold)
 PREPROCESS = (
     "RGB float32 in [0, 1] (8-bit values / 255), each channel resized to image_height x image_width as a "
@@ -116,15 +110,13 @@ def export_onnx(
     """
     onnx = require_extra("onnx", "onnx", "ONNX export")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
-    clash = sorted(set(extra) & _RESERVED_KEYS)
+    outputs = OUTPUT_NAMES + ((NORMALIZED_SCORE,) if threshold is not None else ())
+    props = {**_model_props(model, batch_size_dynamic, outputs), **_decision_props(threshold)}
+    clash = sorted(set(extra) & {*props, *_DECISION_KEYS, _HASH_KEY})
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved by msflow")
     path = Path(path)
-    outputs = OUTPUT_NAMES + ((NORMALIZED_SCORE,) if threshold is not None else ())
-    graph = _trace(_PredictGraph(model, threshold), outputs, opset, batch_size_dynamic)
-    proto = onnx.load_from_string(graph)
-    props = {**_model_props(model, batch_size_dynamic, outputs), **_decision_props(threshold)}
-    assert _RESERVED_KEYS >= set(props), "keep _RESERVED_KEYS in step with the entries written here"
+    proto = onnx.load_from_string(_trace(_PredictGraph(model, threshold), outputs, opset, batch_size_dynamic))
     del proto.metadata_props[:]
     for key, value in {**props, **extra}.items():
         proto.metadata_props.add(key=key, value=value)
@@ -207,6 +199,10 @@ def _decision_props(threshold: Threshold | None) -> dict[str, str]:
         "decision": DECISION_RULE,
         "normalized_score": NORMALIZED_RULE,
     }
+
+
+# The keys _decision_props writes: reserved in every export, with a threshold or without.
+_DECISION_KEYS = frozenset(_decision_props(Threshold(0.0, 0.0, 0.0, 0.0, "", 0)))
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

@@ -177,12 +177,8 @@ class GuardMiddleware:
 
     async def _reply(self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
         body = json.dumps({"detail": detail}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *headers,
-            *SECURITY_HEADERS,
-        ]
+        length = (b"content-length", str(len(body)).encode())
+        headers = [(b"content-type", b"application/json"), length, *headers, *SECURITY_HEADERS]
         if status == 413:  # the rest of the body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -367,7 +363,7 @@ def _add_read_routes(app: FastAPI, info: dict[str, Any]) -> None:
 
 def model_info(predictor: Predictor) -> dict[str, Any]:
     """What ``GET /model`` shows: the run's settings and figures, without any filesystem path."""
-    meta = predictor.meta or {}
+    meta = predictor.meta
     info = {
         "config": predictor.config.to_dict(),
         "metrics": meta.get("metrics"),
