@@ -408,21 +408,22 @@ async def _read_upload(request: Request) -> bytes:
 
 
 def _judge(
-    predictor: Predictor, data: bytes, max_pixels: int, want_overlay: bool
+    predictor: Predictor, data: bytes, max_pixels: int, want_overlay: bool, heavy: threading.Semaphore
 ) -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
-    """Decode, predict and (if wanted) draw one upload: (summary, overlay PNG, seconds per step)."""
-    t1 = time.perf_counter()
-    image = decode_upload(data, max_pixels)
-    t2 = time.perf_counter()
-    try:
-        pred = predictor.predict_images([image])[0]
-    except DataError as exc:
-        raise HTTPException(415, str(exc)) from None
-    t3 = time.perf_counter()
-    png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
-    t4 = time.perf_counter()
-    summary = pred.summary()
-    summary.update(zip(("width", "height"), image_size(image), strict=True))
+    """Holding ``heavy``, decode, predict and (if wanted) draw one upload: (summary, PNG, seconds/step)."""
+    with heavy:
+        t1 = time.perf_counter()
+        image = decode_upload(data, max_pixels)
+        t2 = time.perf_counter()
+        try:
+            pred = predictor.predict_images([image])[0]
+        except DataError as exc:
+            raise HTTPException(415, str(exc)) from None
+        t3 = time.perf_counter()
+        png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
+        t4 = time.perf_counter()
+    width, height = image_size(image)
+    summary = {**pred.summary(), "width": width, "height": height}
     return summary, png, {"decode": t2 - t1, "predict": t3 - t2, "overlay": t4 - t3}
 
 
@@ -457,12 +458,10 @@ def _add_predict_route(app: FastAPI, predictor: Predictor, max_pixels: int) -> N
         t0 = time.perf_counter()
         data = await _read_upload(request)
         t_read = time.perf_counter()
-
-        def work() -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
-            with heavy:
-                return _judge(predictor, data, max_pixels, overlay or format == "png")
-
-        summary, png, parts = await run_in_threadpool(work)
+        want_overlay = overlay or format == "png"
+        summary, png, parts = await run_in_threadpool(
+            _judge, predictor, data, max_pixels, want_overlay, heavy
+        )
         timing = {"read": t_read - t0, **parts, "total": time.perf_counter() - t0}
         return _answer(summary, png, timing, format == "png")
 
