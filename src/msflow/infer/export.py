@@ -1,25 +1,20 @@
 """ONNX export of a whole MSFlow model, and an onnxruntime-backed predictor that reads it back.
 
-One graph holds everything :meth:`MSFlow.predict` does: backbone (with its input normalisation),
-feature standardisation, parallel and fusion flows, and the anomaly maps.
+One graph holds everything :meth:`MSFlow.predict` does (backbone with its input normalisation, feature
+standardisation, parallel and fusion flows, anomaly maps):
 
     input   images     (B, 3, S, S) float32 RGB in [0, 1]
     outputs scores     (B,)         image anomaly scores
             pixel_map  (B, S, S)    the "add" map
             image_map  (B, S, S)    the "mul" map
-            normalized_score (B,)   only in exports given the run's threshold: the score mapped so that
-                                    the threshold is at 0.5 (see :data:`NORMALIZED_RULE`)
+            normalized_score (B,)   only in exports given the run's threshold (:data:`NORMALIZED_RULE`)
 
 The batch axis is dynamic; the image size S is fixed at export time (TF "SAME" padding, pooling to the
-coarsest grid and the top-k count are all computed from it and baked into the graph).
-
-The file carries ``metadata_props``: the msflow version, the image size, how to prepare the input
-(``preprocess``), the maps' and the score's settings, the model config as JSON (filesystem paths cut to
-their last part) and a SHA-256 over the graph and the other metadata, so that :class:`OnnxModel` can
-reject a truncated or altered file with one :class:`~msflow.errors.CheckpointError` line instead of wrong
-scores. ``msflow export`` also writes the run's decision (``threshold_image``, ``threshold_pixel``,
-``score_min``, ``score_max``, the rules in words): with onnxruntime alone, reading
-``InferenceSession.get_modelmeta().custom_metadata_map``, a user decides exactly as msflow does.
+coarsest grid and the top-k count are computed from it). The file's ``metadata_props`` describe the input
+(``preprocess``), the maps, the config (paths cut to their last part) and, from ``msflow export``, the
+run's decision, so that onnxruntime alone (``get_modelmeta().custom_metadata_map``) decides exactly as
+msflow does. A SHA-256 over the graph and the metadata lets :class:`OnnxModel` refuse a truncated or
+altered file with one :class:`~msflow.errors.CheckpointError` line instead of giving wrong scores.
 """
 
 from __future__ import annotations
@@ -49,12 +44,6 @@ DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime 
 FORMAT = "msflow-onnx"
 FORMAT_VERSION = "1"
 _HASH_KEY = "msflow_sha256"
-# metadata_props keys that export_onnx writes itself
-_RESERVED_KEYS = frozenset(
-    "format format_version msflow_version image_size image_height image_width batch_dynamic inputs outputs "
-    "preprocess normalization smoothing score config threshold_image threshold_pixel score_min score_max "
-    f"threshold_method decision normalized_score {_HASH_KEY}".split()
-)
 NORMALIZED_SCORE = "normalized_score"  # the optional fourth output (exports that carry a threshold)
 PREPROCESS = (
     "RGB float32 in [0, 1] (8-bit values / 255), each channel resized to image_height x image_width as a "
@@ -121,15 +110,13 @@ def export_onnx(
     """
     onnx = require_extra("onnx", "onnx", "ONNX export")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
-    clash = sorted(set(extra) & _RESERVED_KEYS)
+    outputs = OUTPUT_NAMES + ((NORMALIZED_SCORE,) if threshold is not None else ())
+    props = {**_model_props(model, batch_size_dynamic, outputs), **_decision_props(threshold)}
+    clash = sorted(set(extra) & {*props, *_DECISION_KEYS, _HASH_KEY})
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved by msflow")
     path = Path(path)
-    outputs = OUTPUT_NAMES + ((NORMALIZED_SCORE,) if threshold is not None else ())
-    graph = _trace(_PredictGraph(model, threshold), outputs, opset, batch_size_dynamic)
-    proto = onnx.load_from_string(graph)
-    props = {**_model_props(model, batch_size_dynamic, outputs), **_decision_props(threshold)}
-    assert _RESERVED_KEYS >= set(props), "keep _RESERVED_KEYS in step with the entries written here"
+    proto = onnx.load_from_string(_trace(_PredictGraph(model, threshold), outputs, opset, batch_size_dynamic))
     del proto.metadata_props[:]
     for key, value in {**props, **extra}.items():
         proto.metadata_props.add(key=key, value=value)
@@ -214,6 +201,10 @@ def _decision_props(threshold: Threshold | None) -> dict[str, str]:
     }
 
 
+# The keys _decision_props writes: reserved in every export, with a threshold or without.
+_DECISION_KEYS = frozenset(_decision_props(Threshold(0.0, 0.0, 0.0, 0.0, "", 0)))
+
+
 def _one_line(err: BaseException, limit: int = 300) -> str:
     return " ".join(str(err).split())[:limit] or type(err).__name__
 
@@ -221,10 +212,9 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 def _read_checked(path: Path) -> tuple[bytes, dict[str, str]]:
     """The bytes and metadata of an msflow export, refused with one line when it is not one or not whole."""
     onnx = require_extra("onnx", "onnx", "the ONNX runtime")
-    if not path.exists():
-        raise CheckpointError(f"exported model '{path}' does not exist")
     if not path.is_file():
-        raise CheckpointError(f"exported model '{path}' is not a file")
+        why = "is not a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"exported model '{path}' {why}")
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -4,10 +4,10 @@ Per image (all at the image's original resolution), as ``images`` says (``msflow
 ``"all"`` (the default) writes ``<name>_overlay.png`` (jet heatmap of the "mul" map with the predicted
 contour), ``<name>_map.png`` (the "add" map as 16-bit grey, scaled to [0, 1] by its maximum possible
 value 3) and ``<name>_mask.png`` (0/255); ``"overlay"`` only the first; ``"none"`` (``--no-images``)
-none, the CSV only. For the whole call: ``predictions.csv``
-(written row by row as batches finish, flushed, so a crash keeps every finished row; ``--resume``
-continues it and skips the images already there) and ``summary.json`` (counts and failures, not the
-rows). A file that cannot be read is listed as failed; the others carry on.
+none. For the whole call: ``predictions.csv`` (written row by row as batches finish, flushed, so a crash
+keeps every finished row; ``--resume`` continues it and skips the images already there) and
+``summary.json`` (counts and failures, not the rows). A file that cannot be read is listed as failed;
+the others carry on.
 
 :func:`run_predict_on_ray` spreads a very large input over a Ray cluster's workers in chunks of files
 (``msflow predict --executor ray``); the outputs are those of :func:`run_predict`, in the same order.
@@ -63,14 +63,12 @@ def _plan(inputs: list[str], output: Path) -> list[tuple[Path, str]]:
 ImageOutputs = Literal["all", "overlay", "none"]  # what predict writes per image besides its CSV row
 IMAGE_OUTPUTS: tuple[str, ...] = get_args(ImageOutputs)
 
-CSV_FIELDS = report.PREDICTION_FIELDS  # the one schema, shared with the evaluations
-
 
 class _Tally:
     """The ``predictions.csv`` of one call, counting the verdicts it holds (the summary's numbers)."""
 
     def __init__(self, output: Path, resume: bool = False) -> None:
-        self.writer = report.RowWriter(output / "predictions.csv", CSV_FIELDS, append=resume)
+        self.writer = report.RowWriter(output / "predictions.csv", report.PREDICTION_FIELDS, append=resume)
         self.counts = {"predicted": 0, "defective": 0}
         self.done: set[str] = set()  # read after the writer has dropped a line cut short by a crash
         for row in report.read_rows(self.writer.path) if resume else ():

@@ -89,6 +89,7 @@ class Predictor:
         device: torch.device,
         runtime: str = "torch",
         meta: dict | None = None,
+        runtime_decision: Decision | None = None,
     ) -> None:
         self.model, self.config, self.threshold = model, config, threshold
         self.device, self.runtime, self.meta = device, runtime, meta or {}
@@ -98,7 +99,7 @@ class Predictor:
         self.tile_batch = 8  # tiles per forward pass when judging decoded images
         self._lock = threading.Lock()  # torch/onnxruntime use all cores anyway
         self._run = runner(runtime, model, device)
-        self.runtime_decision: Decision | None = None  # what "auto" measured and chose, if it ran
+        self.runtime_decision = runtime_decision  # what "auto" measured and chose, if it ran
 
     @classmethod
     def load(
@@ -135,9 +136,7 @@ class Predictor:
         runtime, model, decision = select_runtime(
             runtime, model, run_dir, meta["sha256"], torch_device, batch_size
         )
-        predictor = cls(model, config, threshold, torch_device, runtime, meta)
-        predictor.runtime_decision = decision
-        return predictor
+        return cls(model, config, threshold, torch_device, runtime, meta, decision)
 
     def with_settings(self, settings: MapSettings) -> Predictor:
         """A predictor of the same trained model with other map and score settings (re-scoring a run:
@@ -155,9 +154,9 @@ class Predictor:
 
     def with_threshold(self, threshold: Threshold) -> Predictor:
         """The same model and settings with other thresholds (calibrated for these settings)."""
-        predictor = Predictor(self.model, self.config, threshold, self.device, self.runtime, self.meta)
-        predictor.runtime_decision = self.runtime_decision
-        return predictor
+        return Predictor(
+            self.model, self.config, threshold, self.device, self.runtime, self.meta, self.runtime_decision
+        )
 
     # -- the steps ---------------------------------------------------------------------------------
     def _maps(
@@ -174,18 +173,13 @@ class Predictor:
     def tiled(self) -> bool:
         return bool(self.config.model.tile)
 
-    def _log_likelihoods(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, h, w) images -> per-scale (B, h_s, w_s) log-likelihood maps, float32 on the device."""
-        with self._lock, torch.inference_mode():
-            return [m.float() for m in log_likelihood_maps(self.model(batch.to(self.device)).zs)]
-
     def _tile_log_likelihoods(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) tiles -> (B, scales, h, w) log-likelihood maps at the input size (CPU float32)."""
-        if self.runtime != "torch":
-            raise MSFlowError("tiled models run with the torch runtime only")
+        """(B, 3, h, w) tiles -> (B, scales, h, w) log-likelihood maps at the input size (CPU float32).
+        Always the torch runtime: :meth:`load` refuses any other for a tiled model."""
         size = self.model.anomaly.image_size
-        with torch.inference_mode():
-            return torch.stack([upsample(m, size) for m in self._log_likelihoods(batch)], dim=1).cpu()
+        with self._lock, torch.inference_mode():
+            maps = log_likelihood_maps(self.model(batch.to(self.device)).zs)
+            return torch.stack([upsample(m.float(), size) for m in maps], dim=1).cpu()
 
     def _stitched_maps(self, stitcher: Stitcher, resolution: Resolution) -> Maps:
         """Maps and score of one whole image from its stitched per-scale log-likelihood maps."""
@@ -220,13 +214,12 @@ class Predictor:
         return next(self._stitched([grid], ((batch, [0] * len(batch)) for batch in batches)))
 
     def log_likelihoods(self, images: list[np.ndarray]) -> list[list[torch.Tensor]]:
-        """Each decoded image's per-scale (1, h, w) log-likelihood maps, as the image score reads them:
-        stitched over the whole image for a tiled model, the model's own maps otherwise (CPU float32)."""
-        if self.tiled:
-            return [[m[None] for m in self._stitch_image(im).result()] for im in images]
-        return [
-            [m.cpu() for m in self._log_likelihoods(to_tensor(im, self.image_size)[None])] for im in images
-        ]
+        """Each decoded image's per-scale (1, H, W) log-likelihood maps stitched over its tiles, as the
+        image score of a tiled model reads them (CPU float32). An untiled model's own maps need no
+        stitching: ``msflow.train.synthetic_check`` reads them from the model in batches."""
+        if not self.tiled:
+            raise MSFlowError("log_likelihoods stitches the tiles of a tiled model; this one is not tiled")
+        return [[m[None] for m in self._stitch_image(im).result()] for im in images]
 
     def judge(self, maps: Maps) -> Prediction:
         """The verdict on one image's maps (needs a threshold)."""

@@ -3,33 +3,28 @@
 Endpoints
 ---------
 ``GET /``             the web page (drop or pick an image; shows the overlay, score and decision)
-``GET /static/<f>``   the page's own CSS/JS, from a fixed in-memory allow-list (never a filesystem lookup)
+``GET /static/<f>``   the page's own CSS/JS, from an in-memory allow-list (never a filesystem lookup)
 ``GET /health``       ``{"status": "ok"}`` (always open, also with an API key)
-``GET /model``        ``{config, metrics, threshold, dataset, msflow_version}``, with every filesystem path
-                      cut to its last part (the training data's folders are nobody's business)
+``GET /model``        ``{config, metrics, threshold, dataset, msflow_version, runtime}``, every filesystem
+                      path cut to its last part (the training data's folders are nobody's business)
 ``POST /predict``     multipart field ``file`` (an image). JSON ``{score, normalized_score, decision,
                       threshold, defect_pixels, width, height, timing_ms}``; ``?overlay=true`` adds
-                      ``overlay_png`` (base64 PNG: jet heat map of the image map with the predicted
-                      defect contour in red); ``?format=png`` answers the overlay PNG itself
-                      (``image/png``, with the verdict in ``X-MSFlow-*`` headers).
+                      ``overlay_png`` (base64 PNG: jet heat map of the image map, predicted defect contour
+                      in red); ``?format=png`` answers that PNG itself, the verdict in ``X-MSFlow-*`` headers.
 
-Limits and errors (every error is JSON ``{"detail": "..."}``; bad input never gives a 500):
+Every error is JSON ``{"detail": "..."}``; bad input never gives a 500:
 
-* 413: the request body exceeds ``max_upload_bytes`` (multipart overhead included). The
-  ``Content-Length`` header is checked before anything is read, and the bytes actually received are
-  counted as well, so a chunked body or a lying header cannot get past the cap. Images with more
-  than ``max_pixels`` pixels are refused from their header, before decoding (decompression bombs).
-* 415: the request is not ``multipart/form-data``, or the upload is not a decodable image in one of
-  :data:`ALLOWED_FORMATS`.
+* 413: the body exceeds ``max_upload_bytes``, by its ``Content-Length`` (checked before anything is
+  read) or by the bytes counted as they come (a chunked body or a lying header); or the image has more
+  than ``max_pixels`` pixels by its header, refused before decoding (decompression bombs).
+* 415: not ``multipart/form-data``, or not a decodable image in one of :data:`ALLOWED_FORMATS`.
 * 400: a malformed multipart body (no boundary, garbage, too many parts).
 * 422: no ``file`` field, or a bad query parameter.
-* 401: an API key is configured (``$MSFLOW_API_KEY`` or ``--api-key-file``; never the command line, which
-  every user of the machine can read) and the ``X-API-Key`` header is missing or wrong (compared in
-  constant time). ``/health``, the page and its static files stay open (the page is where a person
-  types the key).
-* 429: a client went over its request rate (a token bucket per client address: ``burst`` requests at
-  once, ``rate`` per second on average), or ``max_concurrent`` requests are already in progress. The
-  answer carries ``Retry-After``. Checked before the API key, so guessing keys is rate-limited too.
+* 401: an API key is configured (:func:`read_api_key`) and the ``X-API-Key`` header is missing or wrong
+  (compared in constant time). ``/health``, the page and its static files stay open (the page is where
+  a person types the key).
+* 429: over the client's request rate, or ``max_concurrent`` requests in progress (:class:`Limits`);
+  with ``Retry-After``. Checked before the API key, so guessing keys is rate-limited too.
 
 Predictions run in a worker thread (the event loop stays responsive); the :class:`Predictor` serialises
 forward passes with its own lock, so concurrent requests are safe.
@@ -107,9 +102,9 @@ class BodyTooLarge(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one client, and all of them together, may ask of the service (``None``: no limit); the 413
-    and 429 rules are in the module docstring. A request over ``max_concurrent`` is refused at once
-    rather than queued."""
+    """What one client, and all of them together, may ask of the service (``None``: no limit): bodies
+    of ``max_body`` bytes, ``max_concurrent`` requests in progress (one more is refused at once, not
+    queued), ``rate`` requests per second per client in bursts of ``burst`` (:class:`TokenBuckets`)."""
 
     max_body: int = DEFAULT_MAX_UPLOAD_BYTES
     max_concurrent: int | None = None
@@ -182,22 +177,12 @@ class GuardMiddleware:
 
     async def _reply(self, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
         body = json.dumps({"detail": detail}).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *headers,
-            *SECURITY_HEADERS,
-        ]
+        length = (b"content-length", str(len(body)).encode())
+        headers = [(b"content-type", b"application/json"), length, *headers, *SECURITY_HEADERS]
         if status == 413:  # the rest of the body is not read: the connection cannot be reused
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-    def _authorised(self, scope: Scope) -> bool:
-        if self.api_key is None:
-            return True
-        given = _header(scope, API_KEY_HEADER.lower().encode())
-        return given is not None and hmac.compare_digest(given, self.api_key)
 
     def _refusal(self, scope: Scope, api: bool) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
         """Why a request is refused before anything is read, or ``None`` to let it in: the limits and
@@ -206,7 +191,8 @@ class GuardMiddleware:
             wait = self.buckets.take((scope.get("client") or ("?",))[0]) if self.buckets else 0.0
             if wait > 0:
                 return 429, "too many requests from this client; retry later", _retry_after(wait)
-            if not self._authorised(scope):
+            given = _header(scope, API_KEY_HEADER.lower().encode()) or b""
+            if self.api_key is not None and not hmac.compare_digest(given, self.api_key):
                 why = f"missing or invalid API key (send it in the {API_KEY_HEADER} header)"
                 return 401, why, [(b"www-authenticate", API_KEY_HEADER.encode())]
             limit = self.limits.max_concurrent
@@ -317,9 +303,8 @@ def create_app(
     sets them); ``burst`` defaults to one second's worth of ``rate``.
     """
     limits = Limits(max_upload_bytes, max_concurrent, rate, burst)
-    app = FastAPI(
-        title="MSFlow anomaly detection", version=__version__, docs_url=None, redoc_url=None
-    )  # the interactive docs load assets from a CDN
+    # No interactive docs: they load their assets from a CDN.
+    app = FastAPI(title="MSFlow anomaly detection", version=__version__, docs_url=None, redoc_url=None)
     app.state.predictor = predictor
     _add_error_handlers(app)
     _add_read_routes(app, model_info(predictor))
@@ -378,7 +363,7 @@ def _add_read_routes(app: FastAPI, info: dict[str, Any]) -> None:
 
 def model_info(predictor: Predictor) -> dict[str, Any]:
     """What ``GET /model`` shows: the run's settings and figures, without any filesystem path."""
-    meta = predictor.meta or {}
+    meta = predictor.meta
     info = {
         "config": predictor.config.to_dict(),
         "metrics": meta.get("metrics"),
@@ -423,21 +408,22 @@ async def _read_upload(request: Request) -> bytes:
 
 
 def _judge(
-    predictor: Predictor, data: bytes, max_pixels: int, want_overlay: bool
+    predictor: Predictor, data: bytes, max_pixels: int, want_overlay: bool, heavy: threading.Semaphore
 ) -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
-    """Decode, predict and (if wanted) draw one upload: (summary, overlay PNG, seconds per step)."""
-    t1 = time.perf_counter()
-    image = decode_upload(data, max_pixels)
-    t2 = time.perf_counter()
-    try:
-        pred = predictor.predict_images([image])[0]
-    except DataError as exc:
-        raise HTTPException(415, str(exc)) from None
-    t3 = time.perf_counter()
-    png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
-    t4 = time.perf_counter()
-    summary = pred.summary()
-    summary.update(zip(("width", "height"), image_size(image), strict=True))
+    """Holding ``heavy``, decode, predict and (if wanted) draw one upload: (summary, PNG, seconds/step)."""
+    with heavy:
+        t1 = time.perf_counter()
+        image = decode_upload(data, max_pixels)
+        t2 = time.perf_counter()
+        try:
+            pred = predictor.predict_images([image])[0]
+        except DataError as exc:
+            raise HTTPException(415, str(exc)) from None
+        t3 = time.perf_counter()
+        png = overlay_png(image, pred.image_map, pred.mask) if want_overlay else None
+        t4 = time.perf_counter()
+    width, height = image_size(image)
+    summary = {**pred.summary(), "width": width, "height": height}
     return summary, png, {"decode": t2 - t1, "predict": t3 - t2, "overlay": t4 - t3}
 
 
@@ -472,12 +458,10 @@ def _add_predict_route(app: FastAPI, predictor: Predictor, max_pixels: int) -> N
         t0 = time.perf_counter()
         data = await _read_upload(request)
         t_read = time.perf_counter()
-
-        def work() -> tuple[dict[str, Any], bytes | None, dict[str, float]]:
-            with heavy:
-                return _judge(predictor, data, max_pixels, overlay or format == "png")
-
-        summary, png, parts = await run_in_threadpool(work)
+        want_overlay = overlay or format == "png"
+        summary, png, parts = await run_in_threadpool(
+            _judge, predictor, data, max_pixels, want_overlay, heavy
+        )
         timing = {"read": t_read - t0, **parts, "total": time.perf_counter() - t0}
         return _answer(summary, png, timing, format == "png")
 
@@ -491,10 +475,9 @@ def read_api_key(api_key_file: str | None = None) -> str | None:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise MSFlowError(
-            f"cannot read the API key file '{path}': {getattr(err, 'strerror', None) or err}"
-        ) from None
-    key = text.strip().splitlines()[0].strip() if text.strip() else ""
+        reason = getattr(err, "strerror", None) or err
+        raise MSFlowError(f"cannot read the API key file '{path}': {reason}") from None
+    key = next(iter(text.strip().splitlines()), "").strip()
     if not key:
         raise MSFlowError(f"the API key file '{path}' is empty")
     if os.name == "posix" and path.stat().st_mode & 0o077:
