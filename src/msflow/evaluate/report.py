@@ -241,12 +241,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_missing(value: Any) -> bool:  # None or NaN
-    return value is None or (_is_number(value) and math.isnan(float(value)))
-
-
 def _cell(value: Any) -> str:
-    if _is_missing(value):
+    if value is None or (_is_number(value) and math.isnan(float(value))):
         return MISSING
     if _is_number(value) and not isinstance(value, numbers.Integral):
         return f"{float(value):.2f}"
