@@ -22,7 +22,7 @@ from msflow.data.datasets import Sample
 from msflow.data.images import read_image, read_mask, resize_mask, to_uint8
 from msflow.errors import DataError
 from msflow.evaluate import report
-from msflow.evaluate.streaming import DEFAULT_BINS, StreamingMetrics
+from msflow.evaluate.streaming import StreamingMetrics
 from msflow.evaluate.threshold import Threshold
 from msflow.files import atomic_write_bytes
 
@@ -69,8 +69,6 @@ def evaluate_stream(
     pro_mode: str = "standard",
     pixel_range: tuple[float, float] = (0.0, 3.0),
     resolution: str = "original",
-    bins: int = DEFAULT_BINS,
-    num_overlays: int = NUM_OVERLAYS,
     sharding: ShardMerge | None = None,
     redraw: Callable[[list[Sample]], Iterable[ImageResult]] | None = None,
     replay: Callable[[], Iterable[ImageResult]] | None = None,
@@ -87,10 +85,9 @@ def evaluate_stream(
     writes the same report as one process (overlays from ``redraw``, which predicts the few images to
     draw) plus ``test_images_per_rank``; the other ranks return ``{}`` (no refinement or model resolution).
     """
-    acc = _Accumulators(StreamingMetrics(pixel_range=pixel_range, bins=bins, pro_mode=pro_mode), None)
+    acc = _Accumulators(StreamingMetrics(pixel_range=pixel_range, pro_mode=pro_mode), None)
     mine = sharding.shard(len(samples)) if sharding is not None else range(len(samples))
-    draw = overlay_indices(samples, num_overlays)
-    out = _Report(out_dir, samples, threshold, draw, redraw) if out_dir is not None else None
+    out = _Report(out_dir, samples, threshold, overlay_indices(samples), redraw) if out_dir else None
     rows_here = out is not None and threshold is not None and sharding is None  # else after the merge
     _first_pass(acc, samples, results, mine, out if rows_here else None)
     per_rank: list[int] | None = None

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from skimage.segmentation import find_boundaries
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from msflow.errors import MSFlowError
 from msflow.evaluate.streaming import suffix_sums
@@ -240,12 +241,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_missing(value: Any) -> bool:  # None or NaN
-    return value is None or (_is_number(value) and math.isnan(float(value)))
-
-
 def _cell(value: Any) -> str:
-    if _is_missing(value):
+    if value is None or (_is_number(value) and math.isnan(float(value))):
         return MISSING
     if _is_number(value) and not isinstance(value, numbers.Integral):
         return f"{float(value):.2f}"
@@ -266,7 +263,7 @@ def with_mean_row(
     there (NaN not counted; ``None`` where there is none)."""
     mean: dict[str, Any] = {}
     for col in columns:
-        values = [float(r[col]) for r in rows if _is_number(r.get(col)) and not _is_missing(r.get(col))]
+        values = [float(r[col]) for r in rows if _is_number(r.get(col)) and not math.isnan(r[col])]
         mean[col] = sum(values) / len(values) if values else None
     mean[name_key] = "mean"
     return [dict(r) for r in rows] + [mean]
@@ -348,8 +345,6 @@ GALLERY = (  # (kind, title, how many)
 
 def image_curves(labels: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, list[float]]]:
     """Image-level ROC and PR curves (sklearn) from per-image labels and scores; empty with one class."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64)
     if labels.min(initial=0) == labels.max(initial=0):
         return {}

@@ -98,9 +98,6 @@ class EdgeBinning(Binning):
     def edge(self, b: int | np.ndarray) -> Any:
         return self._edges[np.asarray(b)]
 
-    def edges(self) -> np.ndarray:
-        return self._edges
-
 
 class BinStats:
     """Per-bin counts of defect and defect-free pixels of one map kind, with each bin's smallest and
@@ -135,10 +132,6 @@ class BinStats:
     def open_bins(self) -> np.ndarray:
         """True where a bin holds more than one distinct value (only those can make a metric err)."""
         return self.high > self.low
-
-    def merge_ranges(self, low: np.ndarray, high: np.ndarray) -> None:
-        np.minimum(self.low, low, out=self.low)
-        np.maximum(self.high, high, out=self.high)
 
 
 def suffix_sums(counts: np.ndarray) -> np.ndarray:
@@ -190,7 +183,7 @@ def _pro_points(weight: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _pro_segment_errors(
-    fpr: np.ndarray, pro: np.ndarray, open_bins: np.ndarray | None, fpr_limit: float
+    fpr: np.ndarray, pro: np.ndarray, open_bins: np.ndarray, fpr_limit: float
 ) -> np.ndarray:
     """Each bin's largest possible error of the trapezoid area below ``fpr_limit`` (unnormalised), in
     bin order; the segment from point k to k + 1 is bin ``bins - 1 - k``."""
@@ -199,15 +192,14 @@ def _pro_segment_errors(
     w = np.clip(fpr_limit - x0, 0.0, None)
     t = np.divide(w, x1 - x0, out=np.ones_like(w), where=x1 > x0)
     partial = w * dy * (1.0 - t / 2.0)
-    err = np.where(x1 <= fpr_limit, full, np.where(x0 < fpr_limit, partial, 0.0))[::-1]
-    return err if open_bins is None else err * open_bins
+    return np.where(x1 <= fpr_limit, full, np.where(x0 < fpr_limit, partial, 0.0))[::-1] * open_bins
 
 
 def aupro_from_histograms(
-    weight: np.ndarray, neg: np.ndarray, fpr_limit: float = 0.3, open_bins: np.ndarray | None = None
+    weight: np.ndarray, neg: np.ndarray, open_bins: np.ndarray, fpr_limit: float = 0.3
 ) -> tuple[float, float]:
     """Standard AUPRO (percent) and its error bound from per-bin PRO ``weight`` (summing to 1) and
-    negative counts; without ``open_bins`` every bin counts as open."""
+    negative counts."""
     fpr, pro = _pro_points(weight, neg)
     bound = float(_pro_segment_errors(fpr, pro, open_bins, fpr_limit).sum())
     return exact.standard_pro_area(fpr, pro, fpr_limit), bound / fpr_limit * 100.0
@@ -359,7 +351,7 @@ class StreamingMetrics(Mergeable):
             "scores": self.scores.tolist(),
             "labels": self.labels.tolist(),
             "types": self.image_types(),
-            "ranges": [self.pixel.low, self.pixel.high, self.pro.low, self.pro.high],
+            "ranges": [(stats.low, stats.high) for stats in (self.pixel, self.pro)],
         }
 
     def add_image_state(self, state: dict[str, Any]) -> None:
@@ -370,9 +362,9 @@ class StreamingMetrics(Mergeable):
         if state["map_images"]:
             self.pro_dtype = state["pro_dtype"]
         self.map_images += int(state["map_images"])
-        pixel_low, pixel_high, pro_low, pro_high = state["ranges"]
-        self.pixel.merge_ranges(pixel_low, pixel_high)
-        self.pro.merge_ranges(pro_low, pro_high)
+        for stats, (low, high) in zip((self.pixel, self.pro), state["ranges"], strict=True):
+            np.minimum(stats.low, low, out=stats.low)
+            np.maximum(stats.high, high, out=stats.high)
 
     def empty_copy(self) -> StreamingMetrics:
         """A fresh accumulator with the same settings (bins, ranges, AUPRO mode)."""
@@ -427,7 +419,7 @@ class StreamingMetrics(Mergeable):
         out["pixel_f1_max"], out["pixel_f1_threshold"], out["pixel_f1_error_bound"] = f1, thr, bound
         weight = self.pro_weight / self.regions
         if self.pro_mode == "standard":
-            aupro = aupro_from_histograms(weight, self.pro.neg, self.fpr_limit, self.pro.open_bins())
+            aupro = aupro_from_histograms(weight, self.pro.neg, self.pro.open_bins(), self.fpr_limit)
         else:
             aupro = official_aupro_from_histograms(weight, self.pro, *self._pro_extremes(), self.fpr_limit)
         out["aupro"], out["aupro_error_bound"] = aupro
@@ -501,9 +493,9 @@ class StreamingMetrics(Mergeable):
     def check_same_maps(self, first: StreamingMetrics) -> None:
         """Refuse a refinement pass that did not see the maps of the pass it refines (other images, or
         maps that changed between the passes)."""
-        (seen, values), (before, first_values) = self._fingerprint(), first._fingerprint()
-        if (seen, values) != (before, first_values):
+        seen, before = self._fingerprint(), first._fingerprint()
+        if seen != before:
             raise DataError(
                 f"the refinement pass saw other maps than the first one (images, regions, defect and "
-                f"defect-free pixels: {seen} vs {before}; same map values: {values == first_values})"
+                f"defect-free pixels: {seen[0]} vs {before[0]}; same map values: {seen[1] == before[1]})"
             )

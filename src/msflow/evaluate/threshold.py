@@ -8,7 +8,7 @@ empty in images judged good, so a good part never shows spurious defect regions.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ class Threshold:
 
     def with_image_threshold(self, value: float) -> Threshold:
         """The ``--threshold`` override: a raw image-score threshold chosen by the user."""
-        return Threshold(float(value), self.pixel, self.score_min, self.score_max, "user", self.num_images)
+        return replace(self, image=float(value), method="user")
 
     def is_defective(self, score: float) -> bool:
         """The decision rule, written only here: a score at or above the image threshold is a defect."""
@@ -52,9 +52,7 @@ class Threshold:
 
     def defect_mask(self, pixel_map: np.ndarray, defective: bool) -> np.ndarray:
         """Predicted defect pixels: ``pixel_map >= pixel`` in images judged defective, else none."""
-        if not defective:
-            return np.zeros(pixel_map.shape, bool)
-        return pixel_map >= self.pixel
+        return (pixel_map >= self.pixel) & defective
 
     def normalize(self, scores: np.ndarray | float) -> np.ndarray:
         """``clip(0.5 + (score - image) / (score_max - score_min), 0, 1)``: the threshold at 0.5."""
