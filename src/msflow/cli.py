@@ -49,11 +49,10 @@ def _config_option(p: argparse.ArgumentParser, key: str, **kwargs: Any) -> None:
 def config_from_args(args: argparse.Namespace, dataset: str | None = None) -> Config:
     """The YAML file (if any), then every flag that was given, then ``dataset``; validated once."""
     cfg = load_yaml(args.config) if getattr(args, "config", None) else Config()
-    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    sections: dict[str, dict[str, Any]] = {"data": {"dataset": dataset}}
     for key in _config_options():
         section, name = key.split(".")
-        sections[section][name] = getattr(args, key, None)
-    sections["data"]["dataset"] = dataset
+        sections.setdefault(section, {})[name] = getattr(args, key, None)
     return cfg.updated(**sections)
 
 
@@ -133,33 +132,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"overlays: {Path(args.output) / 'overlays'}   model: {args.output}")
 
 
-def _test_settings(predictor: Any, args: argparse.Namespace, out: Path) -> Any:
+def _test_settings(predictor: Any, args: argparse.Namespace, out: Path, batch_size: int) -> Any:
     """``msflow test``'s maps and score: the run's, re-made (``--choose``) and/or overridden by flags."""
-    cfg = predictor.config
-    settings = cfg.model.maps
+    run_settings = predictor.config.model.maps
+    settings = run_settings
     if args.choose:  # today's label-free choices, re-made on the run's held-out images (no test label)
         from msflow.train.choice import remake_choices
 
-        settings = remake_choices(predictor, out, batch_size=getattr(args, "train.batch_size"))
+        settings = remake_choices(predictor, out, batch_size=batch_size)
     # Both references are calibrated at training time and every score reads the same latents, so any
     # setting re-scores the run: a predictor with the new settings, the run itself left as it is.
-    score = getattr(args, "model.score")
-    settings = settings.with_changes(
-        normalization=getattr(args, "model.normalization"),
-        smoothing=getattr(args, "model.smoothing"),
-        score=score,
-    )
-    if score and settings.score == "auto":
+    given = {name: getattr(args, f"model.{name}") for name in ("normalization", "smoothing", "score")}
+    settings = settings.with_changes(**given)
+    if given["score"] and settings.score == "auto":
         raise MSFlowError("--score auto is decided at training time; name a score, or use --choose")
-    if settings == cfg.model.maps:
+    if settings == run_settings:
         return predictor
     from msflow.train.fit import recalibrate_threshold
 
     rescored = predictor.with_settings(settings)
     try:  # a threshold is a quantile of one score's values: another score needs its own
-        return recalibrate_threshold(rescored, batch_size=getattr(args, "train.batch_size"), log=log.info)
+        return recalibrate_threshold(rescored, batch_size=batch_size, log=log.info)
     except MSFlowError as error:  # e.g. the training images have moved
-        log.warning(f"{error}; the decisions use the run's threshold, calibrated for {cfg.model.score}")
+        log.warning(f"{error}; the decisions use the run's threshold, calibrated for {run_settings.score}")
         return rescored
 
 
@@ -188,8 +183,8 @@ def cmd_test(args: argparse.Namespace) -> None:
     unfinished = run.is_dir() and not (run / "metrics.json").is_file() and not (args.data or args.choose)
     folder = f"choose-{name}" if args.choose else f"test-{name}"
     out = Path(args.output) if args.output else run if unfinished else run / folder
-    predictor = _test_settings(predictor, args, out)
     batch_size = getattr(args, "train.batch_size")
+    predictor = _test_settings(predictor, args, out, batch_size)
     metrics = evaluate_run(
         predictor,
         test,

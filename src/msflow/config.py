@@ -110,13 +110,13 @@ def parse_image_size(value: Any) -> int | tuple[int, int] | str:
     multiple of 16 in [32, 2048]: the backbone's stride-16 stage then has whole cells (multiples of 32,
     the coarsest pooled scale, let the fusion flow pool evenly; others pool adaptively).
     """
-    text = str(value).strip().lower() if isinstance(value, str) else None
-    if text is not None and (text == "auto" or text.startswith("auto:")):
-        budget = text.partition(":")[2] or str(AUTO_SIZE_BUDGET)
-        if not budget.isdigit() or not 32 <= int(budget) <= 2048:
-            raise ConfigError(f"image_size {value!r}: 'auto:N' needs a pixel budget N in [32, 2048]")
-        return f"auto:{int(budget)}"
-    if text is not None:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto" or text.startswith("auto:"):
+            budget = text.partition(":")[2] or str(AUTO_SIZE_BUDGET)
+            if not budget.isdigit() or not 32 <= int(budget) <= 2048:
+                raise ConfigError(f"image_size {value!r}: 'auto:N' needs a pixel budget N in [32, 2048]")
+            return f"auto:{int(budget)}"
         parts = text.split("x")
     elif isinstance(value, (list, tuple)) and len(value) == 2:
         parts = list(value)

@@ -17,12 +17,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from msflow.errors import MSFlowError
 
 log = logging.getLogger("msflow")
-T = TypeVar("T")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _bars = True  # False after configure(quiet=True): nothing redraws on stderr
 
@@ -85,7 +84,7 @@ class Progress:
 
     def __init__(
         self,
-        iterable: Iterable[T] | None = None,
+        iterable: Iterable[Any] | None = None,
         desc: str = "",
         total: int | None = None,
         unit: str = "it",

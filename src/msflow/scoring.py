@@ -107,10 +107,8 @@ class MapSettings:
     top_k: float = 0.03  # the fraction of the "mul" map that "official" averages
 
     def __post_init__(self) -> None:
-        if self.normalization not in (*NORMALIZATIONS, "auto"):
-            raise ConfigError(
-                f"normalization {self.normalization!r} is not one of {[*NORMALIZATIONS, 'auto']}"
-            )
+        if self.normalization not in (allowed := [*NORMALIZATIONS, "auto"]):
+            raise ConfigError(f"normalization {self.normalization!r} is not one of {allowed}")
         object.__setattr__(self, "smoothing", parse_smoothing(self.smoothing))
         object.__setattr__(self, "score", parse_score(self.score))
         if not 0 < self.top_k <= 1:
@@ -138,9 +136,7 @@ class MapSettings:
     def score_name(self, score: str | None = None) -> str:
         """The ``KIND:FRACTION[@SIGMA]`` a score computes under these settings (``official`` resolved:
         the "mul" map under this normalisation at ``top_k``); ``score`` defaults to this one's."""
-        name = self.resolved().score if score is None else parse_score(score)
-        if name == "auto":
-            name = SCORE_INCUMBENT
+        name = self.with_changes(score=score).resolved().score
         if name == "official":
             kind = "gmul" if self.normalization == "global" else "mul"
             return f"{kind}:{self.top_k:g}"
