@@ -92,13 +92,11 @@ def cpu_info() -> dict[str, Any]:
 
 def describe_cpu(info: dict[str, Any]) -> str:
     """One line: ``model, N cores; has: ...; lacks: ...``."""
-    has = " ".join(f for f, present in info["features"].items() if present) or "none of " + " ".join(
-        SPEED_FLAGS
-    )
-    lacks = " ".join(f for f, present in info["features"].items() if not present)
-    return f"{info['model']}, {info['cores']} logical cores; has: {has}" + (
-        f"; lacks: {lacks}" if lacks else ""
-    )
+    features = info["features"]
+    has = " ".join(f for f in features if features[f]) or "none of " + " ".join(SPEED_FLAGS)
+    lacks = " ".join(f for f in features if not features[f])
+    line = f"{info['model']}, {info['cores']} logical cores; has: {has}"
+    return line + (f"; lacks: {lacks}" if lacks else "")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -368,18 +366,11 @@ def save_decision(run_dir: Path, decision: Decision) -> str:
 
 # --- the entry point --------------------------------------------------------------------------------
 def select_runtime(
-    runtime: str,
-    model: Any,
-    run_dir: Path,
-    sha: str,
-    device: torch.device,
-    batch_size: int = 1,
-    timer: Timer | None = None,
+    runtime: str, model: Any, run_dir: Path, sha: str, device: torch.device, batch_size: int = 1
 ) -> tuple[str, Any, Decision | None]:
     """Resolve ``runtime`` (``auto`` or a runtime's name) for ``model``, whose checkpoint digest is
     ``sha``: (name, model object to run, the decision when ``auto``). A named runtime is honoured as
-    asked, without measuring. ``timer`` replaces the wall clock (a seam for tests).
-    """
+    asked, without measuring."""
     if runtime not in CHOICES:
         raise MSFlowError(f"runtime must be one of {', '.join(CHOICES)}, got '{runtime}'")
     if batch_size < 1:
@@ -387,7 +378,7 @@ def select_runtime(
     decision, opened = None, {}
     if runtime == "auto":
         key = decision_key(sha, device, batch_size, candidates(device))
-        decision = cached_decision(run_dir, key) or _decide(key, model, run_dir, device, timer, opened)
+        decision = cached_decision(run_dir, key) or _decide(key, model, run_dir, device, opened)
         log.info(decision.line())
         runtime = decision.runtime
     elif runtime == "torch-bf16" and not native_bf16(device):
@@ -399,9 +390,7 @@ def select_runtime(
     return runtime, opened[runtime], decision
 
 
-def _decide(
-    key: dict[str, Any], model: Any, run_dir: Path, device: torch.device, timer: Timer | None, opened: dict
-) -> Decision:
+def _decide(key: dict[str, Any], model: Any, run_dir: Path, device: torch.device, opened: dict) -> Decision:
     """Measure every candidate of ``key`` now and save the decision; the runtimes opened go to ``opened``."""
     sha, runners, rejected, notes = key["model_sha256"], {}, {}, []
     for name in key["candidates"]:
@@ -414,7 +403,7 @@ def _decide(
         notes += [f"{name}: {note}"] if note else []
     batch = synthetic_batch(model.anomaly.image_size, key["batch_size"])
     pixel_range = float(len(model.parallel_flows))
-    speeds, diffs, failed = measure(runners, batch, pixel_range, timer or wall_seconds(device))
+    speeds, diffs, failed = measure(runners, batch, pixel_range, wall_seconds(device))
     rejected.update(failed)
     decision = Decision(fastest(speeds, rejected), speeds, diffs, rejected, key)
     decision.where = " ".join([save_decision(run_dir, decision), *notes])

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -172,9 +171,7 @@ class Distributed:
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, _kind: object, err: BaseException | None, _traceback: object) -> None:
         self._failing = err is not None
         if self._previous_sigterm is not None:
             # After a failure torchrun SIGTERMs the survivors: let this one finish printing its own message.
@@ -183,10 +180,9 @@ class Distributed:
             self._previous_sigterm = None
         if not self.enabled:
             return
-        if self._owns_group and tdist.is_initialized():
-            if err is None:
-                tdist.destroy_process_group()
-            # after a failure, peers may be gone: leave the group to the process exit, never block on it
+        # After a failure, peers may be gone: leave the group to the process exit, never block on it.
+        if self._owns_group and err is None and tdist.is_initialized():
+            tdist.destroy_process_group()
         if isinstance(err, MSFlowError):
             if not str(err).startswith("rank "):
                 raise type(err)(f"{self.tag}: {err}") from None
@@ -198,7 +194,7 @@ class Distributed:
                 "rank probably failed (see its message); continue with --resume"
             ) from None
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+    def _on_sigterm(self, _signum: int, _frame: object) -> None:
         if self._failing:
             return  # already ending with our own message
         if self._at_safe_points and not self.stop_requested:

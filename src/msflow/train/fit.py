@@ -419,9 +419,10 @@ def calibrate_on_folder(
     validate_samples(samples, f"validation set '{folder}'")
     calib = LabelledCalibration(predictor.pixel_range)
     results = predictor.iter_maps(samples, batch_size=batch_size, progress=progress, desc="validation")
+    annotated = any(s.mask is not None for s in samples)  # then an image without a mask has no defect pixel
     for sample, maps in zip(samples, results, strict=True):
         mask = read_mask(sample.mask) if sample.mask is not None else None
-        if mask is None and any(s.mask is not None for s in samples):
+        if mask is None and annotated:
             mask = np.zeros(maps.anomaly_map.shape, bool)
         calib.add(maps.score, sample.label, mask, maps.anomaly_map)
     return calib.threshold(fallback.pixel)
