@@ -128,16 +128,10 @@ def choose_score(
     not a candidate) but never chosen; ``source``: where the good images came from."""
     mapper: AnomalyMapper = model.anomaly  # type: ignore[attr-defined]
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
-    good = candidate_scores(check.good, mapper, candidates)
-    bad = candidate_scores(check.defective, mapper, candidates)
+    good, bad = (candidate_scores(maps, mapper, candidates) for maps in (check.good, check.defective))
     aurocs = rank_candidates(good, bad)
-    lower = difference_lower_bounds(
-        {c: good[c] for c in CANDIDATES},
-        {c: bad[c] for c in CANDIDATES},
-        INCUMBENT,
-        check.per_image,
-        seed=check.seed,
-    )
+    choosable = ({c: scores[c] for c in CANDIDATES} for scores in (good, bad))  # not ``also``
+    lower = difference_lower_bounds(*choosable, INCUMBENT, check.per_image, seed=check.seed)
     best, judged = judge({c: aurocs[c] for c in CANDIDATES}, lower, INCUMBENT, "image AUROC", check)
     top = max(CANDIDATES, key=aurocs.__getitem__)  # the first of equal AUROCs
     evidence = {

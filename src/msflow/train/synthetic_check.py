@@ -56,14 +56,12 @@ def predictor_maps(predictor: Predictor, images: Sequence[ImageLike], batch_size
     a batch at a time (a whole test set fits in memory)."""
     if predictor.tiled:
         return predictor.log_likelihoods([decode(im) for im in images])
-    model = predictor.model.eval()
+    model, size = predictor.model.eval(), predictor.model.config.image_size
     out: list[list[Tensor]] = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack(
-            [to_tensor(im, model.config.image_size) for im in images[start : start + batch_size]]
-        )
+        batch = torch.stack([to_tensor(im, size) for im in images[start : start + batch_size]])
         out.append([m.float().cpu() for m in log_likelihood_maps(model(batch.to(predictor.device)).zs)])
-    return [torch.cat([b[s] for b in out]) for s in range(len(out[0]))]
+    return [torch.cat(per_scale) for per_scale in zip(*out, strict=True)]
 
 
 def map_batches(
