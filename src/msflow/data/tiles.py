@@ -121,11 +121,8 @@ class TileDataset(Dataset):
             if image.shape[:2] != (self.grids[i].height, self.grids[i].width):
                 raise DataError(f"image '{self.samples[i].image}' decodes to a size its header does not say")
             self._last = (i, image)
-        return {
-            "image": to_tensor(crop(self._last[1], self._boxes[i][j]), self.image_size),
-            "sample": i,
-            "tile": j,
-        }
+        tile = to_tensor(crop(self._last[1], self._boxes[i][j]), self.image_size)
+        return {"image": tile, "sample": i, "tile": j}
 
 
 def _ramp(n: int) -> np.ndarray:

@@ -54,23 +54,23 @@ def run_benchmark(
             raise MSFlowError(f"categories not found under '{root}': {', '.join(missing)}")
         found = [by_name[c] for c in categories]
     print(report.metrics_table([], COLUMNS))  # rows follow as categories finish
+    bars = progress and executor == "local"  # no progress bars in Ray tasks
     rows: dict[str, dict] = {}
-    todo = []
+    todo = []  # run_category's arguments
     for folder in found:
         done = finished_row(output / folder.name)
         if done is None:
-            todo.append((folder.name, cfg.updated(data={"dataset": str(folder)}), output / folder.name))
+            todo.append((folder.name, cfg.updated(data={"dataset": str(folder)}), output / folder.name, bars))
         else:
             rows[folder.name] = done
             _print_row(done, "already finished, skipped")
     if executor == "ray":
-        jobs = [(name, c, run_dir, False) for name, c, run_dir in todo]  # no progress bars in tasks
+        tasks = run_tasks(run_category, todo, address, cpus_per_task, gpus_per_task)
         results = (
-            row if error is None else {"category": todo[i][0], "error": error}
-            for i, row, error in run_tasks(run_category, jobs, address, cpus_per_task, gpus_per_task)
+            row if error is None else {"category": todo[i][0], "error": error} for i, row, error in tasks
         )
     else:
-        results = (run_category(name, c, run_dir, progress) for name, c, run_dir in todo)
+        results = (run_category(*job) for job in todo)
     for row in results:
         rows[row["category"]] = row
         _print_row(row)

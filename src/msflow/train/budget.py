@@ -40,9 +40,6 @@ class EpochCost:
     per_image: float
     fixed: float
 
-    def epoch_seconds(self, images: int) -> float:
-        return self.fixed + self.per_image * images
-
 
 def measure_epoch_cost(model, cache, cfg: TrainConfig, device: torch.device, steps: int = 2) -> EpochCost:
     """Time ``train_flows`` over ``steps`` and ``2 * steps`` batches on a copy of the model (the model,
@@ -106,7 +103,7 @@ def plan(
     most: int,
 ) -> dict:
     """The epochs that fit the budget, and the estimate they came from (recorded in ``budget.json``)."""
-    epoch = cost.epoch_seconds(train_images)
+    epoch = cost.fixed + cost.per_image * train_images
     evaluation = EVAL_COST_FACTOR * extract_per_image * test_images
     left = budget_minutes * 60 - spent_seconds - evaluation
     epochs = epochs_for_budget(left, epoch, most)

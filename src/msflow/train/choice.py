@@ -37,11 +37,10 @@ def choose_on_check(
     )
     maps = asked.with_changes(normalization=normalization, smoothing=smoothing)
     under_maps = predictor.with_settings(maps)  # the scores are judged under the chosen maps
-    also = None if asked.score == "auto" else asked.score
-    chosen, score_evidence = choose_score(under_maps.model, check, source, also=also)
-    settings = maps.with_changes(score=chosen if asked.score == "auto" else asked.score)
-    score_evidence["used"] = settings.score
-    return settings, map_evidence, score_evidence
+    fixed = None if asked.score == "auto" else asked.score  # measured, never replaced
+    chosen, score_evidence = choose_score(under_maps.model, check, source, also=fixed)
+    score_evidence["used"] = fixed or chosen
+    return maps.with_changes(score=fixed or chosen), map_evidence, score_evidence
 
 
 def choose_settings(
@@ -99,7 +98,7 @@ def remake_choices(
     from msflow.train.fit import run_holdout  # fit calls this module: imported when needed
 
     cfg = predictor.config
-    fit_samples, holdout = run_holdout(predictor.config, data)
+    fit_samples, holdout = run_holdout(cfg, data)
     good = len(holdout or fit_samples)
     if good < 2:
         raise MSFlowError(f"the run's dataset has {good} good images to judge on; at least 2 are needed")

@@ -28,7 +28,6 @@ from msflow.model.anomaly_map import AnomalyMapper, image_score
 from msflow.scoring import SCORE_CANDIDATES, SCORE_INCUMBENT
 from msflow.train.synthetic_check import (
     BOOTSTRAP_ROUNDS,
-    CONFIDENCE,
     SYNTHETIC_PER_IMAGE,
     Maps,
     SyntheticCheck,
@@ -45,14 +44,14 @@ INCUMBENT = SCORE_INCUMBENT
 
 @torch.no_grad()
 def candidate_scores(
-    logps: Maps, mapper: AnomalyMapper, candidates: Sequence[str] = CANDIDATES, chunk: int = 32
+    logps: Maps, mapper: AnomalyMapper, candidates: Sequence[str] = CANDIDATES
 ) -> dict[str, np.ndarray]:
     """Every candidate's (N,) image scores from per-scale maps (chunked: the maps are full size), under
     the mapper's settings (normalisation for "official", smoothing for names without their own blur)."""
     area = mapper.image_size[0] * mapper.image_size[1]  # as AnomalyMapper reduces
     names = {c: mapper.settings.score_name(c) for c in candidates}
     scores: dict[str, list[Tensor]] = {c: [] for c in candidates}
-    for batch, size in map_batches(logps, mapper.image_size, chunk):
+    for batch, size in map_batches(logps, mapper.image_size):
         part = [m.to(mapper.ref_mul.device) for m in batch]
         for c, name in names.items():
             scores[c].append(image_score(name, part, size, mapper.ref_mul, area, mapper.smoothing).cpu())
@@ -69,17 +68,14 @@ def candidate_report(predictor: Predictor, samples: list[Sample], batch_size: in
     mapper: AnomalyMapper = predictor.model.anomaly
     used = mapper.score
     candidates = CANDIDATES if used in CANDIDATES else (*CANDIDATES, used)
-    scores = candidate_scores(
-        predictor_maps(predictor, [s.image for s in samples], batch_size), mapper, candidates
-    )
-    aurocs = rank_candidates(
-        {c: v[labels == 0] for c, v in scores.items()}, {c: v[labels == 1] for c, v in scores.items()}
-    )
+    maps = predictor_maps(predictor, [s.image for s in samples], batch_size)
+    scores = candidate_scores(maps, mapper, candidates)
+    good, bad = ({c: v[labels == label] for c, v in scores.items()} for label in (0, 1))
     return {
         "report_only": "test labels: never used by any choice",
         "maps": {"normalization": mapper.normalization, "smoothing": mapper.smoothing},
         "used": used,
-        "image_auroc": aurocs,
+        "image_auroc": rank_candidates(good, bad),
         "difference_to_used_95": {
             c: auroc_difference_interval(scores[c], scores[used], labels) for c in candidates
         },
@@ -100,7 +96,6 @@ def difference_lower_bounds(
     bad: dict[str, np.ndarray],
     incumbent: str,
     per_image: int = SYNTHETIC_PER_IMAGE,
-    confidence: float = CONFIDENCE,
     rounds: int = BOOTSTRAP_ROUNDS,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -121,7 +116,7 @@ def difference_lower_bounds(
     bad_counts = np.repeat(counts, per_image, axis=1)  # each copy weighs as its source image
 
     draws = {c: weighted_auroc(good[c], bad[c], counts, bad_counts) for c in good}
-    return {c: round(v, 3) for c, v in lower_bounds(draws, incumbent, confidence).items()}
+    return {c: round(v, 3) for c, v in lower_bounds(draws, incumbent).items()}
 
 
 def choose_score(
@@ -133,18 +128,12 @@ def choose_score(
     not a candidate) but never chosen; ``source``: where the good images came from."""
     mapper: AnomalyMapper = model.anomaly  # type: ignore[attr-defined]
     candidates = CANDIDATES if also in (None, *CANDIDATES) else (*CANDIDATES, also)
-    good = candidate_scores(check.good, mapper, candidates)
-    bad = candidate_scores(check.defective, mapper, candidates)
+    good, bad = (candidate_scores(maps, mapper, candidates) for maps in (check.good, check.defective))
     aurocs = rank_candidates(good, bad)
-    lower = difference_lower_bounds(
-        {c: good[c] for c in CANDIDATES},
-        {c: bad[c] for c in CANDIDATES},
-        INCUMBENT,
-        check.per_image,
-        seed=check.seed,
-    )
+    choosable = ({c: scores[c] for c in CANDIDATES} for scores in (good, bad))  # not ``also``
+    lower = difference_lower_bounds(*choosable, INCUMBENT, check.per_image, seed=check.seed)
     best, judged = judge({c: aurocs[c] for c in CANDIDATES}, lower, INCUMBENT, "image AUROC", check)
-    top = max(CANDIDATES, key=lambda c: (aurocs[c], -CANDIDATES.index(c)))
+    top = max(CANDIDATES, key=aurocs.__getitem__)  # the first of equal AUROCs
     evidence = {
         "chosen": mapper.settings.score_name(best),
         "highest_auroc": top,

@@ -56,14 +56,12 @@ def predictor_maps(predictor: Predictor, images: Sequence[ImageLike], batch_size
     a batch at a time (a whole test set fits in memory)."""
     if predictor.tiled:
         return predictor.log_likelihoods([decode(im) for im in images])
-    model = predictor.model.eval()
+    model, size = predictor.model.eval(), predictor.model.config.image_size
     out: list[list[Tensor]] = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack(
-            [to_tensor(im, model.config.image_size) for im in images[start : start + batch_size]]
-        )
+        batch = torch.stack([to_tensor(im, size) for im in images[start : start + batch_size]])
         out.append([m.float().cpu() for m in log_likelihood_maps(model(batch.to(predictor.device)).zs)])
-    return [torch.cat([b[s] for b in out]) for s in range(len(out[0]))]
+    return [torch.cat(per_scale) for per_scale in zip(*out, strict=True)]
 
 
 def map_batches(
@@ -105,8 +103,7 @@ class SyntheticCheck:
         def pick(maps: Maps, rows: np.ndarray) -> Maps:
             if isinstance(maps[0], list):  # one entry per image
                 return [maps[i] for i in rows]
-            index = torch.from_numpy(rows)
-            return [m[index] for m in maps]
+            return [m[torch.from_numpy(rows)] for m in maps]
 
         masks = [self.masks[i] for i in copies]
         return replace(self, good=pick(self.good, keep), defective=pick(self.defective, copies), masks=masks)
@@ -134,25 +131,19 @@ def bounded_sources(n: int, per_image: int, rng: np.random.Generator) -> tuple[n
     return keep, (keep[:, None] * per_image + np.arange(per_image)).ravel()
 
 
-def lower_bounds(
-    draws: dict[Key, np.ndarray], incumbent: Key, confidence: float = CONFIDENCE
-) -> dict[Key, float]:
+def lower_bounds(draws: dict[Key, np.ndarray], incumbent: Key) -> dict[Key, float]:
     """Lower bound of each candidate's AUROC minus the incumbent's over paired bootstrap ``draws``
-    (the same rounds for every candidate): the ``(1 - confidence) / challengers`` quantile."""
-    q = (1 - confidence) / max(len(draws) - 1, 1)
+    (the same rounds for every candidate): the ``(1 - CONFIDENCE) / challengers`` quantile."""
+    q = (1 - CONFIDENCE) / max(len(draws) - 1, 1)
     base = draws[incumbent]
     return {c: 0.0 if c == incumbent else float(np.quantile(d - base, q)) for c, d in draws.items()}
 
 
-def keep_unless_beaten(
-    aurocs: dict[Key, float], lower: dict[Key, float], incumbent: Key, min_effect: float = MIN_EFFECT
-) -> Key:
-    """The incumbent, unless challengers gain at least ``min_effect`` points with a lower bound above
-    zero; then the best of those (ties to the earlier in ``aurocs``' order)."""
-    order = list(aurocs)
-    gain = {c: aurocs[c] - aurocs[incumbent] for c in order}
-    winners = [c for c in order if lower[c] > 0 and gain[c] >= min_effect]
-    return max(winners or [incumbent], key=lambda c: (aurocs[c], -order.index(c)))
+def keep_unless_beaten(aurocs: dict[Key, float], lower: dict[Key, float], incumbent: Key) -> Key:
+    """The incumbent, unless challengers gain at least :data:`MIN_EFFECT` points with a lower bound
+    above zero; then the best of those (ties to the earlier in ``aurocs``' order)."""
+    winners = [c for c in aurocs if lower[c] > 0 and aurocs[c] - aurocs[incumbent] >= MIN_EFFECT]
+    return max(winners or [incumbent], key=aurocs.__getitem__)  # max keeps the first of equal AUROCs
 
 
 def judge(
