@@ -212,13 +212,18 @@ def test_train_and_predict_with_tiles_through_the_cli(tiled: tuple[Path, Path], 
 def test_one_tile_is_the_untiled_model(tiled: tuple[Path, Path]) -> None:
     """An image exactly one tile large: stitching is the identity, so scores and maps are the model's."""
     from msflow.infer.predictor import Predictor
+    from msflow.model.anomaly_map import upsample
 
     _, run = tiled
     predictor = Predictor.load(run, device="cpu")
     image = _texture(np.random.default_rng(3), 64).astype(np.float32) / 255
     tiled_pred = predictor.predict_images([image])[0]
+    stitched = predictor.log_likelihoods([image])[0]
     predictor.config = predictor.config.updated(model={"tile": 0})
     plain = predictor.predict_images([image])[0]
+    for one_tile, own in zip(stitched, predictor.log_likelihoods([image])[0], strict=True):
+        assert own.shape[0] == 1 and one_tile.shape[-2:] == (64, 64)  # stitched at the input size
+        torch.testing.assert_close(one_tile, upsample(own, (64, 64)), atol=1e-4, rtol=1e-4)
     assert tiled_pred.score == pytest.approx(plain.score, rel=1e-5)
     np.testing.assert_allclose(tiled_pred.image_map, plain.image_map, atol=1e-5)
     # the "add" map exponentiates the maps after their resize to the input size (they are stitched

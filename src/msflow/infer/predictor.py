@@ -214,12 +214,16 @@ class Predictor:
         return next(self._stitched([grid], ((batch, [0] * len(batch)) for batch in batches)))
 
     def log_likelihoods(self, images: list[np.ndarray]) -> list[list[torch.Tensor]]:
-        """Each decoded image's per-scale (1, H, W) log-likelihood maps stitched over its tiles, as the
-        image score of a tiled model reads them (CPU float32). An untiled model's own maps need no
-        stitching: ``msflow.train.synthetic_check`` reads them from the model in batches."""
-        if not self.tiled:
-            raise MSFlowError("log_likelihoods stitches the tiles of a tiled model; this one is not tiled")
-        return [[m[None] for m in self._stitch_image(im).result()] for im in images]
+        """Each decoded image's per-scale (1, h, w) log-likelihood maps, as the image score reads them:
+        stitched over the whole image for a tiled model, the model's own maps otherwise (CPU float32)."""
+        if self.tiled:
+            return [[m[None] for m in self._stitch_image(im).result()] for im in images]
+        out = []
+        for image in images:
+            batch = to_tensor(image, self.image_size)[None].to(self.device)
+            with self._lock, torch.inference_mode():
+                out.append([m.float().cpu() for m in log_likelihood_maps(self.model(batch).zs)])
+        return out
 
     def judge(self, maps: Maps) -> Prediction:
         """The verdict on one image's maps (needs a threshold)."""
