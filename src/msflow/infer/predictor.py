@@ -173,13 +173,18 @@ class Predictor:
     def tiled(self) -> bool:
         return bool(self.config.model.tile)
 
+    def batch_log_likelihoods(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, h, w) images at the model's input size -> the model's per-scale (B, h_s, w_s)
+        log-likelihood maps, float32 on the device (the torch model's, whatever runtime judges)."""
+        with self._lock, torch.inference_mode():
+            return [m.float() for m in log_likelihood_maps(self.model(batch.to(self.device)).zs)]
+
     def _tile_log_likelihoods(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) tiles -> (B, scales, h, w) log-likelihood maps at the input size (CPU float32).
         Always the torch runtime: :meth:`load` refuses any other for a tiled model."""
         size = self.model.anomaly.image_size
-        with self._lock, torch.inference_mode():
-            maps = log_likelihood_maps(self.model(batch.to(self.device)).zs)
-            return torch.stack([upsample(m.float(), size) for m in maps], dim=1).cpu()
+        with torch.inference_mode():
+            return torch.stack([upsample(m, size) for m in self.batch_log_likelihoods(batch)], dim=1).cpu()
 
     def _stitched_maps(self, stitcher: Stitcher, resolution: Resolution) -> Maps:
         """Maps and score of one whole image from its stitched per-scale log-likelihood maps."""
@@ -218,12 +223,10 @@ class Predictor:
         stitched over the whole image for a tiled model, the model's own maps otherwise (CPU float32)."""
         if self.tiled:
             return [[m[None] for m in self._stitch_image(im).result()] for im in images]
-        out = []
-        for image in images:
-            batch = to_tensor(image, self.image_size)[None].to(self.device)
-            with self._lock, torch.inference_mode():
-                out.append([m.float().cpu() for m in log_likelihood_maps(self.model(batch).zs)])
-        return out
+        return [
+            [m.cpu() for m in self.batch_log_likelihoods(to_tensor(im, self.image_size)[None])]
+            for im in images
+        ]
 
     def judge(self, maps: Maps) -> Prediction:
         """The verdict on one image's maps (needs a threshold)."""

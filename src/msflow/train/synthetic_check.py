@@ -28,7 +28,6 @@ from torch import Tensor
 
 from msflow.data.images import ImageLike, decode, to_tensor
 from msflow.data.synthetic import synthetic_set
-from msflow.model.anomaly_map import log_likelihood_maps
 
 if TYPE_CHECKING:
     from msflow.infer.predictor import Predictor
@@ -56,11 +55,13 @@ def predictor_maps(predictor: Predictor, images: Sequence[ImageLike], batch_size
     a batch at a time (a whole test set fits in memory)."""
     if predictor.tiled:
         return predictor.log_likelihoods([decode(im) for im in images])
-    model, size = predictor.model.eval(), predictor.model.config.image_size
+    predictor.model.eval()
     out: list[list[Tensor]] = []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([to_tensor(im, size) for im in images[start : start + batch_size]])
-        out.append([m.float().cpu() for m in log_likelihood_maps(model(batch.to(predictor.device)).zs)])
+        batch = torch.stack(
+            [to_tensor(im, predictor.image_size) for im in images[start : start + batch_size]]
+        )
+        out.append([m.cpu() for m in predictor.batch_log_likelihoods(batch)])
     return [torch.cat(per_scale) for per_scale in zip(*out, strict=True)]
 
 
